@@ -1,0 +1,19 @@
+//! tally-core: what every stage shares, and nothing stage-specific.
+//!
+//! - [`args`]: clap argument groups (Kafka, database, telemetry) flattened into every subcommand,
+//!   so that an env var means the same thing everywhere;
+//! - [`topics`]: topic names and consumer-group ids, derived from one prefix;
+//! - [`kafka`]: librdkafka client configuration and topic creation;
+//! - [`telemetry`]: tracing set-up; [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
+//!
+//! Stage crates (`producer`, `parser`, `aggregator`, `db-client`) depend on this crate and never
+//! on each other: Kafka topics are their only coupling.
+
+pub mod args;
+pub mod kafka;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topics;
+
+pub use args::{DatabaseArgs, KafkaArgs, TelemetryArgs};
+pub use topics::Topics;

@@ -1,0 +1,27 @@
+//! The schema, from `migrations/` (embedded at build time), applied by `tally migrate` and at
+//! db-client start-up. Applying is idempotent: sqlx records applied migrations and checksums.
+
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::PgPool;
+
+/// The migrations in `migrations/` at the workspace root.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// Applies the migrations that are not applied yet. Safe to run from several instances at once
+/// (sqlx takes an advisory lock).
+pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Connects to the configured database and applies the migrations.
+pub async fn migrate_url(database: &tally_core::DatabaseArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&database.database_url)
+        .await
+        .with_context(|| format!("cannot connect to {}", database.redacted_url()))?;
+    migrate(&pool).await.context("cannot apply migrations")?;
+    tracing::info!(database = %database.redacted_url(), "migrations applied");
+    Ok(())
+}

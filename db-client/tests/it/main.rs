@@ -1,0 +1,3 @@
+//! db-client integration tests against a real PostgreSQL (see tally-testkit).
+
+mod migrations;

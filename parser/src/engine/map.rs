@@ -1,0 +1,141 @@
+//! A bounded open-addressing map from consumer id to partial sum.
+//!
+//! Keys are non-negative `i64`, so `u64::MAX` marks an empty slot; a multiplicative hash and
+//! linear probing keep one probe to one cache line in the common case. The table has at least
+//! twice as many slots as the key cap, so probes stay short even when full.
+
+const EMPTY: u64 = u64::MAX;
+
+/// What [`SumMap::add`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    /// The amount is in the map.
+    Ok,
+    /// The key is new and the map holds `keys_max` keys: flush, then add again.
+    Full,
+    /// The key's sum would leave `i64`: the returned old sum must be emitted on its own; the
+    /// map now holds the amount as the key's new partial sum.
+    Overflow(i64),
+}
+
+/// Per-consumer partial sums, at most `keys_max` keys.
+#[derive(Debug)]
+pub struct SumMap {
+    slots: Vec<(u64, i64)>,
+    /// `64 - log2(slots.len())`: the hash's top bits pick the slot.
+    shift: u32,
+    len: usize,
+    keys_max: usize,
+}
+
+impl SumMap {
+    /// An empty map that holds at most `keys_max` (≥ 1) keys.
+    pub fn new(keys_max: usize) -> Self {
+        let keys_max = keys_max.max(1);
+        let slots = (keys_max * 2).next_power_of_two().max(16);
+        Self {
+            slots: vec![(EMPTY, 0); slots],
+            shift: 64 - slots.trailing_zeros(),
+            len: 0,
+            keys_max,
+        }
+    }
+
+    /// Number of keys held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds `amount` to `key`'s sum. `key` must be non-negative.
+    #[inline(always)]
+    pub fn add(&mut self, key: i64, amount: i64) -> Added {
+        debug_assert!(key >= 0);
+        let key = key as u64;
+        let mask = self.slots.len() - 1;
+        let mut i = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize;
+        loop {
+            let slot = &mut self.slots[i];
+            if slot.0 == key {
+                return match slot.1.checked_add(amount) {
+                    Some(sum) => {
+                        slot.1 = sum;
+                        Added::Ok
+                    }
+                    None => Added::Overflow(std::mem::replace(&mut slot.1, amount)),
+                };
+            }
+            if slot.0 == EMPTY {
+                if self.len == self.keys_max {
+                    return Added::Full;
+                }
+                *slot = (key, amount);
+                self.len += 1;
+                return Added::Ok;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Moves every `(key, sum)` out, leaving the map empty.
+    pub fn drain_into(&mut self, out: &mut Vec<(i64, i64)>) {
+        if self.len == 0 {
+            return;
+        }
+        out.reserve(self.len);
+        for slot in &mut self.slots {
+            if slot.0 != EMPTY {
+                out.push((slot.0 as i64, slot.1));
+                *slot = (EMPTY, 0);
+            }
+        }
+        self.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_until_full_then_reports_full() {
+        let mut map = SumMap::new(2);
+        assert_eq!(map.add(1, 5), Added::Ok);
+        assert_eq!(map.add(1, 5), Added::Ok);
+        assert_eq!(map.add(2, 1), Added::Ok);
+        assert_eq!(map.add(3, 1), Added::Full);
+        assert_eq!(map.add(2, 1), Added::Ok);
+        let mut out = Vec::new();
+        map.drain_into(&mut out);
+        out.sort_unstable();
+        assert_eq!(out, vec![(1, 10), (2, 2)]);
+        assert!(map.is_empty());
+        assert_eq!(map.add(3, 1), Added::Ok);
+    }
+
+    #[test]
+    fn overflow_hands_back_the_old_sum() {
+        let mut map = SumMap::new(4);
+        assert_eq!(map.add(0, i64::MAX), Added::Ok);
+        assert_eq!(map.add(0, 1), Added::Overflow(i64::MAX));
+        let mut out = Vec::new();
+        map.drain_into(&mut out);
+        assert_eq!(out, vec![(0, 1)]);
+    }
+
+    #[test]
+    fn many_keys_survive_collisions() {
+        let mut map = SumMap::new(10_000);
+        for k in 0..10_000 {
+            assert_eq!(map.add(k * 1024, k), Added::Ok);
+        }
+        let mut out = Vec::new();
+        map.drain_into(&mut out);
+        out.sort_unstable();
+        assert_eq!(out, (0..10_000).map(|k| (k * 1024, k)).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,10 @@
+//! tally-parser: the parser stage (`tally.files` → `tally.sums`) and its engine.
+//!
+//! - [`engine`]: pure bytes → per-consumer sums, bounded memory, every bad line accounted for.
+//!   Start reading here.
+//! - [`source`]: files as byte windows (mmap, with a read() fallback); the crate's only `unsafe`.
+//! - [`offline`]: `tally sum`, the engine on local files or stdin, without Kafka.
+
+pub mod engine;
+pub mod offline;
+pub mod source;

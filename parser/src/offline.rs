@@ -1,0 +1,281 @@
+//! `tally sum`: the engine on local files (or stdin), without Kafka. Prints `consumer_id total`
+//! lines sorted by id, so the output diffs against
+//! `awk '{s[$1]+=$2} END {for (k in s) print k, s[k]}' | sort -n` on well-formed input, and a
+//! summary on stderr.
+//!
+//! Memory: the engine holds at most `--keys-max` keys; the printed result itself holds one
+//! entry per distinct consumer (it is the output).
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+
+use crate::engine::{
+    self, BadLine, BadLinePolicy, EngineConfig, EngineError, Reason, Sink, Source, Stats, Stopped,
+};
+use crate::source::FileSource;
+
+/// Arguments of `tally sum`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SumArgs {
+    /// Files to sum; `-` reads stdin.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Engine settings.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// Engine settings as flags (shared by `tally sum` and `tally parser`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineArgs {
+    /// Most distinct consumer ids held in memory before partial sums are flushed.
+    #[arg(long, env = "TALLY_KEYS_MAX", default_value_t = 1_000_000)]
+    pub keys_max: usize,
+    /// Parse threads (default: all cores).
+    #[arg(long, env = "TALLY_THREADS")]
+    pub threads: Option<usize>,
+    /// What to do with a bad line; it is always counted.
+    #[arg(long, env = "TALLY_BAD_LINES", value_enum, default_value_t = BadLinePolicy::DeadLetter)]
+    pub bad_lines: BadLinePolicy,
+    /// Longest acceptable line, in bytes (at least 40).
+    #[arg(long, env = "TALLY_LINE_BYTES_MAX", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(EngineConfig::LINE_BYTES_MIN as i64..))]
+    pub line_bytes_max: u32,
+    /// Bytes per parallel chunk.
+    #[arg(long, env = "TALLY_CHUNK_BYTES", default_value_t = 8 << 20)]
+    pub chunk_bytes: usize,
+}
+
+impl EngineArgs {
+    /// The engine configuration these flags describe.
+    pub fn config(&self) -> EngineConfig {
+        EngineConfig {
+            keys_max: self.keys_max,
+            line_bytes_max: self.line_bytes_max as usize,
+            chunk_bytes: self.chunk_bytes,
+            bad_lines: self.bad_lines,
+        }
+    }
+
+    /// A rayon pool with the configured thread count.
+    pub fn pool(&self) -> anyhow::Result<rayon::ThreadPool> {
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("tally-parse-{i}"))
+            .build()
+            .context("cannot start the parse thread pool")
+    }
+}
+
+/// Bad lines printed in detail on stderr; the rest are counted.
+const BAD_LINES_SHOWN: u64 = 100;
+
+/// Collects the sums of all files, and reports bad lines on stderr.
+struct Collect {
+    totals: Mutex<HashMap<i64, i128>>,
+    bad: Mutex<BadCounts>,
+}
+
+#[derive(Default)]
+struct BadCounts {
+    /// Name of the input being read, for reports.
+    input: String,
+    shown: u64,
+    by_reason: HashMap<Reason, u64>,
+}
+
+impl Sink for Collect {
+    fn sums(&self, batch: Vec<(i64, i64)>) -> Result<(), Stopped> {
+        let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, sum) in batch {
+            *totals.entry(id).or_default() += i128::from(sum);
+        }
+        Ok(())
+    }
+
+    fn bad_line(&self, bad: BadLine) -> Result<(), Stopped> {
+        let mut counts = self.bad.lock().unwrap_or_else(|p| p.into_inner());
+        *counts.by_reason.entry(bad.reason).or_default() += 1;
+        if counts.shown < BAD_LINES_SHOWN {
+            counts.shown += 1;
+            eprintln!(
+                "bad line: {}: byte {}: {}: {:?}",
+                counts.input,
+                bad.offset,
+                bad.reason,
+                String::from_utf8_lossy(&bad.raw)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Runs `tally sum`: prints the totals on stdout, the summary on stderr.
+pub fn run(args: &SumArgs) -> anyhow::Result<()> {
+    let config = args.engine.config();
+    let pool = args.engine.pool()?;
+    let sink = Collect {
+        totals: Mutex::new(HashMap::new()),
+        bad: Mutex::new(BadCounts::default()),
+    };
+    let started = Instant::now();
+    let mut stats = Stats::default();
+    for path in &args.files {
+        let name = path.display().to_string();
+        sink.bad.lock().unwrap_or_else(|p| p.into_inner()).input = name.clone();
+        let result = if name == "-" {
+            sum_reader(
+                io::stdin().lock(),
+                &config,
+                &pool,
+                &sink,
+                STREAM_BLOCK_BYTES,
+            )
+        } else {
+            let file = std::fs::File::open(path).with_context(|| format!("cannot open {name}"))?;
+            let source = FileSource::new(file).with_context(|| format!("cannot read {name}"))?;
+            engine::sum_range(&source, 0..source.len(), &config, &pool, &sink)
+        };
+        match result {
+            Ok(s) => stats.merge(&s),
+            Err(EngineError::BadLine(bad)) => bail!(
+                "{name}: bad line at byte {} ({}): {:?} (--bad-lines=fail)",
+                bad.offset,
+                bad.reason,
+                String::from_utf8_lossy(&bad.raw)
+            ),
+            Err(e) => return Err(e).with_context(|| format!("cannot sum {name}")),
+        }
+    }
+    let elapsed = started.elapsed();
+
+    let totals = sink.totals.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut totals: Vec<(i64, i128)> = totals.into_iter().collect();
+    totals.sort_unstable_by_key(|&(id, _)| id);
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    for (id, total) in &totals {
+        writeln!(out, "{id} {total}").context("cannot write output")?;
+    }
+    out.flush().context("cannot write output")?;
+
+    let bad = sink.bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut reasons: Vec<_> = bad.by_reason.into_iter().collect();
+    reasons.sort();
+    let reasons: Vec<String> = reasons.iter().map(|(r, n)| format!("{r}={n}")).collect();
+    let secs = elapsed.as_secs_f64();
+    eprintln!(
+        "tally sum: {} consumers, {} lines, {} bad lines{}, {} bytes in {:.3} s ({:.2} GB/s)",
+        totals.len(),
+        stats.lines,
+        stats.bad_lines,
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join(", "))
+        },
+        stats.bytes,
+        secs,
+        stats.bytes as f64 / secs.max(1e-9) / 1e9
+    );
+    Ok(())
+}
+
+/// A sink that shifts bad-line offsets by `base` (a block's position in a stream).
+struct Shifted<'a> {
+    inner: &'a dyn Sink,
+    base: u64,
+}
+
+impl Sink for Shifted<'_> {
+    fn sums(&self, batch: Vec<(i64, i64)>) -> Result<(), Stopped> {
+        self.inner.sums(batch)
+    }
+    fn bad_line(&self, mut bad: BadLine) -> Result<(), Stopped> {
+        bad.offset += self.base;
+        self.inner.bad_line(bad)
+    }
+}
+
+/// Block size for [`sum_reader`] on stdin.
+pub const STREAM_BLOCK_BYTES: usize = 64 << 20;
+
+/// Sums a stream (stdin, a pipe) in blocks of about `block_bytes` of whole lines, with the same
+/// results as [`engine::sum_range`] over the same bytes. Memory: about one block.
+pub fn sum_reader(
+    mut reader: impl Read,
+    config: &EngineConfig,
+    pool: &rayon::ThreadPool,
+    sink: &dyn Sink,
+    block_bytes: usize,
+) -> Result<Stats, EngineError> {
+    let block = block_bytes.max(4 * config.line_bytes_max.max(EngineConfig::LINE_BYTES_MIN));
+    let mut buf: Vec<u8> = Vec::with_capacity(block);
+    let mut base = 0u64;
+    let mut stats = Stats::default();
+    // Inside a too-long line that was already reported: discard up to its LF.
+    let mut skipping = false;
+    let mut eof = false;
+    let run = |data: &[u8], range: std::ops::Range<u64>, base: u64| {
+        let shifted = Shifted { inner: sink, base };
+        engine::sum_range(data, range, config, pool, &shifted).map_err(|e| match e {
+            EngineError::BadLine(mut bad) => {
+                bad.offset += base;
+                EngineError::BadLine(bad)
+            }
+            e => e,
+        })
+    };
+    while !eof || !buf.is_empty() {
+        while buf.len() < block && !eof {
+            let start = buf.len();
+            buf.resize(block, 0);
+            match reader.read(&mut buf[start..]) {
+                Ok(0) => {
+                    buf.truncate(start);
+                    eof = true;
+                }
+                Ok(n) => buf.truncate(start + n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let consumed = if skipping {
+            match memchr::memchr(b'\n', &buf) {
+                Some(i) => {
+                    skipping = false;
+                    i + 1
+                }
+                None => buf.len(),
+            }
+        } else if eof {
+            let s = run(&buf, 0..buf.len() as u64, base)?;
+            stats.merge(&s);
+            buf.len()
+        } else if let Some(last) = memchr::memrchr(b'\n', &buf) {
+            let s = run(&buf[..=last], 0..last as u64 + 1, base)?;
+            stats.merge(&s);
+            last + 1
+        } else {
+            // A block without any LF: one line longer than the limit. Report it once.
+            let s = run(&buf, 0..1, base)?;
+            stats.lines += s.lines;
+            stats.bad_lines += s.bad_lines;
+            stats.batches += s.batches;
+            skipping = true;
+            buf.len()
+        };
+        buf.drain(..consumed);
+        base += consumed as u64;
+    }
+    stats.bytes = base;
+    Ok(stats)
+}

@@ -1,0 +1,124 @@
+//! Files as [`Source`]s of byte windows.
+//!
+//! Each chunk maps only its own window and unmaps it when done, so the resident set of a parse
+//! stays at (workers × window) however large the file is: a 10 GB file costs what a 1 GB file
+//! costs. The window is pre-faulted (`MAP_POPULATE`) and advised sequential. Files that cannot
+//! be mapped (pipes, some special files) are read with `pread` into a buffer instead.
+
+use std::fs::File;
+use std::io;
+use std::ops::{Deref, Range};
+use std::os::unix::fs::FileExt;
+
+use memmap2::{Advice, Mmap, MmapOptions};
+
+use crate::engine::Source;
+
+/// A regular file, read through per-window mappings.
+#[derive(Debug)]
+pub struct FileSource {
+    file: File,
+    len: u64,
+    /// False once a mapping failed: later windows are read with pread.
+    map: bool,
+}
+
+impl FileSource {
+    /// Opens `file`, whose length is taken now: bytes appended later are not read.
+    pub fn new(file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        let map = map_window(&file, 0..len.min(1)).is_ok() || len == 0;
+        Ok(Self { file, len, map })
+    }
+}
+
+/// One window: mapped, or read into memory.
+#[derive(Debug)]
+pub enum Window {
+    /// Mapped pages; unmapped on drop.
+    Mapped(Mmap),
+    /// Read with pread (fallback).
+    Read(Vec<u8>),
+}
+
+impl Deref for Window {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Window::Mapped(m) => m,
+            Window::Read(v) => v,
+        }
+    }
+}
+
+impl Source for FileSource {
+    type Window<'a> = Window;
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn window(&self, range: Range<u64>) -> io::Result<Window> {
+        if range.is_empty() {
+            return Ok(Window::Read(Vec::new()));
+        }
+        if self.map {
+            if let Ok(mmap) = map_window(&self.file, range.clone()) {
+                return Ok(Window::Mapped(mmap));
+            }
+        }
+        let mut buf = vec![0; (range.end - range.start) as usize];
+        self.file.read_exact_at(&mut buf, range.start)?;
+        Ok(Window::Read(buf))
+    }
+}
+
+/// Maps `range` of `file` read-only.
+fn map_window(file: &File, range: Range<u64>) -> io::Result<Mmap> {
+    // SAFETY: the mapping is read-only and private to this process. Its contents are undefined
+    // only if another process truncates or rewrites the file while it is mapped; the producer
+    // announces a file only once its writer finished it (renamed into place, no lock file),
+    // and the parser checks the announced size before mapping. A truncation anyway would raise
+    // SIGBUS rather than let the engine read a wrong line silently.
+    #[allow(unsafe_code)]
+    let mmap = unsafe {
+        MmapOptions::new()
+            .offset(range.start)
+            .len((range.end - range.start) as usize)
+            .populate()
+            .map(file)?
+    };
+    // Advice is a hint; a kernel that ignores it changes nothing.
+    let _ = mmap.advise(Advice::Sequential);
+    Ok(mmap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn windows_match_the_file() {
+        let mut file = tempfile_with(b"0123456789abcdef");
+        file.flush().unwrap();
+        let source = FileSource::new(file).unwrap();
+        assert_eq!(source.len(), 16);
+        assert_eq!(&*source.window(3..9).unwrap(), b"345678");
+        assert_eq!(&*source.window(0..0).unwrap(), b"");
+    }
+
+    fn tempfile_with(bytes: &[u8]) -> File {
+        let path = std::env::temp_dir().join(format!("tally-source-{}", std::process::id()));
+        let mut f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(bytes).unwrap();
+        let _ = std::fs::remove_file(&path);
+        f
+    }
+}

@@ -1,0 +1,174 @@
+//! Test support: where the real Kafka broker and PostgreSQL server are, and per-test isolation.
+//!
+//! Services come from, in this order:
+//! 1. `KAFKA_BOOTSTRAP_SERVERS` and `DATABASE_URL` (set by `scripts/test` from
+//!    `scripts/services env`);
+//! 2. testcontainers, when a Docker engine answers (apache/kafka with the single-node transaction
+//!    settings, a current postgres image), started once per test binary;
+//! 3. otherwise the test fails and says how to start the services. A test that silently skips
+//!    proves nothing.
+//!
+//! Each test then gets its own names ([`unique`]) for topics and groups, and its own database
+//! ([`Services::fresh_database`]).
+
+use std::sync::OnceLock;
+
+use sqlx::{Connection, Executor, PgConnection};
+use testcontainers_modules::testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers_modules::testcontainers::runners::SyncRunner;
+use testcontainers_modules::testcontainers::{Container, ImageExt};
+use testcontainers_modules::{kafka::apache::Kafka, postgres::Postgres};
+
+/// Where the services of this test run are.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// Kafka bootstrap servers.
+    pub kafka_bootstrap: String,
+    /// URL of a database the tests may create databases from (e.g. `.../postgres`).
+    pub database_url: String,
+}
+
+/// Containers live as long as the test binary.
+struct Containers {
+    _kafka: Container<Kafka>,
+    _postgres: Container<Postgres>,
+}
+
+static SERVICES: OnceLock<Result<(Services, Option<Containers>), String>> = OnceLock::new();
+
+const HOW_TO: &str =
+    "tests need a real Kafka broker and PostgreSQL: run `scripts/services up` and \
+export the variables printed by `scripts/services env` (scripts/test does both), or make a \
+Docker engine available for testcontainers";
+
+/// The services for this test run. Panics with instructions when there are none.
+pub fn services() -> Services {
+    match SERVICES.get_or_init(locate) {
+        Ok((services, _)) => services.clone(),
+        Err(message) => panic!("{message}"),
+    }
+}
+
+fn locate() -> Result<(Services, Option<Containers>), String> {
+    let kafka = std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok();
+    let database = std::env::var("DATABASE_URL").ok();
+    if let (Some(kafka_bootstrap), Some(database_url)) = (kafka, database) {
+        return Ok((
+            Services {
+                kafka_bootstrap,
+                database_url,
+            },
+            None,
+        ));
+    }
+    if !docker_available() {
+        return Err(format!(
+            "KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are not set and no Docker engine answers; {HOW_TO}"
+        ));
+    }
+    start_containers().map(|(s, c)| (s, Some(c)))
+}
+
+fn docker_available() -> bool {
+    std::process::Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn start_containers() -> Result<(Services, Containers), String> {
+    let err = |e: &dyn std::fmt::Display| format!("testcontainers failed: {e}; {HOW_TO}");
+    // The image defaults are for three brokers; transactions need the state log at one replica.
+    let kafka = Kafka::default()
+        .with_env_var("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1")
+        .with_env_var("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1")
+        .with_env_var("KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS", "0")
+        .with_env_var("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false")
+        .start()
+        .map_err(|e| err(&e))?;
+    let kafka_port = kafka.get_host_port_ipv4(9092.tcp()).map_err(|e| err(&e))?;
+    let postgres = Postgres::default()
+        .with_host_auth()
+        .with_tag("17-alpine")
+        .with_ready_conditions(vec![WaitFor::message_on_stderr(
+            "database system is ready to accept connections",
+        )])
+        .start()
+        .map_err(|e| err(&e))?;
+    let pg_port = postgres
+        .get_host_port_ipv4(5432.tcp())
+        .map_err(|e| err(&e))?;
+    Ok((
+        Services {
+            kafka_bootstrap: format!("127.0.0.1:{kafka_port}"),
+            database_url: format!("postgres://postgres@127.0.0.1:{pg_port}/postgres"),
+        },
+        Containers {
+            _kafka: kafka,
+            _postgres: postgres,
+        },
+    ))
+}
+
+/// A name nobody else uses: `<what>-<random>`, valid as a topic prefix, group id and database
+/// name.
+pub fn unique(what: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{what}_{}", &id[..12])
+}
+
+impl Services {
+    /// Creates an empty database for one test and returns its URL.
+    pub async fn fresh_database(&self, what: &str) -> String {
+        let name = unique(what).to_lowercase();
+        let mut admin = PgConnection::connect(&self.database_url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}; {HOW_TO}", self.database_url));
+        admin
+            .execute(format!("CREATE DATABASE \"{name}\"").as_str())
+            .await
+            .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
+        with_database(&self.database_url, &name)
+    }
+}
+
+/// `url` with its database name replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_database_name() {
+        assert_eq!(
+            with_database("postgres://u@h:1/tally", "t1"),
+            "postgres://u@h:1/t1"
+        );
+        assert_eq!(
+            with_database("postgres://u@h:1", "t1"),
+            "postgres://u@h:1/t1"
+        );
+        assert_eq!(
+            with_database("postgres://u@h:1/x?sslmode=disable", "t1"),
+            "postgres://u@h:1/t1?sslmode=disable"
+        );
+    }
+}
