@@ -34,7 +34,6 @@ CREATE INDEX ingested_units_file_id ON ingested_units (file_id);
 CREATE TABLE ingested_files (
     file_id           TEXT        PRIMARY KEY,
     path              TEXT        NOT NULL,
-    file_bytes        BIGINT      NOT NULL,
     units_total       INTEGER     NOT NULL,
     units_ingested    INTEGER     NOT NULL,
     lines             BIGINT      NOT NULL,

@@ -3,8 +3,10 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tally_core::{DatabaseArgs, TelemetryArgs};
+use tally_core::shutdown::{self, CancellationToken};
+use tally_core::{DatabaseArgs, KafkaArgs, TelemetryArgs};
 
 /// Exactly-once per-consumer sums from large data files into PostgreSQL, through Kafka.
 #[derive(Debug, Parser)]
@@ -18,10 +20,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Producer stage: generate, watch and announce data files.
+    Producer(tally_producer::cli::ProducerArgs),
+    /// Parser stage: parse announced work units into per-consumer sums (a consumer group).
+    Parser(Box<tally_parser::service::ParserArgs>),
+    /// DB-client stage: add sums to the totals in PostgreSQL, exactly once (a consumer group).
+    DbClient(tally_db_client::service::DbClientArgs),
     /// Sum `<consumer_id> <amount>` lines of local files (or stdin) and print the totals.
     Sum(tally_parser::offline::SumArgs),
+    /// Compare the totals in PostgreSQL with an expected-totals file (`tally sum` output).
+    Verify(tally_db_client::verify::VerifyArgs),
     /// Apply the database migrations (idempotent).
     Migrate {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Apply the migrations and create the pipeline's topics (idempotent).
+    Init {
+        #[command(flatten)]
+        kafka: KafkaArgs,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -42,10 +59,39 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Sum(args) => tally_parser::offline::run(&args),
-        Command::Migrate { database } => {
-            runtime()?.block_on(async { tally_db_client::schema::migrate_url(&database).await })
+        Command::Producer(args) => {
+            blocking_stage(move |token| tally_producer::cli::run(&args, &token))
         }
+        Command::Parser(args) => {
+            blocking_stage(move |token| tally_parser::service::run(&args, &token))
+        }
+        Command::DbClient(args) => runtime()?.block_on(async move {
+            let token = shutdown::on_signals();
+            tally_db_client::service::run(&args, &token).await
+        }),
+        Command::Verify(args) => runtime()?.block_on(tally_db_client::verify::run(&args)),
+        Command::Migrate { database } => {
+            runtime()?.block_on(tally_db_client::schema::migrate_url(&database))
+        }
+        Command::Init { kafka, database } => runtime()?.block_on(async move {
+            tally_db_client::schema::migrate_url(&database).await?;
+            tally_core::kafka::ensure_pipeline_topics(&kafka)
+                .await
+                .context("cannot create topics")?;
+            tracing::info!(prefix = kafka.topic_prefix, "topics ready");
+            Ok(())
+        }),
     }
+}
+
+/// Runs a synchronous stage on a blocking thread, with SIGINT/SIGTERM wired to its token.
+fn blocking_stage(
+    stage: impl FnOnce(CancellationToken) -> anyhow::Result<()> + Send + 'static,
+) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let token = shutdown::on_signals();
+        tokio::task::spawn_blocking(move || stage(token)).await?
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -124,3 +124,90 @@ pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec]) -> Result<(),
     }
     Ok(())
 }
+
+/// What to do after a failed transactional call (see SERVICES.md: classify every error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnErrorKind {
+    /// Retry the same call (same offsets, same group metadata).
+    Retriable,
+    /// Abort the transaction, rewind the input to the committed offsets, start over.
+    Abortable,
+    /// The producer is unusable (fenced, or an unknown error): recreate it.
+    Fatal,
+}
+
+/// Classifies an error from a transactional producer call. Unknown kinds count as fatal.
+pub fn classify_txn_error(error: &KafkaError) -> TxnErrorKind {
+    match error {
+        KafkaError::Transaction(e) if e.is_fatal() => TxnErrorKind::Fatal,
+        KafkaError::Transaction(e) if e.txn_requires_abort() => TxnErrorKind::Abortable,
+        KafkaError::Transaction(e) if e.is_retriable() => TxnErrorKind::Retriable,
+        // commit_transaction flushes first; a flush timeout is worth another try.
+        KafkaError::Flush(_) => TxnErrorKind::Retriable,
+        _ => TxnErrorKind::Fatal,
+    }
+}
+
+/// Default partition count of `tally.files` and `tally.done` (they must match).
+pub const FILES_PARTITIONS: i32 = 6;
+/// Default partition count of `tally.sums` and `tally.totals`.
+pub const SUMS_PARTITIONS: i32 = 6;
+
+/// The topics of one pipeline with their partition counts and cleanup policies.
+pub fn topic_specs(topics: &crate::Topics) -> Vec<TopicSpec> {
+    let spec = |name: &str, partitions, compacted| TopicSpec {
+        name: name.to_owned(),
+        partitions,
+        compacted,
+    };
+    vec![
+        spec(&topics.files, FILES_PARTITIONS, false),
+        // Co-partitioned with files: the owner of a files partition needs only its done partition.
+        spec(&topics.done, FILES_PARTITIONS, true),
+        spec(&topics.sums, SUMS_PARTITIONS, false),
+        spec(&topics.totals, SUMS_PARTITIONS, false),
+        spec(&topics.dead_letter, 1, false),
+    ]
+}
+
+/// Creates every topic of the pipeline that does not exist yet.
+pub async fn ensure_pipeline_topics(args: &KafkaArgs) -> Result<(), AdminError> {
+    ensure_topics(args, &topic_specs(&crate::Topics::new(&args.topic_prefix))).await
+}
+
+/// Sends `record`, waiting while librdkafka's queue is full (the queue's size bound is the
+/// back-pressure that keeps a stage's memory flat). Other errors are returned.
+pub fn send_waiting<C, K, P>(
+    producer: &rdkafka::producer::ThreadedProducer<C>,
+    mut record: rdkafka::producer::BaseRecord<'_, K, P>,
+) -> Result<(), KafkaError>
+where
+    C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()> + 'static,
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Number of partitions of `topic`, from a metadata request.
+pub fn partition_count<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+) -> Result<i32, KafkaError> {
+    use rdkafka::consumer::Consumer;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len() as i32))
+}

@@ -3,7 +3,8 @@
 //! - [`args`]: clap argument groups (Kafka, database, telemetry) flattened into every subcommand,
 //!   so that an env var means the same thing everywhere;
 //! - [`topics`]: topic names and consumer-group ids, derived from one prefix;
-//! - [`kafka`]: librdkafka client configuration and topic creation;
+//! - [`messages`]: the records on every topic (the contract between stages);
+//! - [`kafka`]: librdkafka client configuration, topic creation, transaction error classes;
 //! - [`telemetry`]: tracing set-up; [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
 //!
 //! Stage crates (`producer`, `parser`, `aggregator`, `db-client`) depend on this crate and never
@@ -11,6 +12,7 @@
 
 pub mod args;
 pub mod kafka;
+pub mod messages;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topics;

@@ -3,6 +3,10 @@
 //! exactly once: each batch's upserts and the consumed offsets commit in one database
 //! transaction.
 //!
-//! Start reading at [`schema`] (migrations).
+//! - [`service`]: the consumer loop and the batch transaction. Start reading here.
+//! - [`schema`]: migrations (`migrations/`), applied at start-up and by `tally migrate`.
+//! - [`verify`]: `tally verify`, totals against an expected-totals file.
 
 pub mod schema;
+pub mod service;
+pub mod verify;

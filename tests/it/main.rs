@@ -1,4 +1,11 @@
 //! Whole-system tests against a real Kafka broker and a real PostgreSQL server
-//! (`scripts/services up`; see tally-testkit for how they are found).
+//! (`scripts/services up`; see tally-testkit for how they are found). Stages run as separate
+//! OS processes of the `tally` binary, as in production.
+
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
 
 mod broker;
+mod crash;
+mod pipeline;
+mod support;

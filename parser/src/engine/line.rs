@@ -120,9 +120,11 @@ fn parse_field(field: &[u8]) -> Result<i64, Reason> {
 
 /// Bytes the fast path may read from a line start; callers use [`parse_fast`] only when this
 /// many bytes are available, so it never reads out of bounds.
-pub const FAST_LOOKAHEAD: usize = 24;
+pub const FAST_LOOKAHEAD: usize = 40;
 
 const ASCII_ZEROS: u64 = 0x3030_3030_3030_3030;
+
+const POW10: [i64; 8] = [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000];
 
 /// Number of leading ASCII digits in the 8 bytes of `w` (little-endian: byte 0 first), 0..=8.
 ///
@@ -136,7 +138,7 @@ fn leading_digits(w: u64) -> usize {
     (flags.trailing_zeros() / 8) as usize
 }
 
-/// Value of the first `n` (1..=7) digits of `w`.
+/// Value of the first `n` (1..=8) digits of `w`.
 #[inline(always)]
 fn digits_value(w: u64, n: usize) -> i64 {
     // Move the n digit lanes to the top; the lanes shifted in are zeros (leading zeros).
@@ -154,29 +156,68 @@ fn load(data: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(bytes)
 }
 
-/// The common case, or `None` to defer to [`parse_line`]: `data[at..]` starts a line of 1–7
-/// digits, one space, 1–7 digits, then LF or CRLF. Returns `(id, amount, next line start)`.
+/// A number of 1–15 digits at `data[at..]` (it cannot overflow `i64`): `(value, digits)`.
+#[inline(always)]
+fn number(data: &[u8], at: usize) -> Option<(i64, usize)> {
+    let w = load(data, at);
+    let n = leading_digits(w);
+    if n == 0 {
+        return None;
+    }
+    if n < 8 {
+        return Some((digits_value(w, n), n));
+    }
+    let w2 = load(data, at + 8);
+    match leading_digits(w2) {
+        0 => Some((digits_value(w, 8), 8)),
+        8 => None,
+        n2 => Some((
+            digits_value(w, 8) * POW10[n2] + digits_value(w2, n2),
+            8 + n2,
+        )),
+    }
+}
+
+/// The common case, or `None` to defer to [`parse_line`]: `data[at..]` starts a line of 1–15
+/// digits, one space, 1–15 digits, then LF or CRLF. Returns `(id, amount, next line start)`.
 /// Requires `at + FAST_LOOKAHEAD <= data.len()`.
 #[inline(always)]
 pub fn parse_fast(data: &[u8], at: usize) -> Option<(i64, i64, usize)> {
-    let w1 = load(data, at);
-    let n1 = leading_digits(w1);
-    if n1.wrapping_sub(1) >= 7 || (w1 >> (8 * n1)) as u8 != b' ' {
+    let (id, n1) = number(data, at)?;
+    if data[at + n1] != b' ' {
         return None;
     }
     let q = at + n1 + 1;
-    let w2 = load(data, q);
-    let n2 = leading_digits(w2);
-    if n2.wrapping_sub(1) >= 7 {
-        return None;
-    }
+    let (amount, n2) = number(data, q)?;
     let end = q + n2;
-    let next = match (w2 >> (8 * n2)) as u8 {
+    let next = match data[end] {
         b'\n' => end + 1,
         b'\r' if data[end + 1] == b'\n' => end + 2,
         _ => return None,
     };
-    Some((digits_value(w1, n1), digits_value(w2, n2), next))
+    Some((id, amount, next))
+}
+
+/// Fuzzing entry point: runs both parsers on `data` (as a line followed by an LF) and panics
+/// if they disagree or if either panics.
+#[doc(hidden)]
+pub fn check_line_parsers(data: &[u8]) {
+    let line = match data.iter().position(|&b| b == b'\n') {
+        Some(i) => &data[..i],
+        None => data,
+    };
+    let careful = parse_line(line, 4096);
+    let mut padded = line.to_vec();
+    padded.push(b'\n');
+    padded.resize(padded.len() + FAST_LOOKAHEAD, 0);
+    if let Some((id, amount, next)) = parse_fast(&padded, 0) {
+        assert_eq!(next, line.len() + 1, "fast path ended the line elsewhere");
+        assert_eq!(
+            careful,
+            Ok((id, amount)),
+            "fast path accepted what parse_line does not"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -245,7 +286,7 @@ mod tests {
             let w = u64::from_le_bytes(bytes[..8].try_into().unwrap());
             let n = s.bytes().take_while(u8::is_ascii_digit).count().min(8);
             assert_eq!(leading_digits(w), n, "{s}");
-            if (1..=7).contains(&n) {
+            if (1..=8).contains(&n) {
                 assert_eq!(digits_value(w, n), s[..n].parse::<i64>().unwrap(), "{s}");
             }
         }
@@ -287,7 +328,13 @@ mod tests {
             }
         }
         let mut data = b"42 99\n".to_vec();
-        data.resize(40, 0);
+        data.resize(FAST_LOOKAHEAD, 0);
         assert_eq!(parse_fast(&data, 0), Some((42, 99, 6)));
+        let mut data = b"100000000 123456789012\n".to_vec();
+        data.resize(64, 0);
+        assert_eq!(
+            parse_fast(&data, 0),
+            Some((100_000_000, 123_456_789_012, 23))
+        );
     }
 }

@@ -16,7 +16,7 @@ use std::ops::{Deref, Range};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-pub use line::{parse_line, Reason};
+pub use line::{check_line_parsers, parse_line, Reason};
 pub use map::{Added, SumMap};
 
 use line::{parse_fast, FAST_LOOKAHEAD};

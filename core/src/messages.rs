@@ -1,0 +1,165 @@
+//! The records on tally's topics (JSON via serde). The contract between stages: changing a
+//! field here is a contract change, recorded in docs/messages.md.
+
+use serde::{Deserialize, Serialize};
+
+/// A work unit on `tally.files` (key: [`WorkUnit::unit_id`]): the lines of `path` that start in
+/// `start..end`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkUnit {
+    /// Identity of the file: the same file announced twice has the same id, a new file that
+    /// reuses a name has another (see producer's `file_id`).
+    pub file_id: String,
+    /// `<file_id>/<index>`; also the record key, so every announcement of a unit lands in the
+    /// same partition.
+    pub unit_id: String,
+    /// Absolute path as the producer saw it; must resolve inside the parser's `--data-root`.
+    pub path: String,
+    /// File size at announcement; a parser rejects the unit if the size changed.
+    pub file_bytes: u64,
+    /// First byte of the unit.
+    pub start: u64,
+    /// One past the last byte of the unit.
+    pub end: u64,
+    /// Index of this unit in its file.
+    pub index: u32,
+    /// Number of units of the file.
+    pub units: u32,
+}
+
+impl WorkUnit {
+    /// The unit id for unit `index` of `file_id`.
+    pub fn unit_id(file_id: &str, index: u32) -> String {
+        format!("{file_id}/{index}")
+    }
+}
+
+/// How a unit ended, on `tally.done` (key: unit id; compacted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Parsed; its sums are on `tally.sums`.
+    Summed,
+    /// Not parsed (outside the data root, missing, size changed…); dead-lettered.
+    Rejected,
+}
+
+/// Completion record of a unit on `tally.done`, written in the same transaction as its sums.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitDone {
+    /// The unit.
+    pub unit_id: String,
+    /// Its file.
+    pub file_id: String,
+    /// Its file's path.
+    pub path: String,
+    /// Number of units of the file.
+    pub units: u32,
+    /// What happened.
+    pub outcome: Outcome,
+    /// Lines owned by the unit (good and bad).
+    pub lines: u64,
+    /// Bad lines among them.
+    pub bad_lines: u64,
+    /// Bytes of the unit.
+    pub bytes: u64,
+}
+
+/// A record on `tally.sums` / `tally.totals`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum SumsRecord {
+    /// Partial sums `[consumer_id, sum]`; every id hashes to this record's partition
+    /// ([`consumer_partition`]).
+    Sums {
+        /// `(consumer_id, partial sum)`; an id may repeat (overflow splits).
+        sums: Vec<(i64, i64)>,
+    },
+    /// A unit's counts, for the ingested-files ledger (one per summed unit).
+    Unit(UnitDone),
+}
+
+/// A record on `tally.dead-letter`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum DeadLetter {
+    /// A malformed line of a unit.
+    BadLine {
+        /// The unit.
+        unit_id: String,
+        /// The file's path.
+        path: String,
+        /// Byte offset of the line in the file.
+        offset: u64,
+        /// Why (a parse-engine reason such as `non-digit`).
+        reason: String,
+        /// The line's first bytes, lossily decoded.
+        raw: String,
+    },
+    /// A unit that could not be parsed at all.
+    RejectedUnit {
+        /// The unit.
+        unit_id: String,
+        /// The file's path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A record on `tally.files` that is not a work unit.
+    BadNotification {
+        /// Its partition.
+        partition: i32,
+        /// Its offset.
+        offset: i64,
+        /// Why it could not be read.
+        reason: String,
+        /// Its payload's first bytes, lossily decoded.
+        raw: String,
+    },
+}
+
+/// The partition of `tally.sums`/`tally.totals` that owns `consumer_id`: a fixed mix of the
+/// id (not librdkafka's key hash, which would need the id formatted as a key per record).
+pub fn consumer_partition(consumer_id: i64, partitions: i32) -> i32 {
+    let mut x = consumer_id as u64;
+    // splitmix64 finaliser: cheap, and spreads sequential ids evenly.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    (x % partitions.max(1) as u64) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_as_documented() {
+        let record = SumsRecord::Sums {
+            sums: vec![(1, 2), (3, 4)],
+        };
+        let json = serde_json::to_string(&record).unwrap();
+        assert_eq!(json, r#"{"type":"sums","sums":[[1,2],[3,4]]}"#);
+        assert_eq!(serde_json::from_str::<SumsRecord>(&json).unwrap(), record);
+        let dead = DeadLetter::RejectedUnit {
+            unit_id: "f/0".into(),
+            path: "/x".into(),
+            reason: "outside data root".into(),
+        };
+        let json = serde_json::to_string(&dead).unwrap();
+        assert!(json.starts_with(r#"{"kind":"rejected-unit""#), "{json}");
+    }
+
+    #[test]
+    fn partitions_spread_and_stay_in_range() {
+        let mut counts = [0u32; 6];
+        for id in 0..60_000 {
+            counts[consumer_partition(id, 6) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (9_000..11_000).contains(&c)),
+            "{counts:?}"
+        );
+        assert_eq!(consumer_partition(5, 1), 0);
+    }
+}

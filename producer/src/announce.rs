@@ -1,0 +1,187 @@
+//! Files → work units → one Kafka transaction per file on `tally.files`.
+//!
+//! A unit is a byte range of at most `unit_bytes`; it owns the lines that start inside it (the
+//! parse engine's rule), so the cut points need not be line-aligned. Records are keyed by unit
+//! id, so a repeated announcement of a unit lands in the same partition as the first, where the
+//! parser's done-set recognises it.
+
+use std::fs::Metadata;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use tally_core::kafka::{self, TxnErrorKind};
+use tally_core::messages::WorkUnit;
+use tally_core::{KafkaArgs, Topics};
+
+/// Identity of a file: device, inode, modification time (ns) and size. The same file announced
+/// twice gets the same id; a new file that reuses a name is a new inode (and a new mtime), so
+/// it gets a new id. Stable across producer restarts and versions (no hashing).
+pub fn file_id(meta: &Metadata) -> String {
+    let mtime_ns = meta.mtime() as i128 * 1_000_000_000 + i128::from(meta.mtime_nsec());
+    format!(
+        "{:x}-{:x}-{:x}-{:x}",
+        meta.dev(),
+        meta.ino(),
+        mtime_ns,
+        meta.size()
+    )
+}
+
+/// The work units of the file at `path` (absolute) with metadata `meta`. An empty file has one
+/// empty unit, so that it too is marked done and reaches its life-cycle action.
+pub fn work_units(path: &Path, meta: &Metadata, unit_bytes: u64) -> Vec<WorkUnit> {
+    let id = file_id(meta);
+    let size = meta.size();
+    let unit_bytes = unit_bytes.max(1);
+    let units = size.div_ceil(unit_bytes).max(1) as u32;
+    (0..units)
+        .map(|index| {
+            let start = u64::from(index) * unit_bytes;
+            WorkUnit {
+                file_id: id.clone(),
+                unit_id: WorkUnit::unit_id(&id, index),
+                path: path.to_string_lossy().into_owned(),
+                file_bytes: size,
+                start: start.min(size),
+                end: (start + unit_bytes).min(size),
+                index,
+                units,
+            }
+        })
+        .collect()
+}
+
+/// A transactional producer on `tally.files`.
+pub struct Announcer {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    kafka: KafkaArgs,
+    transactional_id: String,
+    topic: String,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Announcer {
+    /// Connects and initialises transactions (fencing an earlier producer with the same id).
+    pub fn new(kafka: &KafkaArgs, transactional_id: &str) -> anyhow::Result<Self> {
+        let producer = Self::create(kafka, transactional_id)?;
+        Ok(Self {
+            producer,
+            kafka: kafka.clone(),
+            transactional_id: transactional_id.to_owned(),
+            topic: Topics::new(&kafka.topic_prefix).files,
+        })
+    }
+
+    fn create(
+        kafka: &KafkaArgs,
+        transactional_id: &str,
+    ) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            kafka::transactional_producer_config(kafka, transactional_id, Duration::from_secs(60))
+                .create()
+                .context("cannot create the Kafka producer")?;
+        producer
+            .init_transactions(TIMEOUT)
+            .context("cannot initialise Kafka transactions")?;
+        Ok(producer)
+    }
+
+    /// Announces all units of one file in one transaction. Retries until it commits or fails
+    /// for good; a failed announcement announces nothing.
+    pub fn announce(&mut self, units: &[WorkUnit]) -> anyhow::Result<()> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.try_announce(units) {
+                Ok(()) => return Ok(()),
+                Err(error) if attempts < 10 => {
+                    let kind = kafka::classify_txn_error(&error);
+                    tracing::warn!(%error, ?kind, attempts, "announcement failed, retrying");
+                    match kind {
+                        TxnErrorKind::Fatal => {
+                            self.producer = Self::create(&self.kafka, &self.transactional_id)?;
+                        }
+                        _ => {
+                            let _ = self
+                                .producer
+                                .abort_transaction(rdkafka::util::Timeout::Never);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(200 * attempts));
+                }
+                Err(error) => return Err(error).context("cannot announce work units"),
+            }
+        }
+    }
+
+    fn try_announce(&self, units: &[WorkUnit]) -> Result<(), KafkaError> {
+        self.producer.begin_transaction()?;
+        for unit in units {
+            let payload = serde_json::to_vec(unit).expect("work units serialise");
+            let record = BaseRecord::<str, [u8]>::to(&self.topic)
+                .key(&unit.unit_id)
+                .payload(&payload);
+            kafka::send_waiting(&self.producer, record)?;
+        }
+        // Infinite timeout: a finite one can desynchronise librdkafka's transaction state.
+        let mut tries = 0;
+        loop {
+            match self
+                .producer
+                .commit_transaction(rdkafka::util::Timeout::Never)
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if kafka::classify_txn_error(&e) == TxnErrorKind::Retriable && tries < 5 => {
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Validates and describes a file for announcement: absolute path, metadata, units.
+pub fn describe(path: &Path, unit_bytes: u64) -> anyhow::Result<Vec<WorkUnit>> {
+    let absolute = std::fs::canonicalize(path)
+        .with_context(|| format!("cannot resolve {}", path.display()))?;
+    let meta = std::fs::metadata(&absolute)
+        .with_context(|| format!("cannot stat {}", absolute.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", absolute.display());
+    }
+    Ok(work_units(&absolute, &meta, unit_bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_cover_the_file_and_share_the_file_id() {
+        let dir = std::env::temp_dir().join(format!("tally-units-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::write(&path, vec![b'x'; 1000]).unwrap();
+        let units = describe(&path, 300).unwrap();
+        assert_eq!(units.len(), 4);
+        assert_eq!((units[0].start, units[3].end), (0, 1000));
+        assert!(units.windows(2).all(|w| w[0].end == w[1].start));
+        assert!(units
+            .iter()
+            .all(|u| u.file_id == units[0].file_id && u.units == 4));
+        // Same file: same id. A new file under the same name: a new id.
+        assert_eq!(describe(&path, 300).unwrap()[0].file_id, units[0].file_id);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(dir.join("g"), vec![b'y'; 1000]).unwrap();
+        std::fs::rename(dir.join("g"), &path).unwrap();
+        assert_ne!(describe(&path, 300).unwrap()[0].file_id, units[0].file_id);
+        std::fs::write(dir.join("empty"), b"").unwrap();
+        assert_eq!(describe(&dir.join("empty"), 300).unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,99 @@
+//! `tally producer …`: the producer's subcommands.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tally_core::shutdown::CancellationToken;
+use tally_core::KafkaArgs;
+
+use crate::announce::{self, Announcer};
+use crate::generate::{self, GenerateArgs};
+use crate::watch::{self, WatchArgs};
+
+/// Settings shared by the producer's subcommands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProducerArgs {
+    /// Kafka.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Largest work unit, in bytes. 64 MiB parses in about 25 ms on two cores (docs/benchmarks.md),
+    /// short next to a transaction commit, while a 1 GB file still spreads over 16 units.
+    #[arg(long, env = "TALLY_UNIT_BYTES", default_value_t = 64 << 20, global = true)]
+    pub unit_bytes: u64,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ProducerCommand,
+}
+
+/// The producer's subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ProducerCommand {
+    /// Write deterministic synthetic files atomically, then announce them.
+    Generate {
+        /// What to generate.
+        #[command(flatten)]
+        args: GenerateArgs,
+        /// Only write the files (and expected totals); announce nothing.
+        #[arg(long)]
+        no_announce: bool,
+    },
+    /// Announce complete files written into a directory by any program, as they appear.
+    Watch(WatchArgs),
+    /// Announce the given files once.
+    Publish {
+        /// Files to announce.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Runs a producer subcommand (blocking; call on a blocking thread).
+pub fn run(args: &ProducerArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let one_shot_id = || {
+        format!(
+            "{}.producer.oneshot.{}",
+            args.kafka.topic_prefix,
+            std::process::id()
+        )
+    };
+    match &args.command {
+        ProducerCommand::Generate {
+            args: generate,
+            no_announce,
+        } => {
+            let total = generate.size.saturating_mul(u64::from(generate.files));
+            let bar = indicatif::ProgressBar::new(total).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let paths = generate::generate(generate, |done| bar.set_position(done))?;
+            bar.finish_and_clear();
+            if !no_announce {
+                let mut announcer = Announcer::new(&args.kafka, &one_shot_id())?;
+                for path in &paths {
+                    announcer.announce(&announce::describe(path, args.unit_bytes)?)?;
+                }
+            }
+            for path in &paths {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+        ProducerCommand::Publish { files } => {
+            let mut announcer = Announcer::new(&args.kafka, &one_shot_id())?;
+            for path in files {
+                let units = announce::describe(path, args.unit_bytes)?;
+                announcer
+                    .announce(&units)
+                    .with_context(|| format!("cannot announce {}", path.display()))?;
+                tracing::info!(path = %path.display(), units = units.len(), "announced");
+            }
+            Ok(())
+        }
+        ProducerCommand::Watch(watch_args) => {
+            watch::run(&args.kafka, args.unit_bytes, watch_args, shutdown)
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! `tally producer watch`: announce files written into a directory by any program, once they
+//! are complete, and apply the life-cycle action once every unit of a file is done.
+//!
+//! A file is complete when it is in the directory under its final name (names starting with `.`
+//! or ending in `.tmp`, `.part` or `.lock` are ignored) and no `<name>.lock` exists beside it.
+//! inotify (via `notify`) triggers a scan at once; a periodic rescan covers file systems
+//! without inotify (NFS) and missed events.
+//!
+//! What was announced and finished is kept in `<dir>/.tally-producer`, one line per event, so a
+//! restarted producer announces only what it had not announced yet. A crash between the Kafka
+//! commit and that line re-announces a file: harmless, the parsers' done-set skips its units.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use notify::Watcher;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tally_core::messages::UnitDone;
+use tally_core::shutdown::CancellationToken;
+use tally_core::{KafkaArgs, Topics};
+
+use crate::announce::{self, Announcer};
+
+/// What to do with a file once every unit of it is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterDone {
+    /// Leave it.
+    Keep,
+    /// Delete it.
+    Delete,
+    /// Move it into this directory (same file system).
+    Archive(PathBuf),
+}
+
+impl FromStr for AfterDone {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep" => Ok(AfterDone::Keep),
+            "delete" => Ok(AfterDone::Delete),
+            _ => match s.strip_prefix("archive:") {
+                Some(dir) if !dir.is_empty() => Ok(AfterDone::Archive(PathBuf::from(dir))),
+                _ => Err(format!("expected keep, delete or archive:DIR, got `{s}`")),
+            },
+        }
+    }
+}
+
+/// Arguments of `tally producer watch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchArgs {
+    /// Directory to watch (not recursive).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Full rescan interval, the fallback when inotify misses events (e.g. on NFS).
+    #[arg(long, env = "TALLY_RESCAN_INTERVAL_MS", default_value_t = 5_000)]
+    pub rescan_interval_ms: u64,
+    /// Once every unit of a file is done: keep, delete, or archive:DIR.
+    #[arg(long = "after-done", env = "TALLY_AFTER_DONE", default_value = "keep")]
+    pub after_done: AfterDone,
+    /// Exit after the first scan (announce what is there, then stop).
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// Whether `name` may be a finished data file (not a temp, partial, hidden or lock file).
+pub fn is_candidate_name(name: &str) -> bool {
+    !(name.starts_with('.')
+        || name.ends_with(".tmp")
+        || name.ends_with(".part")
+        || name.ends_with(".lock"))
+}
+
+const STATE_FILE: &str = ".tally-producer";
+
+/// The producer's memory of a directory.
+#[derive(Debug, Default)]
+struct State {
+    /// Files announced and not finished: file id → path.
+    pending: HashMap<String, PathBuf>,
+    /// Every file id ever announced from this directory.
+    announced: HashSet<String>,
+    log: Option<fs::File>,
+}
+
+impl State {
+    fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(STATE_FILE);
+        let mut state = State::default();
+        if let Ok(file) = fs::File::open(&path) {
+            for line in BufReader::new(file).lines() {
+                let line = line?;
+                let mut parts = line.splitn(3, ' ');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some("announced"), Some(id), Some(p)) => {
+                        state.announced.insert(id.to_owned());
+                        state.pending.insert(id.to_owned(), PathBuf::from(p));
+                    }
+                    (Some("finished"), Some(id), _) => {
+                        state.pending.remove(id);
+                    }
+                    _ => tracing::warn!(line, "ignoring unreadable producer state line"),
+                }
+            }
+        }
+        state.log = Some(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?,
+        );
+        Ok(state)
+    }
+
+    fn record(&mut self, line: &str) -> anyhow::Result<()> {
+        let log = self.log.as_mut().context("state not loaded")?;
+        writeln!(log, "{line}")?;
+        log.sync_data()?;
+        Ok(())
+    }
+}
+
+/// Tracks `tally.done` to learn when every unit of a pending file is done.
+struct DoneTracker {
+    consumer: BaseConsumer,
+    /// file id → (units of the file, ids of its units seen done).
+    progress: HashMap<String, (u32, HashSet<String>)>,
+}
+
+impl DoneTracker {
+    fn new(kafka: &KafkaArgs, topics: &Topics) -> anyhow::Result<Self> {
+        let group = format!("{}.producer-done-reader", topics.parser_group);
+        let consumer: BaseConsumer = tally_core::kafka::consumer_config(kafka, &group)
+            .create()
+            .context("cannot create the done-topic consumer")?;
+        let metadata = consumer
+            .fetch_metadata(Some(&topics.done), Duration::from_secs(30))
+            .context("cannot read done-topic metadata")?;
+        let mut tpl = TopicPartitionList::new();
+        for topic in metadata.topics() {
+            for p in topic.partitions() {
+                tpl.add_partition_offset(&topics.done, p.id(), Offset::Beginning)?;
+            }
+        }
+        if tpl.count() == 0 {
+            bail!("topic {} has no partitions (run `tally init`)", topics.done);
+        }
+        consumer.assign(&tpl)?;
+        Ok(Self {
+            consumer,
+            progress: HashMap::new(),
+        })
+    }
+
+    /// Reads done records for up to `wait`; returns files that became complete.
+    fn poll(&mut self, wait: Duration, pending: &HashMap<String, PathBuf>) -> Vec<String> {
+        let mut complete = Vec::new();
+        let deadline = Instant::now() + wait;
+        while let Some(message) = self
+            .consumer
+            .poll(deadline.saturating_duration_since(Instant::now()))
+        {
+            let Ok(message) =
+                message.map_err(|error| tracing::warn!(%error, "done-topic read failed"))
+            else {
+                break;
+            };
+            let Some(done) = message
+                .payload()
+                .and_then(|p| serde_json::from_slice::<UnitDone>(p).ok())
+            else {
+                continue;
+            };
+            if !pending.contains_key(&done.file_id) {
+                continue;
+            }
+            let entry = self
+                .progress
+                .entry(done.file_id.clone())
+                .or_insert_with(|| (done.units, HashSet::new()));
+            entry.1.insert(done.unit_id);
+            if entry.1.len() as u32 >= entry.0 {
+                self.progress.remove(&done.file_id);
+                complete.push(done.file_id);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        complete
+    }
+}
+
+/// Applies `action` to the file `id` at `path`, if the file there is still that file.
+fn apply_after_done(action: &AfterDone, id: &str, path: &Path) -> anyhow::Result<()> {
+    let current = fs::metadata(path).ok().map(|m| announce::file_id(&m));
+    if current.as_deref() != Some(id) {
+        tracing::info!(path = %path.display(), "file done; a different file (or none) is there now, leaving it");
+        return Ok(());
+    }
+    match action {
+        AfterDone::Keep => {}
+        AfterDone::Delete => {
+            fs::remove_file(path).with_context(|| format!("cannot delete {}", path.display()))?
+        }
+        AfterDone::Archive(dir) => {
+            fs::create_dir_all(dir)?;
+            let target = dir.join(path.file_name().context("file without a name")?);
+            fs::rename(path, &target).with_context(|| {
+                format!("cannot move {} to {}", path.display(), target.display())
+            })?;
+        }
+    }
+    tracing::info!(path = %path.display(), ?action, "file done");
+    Ok(())
+}
+
+/// The complete, not yet announced files in `dir`.
+fn scan(
+    dir: &Path,
+    state: &State,
+    unit_bytes: u64,
+) -> anyhow::Result<Vec<Vec<tally_core::messages::WorkUnit>>> {
+    let mut found = Vec::new();
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(Result::ok)
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !is_candidate_name(name) || dir.join(format!("{name}.lock")).exists() {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_file() || state.announced.contains(&announce::file_id(&meta)) {
+            continue;
+        }
+        match announce::describe(&entry.path(), unit_bytes) {
+            Ok(units) => found.push(units),
+            // Vanished or replaced between listing and stat: the next scan sees what is there.
+            Err(error) => tracing::debug!(%error, "skipping file for now"),
+        }
+    }
+    Ok(found)
+}
+
+/// Runs the watcher until `shutdown` is cancelled (or after one scan with `--once`).
+pub fn run(
+    kafka: &KafkaArgs,
+    unit_bytes: u64,
+    args: &WatchArgs,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let dir = fs::canonicalize(&args.dir)
+        .with_context(|| format!("cannot resolve {}", args.dir.display()))?;
+    let topics = Topics::new(&kafka.topic_prefix);
+    let mut state = State::load(&dir)?;
+    let transactional_id = format!("{}.producer.{}", kafka.topic_prefix, dir.display());
+    let mut announcer = Announcer::new(kafka, &transactional_id)?;
+    let mut tracker = DoneTracker::new(kafka, &topics)?;
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut watcher = notify::recommended_watcher(move |_event| {
+        let _ = tx.send(());
+    })
+    .context("cannot start inotify")?;
+    if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        tracing::warn!(%error, "inotify unavailable, relying on periodic rescans");
+    }
+    tracing::info!(dir = %dir.display(), pending = state.pending.len(), "watching");
+
+    let rescan = Duration::from_millis(args.rescan_interval_ms.max(10));
+    let mut next_scan = Instant::now();
+    while !shutdown.is_cancelled() {
+        let mut triggered = false;
+        while rx.try_recv().is_ok() {
+            triggered = true;
+        }
+        if triggered || Instant::now() >= next_scan {
+            next_scan = Instant::now() + rescan;
+            for units in scan(&dir, &state, unit_bytes)? {
+                let (id, path) = (units[0].file_id.clone(), units[0].path.clone());
+                announcer.announce(&units)?;
+                state.record(&format!("announced {id} {path}"))?;
+                state.announced.insert(id.clone());
+                state.pending.insert(id, PathBuf::from(&path));
+                tracing::info!(path, units = units.len(), "announced");
+            }
+            if args.once {
+                break;
+            }
+        }
+        for id in tracker.poll(Duration::from_millis(200), &state.pending) {
+            if let Some(path) = state.pending.remove(&id) {
+                if let Err(error) = apply_after_done(&args.after_done, &id, &path) {
+                    tracing::error!(%error, "life-cycle action failed; file left in place");
+                }
+                state.record(&format!("finished {id}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidate_names() {
+        assert!(is_candidate_name("usage-1.txt"));
+        for name in [".x", "x.tmp", "x.part", "x.lock", ".tmp"] {
+            assert!(!is_candidate_name(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn after_done_parses() {
+        assert_eq!("keep".parse(), Ok(AfterDone::Keep));
+        assert_eq!("delete".parse(), Ok(AfterDone::Delete));
+        assert_eq!("archive:/a".parse(), Ok(AfterDone::Archive("/a".into())));
+        assert!("archive:".parse::<AfterDone>().is_err());
+    }
+}

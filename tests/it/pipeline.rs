@@ -1,0 +1,260 @@
+//! The pipeline end to end, as separate processes: producer → parsers → db-client → PostgreSQL.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use tally_core::messages::{DeadLetter, Outcome, UnitDone, WorkUnit};
+
+use crate::support::{read_expected, Pipeline};
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A hand-written file with bad lines, and what it contributes.
+const MESSY: &str = "5 10\r\nbad\n6 -1\n\n7 1 2\n5 5\n9223372036854775807 1\n 8 1\n7 20";
+fn messy_expected() -> HashMap<i64, i128> {
+    HashMap::from([(5, 15), (7, 20), (i64::MAX, 1)])
+}
+const MESSY_BAD_LINES: i64 = 5;
+
+fn add(into: &mut HashMap<i64, i128>, from: &HashMap<i64, i128>) {
+    for (k, v) in from {
+        *into.entry(*k).or_default() += v;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn end_to_end_exact_totals_with_duplicates_and_poison() {
+    let mut p = Pipeline::new("e2e").await;
+    let data = p.data.to_str().unwrap().to_owned();
+    let expect = p.dir.join("expected.txt");
+    // Different sizes; with 1 MB units the largest file is cut into five units.
+    for (seed, files, size) in [("1", "2", "4500000"), ("2", "1", "200000")] {
+        p.tally(&[
+            "producer",
+            "--unit-bytes",
+            "1000000",
+            "generate",
+            "--dir",
+            &data,
+            "--files",
+            files,
+            "--size",
+            size,
+            "--consumers",
+            "3000",
+            "--distribution",
+            "zipf",
+            "--seed",
+            seed,
+            "--prefix",
+            &format!("gen{seed}"),
+            "--expect",
+            expect.to_str().unwrap(),
+            "--no-announce",
+        ])
+        .await;
+        std::fs::rename(&expect, p.dir.join(format!("expected-{seed}.txt"))).unwrap();
+    }
+    let mut expected = read_expected(&p.dir.join("expected-1.txt"));
+    add(&mut expected, &read_expected(&p.dir.join("expected-2.txt")));
+    std::fs::write(p.data.join("messy.txt"), MESSY).unwrap();
+    add(&mut expected, &messy_expected());
+    // An empty file and a file still being written (lock file beside it): the watcher takes the
+    // first, and leaves the second alone until its lock goes.
+    std::fs::write(p.data.join("empty.txt"), "").unwrap();
+    std::fs::write(p.data.join("late.txt"), "42 1000\n").unwrap();
+    std::fs::write(p.data.join("late.txt.lock"), "").unwrap();
+    std::fs::write(p.data.join("ignored.part"), "1 1\n").unwrap();
+
+    let _parser_a = p.spawn("parser-a", &p.parser_args("a"));
+    let _parser_b = p.spawn("parser-b", &p.parser_args("b"));
+    let mut db = p.spawn("db-client", &["db-client"]);
+    let mut watch = p.spawn(
+        "watch",
+        &[
+            "producer",
+            "--unit-bytes",
+            "1000000",
+            "watch",
+            "--dir",
+            &data,
+            "--rescan-interval-ms",
+            "200",
+        ],
+    );
+
+    // gen1 ×2, gen2, messy, empty.
+    p.wait_ingested(5, TIMEOUT).await;
+    std::fs::remove_file(p.data.join("late.txt.lock")).unwrap();
+    expected.insert(42, 1000);
+    p.wait_ingested(6, TIMEOUT).await;
+    assert_eq!(p.totals().await, expected, "totals after the first pass");
+
+    // The ledger knows every file, its units and its bad lines.
+    let (files, bad): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), sum(bad_lines)::bigint FROM ingested_files WHERE units_ingested = units_total",
+    )
+    .fetch_one(&p.pool)
+    .await
+    .unwrap();
+    assert_eq!((files, bad), (6, MESSY_BAD_LINES));
+    let units: i64 = sqlx::query_scalar("SELECT max(units_total)::bigint FROM ingested_files")
+        .fetch_one(&p.pool)
+        .await
+        .unwrap();
+    assert_eq!(units, 5, "the 4.5 MB file is five 1 MB units");
+
+    // Duplicates: publish every file again, and restart the watcher with its state gone.
+    assert!(
+        watch.terminate(Duration::from_secs(20)),
+        "watch exits cleanly on SIGTERM"
+    );
+    let mut all: Vec<String> = std::fs::read_dir(&p.data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|x| x == "txt"))
+        .map(|path| path.to_str().unwrap().to_owned())
+        .collect();
+    all.sort();
+    let mut publish = vec!["producer", "--unit-bytes", "1000000", "publish"];
+    publish.extend(all.iter().map(String::as_str));
+    p.tally(&publish).await;
+    std::fs::remove_file(p.data.join(".tally-producer")).unwrap();
+    p.tally(&[
+        "producer",
+        "--unit-bytes",
+        "1000000",
+        "watch",
+        "--dir",
+        &data,
+        "--once",
+    ])
+    .await;
+
+    // Poison: a notification that is not JSON, and a unit outside the data root.
+    let outside = p.dir.join("outside.txt");
+    std::fs::write(&outside, "1 1000000\n").unwrap();
+    let stranger = WorkUnit {
+        file_id: "stranger".into(),
+        unit_id: "stranger/0".into(),
+        path: outside.to_str().unwrap().into(),
+        file_bytes: 10,
+        start: 0,
+        end: 10,
+        index: 0,
+        units: 1,
+    };
+    // Transactional like the real producer, so that "consumed up to the last marker" means
+    // "consumed every record" when the test waits for the parser group below.
+    let producer: BaseProducer = tally_core::kafka::transactional_producer_config(
+        &p.kafka,
+        &tally_testkit::unique("poison"),
+        Duration::from_secs(60),
+    )
+    .create()
+    .unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    producer.begin_transaction().unwrap();
+    producer
+        .send(
+            BaseRecord::<str, str>::to(&p.topics.files)
+                .key("x")
+                .payload("{not json"),
+        )
+        .unwrap();
+    let json = serde_json::to_string(&stranger).unwrap();
+    producer
+        .send(
+            BaseRecord::<str, str>::to(&p.topics.files)
+                .key("stranger/0")
+                .payload(&json),
+        )
+        .unwrap();
+    producer
+        .commit_transaction(Duration::from_secs(30))
+        .unwrap();
+    // ...and a new file after the poison: the pipeline must go on.
+    std::fs::write(p.data.join("after.txt"), "77 7\n").unwrap();
+    p.tally(&[
+        "producer",
+        "publish",
+        p.data.join("after.txt").to_str().unwrap(),
+    ])
+    .await;
+    expected.insert(77, 7);
+    p.wait_ingested(7, TIMEOUT).await;
+    p.wait_files_consumed(TIMEOUT).await;
+
+    // Give duplicates every chance to be (wrongly) counted before looking.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let dead = p.read_topic(&p.topics.dead_letter);
+        let kinds: Vec<DeadLetter> = dead
+            .iter()
+            .map(|(_, v)| serde_json::from_slice(v).unwrap())
+            .collect();
+        let bad_lines = kinds
+            .iter()
+            .filter(|d| matches!(d, DeadLetter::BadLine { .. }))
+            .count();
+        let bad_notes = kinds
+            .iter()
+            .filter(|d| matches!(d, DeadLetter::BadNotification { .. }))
+            .count();
+        let rejected = kinds
+            .iter()
+            .filter(|d| matches!(d, DeadLetter::RejectedUnit { reason, .. } if reason.contains("outside the data root")))
+            .count();
+        if bad_notes == 1 && rejected == 1 {
+            assert_eq!(
+                bad_lines as i64, MESSY_BAD_LINES,
+                "every bad line dead-lettered once"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "poison not dead-lettered: {kinds:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Every duplicate was consumed by the parsers; let the db-client catch up with anything
+    // they (wrongly) produced before looking.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        p.totals().await,
+        expected,
+        "totals after duplicates and poison"
+    );
+
+    // No unit was ever completed twice.
+    let mut summed: HashMap<String, usize> = HashMap::new();
+    for (_, v) in p.read_topic(&p.topics.done) {
+        let done: UnitDone = serde_json::from_slice(&v).unwrap();
+        if done.outcome == Outcome::Summed {
+            *summed.entry(done.unit_id).or_default() += 1;
+        }
+    }
+    assert!(
+        summed.values().all(|&n| n == 1),
+        "a unit was summed twice: {summed:?}"
+    );
+    // gen1: 2 files × 5 units; gen2, messy, empty, late, after: one unit each.
+    assert_eq!(summed.len(), 10 + 5, "units summed");
+
+    // `tally verify` agrees, and the stages stop cleanly on SIGTERM.
+    let expected_file = p.dir.join("expected-all.txt");
+    let mut lines: Vec<_> = expected.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    lines.sort();
+    std::fs::write(&expected_file, lines.join("\n") + "\n").unwrap();
+    let out = p
+        .tally(&["verify", "--expect", expected_file.to_str().unwrap()])
+        .await;
+    assert!(out.contains("match"), "{out}");
+    assert!(
+        db.terminate(Duration::from_secs(20)),
+        "db-client exits 0 on SIGTERM: {}",
+        db.log_text()
+    );
+}

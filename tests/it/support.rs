@@ -1,0 +1,308 @@
+//! Running tally stages as real OS processes against the real services, and reading back what
+//! they did (topics, tables).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tally_core::{KafkaArgs, Topics};
+
+/// One isolated pipeline: its own topic prefix, database and data directory.
+pub struct Pipeline {
+    pub prefix: String,
+    pub topics: Topics,
+    pub kafka: KafkaArgs,
+    pub database_url: String,
+    pub dir: PathBuf,
+    pub data: PathBuf,
+    pub pool: PgPool,
+    log_seq: u32,
+}
+
+impl Pipeline {
+    pub async fn new(what: &str) -> Self {
+        let services = tally_testkit::services();
+        let prefix = tally_testkit::unique(what);
+        let database_url = services.fresh_database(what).await;
+        let dir = std::env::temp_dir().join(&prefix);
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&database_url)
+            .await
+            .unwrap();
+        let kafka = KafkaArgs {
+            bootstrap_servers: services.kafka_bootstrap,
+            topic_prefix: prefix.clone(),
+            options: vec![],
+        };
+        let pipeline = Self {
+            topics: Topics::new(&prefix),
+            prefix,
+            kafka,
+            database_url,
+            dir,
+            data,
+            pool,
+            log_seq: 0,
+        };
+        pipeline.tally(&["init"]).await;
+        pipeline
+    }
+
+    fn command<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
+        cmd.args(args)
+            .env("KAFKA_BOOTSTRAP_SERVERS", &self.kafka.bootstrap_servers)
+            .env("DATABASE_URL", &self.database_url)
+            .env("TALLY_TOPIC_PREFIX", &self.prefix)
+            .env(
+                "RUST_LOG",
+                std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs a tally command to completion; panics (with its output) if it fails.
+    pub async fn tally(&self, args: &[&str]) -> String {
+        let mut cmd = self.command(args);
+        let output = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "tally {args:?} failed: {}\n{stdout}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+
+    /// Starts a long-running stage; its output goes to a log file in the pipeline's directory.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(&mut self, name: &str, args: &[S]) -> Stage {
+        self.log_seq += 1;
+        let log = self.dir.join(format!("{:03}-{name}.log", self.log_seq));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = self
+            .command(args)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Stage { child, log }
+    }
+
+    pub fn parser_args(&self, instance: &str) -> Vec<String> {
+        [
+            "parser",
+            "--data-root",
+            self.data.to_str().unwrap(),
+            "--instance-id",
+            instance,
+            "--units-per-txn-max",
+            "2",
+            "--threads",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Files with all units in the ledger.
+    pub async fn files_ingested(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM ingested_files WHERE units_ingested = units_total")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `n` files are completely in the totals.
+    pub async fn wait_ingested(&self, n: i64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.files_ingested().await;
+            if got >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {got} of {n} files ingested in {timeout:?}; logs in {}",
+                self.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Totals in the database.
+    pub async fn totals(&self) -> HashMap<i64, i128> {
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT consumer_id, total::text FROM consumer_totals")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap();
+        rows.into_iter()
+            .map(|(k, v)| (k, v.parse().unwrap()))
+            .collect()
+    }
+
+    /// Every committed record of `topic`, as `(partition, payload)`.
+    pub fn read_topic(&self, topic: &str) -> Vec<(i32, Vec<u8>)> {
+        read_committed(&self.kafka, topic)
+    }
+
+    /// Waits until the parser group has committed every announced unit.
+    pub async fn wait_files_consumed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let kafka = self.kafka.clone();
+        let topics = self.topics.clone();
+        loop {
+            let (k, t) = (kafka.clone(), topics.clone());
+            let lag = tokio::task::spawn_blocking(move || group_lag(&k, &t.parser_group, &t.files))
+                .await
+                .unwrap();
+            if lag == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "parser group still lags by {lag}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A running stage process, killed when dropped.
+pub struct Stage {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Stage {
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns whether it exited 0 in time.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads every committed record of `topic` (all partitions) up to the high watermarks.
+pub fn read_committed(kafka: &KafkaArgs, topic: &str) -> Vec<(i32, Vec<u8>)> {
+    let consumer: BaseConsumer =
+        tally_core::kafka::consumer_config(kafka, &tally_testkit::unique("reader"))
+            .create()
+            .unwrap();
+    let partitions = tally_core::kafka::partition_count(&consumer, topic).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut high = HashMap::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+        high.insert(
+            p,
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1,
+        );
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut records = Vec::new();
+    loop {
+        let position = consumer.position().unwrap();
+        let behind = (0..partitions).any(|p| {
+            let at = match position.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => 0,
+            };
+            at < high[&p]
+        });
+        if !behind {
+            return records;
+        }
+        assert!(Instant::now() < deadline, "timed out reading {topic}");
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.unwrap();
+            records.push((m.partition(), m.payload().unwrap_or_default().to_vec()));
+        }
+    }
+}
+
+/// Unconsumed records of `topic` for `group` (high watermark minus committed offset, summed).
+/// Transaction markers count as one each, so "0 or 1 per partition" means caught up too; a
+/// committed offset at or past `high - 1` counts as caught up.
+pub fn group_lag(kafka: &KafkaArgs, group: &str, topic: &str) -> i64 {
+    let consumer: BaseConsumer = tally_core::kafka::consumer_config(kafka, group)
+        .create()
+        .unwrap();
+    let partitions = tally_core::kafka::partition_count(&consumer, topic).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let mut lag = 0;
+    for p in 0..partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
+        let at = match committed.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => 0,
+        };
+        if at < high - 1 || (high > 0 && at == 0) {
+            lag += high - at;
+        }
+    }
+    lag
+}
+
+/// Reads an expected-totals file (`consumer_id total` lines).
+pub fn read_expected(path: &Path) -> HashMap<i64, i128> {
+    tally_db_client::verify::read_expected(path).unwrap()
+}
