@@ -20,14 +20,20 @@ CREATE TABLE kafka_offsets (
     PRIMARY KEY (topic, partition)
 );
 
--- What is in the totals: one row per work unit applied, and per file a roll-up.
+-- What is in the totals: one row per work unit, and per file a roll-up.
+-- A unit's sums are spread over every sums partition, each ending with the unit's end marker;
+-- the unit is in the totals once the markers of all partitions are applied
+-- (partitions_seen = partitions_total). Counting happens under the row's lock, so two
+-- db-client instances finishing different partitions of one unit cannot both miss it.
 CREATE TABLE ingested_units (
-    unit_id     TEXT        PRIMARY KEY,
-    file_id     TEXT        NOT NULL,
-    lines       BIGINT      NOT NULL,
-    bad_lines   BIGINT      NOT NULL,
-    bytes       BIGINT      NOT NULL,
-    ingested_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    unit_id          TEXT        PRIMARY KEY,
+    file_id          TEXT        NOT NULL,
+    partitions_total INTEGER     NOT NULL,
+    partitions_seen  INTEGER     NOT NULL,
+    lines            BIGINT      NOT NULL,
+    bad_lines        BIGINT      NOT NULL,
+    bytes            BIGINT      NOT NULL,
+    ingested_at      TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX ingested_units_file_id ON ingested_units (file_id);
 

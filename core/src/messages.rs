@@ -75,8 +75,16 @@ pub enum SumsRecord {
         /// `(consumer_id, partial sum)`; an id may repeat (overflow splits).
         sums: Vec<(i64, i64)>,
     },
-    /// A unit's counts, for the ingested-files ledger (one per summed unit).
-    Unit(UnitDone),
+    /// End of a unit's sums in this partition: sent to every partition after the unit's sums
+    /// there. The unit is in the totals once its end markers from all `partitions` are applied,
+    /// which is what the ingested-files ledger records.
+    UnitEnd {
+        /// The unit's counts.
+        #[serde(flatten)]
+        unit: UnitDone,
+        /// Number of sums partitions the unit ended in (all of them).
+        partitions: i32,
+    },
 }
 
 /// A record on `tally.dead-letter`.

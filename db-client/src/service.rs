@@ -39,6 +39,9 @@ pub struct DbClientArgs {
     /// Most Kafka records per database transaction.
     #[arg(long, env = "TALLY_BATCH_RECORDS_MAX", default_value_t = 500)]
     pub batch_records_max: usize,
+    /// Most payload bytes per database transaction (a sums record holds up to 20,000 pairs).
+    #[arg(long, env = "TALLY_BATCH_BYTES_MAX", default_value_t = 16 << 20)]
+    pub batch_bytes_max: usize,
     /// How long to wait for more records before writing a partial batch.
     #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = 100)]
     pub batch_wait_ms: u64,
@@ -90,9 +93,13 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
             }
         };
         let deadline = tokio::time::Instant::now() + wait;
-        while batch.len() < args.batch_records_max {
+        let mut bytes = batch[0].payload().map_or(0, <[u8]>::len);
+        while batch.len() < args.batch_records_max && bytes < args.batch_bytes_max {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m.detach()),
+                Ok(Ok(m)) => {
+                    bytes += m.payload().map_or(0, <[u8]>::len);
+                    batch.push(m.detach());
+                }
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "consumer error");
                     break;
@@ -199,7 +206,8 @@ pub async fn apply(pool: &PgPool, topic: &str, batch: &[OwnedMessage]) -> anyhow
 
     let mut applied = Applied::default();
     let mut sums: BTreeMap<i64, i128> = BTreeMap::new();
-    let mut units: Vec<UnitDone> = Vec::new();
+    // Unit end markers in this batch: unit id → (counts, partitions total, markers seen).
+    let mut units: BTreeMap<String, (UnitDone, i32, i32)> = BTreeMap::new();
     for m in batch {
         if m.offset() < stored.get(&m.partition()).copied().unwrap_or(0) {
             applied.skipped += 1;
@@ -211,7 +219,12 @@ pub async fn apply(pool: &PgPool, topic: &str, batch: &[OwnedMessage]) -> anyhow
                     *sums.entry(id).or_default() += i128::from(sum);
                 }
             }
-            Some(Ok(SumsRecord::Unit(unit))) => units.push(unit),
+            Some(Ok(SumsRecord::UnitEnd { unit, partitions })) => {
+                units
+                    .entry(unit.unit_id.clone())
+                    .or_insert((unit, partitions, 0))
+                    .2 += 1;
+            }
             _ => {
                 applied.undecodable += 1;
                 tracing::error!(
@@ -261,28 +274,39 @@ pub async fn apply(pool: &PgPool, topic: &str, batch: &[OwnedMessage]) -> anyhow
     Ok(applied)
 }
 
-/// The ingested-files ledger: per unit once, rolled up per file.
-async fn record_units(tx: &mut sqlx::PgConnection, units: &[UnitDone]) -> anyhow::Result<()> {
-    let unit_ids: Vec<&str> = units.iter().map(|u| u.unit_id.as_str()).collect();
-    let file_ids: Vec<&str> = units.iter().map(|u| u.file_id.as_str()).collect();
-    let paths: Vec<&str> = units.iter().map(|u| u.path.as_str()).collect();
-    let totals: Vec<i32> = units.iter().map(|u| u.units as i32).collect();
-    let lines: Vec<i64> = units.iter().map(|u| u.lines as i64).collect();
-    let bad: Vec<i64> = units.iter().map(|u| u.bad_lines as i64).collect();
-    let bytes: Vec<i64> = units.iter().map(|u| u.bytes as i64).collect();
+/// The ingested-files ledger: counts each unit's end markers (in unit-id order: rows are
+/// locked in the same order by every instance); a unit whose last marker lands here is
+/// rolled up into its file.
+async fn record_units(
+    tx: &mut sqlx::PgConnection,
+    units: &BTreeMap<String, (UnitDone, i32, i32)>,
+) -> anyhow::Result<()> {
+    let unit_ids: Vec<&str> = units.keys().map(String::as_str).collect();
+    let file_ids: Vec<&str> = units.values().map(|u| u.0.file_id.as_str()).collect();
+    let paths: Vec<&str> = units.values().map(|u| u.0.path.as_str()).collect();
+    let totals: Vec<i32> = units.values().map(|u| u.0.units as i32).collect();
+    let partitions: Vec<i32> = units.values().map(|u| u.1).collect();
+    let seen: Vec<i32> = units.values().map(|u| u.2).collect();
+    let lines: Vec<i64> = units.values().map(|u| u.0.lines as i64).collect();
+    let bad: Vec<i64> = units.values().map(|u| u.0.bad_lines as i64).collect();
+    let bytes: Vec<i64> = units.values().map(|u| u.0.bytes as i64).collect();
     sqlx::query(
         "WITH u AS (
-           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::bigint[], $7::bigint[])
-             AS u(unit_id, file_id, path, units, lines, bad_lines, bytes)
-         ), new AS (
-           INSERT INTO ingested_units (unit_id, file_id, lines, bad_lines, bytes)
-           SELECT DISTINCT ON (unit_id) unit_id, file_id, lines, bad_lines, bytes FROM u
-           ON CONFLICT (unit_id) DO NOTHING
-           RETURNING unit_id
+           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::int[], $6::int[],
+                                $7::bigint[], $8::bigint[], $9::bigint[])
+             AS u(unit_id, file_id, path, units, partitions, seen, lines, bad_lines, bytes)
+         ), counted AS (
+           INSERT INTO ingested_units
+             (unit_id, file_id, partitions_total, partitions_seen, lines, bad_lines, bytes)
+           SELECT unit_id, file_id, partitions, seen, lines, bad_lines, bytes FROM u ORDER BY unit_id
+           ON CONFLICT (unit_id) DO UPDATE
+             SET partitions_seen = ingested_units.partitions_seen + EXCLUDED.partitions_seen,
+                 ingested_at = now()
+           RETURNING unit_id, partitions_seen >= partitions_total AS complete
          )
          INSERT INTO ingested_files (file_id, path, units_total, units_ingested, lines, bad_lines, bytes)
          SELECT u.file_id, max(u.path), max(u.units), count(*), sum(u.lines), sum(u.bad_lines), sum(u.bytes)
-         FROM u JOIN new USING (unit_id) GROUP BY u.file_id
+         FROM u JOIN counted USING (unit_id) WHERE counted.complete GROUP BY u.file_id
          ON CONFLICT (file_id) DO UPDATE SET
            units_ingested = ingested_files.units_ingested + EXCLUDED.units_ingested,
            lines = ingested_files.lines + EXCLUDED.lines,
@@ -294,6 +318,8 @@ async fn record_units(tx: &mut sqlx::PgConnection, units: &[UnitDone]) -> anyhow
     .bind(&file_ids)
     .bind(&paths)
     .bind(&totals)
+    .bind(&partitions)
+    .bind(&seen)
     .bind(&lines)
     .bind(&bad)
     .bind(&bytes)

@@ -461,15 +461,22 @@ impl<'a> Parser<'a> {
             bad_lines: stats.bad_lines,
             bytes: stats.bytes,
         };
-        // The ledger record travels with the sums; the done record closes the unit.
-        let ledger = serde_json::to_vec(&SumsRecord::Unit(done.clone())).expect("serialisable");
-        kafka::send_waiting(
-            &self.producer,
-            BaseRecord::<str, [u8]>::to(&self.topics.sums)
-                .key(&unit.unit_id)
-                .partition(partition % self.sums_partitions)
-                .payload(&ledger),
-        )?;
+        // One end marker per sums partition, each after the unit's sums in that partition: the
+        // db-client knows the unit is in the totals once it applied all of them.
+        let end = serde_json::to_vec(&SumsRecord::UnitEnd {
+            unit: done.clone(),
+            partitions: self.sums_partitions,
+        })
+        .expect("serialisable");
+        for sums_partition in 0..self.sums_partitions {
+            kafka::send_waiting(
+                &self.producer,
+                BaseRecord::<str, [u8]>::to(&self.topics.sums)
+                    .key(&unit.unit_id)
+                    .partition(sums_partition)
+                    .payload(&end),
+            )?;
+        }
         self.send_done(partition, &done)?;
         self.counters.units_summed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(

@@ -68,12 +68,20 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 impl Announcer {
     /// Connects and initialises transactions (fencing an earlier producer with the same id).
     pub fn new(kafka: &KafkaArgs, transactional_id: &str) -> anyhow::Result<Self> {
+        let topic = Topics::new(&kafka.topic_prefix).files;
+        let probe: rdkafka::consumer::BaseConsumer =
+            kafka::consumer_config(kafka, &format!("{topic}.probe"))
+                .create()
+                .context("cannot create a Kafka client")?;
+        if kafka::partition_count(&probe, &topic).context("cannot reach Kafka")? == 0 {
+            bail!("topic {topic} does not exist: run `tally init` first");
+        }
         let producer = Self::create(kafka, transactional_id)?;
         Ok(Self {
             producer,
             kafka: kafka.clone(),
             transactional_id: transactional_id.to_owned(),
-            topic: Topics::new(&kafka.topic_prefix).files,
+            topic,
         })
     }
 

@@ -7,6 +7,7 @@
 //! [`SumMap`] per worker: when a worker's map holds its share of `keys_max`, its sums go to the
 //! [`Sink`] and the map starts over, so memory does not grow with the input.
 
+mod agg;
 mod line;
 mod map;
 #[cfg(test)]
@@ -240,11 +241,15 @@ pub fn sum_range<S: Source + ?Sized>(
     Ok(stats)
 }
 
-/// One worker's state: its bounded map, its counts, and its pending overflow splits.
+/// One worker's state: its bounded aggregation, its counts, and the sums on their way out.
 struct Worker<'s> {
-    map: SumMap,
-    /// Old partial sums split off on overflow; they go out with the next flush.
+    agg: agg::Aggregator,
+    /// This worker's share of `keys_max`.
+    keys_max: usize,
+    /// Sums leaving the aggregation (flushed tables, overflow splits), sent as one batch once
+    /// `emit_at` of them are here: bounded, and few, large batches.
     spilled: Vec<(i64, i64)>,
+    emit_at: usize,
     stats: Stats,
     line_bytes_max: usize,
     policy: BadLinePolicy,
@@ -259,8 +264,10 @@ impl<'s> Worker<'s> {
         sink: &'s dyn Sink,
     ) -> Self {
         Self {
-            map: SumMap::new(keys_max),
+            agg: agg::Aggregator::new(keys_max),
+            keys_max,
             spilled: Vec::new(),
+            emit_at: keys_max.clamp(1, 1 << 16),
             stats: Stats::default(),
             line_bytes_max,
             policy,
@@ -331,19 +338,17 @@ impl<'s> Worker<'s> {
 
     #[inline(always)]
     fn add(&mut self, id: i64, amount: i64) -> Result<(), EngineError> {
-        match self.map.add(id, amount) {
-            Added::Ok => Ok(()),
-            Added::Overflow(old) => {
-                self.spilled.push((id, old));
-                Ok(())
-            }
-            Added::Full => {
-                self.flush()?;
-                let again = self.map.add(id, amount);
-                debug_assert_eq!(again, Added::Ok);
-                Ok(())
-            }
+        self.agg.add(id, amount, self.keys_max, &mut self.spilled);
+        if self.spilled.len() >= self.emit_at {
+            self.emit()?;
         }
+        Ok(())
+    }
+
+    fn emit(&mut self) -> Result<(), EngineError> {
+        let batch = std::mem::take(&mut self.spilled);
+        self.stats.batches += 1;
+        self.sink.sums(batch).map_err(|_| EngineError::Stopped)
     }
 
     fn bad(&mut self, offset: u64, reason: Reason, line: &[u8]) -> Result<(), EngineError> {
@@ -363,13 +368,19 @@ impl<'s> Worker<'s> {
         }
     }
 
+    /// Sends everything held, in batches of about `emit_at` sums.
     fn flush(&mut self) -> Result<(), EngineError> {
-        if self.map.is_empty() && self.spilled.is_empty() {
+        if !self.agg.is_empty() {
+            for piece in 0..self.agg.pieces() {
+                self.agg.drain_piece(piece, &mut self.spilled);
+                if self.spilled.len() >= self.emit_at {
+                    self.emit()?;
+                }
+            }
+        }
+        if self.spilled.is_empty() {
             return Ok(());
         }
-        let mut batch = std::mem::take(&mut self.spilled);
-        self.map.drain_into(&mut batch);
-        self.stats.batches += 1;
-        self.sink.sums(batch).map_err(|_| EngineError::Stopped)
+        self.emit()
     }
 }

@@ -1,0 +1,152 @@
+//! A worker's aggregation: one [`SumMap`] while the keys fit in cache, then radix-partitioned.
+//!
+//! With millions of distinct consumers one big table is cache-bound: almost every line costs a
+//! cache miss and a TLB miss. Past [`DIRECT_KEYS_MAX`] keys the worker switches to
+//! [`PARTITIONS`] small tables chosen by a hash of the id, and buffers pairs per partition; a
+//! full buffer is applied to its table in one burst, while that table is hot in cache. The key
+//! cap is split across the partitions, and a full partition is flushed on its own.
+
+use super::map::{Added, SumMap};
+
+/// Keys held in the single table before switching to partitions (~1 MiB of slots).
+pub const DIRECT_KEYS_MAX: usize = 32 * 1024;
+/// Number of partitions once partitioned.
+pub const PARTITIONS: usize = 1024;
+/// Pairs buffered per partition before they are applied.
+const BUFFER_PAIRS: usize = 64;
+
+/// Where a worker's sums accumulate. Emitted sums go to `out` (the caller sends them on).
+pub enum Aggregator {
+    /// One table.
+    Direct(SumMap),
+    /// Radix-partitioned tables with per-partition pair buffers.
+    Partitioned(Box<Partitioned>),
+}
+
+/// The partitioned state.
+pub struct Partitioned {
+    maps: Vec<SumMap>,
+    /// `PARTITIONS × BUFFER_PAIRS` pairs; `lens[p]` of partition p's slice are in use.
+    buffer: Vec<(i64, i64)>,
+    lens: Vec<u8>,
+}
+
+#[inline(always)]
+fn partition_of(id: i64) -> usize {
+    // A different multiplier from SumMap's slot hash, so ids of one partition still spread
+    // over their table's slots.
+    ((id as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93) >> (64 - PARTITIONS.trailing_zeros())) as usize
+}
+
+impl Aggregator {
+    /// Starts direct, with room for `keys_max` keys in all.
+    pub fn new(keys_max: usize) -> Self {
+        Aggregator::Direct(SumMap::new(keys_max.min(DIRECT_KEYS_MAX)))
+    }
+
+    /// Adds one pair. `keys_max` is this worker's key cap. Sums that must leave (a flushed
+    /// table or partition, an overflow split) are appended to `out`; the caller sends `out` on
+    /// when it is large enough, which bounds memory at `keys_max` plus that threshold.
+    #[inline(always)]
+    pub fn add(&mut self, id: i64, amount: i64, keys_max: usize, out: &mut Vec<(i64, i64)>) {
+        match self {
+            Aggregator::Direct(map) => match map.add(id, amount) {
+                Added::Ok => {}
+                Added::Overflow(old) => out.push((id, old)),
+                Added::Full if keys_max > map.len() => {
+                    // Out of cache-friendly room but not of key budget: partition.
+                    self.partition(keys_max, out);
+                    self.add(id, amount, keys_max, out);
+                }
+                Added::Full => {
+                    map.drain_into(out);
+                    let again = map.add(id, amount);
+                    debug_assert_eq!(again, Added::Ok);
+                }
+            },
+            Aggregator::Partitioned(parts) => {
+                let p = partition_of(id);
+                let len = parts.lens[p] as usize;
+                parts.buffer[p * BUFFER_PAIRS + len] = (id, amount);
+                if len + 1 < BUFFER_PAIRS {
+                    parts.lens[p] += 1;
+                } else {
+                    parts.apply(p, BUFFER_PAIRS, out);
+                }
+            }
+        }
+    }
+
+    fn partition(&mut self, keys_max: usize, out: &mut Vec<(i64, i64)>) {
+        let per_partition = (keys_max / PARTITIONS).max(1);
+        let mut parts = Box::new(Partitioned {
+            maps: (0..PARTITIONS)
+                .map(|_| SumMap::new(per_partition))
+                .collect(),
+            buffer: vec![(0, 0); PARTITIONS * BUFFER_PAIRS],
+            lens: vec![0; PARTITIONS],
+        });
+        if let Aggregator::Direct(map) = self {
+            let mut moved = Vec::with_capacity(map.len());
+            map.drain_into(&mut moved);
+            for (id, sum) in moved {
+                let p = partition_of(id);
+                if parts.maps[p].add(id, sum) != Added::Ok {
+                    // The partition's share of the cap is smaller than what landed in it.
+                    out.push((id, sum));
+                }
+            }
+        }
+        *self = Aggregator::Partitioned(parts);
+    }
+
+    /// Number of pieces [`Aggregator::drain_piece`] drains, one at a time.
+    pub fn pieces(&self) -> usize {
+        match self {
+            Aggregator::Direct(_) => 1,
+            Aggregator::Partitioned(_) => PARTITIONS,
+        }
+    }
+
+    /// Moves the sums of one piece (the table, or one partition with its buffer) out, so that
+    /// a caller can send them on in bounded batches.
+    pub fn drain_piece(&mut self, piece: usize, out: &mut Vec<(i64, i64)>) {
+        match self {
+            Aggregator::Direct(map) => map.drain_into(out),
+            Aggregator::Partitioned(parts) => {
+                let len = parts.lens[piece] as usize;
+                parts.apply(piece, len, out);
+                parts.maps[piece].drain_into(out);
+            }
+        }
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Aggregator::Direct(map) => map.is_empty(),
+            Aggregator::Partitioned(parts) => {
+                parts.lens.iter().all(|&l| l == 0) && parts.maps.iter().all(SumMap::is_empty)
+            }
+        }
+    }
+}
+
+impl Partitioned {
+    /// Applies the first `len` buffered pairs of partition `p` to its table.
+    fn apply(&mut self, p: usize, len: usize, out: &mut Vec<(i64, i64)>) {
+        let map = &mut self.maps[p];
+        for &(id, amount) in &self.buffer[p * BUFFER_PAIRS..p * BUFFER_PAIRS + len] {
+            match map.add(id, amount) {
+                Added::Ok => {}
+                Added::Overflow(old) => out.push((id, old)),
+                Added::Full => {
+                    map.drain_into(out);
+                    let again = map.add(id, amount);
+                    debug_assert_eq!(again, Added::Ok);
+                }
+            }
+        }
+        self.lens[p] = 0;
+    }
+}
