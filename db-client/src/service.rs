@@ -110,7 +110,11 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
         // A database outage is retried, never skipped: the batch stays in hand until it lands.
         let mut backoff = Duration::from_millis(100);
         let applied = loop {
-            match apply(&pool, &topic, &batch).await {
+            // Bounded: a connection that hangs (a half-open socket after a server crash) counts
+            // as a failure; dropping the transaction rolls it back.
+            let attempt =
+                tokio::time::timeout(Duration::from_secs(120), apply(&pool, &topic, &batch)).await;
+            match attempt.unwrap_or_else(|_| Err(anyhow::anyhow!("batch transaction timed out"))) {
                 Ok(applied) => break applied,
                 Err(error) => {
                     tracing::warn!(

@@ -34,6 +34,7 @@ use crate::doneset::DoneSet;
 use crate::engine::{self, BadLine, EngineConfig, EngineError, Sink, Source, Stopped};
 use crate::offline::EngineArgs;
 use crate::source::FileSource;
+use crate::watchdog::Watchdog;
 
 /// Arguments of `tally parser`.
 #[derive(Debug, Clone, clap::Args)]
@@ -146,12 +147,17 @@ struct Parser<'a> {
     /// Units that failed in a way that needs an abort; rejected when seen again.
     forced_reject: HashMap<String, String>,
     counters: Counters,
+    shutdown: CancellationToken,
+    watchdog: Watchdog,
 }
 
 /// Runs a parser instance until `shutdown` is cancelled. Blocking: call it on its own thread.
 pub fn run(args: &ParserArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let mut parser = Parser::new(args)?;
-    let result = parser.run(shutdown);
+    // Through a broker outage (also after the watchdog restarted us during one) keep trying.
+    let mut parser = retry(shutdown, "start the parser", || {
+        Parser::new(args, shutdown.clone())
+    })?;
+    let result = parser.run();
     parser.consumer.unsubscribe();
     let c = &parser.counters;
     tracing::info!(
@@ -183,7 +189,7 @@ fn create_producer(args: &ParserArgs, transactional_id: &str) -> anyhow::Result<
 }
 
 impl<'a> Parser<'a> {
-    fn new(args: &'a ParserArgs) -> anyhow::Result<Self> {
+    fn new(args: &'a ParserArgs, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let topics = Topics::new(&args.kafka.topic_prefix);
         let data_root = std::fs::canonicalize(&args.data_root)
             .with_context(|| format!("cannot resolve --data-root {}", args.data_root.display()))?;
@@ -236,17 +242,24 @@ impl<'a> Parser<'a> {
             sums_partitions,
             forced_reject: HashMap::new(),
             counters: Counters::default(),
+            shutdown,
+            // Past the broker's own transaction timeout the transaction is dead anyway.
+            watchdog: Watchdog::start(
+                Duration::from_millis(args.transaction_timeout_ms) + Duration::from_secs(30),
+            ),
         })
     }
 
-    fn run(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    fn run(&mut self) -> anyhow::Result<()> {
         let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
+        while !self.shutdown.is_cancelled() {
             let batch = self.collect()?;
             if batch.is_empty() {
                 continue;
             }
-            match self.transact(&batch) {
+            self.watchdog.busy();
+            let result = self.transact(&batch);
+            match result {
                 Ok(completed) => {
                     for (partition, unit_id) in completed {
                         self.done.insert(partition, unit_id);
@@ -260,6 +273,7 @@ impl<'a> Parser<'a> {
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
+            self.watchdog.idle();
         }
         Ok(())
     }
@@ -321,7 +335,10 @@ impl<'a> Parser<'a> {
                 Event::Assigned(parts) => {
                     tracing::info!(?parts, "partitions assigned, loading done-set");
                     for &p in &parts {
-                        self.done.load(p)?;
+                        // No unit of p may be processed before its done-set is complete: retry
+                        // through broker outages rather than guess.
+                        let done = &mut self.done;
+                        retry(&self.shutdown, "load the done-set", || done.load(p))?;
                         self.assigned.insert(p);
                     }
                 }
@@ -583,6 +600,30 @@ impl<'a> Parser<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// Retries `op` with capped exponential backoff until it succeeds or `shutdown` is cancelled.
+fn retry<T>(
+    shutdown: &CancellationToken,
+    what: &str,
+    mut op: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match op() {
+            Ok(v) => return Ok(v),
+            Err(error) if !shutdown.is_cancelled() => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "cannot {what}, retrying"
+                );
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(error) => return Err(error.context(format!("cannot {what}"))),
+        }
     }
 }
 

@@ -290,7 +290,19 @@ pub fn run(
             next_scan = Instant::now() + rescan;
             for units in scan(&dir, &state, unit_bytes)? {
                 let (id, path) = (units[0].file_id.clone(), units[0].path.clone());
-                announcer.announce(&units)?;
+                if let Err(error) = announcer.announce(&units) {
+                    if args.once {
+                        return Err(error);
+                    }
+                    // Not recorded as announced: the next scan tries again.
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        path,
+                        "cannot announce, will retry"
+                    );
+                    next_scan = Instant::now() + rescan;
+                    break;
+                }
                 state.record(&format!("announced {id} {path}"))?;
                 state.announced.insert(id.clone());
                 state.pending.insert(id, PathBuf::from(&path));
