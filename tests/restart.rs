@@ -12,11 +12,8 @@
 #[path = "it/support.rs"]
 mod support;
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
-
-use tally_core::messages::UnitDone;
 
 fn services(action: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
@@ -101,11 +98,7 @@ async fn kafka_and_postgres_restart_under_load() {
         expected,
         "totals after Kafka and PostgreSQL restarts"
     );
-    let mut summed: HashMap<String, usize> = HashMap::new();
-    for (_, v) in p.read_topic(&p.topics.done) {
-        let done: UnitDone = serde_json::from_slice(&v).unwrap();
-        *summed.entry(done.unit_id).or_default() += 1;
-    }
+    let summed = p.summed_units();
     // 10 files of just over 8 MB: nine 1 MB units each.
     assert_eq!(summed.len(), 90);
     assert!(summed.values().all(|&n| n == 1), "units redone: {summed:?}");

@@ -211,3 +211,21 @@ pub fn partition_count<C: rdkafka::consumer::ConsumerContext>(
         .find(|t| t.name() == topic)
         .map_or(0, |t| t.partitions().len() as i32))
 }
+
+/// The consumer's position in `topic`/`partition` (the next offset it will read; 0 before the
+/// first fetch).
+pub fn position_of<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Result<i64, KafkaError> {
+    use rdkafka::consumer::Consumer;
+    Ok(consumer
+        .position()?
+        .find_partition(topic, partition)
+        .and_then(|p| match p.offset() {
+            rdkafka::Offset::Offset(o) => Some(o),
+            _ => None,
+        })
+        .unwrap_or(0))
+}

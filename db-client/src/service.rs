@@ -42,6 +42,10 @@ pub struct DbClientArgs {
     /// Most payload bytes per database transaction (a sums record holds up to 20,000 pairs).
     #[arg(long, env = "TALLY_BATCH_BYTES_MAX", default_value_t = 16 << 20)]
     pub batch_bytes_max: usize,
+    /// How often the applied offsets are also committed to Kafka, for lag tools. The database
+    /// is the checkpoint: after a crash, records up to this old are read again and skipped.
+    #[arg(long, env = "TALLY_KAFKA_COMMIT_INTERVAL_MS", default_value_t = 5_000)]
+    pub kafka_commit_interval_ms: u64,
     /// How long to wait for more records before writing a partial batch.
     #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = 100)]
     pub batch_wait_ms: u64,
@@ -79,6 +83,10 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
     tracing::info!(topic, database = %args.database.redacted_url(), "db-client started");
 
     let wait = Duration::from_millis(args.batch_wait_ms);
+    let commit_every = Duration::from_millis(args.kafka_commit_interval_ms);
+    let mut last_commit = tokio::time::Instant::now();
+    // Applied but not yet committed to Kafka: partition → next offset.
+    let mut uncommitted: BTreeMap<i32, i64> = BTreeMap::new();
     let mut totals = Applied::default();
     'outer: while !shutdown.is_cancelled() {
         let first = tokio::select! {
@@ -133,21 +141,36 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
         totals.records += applied.records;
         totals.skipped += applied.skipped;
         tracing::debug!(?applied, "batch committed");
-        // For lag tools only: the database is the checkpoint.
-        let mut tpl = TopicPartitionList::new();
-        for (partition, next) in next_offsets(&batch) {
-            tpl.add_partition_offset(&topic, partition, Offset::Offset(next))?;
-        }
-        if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
-            tracing::debug!(%error, "kafka offset commit failed (harmless)");
+        uncommitted.extend(next_offsets(&batch));
+        if last_commit.elapsed() >= commit_every {
+            commit_to_kafka(&consumer, &topic, &mut uncommitted);
+            last_commit = tokio::time::Instant::now();
         }
     }
+    commit_to_kafka(&consumer, &topic, &mut uncommitted);
     tracing::info!(
         records = totals.records,
         skipped = totals.skipped,
         "db-client stopped"
     );
     Ok(())
+}
+
+/// Commits applied offsets to Kafka, for lag tools only: the database is the checkpoint, and
+/// Kafka's committed offsets always trail it.
+fn commit_to_kafka(consumer: &StreamConsumer, topic: &str, uncommitted: &mut BTreeMap<i32, i64>) {
+    if uncommitted.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (partition, next) in std::mem::take(uncommitted) {
+        if let Err(error) = tpl.add_partition_offset(topic, partition, Offset::Offset(next)) {
+            tracing::debug!(%error, "bad offset");
+        }
+    }
+    if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::debug!(%error, "kafka offset commit failed (harmless)");
+    }
 }
 
 async fn connect(database: &DatabaseArgs, shutdown: &CancellationToken) -> anyhow::Result<PgPool> {

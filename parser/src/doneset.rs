@@ -72,16 +72,7 @@ impl DoneSet {
         set.clear();
         let deadline = Instant::now() + LOAD_TIMEOUT;
         loop {
-            let position = self
-                .reader
-                .position()?
-                .find_partition(&self.topic, partition)
-                .and_then(|p| match p.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                })
-                .unwrap_or(0);
-            if position >= high {
+            if tally_core::kafka::position_of(&self.reader, &self.topic, partition)? >= high {
                 break;
             }
             if Instant::now() >= deadline {

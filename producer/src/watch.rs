@@ -42,6 +42,8 @@ pub enum AfterDone {
 impl FromStr for AfterDone {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        // `--after done=delete` reads as well as `--after-done delete`.
+        let s = s.strip_prefix("done=").unwrap_or(s);
         match s {
             "keep" => Ok(AfterDone::Keep),
             "delete" => Ok(AfterDone::Delete),
@@ -62,8 +64,14 @@ pub struct WatchArgs {
     /// Full rescan interval, the fallback when inotify misses events (e.g. on NFS).
     #[arg(long, env = "TALLY_RESCAN_INTERVAL_MS", default_value_t = 5_000)]
     pub rescan_interval_ms: u64,
-    /// Once every unit of a file is done: keep, delete, or archive:DIR.
-    #[arg(long = "after-done", env = "TALLY_AFTER_DONE", default_value = "keep")]
+    /// Once every unit of a file is done: keep, delete, or archive:DIR
+    /// (also spelled `--after done=delete`).
+    #[arg(
+        long = "after-done",
+        alias = "after",
+        env = "TALLY_AFTER_DONE",
+        default_value = "keep"
+    )]
     pub after_done: AfterDone,
     /// Exit after the first scan (announce what is there, then stop).
     #[arg(long)]
@@ -341,6 +349,11 @@ mod tests {
         assert_eq!("keep".parse(), Ok(AfterDone::Keep));
         assert_eq!("delete".parse(), Ok(AfterDone::Delete));
         assert_eq!("archive:/a".parse(), Ok(AfterDone::Archive("/a".into())));
+        assert_eq!(
+            "done=archive:/a".parse(),
+            Ok(AfterDone::Archive("/a".into()))
+        );
+        assert_eq!("done=delete".parse(), Ok(AfterDone::Delete));
         assert!("archive:".parse::<AfterDone>().is_err());
     }
 }

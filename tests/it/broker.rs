@@ -39,16 +39,7 @@ fn read_all(args: &KafkaArgs, topic: &str, isolation: &str) -> Vec<String> {
     loop {
         // The position passes the high watermark only once every record and control marker
         // before it was read (for read_committed: up to the last stable offset).
-        let position = consumer
-            .position()
-            .expect("position")
-            .find_partition(topic, 0)
-            .and_then(|p| match p.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            })
-            .unwrap_or(0);
-        if position >= high {
+        if kafka::position_of(&consumer, topic, 0).expect("position") >= high {
             break;
         }
         assert!(Instant::now() < deadline, "timed out reading {topic}");

@@ -1,10 +1,7 @@
 //! Crashes: parsers and the db-client are SIGKILLed at random moments, several times, and
 //! restarted; the totals must still equal the generator's, and no finished unit may be redone.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-use tally_core::messages::{Outcome, UnitDone};
 
 use crate::support::{read_expected, Pipeline, Stage};
 
@@ -13,19 +10,18 @@ async fn kill_9_parsers_and_db_client_at_random_moments() {
     let mut p = Pipeline::new("crash").await;
     let data = p.data.to_str().unwrap().to_owned();
     let expect = p.dir.join("expected.txt");
-    // 8 files × 2.5 MB in 512 KB units: 40 units, two per transaction, so kills land inside
+    // 16 files of 1.2 MB in 256 KiB units: 80 units, two per transaction, so kills land inside
     // transactions, between them, and inside database batches.
     p.tally(&[
         "producer",
-        "--unit-bytes",
-        "524288",
         "generate",
+        "--no-announce",
         "--dir",
         &data,
         "--files",
-        "8",
+        "16",
         "--size",
-        "2500000",
+        "1200000",
         "--consumers",
         "5000",
         "--seed",
@@ -35,13 +31,17 @@ async fn kill_9_parsers_and_db_client_at_random_moments() {
     ])
     .await;
     let expected = read_expected(&expect);
+    let mut files: Vec<String> = std::fs::read_dir(&p.data)
+        .unwrap()
+        .map(|e| e.unwrap().path().to_str().unwrap().to_owned())
+        .filter(|f| f.ends_with(".txt"))
+        .collect();
+    files.sort();
 
-    let parser_args = |i: &str| p.parser_args(i);
-    let (args_a, args_b) = (parser_args("a"), parser_args("b"));
     let mut stages: Vec<(String, Vec<String>, Stage)> = Vec::new();
     for (name, args) in [
-        ("parser-a", args_a),
-        ("parser-b", args_b),
+        ("parser-a", p.parser_args("a")),
+        ("parser-b", p.parser_args("b")),
         ("db-client", vec!["db-client".to_owned()]),
     ] {
         let stage = p.spawn(name, &args);
@@ -60,10 +60,20 @@ async fn kill_9_parsers_and_db_client_at_random_moments() {
         seed ^= seed << 17;
         seed
     };
+    // Files keep arriving while the stages crash: one file announced per round.
     let mut kills = 0;
-    let chaos_until = Instant::now() + Duration::from_secs(40);
-    while Instant::now() < chaos_until && p.files_ingested().await < 8 {
-        tokio::time::sleep(Duration::from_millis(300 + next() % 1500)).await;
+    let chaos_until = Instant::now() + Duration::from_secs(60);
+    let mut pending = files.iter();
+    loop {
+        let file = pending.next();
+        if file.is_none() && (Instant::now() >= chaos_until || p.files_ingested().await >= 16) {
+            break;
+        }
+        if let Some(file) = file {
+            p.tally(&["producer", "--unit-bytes", "262144", "publish", file])
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(200 + next() % 1200)).await;
         let victim = (next() % stages.len() as u64) as usize;
         let (name, args, stage) = &mut stages[victim];
         stage.kill9();
@@ -77,11 +87,11 @@ async fn kill_9_parsers_and_db_client_at_random_moments() {
     }
     eprintln!("{kills} kills");
     assert!(
-        kills >= 3,
-        "the chaos loop must actually kill (only {kills})"
+        kills >= 16,
+        "one kill per announced file at least (only {kills})"
     );
 
-    p.wait_ingested(8, Duration::from_secs(240)).await;
+    p.wait_ingested(16, Duration::from_secs(240)).await;
     let totals = p.totals().await;
     let wrong: Vec<_> = expected
         .iter()
@@ -95,12 +105,7 @@ async fn kill_9_parsers_and_db_client_at_random_moments() {
 
     // The checkpoint: no unit was committed as summed twice, so no restarted parser redid
     // finished work (it resumed from the committed offsets and the done-set).
-    let mut summed: HashMap<String, usize> = HashMap::new();
-    for (_, v) in p.read_topic(&p.topics.done) {
-        let done: UnitDone = serde_json::from_slice(&v).unwrap();
-        assert_eq!(done.outcome, Outcome::Summed);
-        *summed.entry(done.unit_id).or_default() += 1;
-    }
-    assert_eq!(summed.len(), 40);
+    let summed = p.summed_units();
+    assert_eq!(summed.len(), 80);
     assert!(summed.values().all(|&n| n == 1), "units redone: {summed:?}");
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use tally_core::messages::{DeadLetter, Outcome, UnitDone, WorkUnit};
+use tally_core::messages::{DeadLetter, WorkUnit};
 
 use crate::support::{read_expected, Pipeline};
 
@@ -67,8 +67,8 @@ async fn end_to_end_exact_totals_with_duplicates_and_poison() {
     std::fs::write(p.data.join("late.txt.lock"), "").unwrap();
     std::fs::write(p.data.join("ignored.part"), "1 1\n").unwrap();
 
-    let _parser_a = p.spawn("parser-a", &p.parser_args("a"));
-    let _parser_b = p.spawn("parser-b", &p.parser_args("b"));
+    let mut parser_a = p.spawn("parser-a", &p.parser_args("a"));
+    let mut parser_b = p.spawn("parser-b", &p.parser_args("b"));
     let mut db = p.spawn("db-client", &["db-client"]);
     let mut watch = p.spawn(
         "watch",
@@ -229,13 +229,7 @@ async fn end_to_end_exact_totals_with_duplicates_and_poison() {
     );
 
     // No unit was ever completed twice.
-    let mut summed: HashMap<String, usize> = HashMap::new();
-    for (_, v) in p.read_topic(&p.topics.done) {
-        let done: UnitDone = serde_json::from_slice(&v).unwrap();
-        if done.outcome == Outcome::Summed {
-            *summed.entry(done.unit_id).or_default() += 1;
-        }
-    }
+    let summed = p.summed_units();
     assert!(
         summed.values().all(|&n| n == 1),
         "a unit was summed twice: {summed:?}"
@@ -257,4 +251,60 @@ async fn end_to_end_exact_totals_with_duplicates_and_poison() {
         "db-client exits 0 on SIGTERM: {}",
         db.log_text()
     );
+    for parser in [&mut parser_a, &mut parser_b] {
+        assert!(
+            parser.terminate(Duration::from_secs(30)),
+            "parser exits 0 on SIGTERM: {}",
+            parser.log_text()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_are_archived_or_deleted_only_once_done() {
+    let mut p = Pipeline::new("life").await;
+    let data = p.data.to_str().unwrap().to_owned();
+    let archive = p.dir.join("archive");
+    std::fs::write(p.data.join("a.txt"), "1 10\n2 20\n").unwrap();
+    std::fs::write(p.data.join("b.txt"), "1 1\n").unwrap();
+    // Still being written: announced only when its lock goes, archived only after that.
+    std::fs::write(p.data.join("c.txt"), "3 3\n").unwrap();
+    std::fs::write(p.data.join("c.txt.lock"), "").unwrap();
+    let after = format!("done=archive:{}", archive.display());
+    let _watch = p.spawn(
+        "watch",
+        &[
+            "producer",
+            "watch",
+            "--dir",
+            &data,
+            "--rescan-interval-ms",
+            "200",
+            "--after",
+            &after,
+        ],
+    );
+    // Nothing is done before a parser runs: nothing may move.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(p.data.join("a.txt").exists() && !archive.join("a.txt").exists());
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    p.wait_ingested(2, TIMEOUT).await;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !(archive.join("a.txt").exists() && archive.join("b.txt").exists()) {
+        assert!(std::time::Instant::now() < deadline, "files not archived");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!p.data.join("a.txt").exists() && !p.data.join("b.txt").exists());
+    assert!(p.data.join("c.txt").exists(), "a locked file is left alone");
+    std::fs::remove_file(p.data.join("c.txt.lock")).unwrap();
+    p.wait_ingested(3, TIMEOUT).await;
+    while !archive.join("c.txt").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "c.txt not archived after its lock went"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(p.totals().await, HashMap::from([(1, 11), (2, 20), (3, 3)]));
 }

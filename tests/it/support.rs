@@ -10,6 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
+use tally_core::messages::{Outcome, UnitDone};
 use tally_core::{KafkaArgs, Topics};
 
 /// One isolated pipeline: its own topic prefix, database and data directory.
@@ -158,6 +159,18 @@ impl Pipeline {
         read_committed(&self.kafka, topic)
     }
 
+    /// How many times each unit was committed as summed (must be once).
+    pub fn summed_units(&self) -> HashMap<String, usize> {
+        let mut summed = HashMap::new();
+        for (_, v) in self.read_topic(&self.topics.done) {
+            let done: UnitDone = serde_json::from_slice(&v).unwrap();
+            if done.outcome == Outcome::Summed {
+                *summed.entry(done.unit_id).or_default() += 1;
+            }
+        }
+        summed
+    }
+
     /// Waits until the parser group has committed every announced unit.
     pub async fn wait_files_consumed(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -252,14 +265,8 @@ pub fn read_committed(kafka: &KafkaArgs, topic: &str) -> Vec<(i32, Vec<u8>)> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut records = Vec::new();
     loop {
-        let position = consumer.position().unwrap();
-        let behind = (0..partitions).any(|p| {
-            let at = match position.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => 0,
-            };
-            at < high[&p]
-        });
+        let behind = (0..partitions)
+            .any(|p| tally_core::kafka::position_of(&consumer, topic, p).unwrap() < high[&p]);
         if !behind {
             return records;
         }
