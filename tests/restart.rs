@@ -42,45 +42,14 @@ async fn kafka_and_postgres_restart_under_load() {
     );
 
     let mut p = support::Pipeline::new("restart").await;
-    let data = p.data.to_str().unwrap().to_owned();
-    let expect = p.dir.join("expected.txt");
-    p.tally(&[
-        "producer",
-        "generate",
-        "--no-announce",
-        "--dir",
-        &data,
-        "--files",
-        "10",
-        "--size",
-        "8000000",
-        "--consumers",
-        "20000",
-        "--seed",
-        "4",
-        "--expect",
-        expect.to_str().unwrap(),
-    ])
-    .await;
-    let expected = support::read_expected(&expect);
+    let (files, expected) = p.generate(10, 8_000_000, 20_000, 4).await;
     let _a = p.spawn("parser-a", &p.parser_args("a"));
     let _b = p.spawn("parser-b", &p.parser_args("b"));
     let _db = p.spawn("db-client", &["db-client"]);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut publish = vec![
-        "producer".to_owned(),
-        "--unit-bytes".into(),
-        "1000000".into(),
-        "publish".into(),
-    ];
-    for entry in std::fs::read_dir(&p.data).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|x| x == "txt") {
-            publish.push(path.to_str().unwrap().to_owned());
-        }
-    }
-    p.tally(&publish.iter().map(String::as_str).collect::<Vec<_>>())
-        .await;
+    let mut publish = vec!["producer", "--unit-bytes", "1000000", "publish"];
+    publish.extend(files.iter().map(String::as_str));
+    p.tally(&publish).await;
 
     // Both services go away mid-stream, stay away a while, and come back.
     tokio::time::sleep(Duration::from_millis(700)).await;

@@ -3,40 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{read_expected, Pipeline, Stage};
+use crate::support::{Pipeline, Stage};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_parsers_and_db_client_at_random_moments() {
     let mut p = Pipeline::new("crash").await;
-    let data = p.data.to_str().unwrap().to_owned();
-    let expect = p.dir.join("expected.txt");
     // 16 files of 1.2 MB in 256 KiB units: 80 units, two per transaction, so kills land inside
     // transactions, between them, and inside database batches.
-    p.tally(&[
-        "producer",
-        "generate",
-        "--no-announce",
-        "--dir",
-        &data,
-        "--files",
-        "16",
-        "--size",
-        "1200000",
-        "--consumers",
-        "5000",
-        "--seed",
-        "9",
-        "--expect",
-        expect.to_str().unwrap(),
-    ])
-    .await;
-    let expected = read_expected(&expect);
-    let mut files: Vec<String> = std::fs::read_dir(&p.data)
-        .unwrap()
-        .map(|e| e.unwrap().path().to_str().unwrap().to_owned())
-        .filter(|f| f.ends_with(".txt"))
-        .collect();
-    files.sort();
+    let (files, expected) = p.generate(16, 1_200_000, 5000, 9).await;
 
     let mut stages: Vec<(String, Vec<String>, Stage)> = Vec::new();
     for (name, args) in [

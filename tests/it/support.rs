@@ -117,6 +117,43 @@ impl Pipeline {
         .to_vec()
     }
 
+    /// Writes `files` generated files (not announced) into the data directory; returns their
+    /// paths and the generator's expected totals.
+    pub async fn generate(
+        &self,
+        files: u32,
+        size: u64,
+        consumers: u64,
+        seed: u64,
+    ) -> (Vec<String>, HashMap<i64, i128>) {
+        let expect = self.dir.join(format!("expected-{seed}.txt"));
+        let out = self
+            .tally(&[
+                "producer",
+                "generate",
+                "--no-announce",
+                "--dir",
+                self.data.to_str().unwrap(),
+                "--files",
+                &files.to_string(),
+                "--size",
+                &size.to_string(),
+                "--consumers",
+                &consumers.to_string(),
+                "--seed",
+                &seed.to_string(),
+                "--prefix",
+                &format!("gen{seed}"),
+                "--expect",
+                expect.to_str().unwrap(),
+            ])
+            .await;
+        (
+            out.lines().map(str::to_owned).collect(),
+            read_expected(&expect),
+        )
+    }
+
     /// Files with all units in the ledger.
     pub async fn files_ingested(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM ingested_files WHERE units_ingested = units_total")
