@@ -205,8 +205,20 @@ pub fn run(args: &SumArgs) -> anyhow::Result<()> {
             )
         } else {
             let file = std::fs::File::open(path).with_context(|| format!("cannot open {name}"))?;
-            let source = FileSource::new(file).with_context(|| format!("cannot read {name}"))?;
-            engine::sum_range(&source, 0..source.len(), &config, &pool, &sink)
+            let meta = file
+                .metadata()
+                .with_context(|| format!("cannot stat {name}"))?;
+            if meta.is_dir() {
+                bail!("{name} is a directory");
+            }
+            if meta.is_file() {
+                let source =
+                    FileSource::new(file).with_context(|| format!("cannot read {name}"))?;
+                engine::sum_range(&source, 0..source.len(), &config, &pool, &sink)
+            } else {
+                // A pipe or FIFO (`tally sum <(zcat f.gz)`): no length to map, stream it.
+                sum_reader(file, &config, &pool, &sink, STREAM_BLOCK_BYTES)
+            }
         };
         match result {
             Ok(s) => stats.merge(&s),
@@ -301,18 +313,12 @@ pub fn sum_reader(
         })
     };
     while !eof || !buf.is_empty() {
-        while buf.len() < block && !eof {
-            let start = buf.len();
-            buf.resize(block, 0);
-            match reader.read(&mut buf[start..]) {
-                Ok(0) => {
-                    buf.truncate(start);
-                    eof = true;
-                }
-                Ok(n) => buf.truncate(start + n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
-                Err(e) => return Err(e.into()),
-            }
+        if buf.len() < block && !eof {
+            // Fills up to the block (or EOF) without zeroing the buffer on every short read
+            // of a pipe; read_to_end retries interrupted reads.
+            let want = (block - buf.len()) as u64;
+            let got = (&mut reader).take(want).read_to_end(&mut buf)?;
+            eof = (got as u64) < want;
         }
         let consumed = if skipping {
             match memchr::memchr(b'\n', &buf) {

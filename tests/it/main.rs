@@ -8,4 +8,5 @@
 mod broker;
 mod crash;
 mod pipeline;
+mod sum_cli;
 mod support;

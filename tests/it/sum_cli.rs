@@ -1,0 +1,143 @@
+//! `tally sum` as a user runs it: files, stdin, pipes, exit codes.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn tally() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+fn temp_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(tally_testkit::unique(what));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn sums_files_stdin_and_pipes_identically() {
+    let dir = temp_dir("sum");
+    let expect = dir.join("expected.txt");
+    let status = tally()
+        .args([
+            "producer",
+            "generate",
+            "--no-announce",
+            "--files",
+            "2",
+            "--size",
+            "3000000",
+        ])
+        .args([
+            "--consumers",
+            "1000",
+            "--distribution",
+            "zipf",
+            "--seed",
+            "5",
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--expect")
+        .arg(&expect)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let files: Vec<_> = ["usage-5-00000.txt", "usage-5-00001.txt"]
+        .map(|f| dir.join(f))
+        .into();
+    let expected = std::fs::read_to_string(&expect).unwrap();
+
+    let out = tally().arg("sum").args(&files).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), expected, "files");
+    let summary = String::from_utf8(out.stderr).unwrap();
+    assert!(summary.contains("0 bad lines"), "{summary}");
+
+    // stdin: both files concatenated.
+    let mut child = tally()
+        .args(["sum", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for f in &files {
+        stdin.write_all(&std::fs::read(f).unwrap()).unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), expected, "stdin");
+
+    // A pipe given as a path (what `tally sum <(zcat f.gz)` passes).
+    let script = format!(
+        "{} sum <(cat {} {})",
+        env!("CARGO_BIN_EXE_tally"),
+        files[0].display(),
+        files[1].display()
+    );
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        expected,
+        "pipe path"
+    );
+
+    // The same as awk (with printf, so that large sums are not printed in exponent form).
+    let script = format!(
+        "cat {} {} | awk '{{s[$1]+=$2}} END {{for (k in s) printf \"%.0f %.0f\\n\", k, s[k]}}' | sort -n",
+        files[0].display(),
+        files[1].display()
+    );
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), expected, "awk");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_lines_are_counted_and_fail_policy_exits_non_zero() {
+    let dir = temp_dir("sumbad");
+    let file = dir.join("messy.txt");
+    std::fs::write(&file, "1 5\nnope\n2 -3\n1 5\r\n").unwrap();
+
+    let out = tally().arg("sum").arg(&file).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "1 10\n");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("byte 4: missing-field") && err.contains("byte 9: sign"),
+        "{err}"
+    );
+    assert!(err.contains("2 bad lines"), "{err}");
+
+    let out = tally()
+        .args(["sum", "--bad-lines", "skip"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("2 bad lines"));
+
+    let out = tally()
+        .args(["sum", "--bad-lines", "fail"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no totals printed when failing");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("bad line at byte 4"), "{err}");
+
+    let out = tally().args(["sum", "/nonexistent/file"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("cannot open /nonexistent/file"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
