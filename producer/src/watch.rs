@@ -7,7 +7,10 @@
 //! without inotify (NFS) and missed events.
 //!
 //! What was announced and finished is kept in `<dir>/.tally-producer`, one line per event, so a
-//! restarted producer announces only what it had not announced yet. A crash between the Kafka
+//! restarted producer announces only what it had not announced yet. A file whose content
+//! changes after it was announced (same device, inode and birth time) is not announced again:
+//! that would count its old lines twice. It is reported at ERROR; the parsers reject its units
+//! if they had not parsed them yet (size changed). A new file under an old name is announced. A crash between the Kafka
 //! commit and that line re-announces a file: harmless, the parsers' done-set skips its units.
 
 use std::collections::{HashMap, HashSet};
@@ -88,6 +91,21 @@ pub fn is_candidate_name(name: &str) -> bool {
 
 const STATE_FILE: &str = ".tally-producer";
 
+/// The physical file behind an announcement: device, inode and birth time. Unlike the file id
+/// it survives changes of content, and unlike (device, inode) alone it is not fooled by a new
+/// file that got a recycled inode number.
+type Inode = (u64, u64, i128);
+
+fn inode_of(meta: &fs::Metadata) -> Option<Inode> {
+    use std::os::unix::fs::MetadataExt;
+    let born = meta
+        .created()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some((meta.dev(), meta.ino(), born.as_nanos() as i128))
+}
+
 /// The producer's memory of a directory.
 #[derive(Debug, Default)]
 struct State {
@@ -95,6 +113,10 @@ struct State {
     pending: HashMap<String, PathBuf>,
     /// Every file id ever announced from this directory.
     announced: HashSet<String>,
+    /// The physical files behind them (where the file system reports birth times).
+    inodes: HashSet<Inode>,
+    /// Changed files already reported, so that each is reported once.
+    reported: HashSet<String>,
     log: Option<fs::File>,
 }
 
@@ -105,13 +127,16 @@ impl State {
         if let Ok(file) = fs::File::open(&path) {
             for line in BufReader::new(file).lines() {
                 let line = line?;
-                let mut parts = line.splitn(3, ' ');
-                match (parts.next(), parts.next(), parts.next()) {
-                    (Some("announced"), Some(id), Some(p)) => {
+                let mut parts = line.splitn(4, ' ');
+                match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                    (Some("announced"), Some(id), Some(inode), Some(p)) => {
                         state.announced.insert(id.to_owned());
                         state.pending.insert(id.to_owned(), PathBuf::from(p));
+                        if let Some(inode) = parse_inode(inode) {
+                            state.inodes.insert(inode);
+                        }
                     }
-                    (Some("finished"), Some(id), _) => {
+                    (Some("finished"), Some(id), _, _) => {
                         state.pending.remove(id);
                     }
                     _ => tracing::warn!(line, "ignoring unreadable producer state line"),
@@ -134,6 +159,22 @@ impl State {
         log.sync_data()?;
         Ok(())
     }
+}
+
+fn format_inode(inode: Option<Inode>) -> String {
+    inode.map_or_else(
+        || "-".to_owned(),
+        |(dev, ino, born)| format!("{dev}:{ino}:{born}"),
+    )
+}
+
+fn parse_inode(s: &str) -> Option<Inode> {
+    let mut parts = s.split(':');
+    Some((
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    ))
 }
 
 /// Tracks `tally.done` to learn when every unit of a pending file is done.
@@ -231,12 +272,12 @@ fn apply_after_done(action: &AfterDone, id: &str, path: &Path) -> anyhow::Result
     Ok(())
 }
 
-/// The complete, not yet announced files in `dir`.
+/// The complete, not yet announced files in `dir`, with their physical identity.
 fn scan(
     dir: &Path,
-    state: &State,
+    state: &mut State,
     unit_bytes: u64,
-) -> anyhow::Result<Vec<Vec<tally_core::messages::WorkUnit>>> {
+) -> anyhow::Result<Vec<(Vec<tally_core::messages::WorkUnit>, Option<Inode>)>> {
     let mut found = Vec::new();
     let mut entries: Vec<_> = fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
@@ -250,11 +291,25 @@ fn scan(
             continue;
         }
         let Ok(meta) = entry.metadata() else { continue };
-        if !meta.is_file() || state.announced.contains(&announce::file_id(&meta)) {
+        let id = announce::file_id(&meta);
+        if !meta.is_file() || state.announced.contains(&id) {
+            continue;
+        }
+        let inode = inode_of(&meta);
+        if inode.is_some_and(|i| state.inodes.contains(&i)) {
+            // The same physical file, with other content than when it was announced: its
+            // writer broke the contract. Announcing it again would count its old lines twice.
+            if state.reported.insert(id) {
+                tracing::error!(
+                    path = %entry.path().display(),
+                    "file changed after it was announced; not announced again (its units are \
+                     rejected by the parsers if not parsed yet)"
+                );
+            }
             continue;
         }
         match announce::describe(&entry.path(), unit_bytes) {
-            Ok(units) => found.push(units),
+            Ok(units) => found.push((units, inode)),
             // Vanished or replaced between listing and stat: the next scan sees what is there.
             Err(error) => tracing::debug!(%error, "skipping file for now"),
         }
@@ -296,7 +351,7 @@ pub fn run(
         }
         if triggered || Instant::now() >= next_scan {
             next_scan = Instant::now() + rescan;
-            for units in scan(&dir, &state, unit_bytes)? {
+            for (units, inode) in scan(&dir, &mut state, unit_bytes)? {
                 let (id, path) = (units[0].file_id.clone(), units[0].path.clone());
                 if let Err(error) = announcer.announce(&units) {
                     if args.once {
@@ -311,8 +366,9 @@ pub fn run(
                     next_scan = Instant::now() + rescan;
                     break;
                 }
-                state.record(&format!("announced {id} {path}"))?;
+                state.record(&format!("announced {id} {} {path}", format_inode(inode)))?;
                 state.announced.insert(id.clone());
+                state.inodes.extend(inode);
                 state.pending.insert(id, PathBuf::from(&path));
                 tracing::info!(path, units = units.len(), "announced");
             }

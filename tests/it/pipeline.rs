@@ -1,6 +1,7 @@
 //! The pipeline end to end, as separate processes: producer → parsers → db-client → PostgreSQL.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::time::Duration;
 
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -307,4 +308,50 @@ async fn files_are_archived_or_deleted_only_once_done() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(p.totals().await, HashMap::from([(1, 11), (2, 20), (3, 3)]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_changed_after_announcement_is_not_counted_twice() {
+    let mut p = Pipeline::new("changed").await;
+    let data = p.data.to_str().unwrap().to_owned();
+    let _watch = p.spawn(
+        "watch",
+        &[
+            "producer",
+            "watch",
+            "--dir",
+            &data,
+            "--rescan-interval-ms",
+            "100",
+        ],
+    );
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    let path = p.data.join("a.txt");
+    std::fs::write(&path, "1 10\n").unwrap();
+    p.wait_ingested(1, TIMEOUT).await;
+
+    // The writer appends after the file was announced and summed: the same file (device,
+    // inode, birth time) with other content must not be announced, hence counted, again.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(b"1 5\n")
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let files: i64 = sqlx::query_scalar("SELECT count(*) FROM ingested_files")
+        .fetch_one(&p.pool)
+        .await
+        .unwrap();
+    assert_eq!(files, 1, "the changed file was announced again");
+    assert_eq!(p.totals().await, HashMap::from([(1, 10)]));
+
+    // A new file under the same name (quite likely on a recycled inode number) is new.
+    std::fs::remove_file(&path).unwrap();
+    let tmp = p.data.join(".b.tmp");
+    std::fs::write(&tmp, "2 7\n").unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    p.wait_ingested(2, TIMEOUT).await;
+    assert_eq!(p.totals().await, HashMap::from([(1, 10), (2, 7)]));
 }
