@@ -12,7 +12,6 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -98,17 +97,17 @@ impl ConsumerContext for RebalanceRecorder {
     }
 }
 
-/// Counts since start, logged at exit (and used by tests through the logs).
+/// Counts since start, logged at exit.
 #[derive(Debug, Default)]
-pub struct Counters {
-    /// Units parsed and committed.
-    pub units_summed: AtomicU64,
+struct Counters {
+    /// Units parsed (in transactions that may still abort).
+    units_summed: u64,
     /// Units skipped because the done-set had them.
-    pub units_skipped: AtomicU64,
+    units_skipped: u64,
     /// Units rejected (dead-lettered).
-    pub units_rejected: AtomicU64,
+    units_rejected: u64,
     /// Transactions aborted.
-    pub aborts: AtomicU64,
+    aborts: u64,
 }
 
 /// Why a batch's transaction did not commit.
@@ -161,10 +160,10 @@ pub fn run(args: &ParserArgs, shutdown: &CancellationToken) -> anyhow::Result<()
     parser.consumer.unsubscribe();
     let c = &parser.counters;
     tracing::info!(
-        summed = c.units_summed.load(Ordering::Relaxed),
-        skipped = c.units_skipped.load(Ordering::Relaxed),
-        rejected = c.units_rejected.load(Ordering::Relaxed),
-        aborts = c.aborts.load(Ordering::Relaxed),
+        summed = c.units_summed,
+        skipped = c.units_skipped,
+        rejected = c.units_rejected,
+        aborts = c.aborts,
         "parser stopped"
     );
     result
@@ -267,7 +266,7 @@ impl<'a> Parser<'a> {
                     backoff = Duration::from_millis(100);
                 }
                 Err(failure) => {
-                    self.counters.aborts.fetch_add(1, Ordering::Relaxed);
+                    self.counters.aborts += 1;
                     self.recover(failure, &batch)?;
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -384,7 +383,7 @@ impl<'a> Parser<'a> {
                 .iter()
                 .any(|(p, id)| *p == partition && *id == unit.unit_id);
             if duplicate || self.done.contains(partition, &unit.unit_id) {
-                self.counters.units_skipped.fetch_add(1, Ordering::Relaxed);
+                self.counters.units_skipped += 1;
                 tracing::debug!(unit = unit.unit_id, "already done, skipping");
                 continue;
             }
@@ -495,7 +494,7 @@ impl<'a> Parser<'a> {
             )?;
         }
         self.send_done(partition, &done)?;
-        self.counters.units_summed.fetch_add(1, Ordering::Relaxed);
+        self.counters.units_summed += 1;
         tracing::info!(
             lines = stats.lines,
             bad_lines = stats.bad_lines,
@@ -534,7 +533,7 @@ impl<'a> Parser<'a> {
                 bytes: 0,
             },
         )?;
-        self.counters.units_rejected.fetch_add(1, Ordering::Relaxed);
+        self.counters.units_rejected += 1;
         Ok(())
     }
 

@@ -19,16 +19,13 @@ use crate::engine::Source;
 pub struct FileSource {
     file: File,
     len: u64,
-    /// False once a mapping failed: later windows are read with pread.
-    map: bool,
 }
 
 impl FileSource {
     /// Opens `file`, whose length is taken now: bytes appended later are not read.
     pub fn new(file: File) -> io::Result<Self> {
         let len = file.metadata()?.len();
-        let map = map_window(&file, 0..len.min(1)).is_ok() || len == 0;
-        Ok(Self { file, len, map })
+        Ok(Self { file, len })
     }
 }
 
@@ -62,10 +59,8 @@ impl Source for FileSource {
         if range.is_empty() {
             return Ok(Window::Read(Vec::new()));
         }
-        if self.map {
-            if let Ok(mmap) = map_window(&self.file, range.clone()) {
-                return Ok(Window::Mapped(mmap));
-            }
+        if let Ok(mmap) = map_window(&self.file, range.clone()) {
+            return Ok(Window::Mapped(mmap));
         }
         let mut buf = vec![0; (range.end - range.start) as usize];
         self.file.read_exact_at(&mut buf, range.start)?;
