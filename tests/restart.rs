@@ -12,34 +12,11 @@
 #[path = "it/support.rs"]
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
-
-fn services(action: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
-    let status = Command::new(script)
-        .arg(action)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "scripts/services {action} failed");
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_and_postgres_restart_under_load() {
-    let env = String::from_utf8(
-        Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services"))
-            .arg("env")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let bootstrap = tally_testkit::services().kafka_bootstrap;
-    assert!(
-        env.contains(&format!("KAFKA_BOOTSTRAP_SERVERS={bootstrap}")),
-        "this test restarts the services of scripts/services; the tests use others ({bootstrap})"
-    );
+    support::assert_services_of_the_script();
 
     let mut p = support::Pipeline::new("restart").await;
     let (files, expected) = p.generate(10, 8_000_000, 20_000, 4).await;
@@ -54,9 +31,9 @@ async fn kafka_and_postgres_restart_under_load() {
     // Both services go away mid-stream, stay away a while, and come back.
     tokio::time::sleep(Duration::from_millis(700)).await;
     tokio::task::spawn_blocking(|| {
-        services("down");
+        support::services(&["down"]);
         std::thread::sleep(Duration::from_secs(3));
-        services("up");
+        support::services(&["up"]);
     })
     .await
     .unwrap();

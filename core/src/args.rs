@@ -44,6 +44,22 @@ impl DatabaseArgs {
     }
 }
 
+/// The watchdog on progress (see `tally_core::liveness`).
+#[derive(Debug, Clone, Args)]
+pub struct LivenessArgs {
+    /// A stage that has work waiting and completes nothing for this long, or whose call into
+    /// Kafka does not return for this long, restarts itself in place while the broker answers.
+    #[arg(long, env = "TALLY_STALL_TIMEOUT_MS", default_value_t = 120_000)]
+    pub stall_timeout_ms: u64,
+}
+
+impl LivenessArgs {
+    /// The limit, at least `floor` (a stage's own legitimate waits must fit under it).
+    pub fn limit(&self, floor: std::time::Duration) -> std::time::Duration {
+        std::time::Duration::from_millis(self.stall_timeout_ms).max(floor)
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum LogFormat {

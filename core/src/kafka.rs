@@ -63,6 +63,16 @@ pub fn consumer_config(args: &KafkaArgs, group: &str) -> ClientConfig {
     config
 }
 
+/// Static group membership (KIP-345) for an instance with a stable name: a restarted instance
+/// rejoins as the same member and gets its partitions back at once, instead of a rebalance
+/// that first waits out the dead member's session (`session.timeout.ms`, 45 s). The price: an
+/// instance that stops for good keeps its partitions until its session times out.
+pub fn static_membership(config: &mut ClientConfig, instance_id: Option<&str>) {
+    if let Some(id) = instance_id {
+        config.set("group.instance.id", id);
+    }
+}
+
 /// A transactional (hence idempotent) producer with this `transactional.id`.
 pub fn transactional_producer_config(
     args: &KafkaArgs,

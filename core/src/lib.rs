@@ -5,6 +5,8 @@
 //! - [`topics`]: topic names and consumer-group ids, derived from one prefix;
 //! - [`messages`]: the records on every topic (the contract between stages);
 //! - [`kafka`]: librdkafka client configuration, topic creation, transaction error classes;
+//! - [`liveness`]: the watchdog on progress every long-running stage reports to, and which
+//!   client errors are a broker outage rather than a failure;
 //! - [`telemetry`]: tracing set-up; [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
 //!
 //! Stage crates (`producer`, `parser`, `aggregator`, `db-client`) depend on this crate and never
@@ -12,10 +14,11 @@
 
 pub mod args;
 pub mod kafka;
+pub mod liveness;
 pub mod messages;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topics;
 
-pub use args::{DatabaseArgs, KafkaArgs, TelemetryArgs};
+pub use args::{DatabaseArgs, KafkaArgs, LivenessArgs, TelemetryArgs};
 pub use topics::Topics;

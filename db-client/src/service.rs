@@ -18,9 +18,10 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+use tally_core::liveness::{Liveness, Throttle};
 use tally_core::messages::{SumsRecord, UnitDone};
 use tally_core::shutdown::CancellationToken;
-use tally_core::{kafka, DatabaseArgs, KafkaArgs, Topics};
+use tally_core::{kafka, DatabaseArgs, KafkaArgs, LivenessArgs, Topics};
 
 use crate::schema;
 
@@ -33,6 +34,14 @@ pub struct DbClientArgs {
     /// PostgreSQL.
     #[command(flatten)]
     pub database: DatabaseArgs,
+    /// Liveness watchdog.
+    #[command(flatten)]
+    pub liveness: LivenessArgs,
+    /// Stable instance name: the consumer's static group membership (`group.instance.id`), so
+    /// that a restarted instance takes its partitions back without a rebalance. Two running
+    /// instances must not share it. Default: none (dynamic membership).
+    #[arg(long, env = "TALLY_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// Read the aggregator's `totals` topic instead of the parsers' `sums` topic.
     #[arg(long, env = "TALLY_FROM_TOTALS")]
     pub from_totals: bool,
@@ -66,7 +75,13 @@ pub struct Applied {
 
 /// Runs a db-client instance until `shutdown` is cancelled.
 pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let pool = connect(&args.database, shutdown).await?;
+    // A batch transaction may take up to its 120 s timeout: the limit is never below that.
+    let liveness = Liveness::start(
+        "db-client",
+        &args.kafka,
+        args.liveness.limit(BATCH_TIMEOUT + Duration::from_secs(30)),
+    );
+    let pool = connect(&args.database, shutdown, &liveness).await?;
     schema::migrate(&pool)
         .await
         .context("cannot apply migrations")?;
@@ -76,7 +91,10 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
     } else {
         topics.sums.clone()
     };
-    let consumer: StreamConsumer = kafka::consumer_config(&args.kafka, &topics.db_client_group)
+    let mut config = kafka::consumer_config(&args.kafka, &topics.db_client_group);
+    kafka::static_membership(&mut config, args.instance_id.as_deref());
+    kafka::apply_overrides(&mut config, &args.kafka);
+    let consumer: StreamConsumer = config
         .create()
         .context("cannot create the Kafka consumer")?;
     consumer.subscribe(&[&topic])?;
@@ -88,15 +106,26 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
     // Applied but not yet committed to Kafka: partition → next offset.
     let mut uncommitted: BTreeMap<i32, i64> = BTreeMap::new();
     let mut totals = Applied::default();
+    let mut consumer_errors = Throttle::new(Duration::from_secs(10));
     'outer: while !shutdown.is_cancelled() {
+        // Wakes up at least once a second while idle: the watchdog sees the positions, lag
+        // tools see the offsets.
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
-            m = consumer.recv() => m,
+            m = tokio::time::timeout(Duration::from_secs(1), consumer.recv()) => m,
         };
+        liveness.stream_positions(&consumer, &topic);
+        if last_commit.elapsed() >= commit_every {
+            commit_to_kafka(&consumer, &topic, &mut uncommitted);
+            last_commit = tokio::time::Instant::now();
+        }
         let mut batch = match first {
-            Ok(m) => vec![m.detach()],
-            Err(error) => {
-                tracing::warn!(%error, "consumer error");
+            Err(_) => continue,
+            Ok(Ok(m)) => vec![m.detach()],
+            Ok(Err(error)) => {
+                if let Some(skipped) = consumer_errors.allow() {
+                    tracing::warn!(%error, skipped, "consumer error");
+                }
                 continue;
             }
         };
@@ -109,7 +138,9 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
                     batch.push(m.detach());
                 }
                 Ok(Err(error)) => {
-                    tracing::warn!(%error, "consumer error");
+                    if let Some(skipped) = consumer_errors.allow() {
+                        tracing::warn!(%error, skipped, "consumer error");
+                    }
                     break;
                 }
                 Err(_) => break,
@@ -117,14 +148,16 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
         }
         // A database outage is retried, never skipped: the batch stays in hand until it lands.
         let mut backoff = Duration::from_millis(100);
+        let mut database_down = None;
         let applied = loop {
             // Bounded: a connection that hangs (a half-open socket after a server crash) counts
             // as a failure; dropping the transaction rolls it back.
-            let attempt =
-                tokio::time::timeout(Duration::from_secs(120), apply(&pool, &topic, &batch)).await;
+            let attempt = tokio::time::timeout(BATCH_TIMEOUT, apply(&pool, &topic, &batch)).await;
             match attempt.unwrap_or_else(|_| Err(anyhow::anyhow!("batch transaction timed out"))) {
                 Ok(applied) => break applied,
                 Err(error) => {
+                    // Kafka is not what holds this stage up: no restart would help.
+                    database_down.get_or_insert_with(|| liveness.waiting_on("PostgreSQL"));
                     tracing::warn!(
                         error = format!("{error:#}"),
                         retry_in_ms = backoff.as_millis() as u64,
@@ -138,6 +171,8 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
                 }
             }
         };
+        drop(database_down);
+        liveness.progress();
         totals.records += applied.records;
         totals.skipped += applied.skipped;
         tracing::debug!(?applied, "batch committed");
@@ -173,7 +208,15 @@ fn commit_to_kafka(consumer: &StreamConsumer, topic: &str, uncommitted: &mut BTr
     }
 }
 
-async fn connect(database: &DatabaseArgs, shutdown: &CancellationToken) -> anyhow::Result<PgPool> {
+/// Longest a batch transaction may take before it counts as failed (and is rolled back).
+const BATCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+async fn connect(
+    database: &DatabaseArgs,
+    shutdown: &CancellationToken,
+    liveness: &Liveness,
+) -> anyhow::Result<PgPool> {
+    let _waiting = liveness.waiting_on("PostgreSQL");
     let mut backoff = Duration::from_millis(200);
     loop {
         match PgPoolOptions::new()

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use tally_core::liveness::{self, Throttle};
 use tally_core::messages::UnitDone;
 use tally_core::KafkaArgs;
 
@@ -59,37 +61,81 @@ impl DoneSet {
         }
     }
 
-    /// Loads the done records of `partition` up to its current high watermark.
-    pub fn load(&mut self, partition: i32) -> anyhow::Result<()> {
-        let (_, high) = self
-            .reader
-            .fetch_watermarks(&self.topic, partition, Duration::from_secs(30))
-            .context("cannot read done-topic watermarks")?;
+    /// Loads the done records of `partition` up to its current high watermark. Returns
+    /// `Ok(false)` when `keep_alive` (called every 200 ms, to serve the group consumer) asks
+    /// to stop: a rebalance came in.
+    ///
+    /// A broker outage is not a failure of the load: transient client errors (all brokers
+    /// down, transport failures, timeouts, also ones queued during an earlier outage) are
+    /// logged at a bounded rate and the load goes on until its own deadline.
+    pub fn load(
+        &mut self,
+        partition: i32,
+        keep_alive: &mut dyn FnMut() -> bool,
+    ) -> anyhow::Result<bool> {
+        let deadline = Instant::now() + LOAD_TIMEOUT;
+        let mut outage = Throttle::new(Duration::from_secs(10));
+        let mut transient = |error: &KafkaError| -> anyhow::Result<()> {
+            if !liveness::is_transient(error) {
+                return Err(anyhow::anyhow!("{error}")).context("cannot read the done topic");
+            }
+            if Instant::now() >= deadline {
+                return Err(anyhow::anyhow!("{error}")).with_context(|| {
+                    format!("done partition {partition} unreadable for {LOAD_TIMEOUT:?}")
+                });
+            }
+            if let Some(skipped) = outage.allow() {
+                tracing::warn!(%error, partition, skipped, "done-set load waits for the broker");
+            }
+            Ok(())
+        };
+        let high = loop {
+            match self
+                .reader
+                .fetch_watermarks(&self.topic, partition, Duration::from_secs(5))
+            {
+                Ok((_, high)) => break high,
+                Err(error) => transient(&error)?,
+            }
+            if !keep_alive() {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, partition, Offset::Beginning)?;
         self.reader.assign(&tpl)?;
         let set = self.units.entry(partition).or_default();
         set.clear();
-        let deadline = Instant::now() + LOAD_TIMEOUT;
-        loop {
-            if tally_core::kafka::position_of(&self.reader, &self.topic, partition)? >= high {
-                break;
+        let loaded = loop {
+            match tally_core::kafka::position_of(&self.reader, &self.topic, partition) {
+                Ok(position) if position >= high => break true,
+                Ok(_) => {}
+                Err(error) => transient(&error)?,
             }
             if Instant::now() >= deadline {
                 bail!("done partition {partition} not readable up to offset {high} (an open transaction?)");
             }
-            if let Some(message) = self.reader.poll(Duration::from_millis(200)) {
-                let message = message.context("cannot read the done topic")?;
-                if let Some(done) = message
-                    .payload()
-                    .and_then(|p| serde_json::from_slice::<UnitDone>(p).ok())
-                {
-                    set.insert(done.unit_id);
+            if !keep_alive() {
+                break false;
+            }
+            match self.reader.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(error)) => transient(&error)?,
+                Some(Ok(message)) => {
+                    if let Some(done) = message
+                        .payload()
+                        .and_then(|p| serde_json::from_slice::<UnitDone>(p).ok())
+                    {
+                        set.insert(done.unit_id);
+                    }
                 }
             }
-        }
+        };
         self.reader.unassign()?;
-        tracing::debug!(partition, units = set.len(), high, "done-set loaded");
-        Ok(())
+        if loaded {
+            tracing::debug!(partition, units = set.len(), high, "done-set loaded");
+        }
+        Ok(loaded)
     }
 }

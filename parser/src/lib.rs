@@ -5,11 +5,15 @@
 //! - [`source`]: files as byte windows (mmap, with a read() fallback); the crate's only `unsafe`.
 //! - [`offline`]: `tally sum`, the engine on local files or stdin, without Kafka.
 //! - [`service`]: `tally parser`, the consumer group on `tally.files` (KIP-447 transactions);
-//!   [`doneset`]: which units are already done; [`watchdog`]: restarts a wedged instance.
+//!   [`assignment`]: the partitions it holds (rebalances, paused done-set loads); [`sink`]:
+//!   its output into the open transaction;
+//!   [`doneset`]: which units are already done. A stalled instance restarts itself through
+//!   `tally_core::liveness`.
 
+pub mod assignment;
 pub mod doneset;
 pub mod engine;
 pub mod offline;
 pub mod service;
+pub mod sink;
 pub mod source;
-pub mod watchdog;

@@ -12,28 +12,26 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::util::Timeout;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use tally_core::kafka::{self, TxnErrorKind};
-use tally_core::messages::{
-    consumer_partition, DeadLetter, Outcome, SumsRecord, UnitDone, WorkUnit,
-};
+use tally_core::liveness::{self, Liveness};
+use tally_core::messages::{DeadLetter, Outcome, SumsRecord, UnitDone, WorkUnit};
 use tally_core::shutdown::CancellationToken;
-use tally_core::{KafkaArgs, Topics};
+use tally_core::{KafkaArgs, LivenessArgs, Topics};
 
+use crate::assignment::{Assignment, BatchLimits};
 use crate::doneset::DoneSet;
-use crate::engine::{self, BadLine, EngineConfig, EngineError, Sink, Source, Stopped};
+use crate::engine::{self, EngineConfig, EngineError, Source};
 use crate::offline::EngineArgs;
+use crate::sink::{lossy, send_dead_letter, KafkaSink, TxnProducer};
 use crate::source::FileSource;
-use crate::watchdog::Watchdog;
 
 /// Arguments of `tally parser`.
 #[derive(Debug, Clone, clap::Args)]
@@ -41,6 +39,9 @@ pub struct ParserArgs {
     /// Kafka.
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    /// Liveness watchdog.
+    #[command(flatten)]
+    pub liveness: LivenessArgs,
     /// Parse engine.
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -56,45 +57,12 @@ pub struct ParserArgs {
     /// Kafka transaction timeout; a transaction must end well inside it.
     #[arg(long, env = "TALLY_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000)]
     pub transaction_timeout_ms: u64,
-    /// Stable instance name (part of the transactional.id). A restarted instance with the same
-    /// name aborts its predecessor's open transaction at once instead of waiting for the
-    /// transaction timeout. Default: a random name.
+    /// Stable instance name: part of the transactional.id, and the consumer's static group
+    /// membership (`group.instance.id`). A restarted instance with the same name aborts its
+    /// predecessor's open transaction at once instead of waiting for the transaction timeout,
+    /// and takes its partitions back without a rebalance. Default: a random name.
     #[arg(long, env = "TALLY_INSTANCE_ID")]
     pub instance_id: Option<String>,
-}
-
-/// Partition assignment changes, recorded by the consumer context (inside `poll`).
-#[derive(Debug)]
-enum Event {
-    Assigned(Vec<i32>),
-    Revoked(Vec<i32>),
-}
-
-struct RebalanceRecorder {
-    events: Arc<Mutex<Vec<Event>>>,
-}
-
-impl ClientContext for RebalanceRecorder {}
-
-impl ConsumerContext for RebalanceRecorder {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let parts = tpl.elements().iter().map(|e| e.partition()).collect();
-            self.events
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Event::Revoked(parts));
-        }
-    }
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            let parts = tpl.elements().iter().map(|e| e.partition()).collect();
-            self.events
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Event::Assigned(parts));
-        }
-    }
 }
 
 /// Counts since start, logged at exit.
@@ -128,7 +96,7 @@ impl From<KafkaError> for Failure {
     }
 }
 
-type Producer_ = ThreadedProducer<DefaultProducerContext>;
+type Producer_ = TxnProducer;
 
 struct Parser<'a> {
     args: &'a ParserArgs,
@@ -136,28 +104,33 @@ struct Parser<'a> {
     data_root: PathBuf,
     config: EngineConfig,
     pool: rayon::ThreadPool,
-    consumer: BaseConsumer<RebalanceRecorder>,
-    events: Arc<Mutex<Vec<Event>>>,
+    group: Assignment,
     producer: Producer_,
     transactional_id: String,
-    done: DoneSet,
-    assigned: HashSet<i32>,
     sums_partitions: i32,
     /// Units that failed in a way that needs an abort; rejected when seen again.
     forced_reject: HashMap<String, String>,
     counters: Counters,
     shutdown: CancellationToken,
-    watchdog: Watchdog,
+    liveness: Liveness,
 }
 
 /// Runs a parser instance until `shutdown` is cancelled. Blocking: call it on its own thread.
 pub fn run(args: &ParserArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    // Past the broker's own transaction timeout a transaction is dead anyway: the limit is
+    // never below it.
+    let limit = args
+        .liveness
+        .limit(Duration::from_millis(args.transaction_timeout_ms) + Duration::from_secs(30));
+    let liveness = Liveness::start("parser", &args.kafka, limit);
     // Through a broker outage (also after the watchdog restarted us during one) keep trying.
-    let mut parser = retry(shutdown, "start the parser", || {
-        Parser::new(args, shutdown.clone())
+    let start = liveness.step("start the parser");
+    let mut parser = liveness::retry(shutdown, "start the parser", || {
+        Parser::new(args, shutdown.clone(), liveness.clone())
     })?;
+    drop(start);
     let result = parser.run();
-    parser.consumer.unsubscribe();
+    parser.group.leave();
     let c = &parser.counters;
     tracing::info!(
         summed = c.units_summed,
@@ -188,24 +161,35 @@ fn create_producer(args: &ParserArgs, transactional_id: &str) -> anyhow::Result<
 }
 
 impl<'a> Parser<'a> {
-    fn new(args: &'a ParserArgs, shutdown: CancellationToken) -> anyhow::Result<Self> {
+    fn new(
+        args: &'a ParserArgs,
+        shutdown: CancellationToken,
+        liveness: Liveness,
+    ) -> anyhow::Result<Self> {
         let topics = Topics::new(&args.kafka.topic_prefix);
         let data_root = std::fs::canonicalize(&args.data_root)
             .with_context(|| format!("cannot resolve --data-root {}", args.data_root.display()))?;
-        let events = Arc::new(Mutex::new(Vec::new()));
         let mut config = kafka::consumer_config(&args.kafka, &topics.parser_group);
         config
             .set("partition.assignment.strategy", "range")
             .set("max.poll.interval.ms", "300000");
+        kafka::static_membership(&mut config, args.instance_id.as_deref());
         kafka::apply_overrides(&mut config, &args.kafka);
-        let consumer: BaseConsumer<RebalanceRecorder> = config
-            .create_with_context(RebalanceRecorder {
-                events: events.clone(),
-            })
-            .context("cannot create the Kafka consumer")?;
-        let files = kafka::partition_count(&consumer, &topics.files)?;
-        let done = kafka::partition_count(&consumer, &topics.done)?;
-        let sums_partitions = kafka::partition_count(&consumer, &topics.sums)?;
+        let done_set = DoneSet::new(
+            &args.kafka,
+            &topics.done,
+            &format!("{}.done-reader", topics.parser_group),
+        )?;
+        let group = Assignment::new(
+            &config,
+            &topics.files,
+            done_set,
+            liveness.clone(),
+            shutdown.clone(),
+        )?;
+        let files = group.partition_count(&topics.files)?;
+        let done = group.partition_count(&topics.done)?;
+        let sums_partitions = group.partition_count(&topics.sums)?;
         if files == 0 || files != done || sums_partitions == 0 {
             bail!(
                 "topics not set up: {} has {files} partitions, {} has {done}, {} has {sums_partitions} \
@@ -213,18 +197,13 @@ impl<'a> Parser<'a> {
                 topics.files, topics.done, topics.sums
             );
         }
-        consumer.subscribe(&[&topics.files])?;
+        group.subscribe()?;
         let instance = args
             .instance_id
             .clone()
             .unwrap_or_else(|| format!("{:016x}", rand_u64()));
         let transactional_id = format!("{}.parser.{instance}", args.kafka.topic_prefix);
         let producer = create_producer(args, &transactional_id)?;
-        let done_set = DoneSet::new(
-            &args.kafka,
-            &topics.done,
-            &format!("{}.done-reader", topics.parser_group),
-        )?;
         tracing::info!(transactional_id, data_root = %data_root.display(), "parser started");
         Ok(Self {
             args,
@@ -232,37 +211,35 @@ impl<'a> Parser<'a> {
             data_root,
             config: args.engine.config(),
             pool: args.engine.pool()?,
-            consumer,
-            events,
+            group,
             producer,
             transactional_id,
-            done: done_set,
-            assigned: HashSet::new(),
             sums_partitions,
             forced_reject: HashMap::new(),
             counters: Counters::default(),
             shutdown,
-            // Past the broker's own transaction timeout the transaction is dead anyway.
-            watchdog: Watchdog::start(
-                Duration::from_millis(args.transaction_timeout_ms) + Duration::from_secs(30),
-            ),
+            liveness,
         })
     }
 
     fn run(&mut self) -> anyhow::Result<()> {
         let mut backoff = Duration::from_millis(100);
         while !self.shutdown.is_cancelled() {
-            let batch = self.collect()?;
+            let batch = self.group.collect(BatchLimits {
+                units: self.args.units_per_txn_max,
+                bytes: self.args.txn_bytes_max,
+            })?;
             if batch.is_empty() {
                 continue;
             }
-            self.watchdog.busy();
+            let step = self.liveness.step("a Kafka transaction");
             let result = self.transact(&batch);
             match result {
                 Ok(completed) => {
                     for (partition, unit_id) in completed {
-                        self.done.insert(partition, unit_id);
+                        self.group.mark_done(partition, unit_id);
                     }
+                    self.liveness.progress();
                     backoff = Duration::from_millis(100);
                 }
                 Err(failure) => {
@@ -272,76 +249,7 @@ impl<'a> Parser<'a> {
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
-            self.watchdog.idle();
-        }
-        Ok(())
-    }
-
-    /// Polls a batch of units, bounded in count and bytes, handling rebalances as they come.
-    fn collect(&mut self) -> anyhow::Result<Vec<OwnedMessage>> {
-        let mut batch: Vec<OwnedMessage> = Vec::new();
-        let mut bytes = 0u64;
-        let started = Instant::now();
-        while batch.len() < self.args.units_per_txn_max && bytes < self.args.txn_bytes_max {
-            let wait = if batch.is_empty() {
-                Duration::from_millis(500)
-            } else {
-                Duration::from_millis(20)
-            };
-            let polled = self.consumer.poll(wait).map(|r| r.map(|m| m.detach()));
-            self.handle_rebalance(&mut batch)?;
-            match polled {
-                None => break,
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "consumer error");
-                    break;
-                }
-                Some(Ok(message)) => {
-                    if !self.assigned.contains(&message.partition()) {
-                        continue;
-                    }
-                    if let Some(unit) = message
-                        .payload()
-                        .and_then(|p| serde_json::from_slice::<WorkUnit>(p).ok())
-                    {
-                        bytes += unit.end.saturating_sub(unit.start);
-                    }
-                    batch.push(message);
-                }
-            }
-            if started.elapsed() > Duration::from_secs(2) {
-                break;
-            }
-        }
-        Ok(batch)
-    }
-
-    /// Applies assignment changes: revoked partitions leave the batch and the done-set;
-    /// assigned ones get their done-set loaded before any of their units is processed.
-    fn handle_rebalance(&mut self, batch: &mut Vec<OwnedMessage>) -> anyhow::Result<()> {
-        let events: Vec<Event> =
-            std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()));
-        for event in events {
-            match event {
-                Event::Revoked(parts) => {
-                    tracing::info!(?parts, "partitions revoked");
-                    batch.retain(|m| !parts.contains(&m.partition()));
-                    self.done.forget(&parts);
-                    for p in &parts {
-                        self.assigned.remove(p);
-                    }
-                }
-                Event::Assigned(parts) => {
-                    tracing::info!(?parts, "partitions assigned, loading done-set");
-                    for &p in &parts {
-                        // No unit of p may be processed before its done-set is complete: retry
-                        // through broker outages rather than guess.
-                        let done = &mut self.done;
-                        retry(&self.shutdown, "load the done-set", || done.load(p))?;
-                        self.assigned.insert(p);
-                    }
-                }
-            }
+            drop(step);
         }
         Ok(())
     }
@@ -382,7 +290,7 @@ impl<'a> Parser<'a> {
             let duplicate = completed
                 .iter()
                 .any(|(p, id)| *p == partition && *id == unit.unit_id);
-            if duplicate || self.done.contains(partition, &unit.unit_id) {
+            if duplicate || self.group.is_done(partition, &unit.unit_id) {
                 self.counters.units_skipped += 1;
                 tracing::debug!(unit = unit.unit_id, "already done, skipping");
                 continue;
@@ -402,7 +310,7 @@ impl<'a> Parser<'a> {
         for (partition, next) in &offsets {
             tpl.add_partition_offset(&self.topics.files, *partition, Offset::Offset(*next))?;
         }
-        let metadata = self.consumer.group_metadata().ok_or(Failure::NotInGroup)?;
+        let metadata = self.group.group_metadata().ok_or(Failure::NotInGroup)?;
         self.producer
             .send_offsets_to_transaction(&tpl, &metadata, Duration::from_secs(30))?;
         let mut tries = 0;
@@ -430,13 +338,7 @@ impl<'a> Parser<'a> {
         if source.len() != unit.file_bytes {
             return self.reject(partition, unit, "size changed since announced");
         }
-        let sink = KafkaSink {
-            producer: &self.producer,
-            topics: &self.topics,
-            sums_partitions: self.sums_partitions,
-            unit,
-            error: Mutex::new(None),
-        };
+        let sink = KafkaSink::new(&self.producer, &self.topics, self.sums_partitions, unit);
         let started = Instant::now();
         let result = engine::sum_range(
             &source,
@@ -448,8 +350,8 @@ impl<'a> Parser<'a> {
         let stats = match result {
             Ok(stats) => stats,
             Err(EngineError::Stopped) => {
-                let error = sink.error.into_inner().unwrap_or_else(|p| p.into_inner());
-                return Err(Failure::Kafka(error.unwrap_or(KafkaError::Canceled)));
+                let error = sink.into_error().unwrap_or(KafkaError::Canceled);
+                return Err(Failure::Kafka(error));
             }
             Err(EngineError::BadLine(bad)) => {
                 return Err(Failure::Reject {
@@ -567,78 +469,21 @@ impl<'a> Parser<'a> {
             }
             Failure::NotInGroup => TxnErrorKind::Abortable,
         };
+        let _step = self.liveness.step("recover from a failed transaction");
         let aborted =
             kind != TxnErrorKind::Fatal && self.producer.abort_transaction(Timeout::Never).is_ok();
         if !aborted {
             tracing::warn!("recreating the transactional producer");
-            self.producer = create_producer(self.args, &self.transactional_id)?;
+            let (args, id) = (self.args, &self.transactional_id);
+            self.producer = liveness::retry(
+                &self.shutdown,
+                "recreate the transactional producer",
+                || create_producer(args, id),
+            )?;
         }
         let partitions: HashSet<i32> = batch.iter().map(|m| m.partition()).collect();
-        let mut tpl = TopicPartitionList::new();
-        for p in &partitions {
-            tpl.add_partition(&self.topics.files, *p);
-        }
-        let committed = self
-            .consumer
-            .committed_offsets(tpl, Duration::from_secs(30))?;
-        for element in committed.elements() {
-            if !self.assigned.contains(&element.partition()) {
-                continue;
-            }
-            let offset = match element.offset() {
-                Offset::Offset(o) => Offset::Offset(o),
-                _ => Offset::Beginning,
-            };
-            if let Err(error) = self.consumer.seek(
-                &self.topics.files,
-                element.partition(),
-                offset,
-                Duration::from_secs(30),
-            ) {
-                tracing::warn!(%error, partition = element.partition(), "rewind failed");
-            }
-        }
-        Ok(())
+        self.group.rewind(&partitions)
     }
-}
-
-/// Retries `op` with capped exponential backoff until it succeeds or `shutdown` is cancelled.
-fn retry<T>(
-    shutdown: &CancellationToken,
-    what: &str,
-    mut op: impl FnMut() -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match op() {
-            Ok(v) => return Ok(v),
-            Err(error) if !shutdown.is_cancelled() => {
-                tracing::warn!(
-                    error = format!("{error:#}"),
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "cannot {what}, retrying"
-                );
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-            Err(error) => return Err(error.context(format!("cannot {what}"))),
-        }
-    }
-}
-
-/// Sends a dead-letter record.
-fn send_dead_letter(
-    producer: &Producer_,
-    topic: &str,
-    key: Option<&str>,
-    record: &DeadLetter,
-) -> Result<(), KafkaError> {
-    let payload = serde_json::to_vec(record).expect("serialisable");
-    let mut base = BaseRecord::<str, [u8]>::to(topic).payload(&payload);
-    if let Some(key) = key {
-        base = base.key(key);
-    }
-    kafka::send_waiting(producer, base)
 }
 
 /// Validates a unit's file: inside the data root, a regular file, the announced size, a sane
@@ -668,74 +513,6 @@ fn open_unit(unit: &WorkUnit, data_root: &Path) -> Result<File, String> {
         return Err(format!("invalid byte range {}..{}", unit.start, unit.end));
     }
     Ok(file)
-}
-
-/// The engine's output, into the open transaction.
-struct KafkaSink<'a> {
-    producer: &'a Producer_,
-    topics: &'a Topics,
-    sums_partitions: i32,
-    unit: &'a WorkUnit,
-    /// The first send error; the engine is stopped and the transaction aborted.
-    error: Mutex<Option<KafkaError>>,
-}
-
-/// Pairs per sums record: ~20 bytes each in JSON, well under the 1 MB record limit.
-const PAIRS_PER_RECORD: usize = 20_000;
-
-impl KafkaSink<'_> {
-    fn fail(&self, error: KafkaError) -> Stopped {
-        self.error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(error);
-        Stopped
-    }
-}
-
-impl Sink for KafkaSink<'_> {
-    fn sums(&self, batch: Vec<(i64, i64)>) -> Result<(), Stopped> {
-        let mut by_partition: Vec<Vec<(i64, i64)>> =
-            vec![Vec::new(); self.sums_partitions as usize];
-        for (id, sum) in batch {
-            by_partition[consumer_partition(id, self.sums_partitions) as usize].push((id, sum));
-        }
-        for (partition, sums) in by_partition.into_iter().enumerate() {
-            for chunk in sums.chunks(PAIRS_PER_RECORD) {
-                let payload = serde_json::to_vec(&SumsRecord::Sums {
-                    sums: chunk.to_vec(),
-                })
-                .expect("serialisable");
-                let record = BaseRecord::<str, [u8]>::to(&self.topics.sums)
-                    .key(&self.unit.unit_id)
-                    .partition(partition as i32)
-                    .payload(&payload);
-                kafka::send_waiting(self.producer, record).map_err(|e| self.fail(e))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn bad_line(&self, bad: BadLine) -> Result<(), Stopped> {
-        let record = DeadLetter::BadLine {
-            unit_id: self.unit.unit_id.clone(),
-            path: self.unit.path.clone(),
-            offset: bad.offset,
-            reason: bad.reason.as_str().to_owned(),
-            raw: lossy(&bad.raw),
-        };
-        send_dead_letter(
-            self.producer,
-            &self.topics.dead_letter,
-            Some(&self.unit.unit_id),
-            &record,
-        )
-        .map_err(|e| self.fail(e))
-    }
-}
-
-fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(&bytes[..bytes.len().min(EngineConfig::RAW_BYTES_MAX)]).into_owned()
 }
 
 fn rand_u64() -> u64 {

@@ -25,9 +25,10 @@ use notify::Watcher;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use tally_core::liveness::{self, Liveness, Step, Throttle};
 use tally_core::messages::UnitDone;
 use tally_core::shutdown::CancellationToken;
-use tally_core::{KafkaArgs, Topics};
+use tally_core::{KafkaArgs, LivenessArgs, Topics};
 
 use crate::announce::{self, Announcer};
 
@@ -79,6 +80,9 @@ pub struct WatchArgs {
     /// Exit after the first scan (announce what is there, then stop).
     #[arg(long)]
     pub once: bool,
+    /// Liveness watchdog.
+    #[command(flatten)]
+    pub liveness: LivenessArgs,
 }
 
 /// Whether `name` may be a finished data file (not a temp, partial, hidden or lock file).
@@ -180,8 +184,11 @@ fn parse_inode(s: &str) -> Option<Inode> {
 /// Tracks `tally.done` to learn when every unit of a pending file is done.
 struct DoneTracker {
     consumer: BaseConsumer,
+    topic: String,
     /// file id → (units of the file, ids of its units seen done).
     progress: HashMap<String, (u32, HashSet<String>)>,
+    /// Read errors (a broker outage), logged at a bounded rate.
+    errors: Throttle,
 }
 
 impl DoneTracker {
@@ -205,23 +212,36 @@ impl DoneTracker {
         consumer.assign(&tpl)?;
         Ok(Self {
             consumer,
+            topic: topics.done.clone(),
             progress: HashMap::new(),
+            errors: Throttle::new(Duration::from_secs(10)),
         })
     }
 
     /// Reads done records for up to `wait`; returns files that became complete.
-    fn poll(&mut self, wait: Duration, pending: &HashMap<String, PathBuf>) -> Vec<String> {
+    fn poll(
+        &mut self,
+        wait: Duration,
+        pending: &HashMap<String, PathBuf>,
+        liveness: &Liveness,
+    ) -> Vec<String> {
         let mut complete = Vec::new();
         let deadline = Instant::now() + wait;
         while let Some(message) = self
             .consumer
             .poll(deadline.saturating_duration_since(Instant::now()))
         {
-            let Ok(message) =
-                message.map_err(|error| tracing::warn!(%error, "done-topic read failed"))
-            else {
-                break;
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    // A broker outage: the consumer reconnects by itself; keep polling.
+                    if let Some(skipped) = self.errors.allow() {
+                        tracing::warn!(%error, skipped, "done-topic read failed");
+                    }
+                    break;
+                }
             };
+            liveness.progress();
             let Some(done) = message
                 .payload()
                 .and_then(|p| serde_json::from_slice::<UnitDone>(p).ok())
@@ -244,6 +264,7 @@ impl DoneTracker {
                 break;
             }
         }
+        liveness.positions(&self.consumer, &self.topic);
         complete
     }
 }
@@ -329,8 +350,28 @@ pub fn run(
     let topics = Topics::new(&kafka.topic_prefix);
     let mut state = State::load(&dir)?;
     let transactional_id = format!("{}.producer.{}", kafka.topic_prefix, dir.display());
-    let mut announcer = Announcer::new(kafka, &transactional_id)?;
-    let mut tracker = DoneTracker::new(kafka, &topics)?;
+    let liveness = Liveness::start("watch", kafka, args.liveness.limit(Duration::ZERO));
+    // Started (or restarted) during a broker outage: wait for the broker, as every stage does.
+    let start = liveness.step("start the watcher");
+    let connect = || -> anyhow::Result<_> {
+        Ok((
+            Announcer::new(kafka, &transactional_id)?,
+            DoneTracker::new(kafka, &topics)?,
+        ))
+    };
+    let started = if args.once {
+        connect()
+    } else {
+        liveness::retry(shutdown, "start the watcher", connect)
+    };
+    let (mut announcer, mut tracker) = match started {
+        Ok(clients) => clients,
+        Err(_) if shutdown.is_cancelled() => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    drop(start);
+    // Open from the first failed announcement to the next one that succeeds.
+    let mut failing: Option<Step> = None;
 
     let (tx, rx) = std::sync::mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |_event| {
@@ -357,6 +398,7 @@ pub fn run(
                     if args.once {
                         return Err(error);
                     }
+                    failing.get_or_insert_with(|| liveness.step("announce a file"));
                     // Not recorded as announced: the next scan tries again.
                     tracing::error!(
                         error = format!("{error:#}"),
@@ -367,6 +409,8 @@ pub fn run(
                     break;
                 }
                 state.record(&format!("announced {id} {} {path}", format_inode(inode)))?;
+                failing = None;
+                liveness.progress();
                 state.announced.insert(id.clone());
                 state.inodes.extend(inode);
                 state.pending.insert(id, PathBuf::from(&path));
@@ -376,7 +420,7 @@ pub fn run(
                 break;
             }
         }
-        for id in tracker.poll(Duration::from_millis(200), &state.pending) {
+        for id in tracker.poll(Duration::from_millis(200), &state.pending, &liveness) {
             if let Some(path) = state.pending.remove(&id) {
                 if let Err(error) = apply_after_done(&args.after_done, &id, &path) {
                     tracing::error!(%error, "life-cycle action failed; file left in place");

@@ -66,16 +66,7 @@ async fn kill_9_parsers_and_db_client_at_random_moments() {
     );
 
     p.wait_ingested(16, Duration::from_secs(240)).await;
-    let totals = p.totals().await;
-    let wrong: Vec<_> = expected
-        .iter()
-        .filter(|(k, v)| totals.get(k) != Some(v))
-        .take(5)
-        .collect();
-    assert!(
-        wrong.is_empty() && totals.len() == expected.len(),
-        "totals differ after {kills} kills: {wrong:?}"
-    );
+    p.assert_totals(&expected, &format!("{kills} kills")).await;
 
     // The checkpoint: no unit was committed as summed twice, so no restarted parser redid
     // finished work (it resumed from the committed offsets and the done-set).

@@ -191,6 +191,23 @@ impl Pipeline {
             .collect()
     }
 
+    /// Asserts that every consumer's total in the database equals `expected` (and no other
+    /// consumer has one); `after` says what the pipeline went through, for the message.
+    pub async fn assert_totals(&self, expected: &HashMap<i64, i128>, after: &str) {
+        let totals = self.totals().await;
+        let wrong: Vec<_> = expected
+            .iter()
+            .filter(|(k, v)| totals.get(k) != Some(v))
+            .take(5)
+            .collect();
+        assert!(
+            wrong.is_empty() && totals.len() == expected.len(),
+            "totals differ after {after}: {wrong:?} ({} consumers expected, {} in the database)",
+            expected.len(),
+            totals.len()
+        );
+    }
+
     /// Every committed record of `topic`, as `(partition, payload)`.
     pub fn read_topic(&self, topic: &str) -> Vec<(i32, Vec<u8>)> {
         read_committed(&self.kafka, topic)
@@ -232,7 +249,8 @@ impl Pipeline {
 
 impl Drop for Pipeline {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        // Logs stay for a failed test, or when asked (TALLY_TEST_KEEP_LOGS=1).
+        if !std::thread::panicking() && std::env::var_os("TALLY_TEST_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
@@ -344,6 +362,31 @@ pub fn group_lag(kafka: &KafkaArgs, group: &str, topic: &str) -> i64 {
         }
     }
     lag
+}
+
+/// Runs `scripts/services ARGS…` (e.g. `up`, `down`, `kill kafka`); panics if it fails.
+#[allow(dead_code)] // for the binaries that restart services (tests/faults.rs, tests/restart.rs)
+pub fn services(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
+    let status = Command::new(script)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/services {args:?} failed");
+}
+
+/// Asserts that the tests use the services of `scripts/services` (a test that stops, kills or
+/// restarts them must not hit other ones).
+#[allow(dead_code)] // for the binaries that restart services (tests/faults.rs, tests/restart.rs)
+pub fn assert_services_of_the_script() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
+    let env = Command::new(script).arg("env").output().unwrap().stdout;
+    let bootstrap = tally_testkit::services().kafka_bootstrap;
+    assert!(
+        String::from_utf8_lossy(&env).contains(&format!("KAFKA_BOOTSTRAP_SERVERS={bootstrap}")),
+        "this test stops the services of scripts/services; the tests use others ({bootstrap})"
+    );
 }
 
 /// Reads an expected-totals file (`consumer_id total` lines).

@@ -1,0 +1,120 @@
+//! The parser's output into the open Kafka transaction: the engine's sums, split by sums
+//! partition (the consumer id decides), and bad lines to the dead-letter topic.
+
+use std::sync::Mutex;
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+use tally_core::kafka;
+use tally_core::messages::{consumer_partition, DeadLetter, SumsRecord, WorkUnit};
+use tally_core::Topics;
+
+use crate::engine::{BadLine, EngineConfig, Sink, Stopped};
+
+/// The parser's transactional producer.
+pub type TxnProducer = ThreadedProducer<DefaultProducerContext>;
+
+/// Sends a dead-letter record.
+pub fn send_dead_letter(
+    producer: &TxnProducer,
+    topic: &str,
+    key: Option<&str>,
+    record: &DeadLetter,
+) -> Result<(), KafkaError> {
+    let payload = serde_json::to_vec(record).expect("serialisable");
+    let mut base = BaseRecord::<str, [u8]>::to(topic).payload(&payload);
+    if let Some(key) = key {
+        base = base.key(key);
+    }
+    kafka::send_waiting(producer, base)
+}
+
+/// The engine's output, into the open transaction.
+pub struct KafkaSink<'a> {
+    producer: &'a TxnProducer,
+    topics: &'a Topics,
+    sums_partitions: i32,
+    unit: &'a WorkUnit,
+    /// The first send error; the engine is stopped and the transaction aborted.
+    error: Mutex<Option<KafkaError>>,
+}
+
+/// Pairs per sums record: ~20 bytes each in JSON, well under the 1 MB record limit.
+const PAIRS_PER_RECORD: usize = 20_000;
+
+impl<'a> KafkaSink<'a> {
+    /// The output of `unit`, through `producer` (inside its open transaction).
+    pub fn new(
+        producer: &'a TxnProducer,
+        topics: &'a Topics,
+        sums_partitions: i32,
+        unit: &'a WorkUnit,
+    ) -> Self {
+        Self {
+            producer,
+            topics,
+            sums_partitions,
+            unit,
+            error: Mutex::new(None),
+        }
+    }
+
+    /// Why the engine was stopped: the first send error.
+    pub fn into_error(self) -> Option<KafkaError> {
+        self.error.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(&self, error: KafkaError) -> Stopped {
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(error);
+        Stopped
+    }
+}
+
+impl Sink for KafkaSink<'_> {
+    fn sums(&self, batch: Vec<(i64, i64)>) -> Result<(), Stopped> {
+        let mut by_partition: Vec<Vec<(i64, i64)>> =
+            vec![Vec::new(); self.sums_partitions as usize];
+        for (id, sum) in batch {
+            by_partition[consumer_partition(id, self.sums_partitions) as usize].push((id, sum));
+        }
+        for (partition, sums) in by_partition.into_iter().enumerate() {
+            for chunk in sums.chunks(PAIRS_PER_RECORD) {
+                let payload = serde_json::to_vec(&SumsRecord::Sums {
+                    sums: chunk.to_vec(),
+                })
+                .expect("serialisable");
+                let record = BaseRecord::<str, [u8]>::to(&self.topics.sums)
+                    .key(&self.unit.unit_id)
+                    .partition(partition as i32)
+                    .payload(&payload);
+                kafka::send_waiting(self.producer, record).map_err(|e| self.fail(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn bad_line(&self, bad: BadLine) -> Result<(), Stopped> {
+        let record = DeadLetter::BadLine {
+            unit_id: self.unit.unit_id.clone(),
+            path: self.unit.path.clone(),
+            offset: bad.offset,
+            reason: bad.reason.as_str().to_owned(),
+            raw: lossy(&bad.raw),
+        };
+        send_dead_letter(
+            self.producer,
+            &self.topics.dead_letter,
+            Some(&self.unit.unit_id),
+            &record,
+        )
+        .map_err(|e| self.fail(e))
+    }
+}
+
+/// The first bytes of a bad line or notification, as text.
+pub fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(EngineConfig::RAW_BYTES_MAX)]).into_owned()
+}
