@@ -4,6 +4,7 @@
 //!   so that an env var means the same thing everywhere;
 //! - [`topics`]: topic names and consumer-group ids, derived from one prefix;
 //! - [`messages`]: the records on every topic (the contract between stages);
+//! - [`identity`]: file identity, computed alike where files are announced and where they are read;
 //! - [`kafka`]: librdkafka client configuration, topic creation, transaction error classes;
 //! - [`liveness`]: the watchdog on progress every long-running stage reports to, and which
 //!   client errors are a broker outage rather than a failure;
@@ -13,6 +14,7 @@
 //! on each other: Kafka topics are their only coupling.
 
 pub mod args;
+pub mod identity;
 pub mod kafka;
 pub mod liveness;
 pub mod messages;

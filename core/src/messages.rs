@@ -27,10 +27,51 @@ pub struct WorkUnit {
     pub units: u32,
 }
 
+/// Longest id (file or unit) a work unit may carry.
+pub const ID_BYTES_MAX: usize = 256;
+/// Longest path a work unit may carry (Linux's `PATH_MAX`).
+pub const PATH_BYTES_MAX: usize = 4096;
+
 impl WorkUnit {
     /// The unit id for unit `index` of `file_id`.
     pub fn unit_id(file_id: &str, index: u32) -> String {
         format!("{file_id}/{index}")
+    }
+
+    /// Whether the unit is well-formed, before anything is opened: ids and path of sane length
+    /// without control characters, a unit id that belongs to its file id, a byte range inside
+    /// the file. The error is the dead-letter reason. A unit that fails this is a bad
+    /// notification: it names nothing tally could ever parse.
+    pub fn check(&self) -> Result<(), String> {
+        let clean = |what: &str, s: &str, max: usize| {
+            if s.is_empty() || s.len() > max {
+                Err(format!("{what} is {} bytes long (1 to {max})", s.len()))
+            } else if s.chars().any(char::is_control) {
+                Err(format!("{what} contains a control character"))
+            } else {
+                Ok(())
+            }
+        };
+        clean("file_id", &self.file_id, ID_BYTES_MAX)?;
+        clean("unit_id", &self.unit_id, ID_BYTES_MAX)?;
+        clean("path", &self.path, PATH_BYTES_MAX)?;
+        if !self
+            .unit_id
+            .strip_prefix(&self.file_id)
+            .is_some_and(|rest| rest.starts_with('/'))
+        {
+            return Err("unit_id does not belong to file_id".to_owned());
+        }
+        if self.start > self.end || self.end > self.file_bytes {
+            return Err(format!(
+                "byte range {}..{} is not inside the {}-byte file",
+                self.start, self.end, self.file_bytes
+            ));
+        }
+        if self.units == 0 || self.index >= self.units {
+            return Err(format!("unit {} of {} units", self.index, self.units));
+        }
+        Ok(())
     }
 }
 
@@ -156,6 +197,42 @@ mod tests {
         };
         let json = serde_json::to_string(&dead).unwrap();
         assert!(json.starts_with(r#"{"kind":"rejected-unit""#), "{json}");
+    }
+
+    #[test]
+    fn work_units_are_checked_before_use() {
+        let good = WorkUnit {
+            file_id: "f".into(),
+            unit_id: "f/0".into(),
+            path: "/data/x".into(),
+            file_bytes: 10,
+            start: 0,
+            end: 10,
+            index: 0,
+            units: 1,
+        };
+        assert_eq!(good.check(), Ok(()));
+        let bad = |edit: fn(&mut WorkUnit)| {
+            let mut unit = good.clone();
+            edit(&mut unit);
+            unit.check().unwrap_err()
+        };
+        assert!(bad(|u| u.unit_id = "f/\0".into()).contains("control"));
+        assert!(bad(|u| u.path = "/data/\nx".into()).contains("control"));
+        assert!(bad(|u| u.file_id = "x".repeat(100_000)).contains("100000 bytes"));
+        assert!(bad(|u| u.unit_id = "g/0".into()).contains("belong"));
+        assert!(bad(|u| u.unit_id = "ff/0".into()).contains("belong"));
+        assert!(bad(|u| u.end = 11).contains("not inside"));
+        assert!(bad(|u| {
+            u.start = 5;
+            u.end = 4;
+        })
+        .contains("not inside"));
+        assert!(bad(|u| u.index = 1).contains("unit 1 of 1"));
+        // An empty file's one unit is fine.
+        let mut empty = good.clone();
+        (empty.file_bytes, empty.end) = (0, 0);
+        assert_eq!(empty.check(), Ok(()));
     }
 
     #[test]

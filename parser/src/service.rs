@@ -20,6 +20,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
+use tally_core::identity;
 use tally_core::kafka::{self, TxnErrorKind};
 use tally_core::liveness::{self, Liveness};
 use tally_core::messages::{DeadLetter, Outcome, SumsRecord, UnitDone, WorkUnit};
@@ -262,13 +263,14 @@ impl<'a> Parser<'a> {
         for message in batch {
             let partition = message.partition();
             offsets.insert(partition, message.offset() + 1);
-            let unit = match message.payload().map(serde_json::from_slice::<WorkUnit>) {
-                Some(Ok(unit)) => unit,
-                other => {
-                    let reason = match other {
-                        Some(Err(e)) => format!("not a work unit: {e}"),
-                        _ => "empty notification".to_owned(),
-                    };
+            let decoded = match message.payload().map(serde_json::from_slice::<WorkUnit>) {
+                Some(Ok(unit)) => unit.check().map(|()| unit),
+                Some(Err(e)) => Err(format!("not a work unit: {e}")),
+                None => Err("empty notification".to_owned()),
+            };
+            let unit = match decoded {
+                Ok(unit) => unit,
+                Err(reason) => {
                     tracing::warn!(
                         partition,
                         offset = message.offset(),
@@ -486,9 +488,13 @@ impl<'a> Parser<'a> {
     }
 }
 
-/// Validates a unit's file: inside the data root, a regular file, the announced size, a sane
-/// range. The error is the dead-letter reason.
+/// Opens a unit's file, or says why not (the dead-letter reason). The path must resolve inside
+/// the data root; the open neither follows a final symbolic link nor blocks (a FIFO or device
+/// at the path cannot wedge the parser); and the descriptor's `fstat` must show a regular file
+/// with the announced identity (device, inode, size, mtime), so no unit is ever summed from
+/// bytes that are not the announced file's, whatever was renamed over its path since.
 fn open_unit(unit: &WorkUnit, data_root: &Path) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
     let resolved =
         std::fs::canonicalize(&unit.path).map_err(|e| format!("cannot resolve path: {e}"))?;
     if !resolved.starts_with(data_root) {
@@ -497,10 +503,18 @@ fn open_unit(unit: &WorkUnit, data_root: &Path) -> Result<File, String> {
             data_root.display()
         ));
     }
-    let file = File::open(&resolved).map_err(|e| format!("cannot open: {e}"))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&resolved)
+        .map_err(|e| format!("cannot open: {e}"))?;
     let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
     if !meta.is_file() {
-        return Err("not a regular file".to_owned());
+        return Err(format!(
+            "not a regular file: {} is a {}",
+            resolved.display(),
+            identity::kind(&meta)
+        ));
     }
     if meta.len() != unit.file_bytes {
         return Err(format!(
@@ -509,8 +523,14 @@ fn open_unit(unit: &WorkUnit, data_root: &Path) -> Result<File, String> {
             meta.len()
         ));
     }
-    if unit.start > unit.end || unit.end > unit.file_bytes {
-        return Err(format!("invalid byte range {}..{}", unit.start, unit.end));
+    let now = identity::file_id(&meta);
+    if now != unit.file_id {
+        return Err(format!(
+            "not the announced file: {} was replaced or rewritten after it was announced \
+             (announced as {}, now {now}); announce the new file to count it",
+            resolved.display(),
+            unit.file_id
+        ));
     }
     Ok(file)
 }

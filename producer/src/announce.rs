@@ -17,19 +17,7 @@ use tally_core::kafka::{self, TxnErrorKind};
 use tally_core::messages::WorkUnit;
 use tally_core::{KafkaArgs, Topics};
 
-/// Identity of a file: device, inode, modification time (ns) and size. The same file announced
-/// twice gets the same id; a new file that reuses a name is a new inode (and a new mtime), so
-/// it gets a new id. Stable across producer restarts and versions (no hashing).
-pub fn file_id(meta: &Metadata) -> String {
-    let mtime_ns = meta.mtime() as i128 * 1_000_000_000 + i128::from(meta.mtime_nsec());
-    format!(
-        "{:x}-{:x}-{:x}-{:x}",
-        meta.dev(),
-        meta.ino(),
-        mtime_ns,
-        meta.size()
-    )
-}
+pub use tally_core::identity::file_id;
 
 /// The work units of the file at `path` (absolute) with metadata `meta`. An empty file has one
 /// empty unit, so that it too is marked done and reaches its life-cycle action.

@@ -7,6 +7,7 @@
 
 mod broker;
 mod crash;
+mod edges;
 mod liveness;
 mod pipeline;
 mod sum_cli;

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use tally_core::messages::{DeadLetter, WorkUnit};
 
 use crate::support::{read_expected, Pipeline};
@@ -146,35 +145,13 @@ async fn end_to_end_exact_totals_with_duplicates_and_poison() {
         index: 0,
         units: 1,
     };
-    // Transactional like the real producer, so that "consumed up to the last marker" means
-    // "consumed every record" when the test waits for the parser group below.
-    let producer: BaseProducer = tally_core::kafka::transactional_producer_config(
-        &p.kafka,
-        &tally_testkit::unique("poison"),
-        Duration::from_secs(60),
-    )
-    .create()
-    .unwrap();
-    producer.init_transactions(Duration::from_secs(30)).unwrap();
-    producer.begin_transaction().unwrap();
-    producer
-        .send(
-            BaseRecord::<str, str>::to(&p.topics.files)
-                .key("x")
-                .payload("{not json"),
-        )
-        .unwrap();
-    let json = serde_json::to_string(&stranger).unwrap();
-    producer
-        .send(
-            BaseRecord::<str, str>::to(&p.topics.files)
-                .key("stranger/0")
-                .payload(&json),
-        )
-        .unwrap();
-    producer
-        .commit_transaction(Duration::from_secs(30))
-        .unwrap();
+    p.announce_raw(&[
+        ("x".to_owned(), "{not json".to_owned()),
+        (
+            "stranger/0".to_owned(),
+            serde_json::to_string(&stranger).unwrap(),
+        ),
+    ]);
     // ...and a new file after the poison: the pipeline must go on.
     std::fs::write(p.data.join("after.txt"), "77 7\n").unwrap();
     p.tally(&[

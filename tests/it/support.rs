@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tally_core::messages::{Outcome, UnitDone};
@@ -206,6 +207,33 @@ impl Pipeline {
             expected.len(),
             totals.len()
         );
+    }
+
+    /// Sends `(key, payload)` records to the files topic in one transaction, as a producer
+    /// would (transactional, so that "consumed up to the last marker" means "consumed every
+    /// record" when a test waits for the parser group).
+    pub fn announce_raw(&self, records: &[(String, String)]) {
+        let producer: BaseProducer = tally_core::kafka::transactional_producer_config(
+            &self.kafka,
+            &tally_testkit::unique("raw"),
+            Duration::from_secs(60),
+        )
+        .create()
+        .unwrap();
+        producer.init_transactions(Duration::from_secs(30)).unwrap();
+        producer.begin_transaction().unwrap();
+        for (key, payload) in records {
+            producer
+                .send(
+                    BaseRecord::<str, str>::to(&self.topics.files)
+                        .key(key)
+                        .payload(payload),
+                )
+                .unwrap();
+        }
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .unwrap();
     }
 
     /// Every committed record of `topic`, as `(partition, payload)`.
