@@ -3,10 +3,12 @@
 //! exactly once: each batch's upserts and the consumed offsets commit in one database
 //! transaction.
 //!
-//! - [`service`]: the consumer loop and the batch transaction. Start reading here.
+//! - [`service`]: the consumer loop. Start reading here.
+//! - [`batch`]: one batch → one database transaction (offsets, gaps, upserts, ledger).
 //! - [`schema`]: migrations (`migrations/`), applied at start-up and by `tally migrate`.
 //! - [`verify`]: `tally verify`, totals against an expected-totals file.
 
+pub mod batch;
 pub mod schema;
 pub mod service;
 pub mod verify;

@@ -1,0 +1,132 @@
+//! One batch against a real PostgreSQL: a record delivered twice in the same batch (a replay
+//! after a revoke and re-assign inside one collection window) is applied once, and so is one
+//! below the stored offset; a partition whose first new record lies past the stored offset
+//! with the records in between gone from the log is a gap, and nothing is written.
+
+use std::collections::HashSet;
+
+use rdkafka::message::{OwnedHeaders, OwnedMessage, Timestamp};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tally_core::messages::SumsRecord;
+use tally_db_client::batch::{self, Checks, Gaps};
+use tally_db_client::schema;
+
+const TOPIC: &str = "t.sums";
+
+fn record(partition: i32, offset: i64, sums: Vec<(i64, i64)>) -> OwnedMessage {
+    OwnedMessage::new(
+        Some(serde_json::to_vec(&SumsRecord::Sums { sums }).unwrap()),
+        None,
+        TOPIC.to_owned(),
+        Timestamp::NotAvailable,
+        partition,
+        offset,
+        Some(OwnedHeaders::new()),
+    )
+}
+
+async fn database(what: &str) -> PgPool {
+    let url = tally_testkit::services().fresh_database(what).await;
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap();
+    schema::migrate(&pool).await.unwrap();
+    pool
+}
+
+async fn total(pool: &PgPool, id: i64) -> String {
+    sqlx::query_scalar("SELECT total::text FROM consumer_totals WHERE consumer_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_record_delivered_twice_in_one_batch_counts_once() {
+    let pool = database("batch_dedupe").await;
+    let accepted = HashSet::new();
+    let log_start = |_| Ok(0);
+    let checks = Checks {
+        log_start: &log_start,
+        accepted: &accepted,
+    };
+    let first = [record(0, 0, vec![(1, 10)]), record(0, 1, vec![(1, 5)])];
+    batch::apply(&pool, TOPIC, &first, &checks).await.unwrap();
+    // Offsets 2 and 3 are new; the consumer then replays from 1 (below the stored offset)
+    // and delivers 2 and 3 again within the same batch.
+    let second = [
+        record(0, 2, vec![(1, 100)]),
+        record(0, 3, vec![(1, 1000)]),
+        record(0, 1, vec![(1, 5)]),
+        record(0, 2, vec![(1, 100)]),
+        record(0, 3, vec![(1, 1000)]),
+    ];
+    let applied = batch::apply(&pool, TOPIC, &second, &checks).await.unwrap();
+    assert_eq!((applied.records, applied.skipped), (2, 3));
+    assert_eq!(total(&pool, 1).await, "1115");
+}
+
+#[tokio::test]
+async fn a_gap_writes_nothing_unless_that_gap_is_accepted() {
+    let pool = database("batch_gap").await;
+    let none = HashSet::new();
+    // Markers and aborted records in between (the log still starts at 0): no gap.
+    let log_start = |_| Ok(0);
+    let checks = Checks {
+        log_start: &log_start,
+        accepted: &none,
+    };
+    batch::apply(&pool, TOPIC, &[record(3, 0, vec![(7, 1)])], &checks)
+        .await
+        .unwrap();
+    batch::apply(&pool, TOPIC, &[record(3, 5, vec![(7, 2)])], &checks)
+        .await
+        .unwrap();
+    assert_eq!(total(&pool, 7).await, "3");
+
+    // Offsets 6..40 were deleted: the log starts at 40.
+    let log_start = |_| Ok(40);
+    let checks = Checks {
+        log_start: &log_start,
+        accepted: &none,
+    };
+    let error = batch::apply(&pool, TOPIC, &[record(3, 40, vec![(7, 4)])], &checks)
+        .await
+        .unwrap_err();
+    let gaps = error.downcast_ref::<Gaps>().expect("a gap");
+    assert_eq!(
+        (
+            gaps.gaps[0].partition,
+            gaps.gaps[0].stored,
+            gaps.gaps[0].log_start
+        ),
+        (3, 6, 40)
+    );
+    assert!(error.to_string().contains("--accept-gap 3:6"), "{error}");
+    assert_eq!(total(&pool, 7).await, "3", "nothing written past a gap");
+
+    // Another gap than the accepted one still stops; that one goes on.
+    let other = HashSet::from([(3, 5)]);
+    let checks = Checks {
+        log_start: &log_start,
+        accepted: &other,
+    };
+    assert!(
+        batch::apply(&pool, TOPIC, &[record(3, 40, vec![(7, 4)])], &checks)
+            .await
+            .is_err()
+    );
+    let this = HashSet::from([(3, 6)]);
+    let checks = Checks {
+        log_start: &log_start,
+        accepted: &this,
+    };
+    batch::apply(&pool, TOPIC, &[record(3, 40, vec![(7, 4)])], &checks)
+        .await
+        .unwrap();
+    assert_eq!(total(&pool, 7).await, "7");
+}
