@@ -2,7 +2,9 @@
 //! are complete, and apply the life-cycle action once every unit of a file is done.
 //!
 //! A file is complete when it is in the directory under its final name (names starting with `.`
-//! or ending in `.tmp`, `.part` or `.lock` are ignored) and no `<name>.lock` exists beside it.
+//! or ending in `.tmp`, `.part` or `.lock` are ignored), no `<name>.lock` exists beside it, and
+//! it was not modified for `--settle-ms` (for writers that write in place: a file still being
+//! written keeps changing its mtime).
 //! inotify (via `notify`) triggers a scan at once; a periodic rescan covers file systems
 //! without inotify (NFS) and missed events.
 //!
@@ -10,8 +12,9 @@
 //! restarted producer announces only what it had not announced yet. A file whose content
 //! changes after it was announced (same device, inode and birth time) is not announced again:
 //! that would count its old lines twice. It is reported at ERROR; the parsers reject its units
-//! if they had not parsed them yet (size changed). A new file under an old name is announced. A crash between the Kafka
-//! commit and that line re-announces a file: harmless, the parsers' done-set skips its units.
+//! if they had not parsed them yet (another identity). A new file under an old name is
+//! announced. A crash between the Kafka commit and that line re-announces a file: harmless,
+//! the parsers' done-set skips its units.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, OpenOptions};
@@ -26,7 +29,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_core::liveness::{self, Liveness, Step, Throttle};
-use tally_core::messages::UnitDone;
+use tally_core::messages::{Outcome, UnitDone};
 use tally_core::shutdown::CancellationToken;
 use tally_core::{KafkaArgs, LivenessArgs, Topics};
 
@@ -77,9 +80,14 @@ pub struct WatchArgs {
         default_value = "keep"
     )]
     pub after_done: AfterDone,
-    /// Exit after the first scan (announce what is there, then stop).
+    /// Exit after the first scan (announce what is complete, then stop).
     #[arg(long)]
     pub once: bool,
+    /// For writers that use neither a rename nor a `.lock` file: a file is complete only once
+    /// it was not modified (size and mtime stable) for this long. A renamed-in file whose last
+    /// write is older than this is announced at once.
+    #[arg(long, env = "TALLY_SETTLE_MS", default_value_t = 2_000)]
+    pub settle_ms: u64,
     /// Liveness watchdog.
     #[command(flatten)]
     pub liveness: LivenessArgs,
@@ -185,8 +193,8 @@ fn parse_inode(s: &str) -> Option<Inode> {
 struct DoneTracker {
     consumer: BaseConsumer,
     topic: String,
-    /// file id → (units of the file, ids of its units seen done).
-    progress: HashMap<String, (u32, HashSet<String>)>,
+    /// file id → (units of the file, ids of its units seen done, how many were rejected).
+    progress: HashMap<String, (u32, HashSet<String>, u32)>,
     /// Read errors (a broker outage), logged at a bounded rate.
     errors: Throttle,
 }
@@ -218,13 +226,13 @@ impl DoneTracker {
         })
     }
 
-    /// Reads done records for up to `wait`; returns files that became complete.
+    /// Reads done records for up to `wait`; returns files whose units are all done.
     fn poll(
         &mut self,
         wait: Duration,
         pending: &HashMap<String, PathBuf>,
         liveness: &Liveness,
-    ) -> Vec<String> {
+    ) -> Vec<FileDone> {
         let mut complete = Vec::new();
         let deadline = Instant::now() + wait;
         while let Some(message) = self
@@ -254,11 +262,18 @@ impl DoneTracker {
             let entry = self
                 .progress
                 .entry(done.file_id.clone())
-                .or_insert_with(|| (done.units, HashSet::new()));
-            entry.1.insert(done.unit_id);
+                .or_insert_with(|| (done.units, HashSet::new(), 0));
+            if entry.1.insert(done.unit_id) && done.outcome == Outcome::Rejected {
+                entry.2 += 1;
+            }
             if entry.1.len() as u32 >= entry.0 {
+                let (units, _, rejected) = entry.clone();
                 self.progress.remove(&done.file_id);
-                complete.push(done.file_id);
+                complete.push(FileDone {
+                    id: done.file_id,
+                    units,
+                    rejected,
+                });
             }
             if Instant::now() >= deadline {
                 break;
@@ -267,6 +282,40 @@ impl DoneTracker {
         liveness.positions(&self.consumer, &self.topic);
         complete
     }
+}
+
+/// A file whose units are all done.
+struct FileDone {
+    id: String,
+    units: u32,
+    /// Units rejected (dead-lettered, not in the totals).
+    rejected: u32,
+}
+
+/// Where `watch` lists the files it left in place because not all of their units were counted.
+pub const REJECTED_FILE: &str = ".tally-rejected";
+
+/// Lists a file not (fully) counted in `<dir>/.tally-rejected`, one line each:
+/// `<unix time> <rejected>/<units> <path>`.
+fn list_rejected(dir: &Path, file: &FileDone, path: &Path) -> anyhow::Result<()> {
+    let when = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let list = dir.join(REJECTED_FILE);
+    let mut out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&list)
+        .with_context(|| format!("cannot open {}", list.display()))?;
+    writeln!(
+        out,
+        "{when} {}/{} {}",
+        file.rejected,
+        file.units,
+        path.display()
+    )?;
+    out.sync_data()?;
+    Ok(())
 }
 
 /// Applies `action` to the file `id` at `path`, if the file there is still that file.
@@ -294,12 +343,26 @@ fn apply_after_done(action: &AfterDone, id: &str, path: &Path) -> anyhow::Result
 }
 
 /// The complete, not yet announced files in `dir`, with their physical identity.
-fn scan(
-    dir: &Path,
-    state: &mut State,
-    unit_bytes: u64,
-) -> anyhow::Result<Vec<(Vec<tally_core::messages::WorkUnit>, Option<Inode>)>> {
+/// What a scan found: complete files to announce (with their physical identity), and when the
+/// next file still being written settles, if any.
+struct Scan {
+    found: Vec<(Vec<tally_core::messages::WorkUnit>, Option<Inode>)>,
+    next_settled: Option<Instant>,
+}
+
+/// How long `meta`'s file must still stay unmodified to count as complete (zero: it is).
+fn unsettled_for(meta: &fs::Metadata, settle: Duration) -> Duration {
+    let age = meta
+        .modified()
+        .ok()
+        .and_then(|m| std::time::SystemTime::now().duration_since(m).ok())
+        .unwrap_or(Duration::ZERO);
+    settle.saturating_sub(age)
+}
+
+fn scan(dir: &Path, state: &mut State, unit_bytes: u64, settle: Duration) -> anyhow::Result<Scan> {
     let mut found = Vec::new();
+    let mut next_settled: Option<Instant> = None;
     let mut entries: Vec<_> = fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(Result::ok)
@@ -329,13 +392,23 @@ fn scan(
             }
             continue;
         }
+        let wait = unsettled_for(&meta, settle);
+        if !wait.is_zero() {
+            // Still being written, perhaps: look again once it may have settled.
+            let at = Instant::now() + wait;
+            next_settled = Some(next_settled.map_or(at, |n| n.min(at)));
+            continue;
+        }
         match announce::describe(&entry.path(), unit_bytes) {
             Ok(units) => found.push((units, inode)),
             // Vanished or replaced between listing and stat: the next scan sees what is there.
             Err(error) => tracing::debug!(%error, "skipping file for now"),
         }
     }
-    Ok(found)
+    Ok(Scan {
+        found,
+        next_settled,
+    })
 }
 
 /// Runs the watcher until `shutdown` is cancelled (or after one scan with `--once`).
@@ -384,6 +457,7 @@ pub fn run(
     tracing::info!(dir = %dir.display(), pending = state.pending.len(), "watching");
 
     let rescan = Duration::from_millis(args.rescan_interval_ms.max(10));
+    let settle = Duration::from_millis(args.settle_ms);
     let mut next_scan = Instant::now();
     while !shutdown.is_cancelled() {
         let mut triggered = false;
@@ -392,7 +466,11 @@ pub fn run(
         }
         if triggered || Instant::now() >= next_scan {
             next_scan = Instant::now() + rescan;
-            for (units, inode) in scan(&dir, &mut state, unit_bytes)? {
+            let scanned = scan(&dir, &mut state, unit_bytes, settle)?;
+            if let Some(at) = scanned.next_settled {
+                next_scan = next_scan.min(at);
+            }
+            for (units, inode) in scanned.found {
                 let (id, path) = (units[0].file_id.clone(), units[0].path.clone());
                 if let Err(error) = announcer.announce(&units) {
                     if args.once {
@@ -420,9 +498,20 @@ pub fn run(
                 break;
             }
         }
-        for id in tracker.poll(Duration::from_millis(200), &state.pending, &liveness) {
-            if let Some(path) = state.pending.remove(&id) {
-                if let Err(error) = apply_after_done(&args.after_done, &id, &path) {
+        for file in tracker.poll(Duration::from_millis(200), &state.pending, &liveness) {
+            let id = &file.id;
+            if let Some(path) = state.pending.remove(id) {
+                if file.rejected > 0 {
+                    // Not (fully) in the totals: the file is all that is left of those lines.
+                    tracing::error!(
+                        path = %path.display(),
+                        rejected = file.rejected,
+                        units = file.units,
+                        "file not fully counted (units rejected, reasons on the dead-letter \
+                         topic); left in place and listed in {REJECTED_FILE}"
+                    );
+                    list_rejected(&dir, &file, &path)?;
+                } else if let Err(error) = apply_after_done(&args.after_done, id, &path) {
                     tracing::error!(%error, "life-cycle action failed; file left in place");
                 }
                 state.record(&format!("finished {id}"))?;

@@ -293,3 +293,72 @@ async fn db_clients_under_rebalances_apply_each_record_once() {
     .unwrap();
     assert_eq!(overcounted, 0, "an end marker applied twice");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_written_in_place_is_announced_once_it_settled() {
+    use std::io::Write;
+    let mut p = Pipeline::new("settle").await;
+    let _watch = p.spawn("watch", &p.watch_args(&["--settle-ms", "1500"]));
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    // No rename, no lock: the writer appends a line every 300 ms for three seconds.
+    let mut file = std::fs::File::create(p.data.join("inplace.txt")).unwrap();
+    for _ in 0..10 {
+        file.write_all(b"9 1\n").unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(file);
+    p.wait_ingested(1, TIMEOUT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        p.totals().await,
+        HashMap::from([(9, 10)]),
+        "all ten lines, once"
+    );
+    let dead = p.read_topic(&p.topics.dead_letter);
+    assert!(
+        dead.is_empty(),
+        "nothing rejected: {} dead letters",
+        dead.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_with_rejected_units_are_kept_and_listed_not_deleted() {
+    let mut p = Pipeline::new("lifecycle").await;
+    let _watch = p.spawn(
+        "watch",
+        &p.watch_args(&["--settle-ms", "0", "--after-done", "delete"]),
+    );
+    // Under --bad-lines=fail a unit with a bad line is rejected: not in the totals.
+    let mut parser_args = p.parser_args("a");
+    parser_args.extend(["--bad-lines".to_owned(), "fail".to_owned()]);
+    let _parser = p.spawn("parser", &parser_args);
+    let _db = p.spawn("db-client", &["db-client"]);
+    for (name, body) in [("good.txt", "1 1\n"), ("bad.txt", "2 2\nnot a line\n")] {
+        let tmp = p.data.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, p.data.join(name)).unwrap();
+    }
+    let listed = p.data.join(".tally-rejected");
+    let deadline = Instant::now() + TIMEOUT;
+    while p.data.join("good.txt").exists()
+        || !std::fs::read_to_string(&listed).is_ok_and(|l| l.contains("bad.txt"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "good.txt deleted: {}, rejected list: {:?}",
+            !p.data.join("good.txt").exists(),
+            std::fs::read_to_string(&listed)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        p.data.join("bad.txt").exists(),
+        "a file that is not in the totals must not be deleted"
+    );
+    let line = std::fs::read_to_string(&listed).unwrap();
+    assert!(line.contains(" 1/1 "), "{line}");
+    assert_eq!(p.totals().await, HashMap::from([(1, 1)]));
+}

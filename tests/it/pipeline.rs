@@ -290,18 +290,7 @@ async fn files_are_archived_or_deleted_only_once_done() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_file_changed_after_announcement_is_not_counted_twice() {
     let mut p = Pipeline::new("changed").await;
-    let data = p.data.to_str().unwrap().to_owned();
-    let _watch = p.spawn(
-        "watch",
-        &[
-            "producer",
-            "watch",
-            "--dir",
-            &data,
-            "--rescan-interval-ms",
-            "100",
-        ],
-    );
+    let _watch = p.spawn("watch", &p.watch_args(&[]));
     let _parser = p.spawn("parser", &p.parser_args("a"));
     let _db = p.spawn("db-client", &["db-client"]);
     let path = p.data.join("a.txt");

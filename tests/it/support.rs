@@ -102,6 +102,15 @@ impl Pipeline {
         Stage { child, log }
     }
 
+    /// `producer watch` on the data directory, rescanning every 100 ms, with `extra` flags.
+    pub fn watch_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = ["producer", "watch", "--dir"].map(String::from).to_vec();
+        args.push(self.data.to_str().unwrap().to_owned());
+        args.extend(["--rescan-interval-ms".to_owned(), "100".to_owned()]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    }
+
     pub fn parser_args(&self, instance: &str) -> Vec<String> {
         [
             "parser",
