@@ -41,6 +41,12 @@ enum Command {
         kafka: KafkaArgs,
         #[command(flatten)]
         database: DatabaseArgs,
+        /// Days the files, sums, totals and dead-letter topics keep their records (new topics
+        /// only). Longer than any stage may be down: the db-client stops at records deleted
+        /// before it read them, and announcements deleted before a parser read them are lost.
+        #[arg(long, env = "TALLY_RETENTION_DAYS",
+              default_value_t = tally_core::kafka::RETENTION_DEFAULT.as_secs() / 86_400)]
+        retention_days: u64,
     },
 }
 
@@ -73,9 +79,14 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate { database } => {
             runtime()?.block_on(tally_db_client::schema::migrate_url(&database))
         }
-        Command::Init { kafka, database } => runtime()?.block_on(async move {
+        Command::Init {
+            kafka,
+            database,
+            retention_days,
+        } => runtime()?.block_on(async move {
             tally_db_client::schema::migrate_url(&database).await?;
-            tally_core::kafka::ensure_pipeline_topics(&kafka)
+            let retention = std::time::Duration::from_secs(retention_days.max(1) * 24 * 3600);
+            tally_core::kafka::ensure_pipeline_topics(&kafka, retention)
                 .await
                 .context("cannot create topics")?;
             tracing::info!(prefix = kafka.topic_prefix, "topics ready");

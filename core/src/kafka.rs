@@ -102,6 +102,8 @@ pub struct TopicSpec {
     pub partitions: i32,
     /// Log compaction instead of deletion (the done-set).
     pub compacted: bool,
+    /// How long records are kept (`retention.ms`); `None`: the broker's default.
+    pub retention: Option<Duration>,
 }
 
 /// Creates the topics that do not exist yet. Existing topics are left as they are.
@@ -110,15 +112,22 @@ pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec]) -> Result<(),
     config.remove("acks");
     apply_overrides(&mut config, args);
     let admin: AdminClient<DefaultClientContext> = config.create().map_err(AdminError::Client)?;
+    let retention: Vec<Option<String>> = topics
+        .iter()
+        .map(|t| t.retention.map(|r| r.as_millis().to_string()))
+        .collect();
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| {
-            let topic = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(-1));
+        .zip(&retention)
+        .map(|(t, retention)| {
+            let mut topic = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(-1));
             if t.compacted {
-                topic.set("cleanup.policy", "compact")
-            } else {
-                topic
+                topic = topic.set("cleanup.policy", "compact");
             }
+            if let Some(ms) = retention {
+                topic = topic.set("retention.ms", ms);
+            }
+            topic
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -163,12 +172,20 @@ pub const FILES_PARTITIONS: i32 = 6;
 /// Default partition count of `tally.sums` and `tally.totals`.
 pub const SUMS_PARTITIONS: i32 = 6;
 
-/// The topics of one pipeline with their partition counts and cleanup policies.
-pub fn topic_specs(topics: &crate::Topics) -> Vec<TopicSpec> {
+/// How long `tally init` keeps the records of the deleting topics by default: much longer
+/// than the broker's 7 days, so that a stage can be down for weeks before records it has not
+/// read are deleted. The db-client stops at such a gap rather than skip it.
+pub const RETENTION_DEFAULT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The topics of one pipeline with their partition counts, cleanup policies and retention
+/// (`retention` for every deleting topic; the compacted done topic keeps every unit's last
+/// record).
+pub fn topic_specs(topics: &crate::Topics, retention: Duration) -> Vec<TopicSpec> {
     let spec = |name: &str, partitions, compacted| TopicSpec {
         name: name.to_owned(),
         partitions,
         compacted,
+        retention: (!compacted).then_some(retention),
     };
     vec![
         spec(&topics.files, FILES_PARTITIONS, false),
@@ -181,8 +198,15 @@ pub fn topic_specs(topics: &crate::Topics) -> Vec<TopicSpec> {
 }
 
 /// Creates every topic of the pipeline that does not exist yet.
-pub async fn ensure_pipeline_topics(args: &KafkaArgs) -> Result<(), AdminError> {
-    ensure_topics(args, &topic_specs(&crate::Topics::new(&args.topic_prefix))).await
+pub async fn ensure_pipeline_topics(
+    args: &KafkaArgs,
+    retention: Duration,
+) -> Result<(), AdminError> {
+    ensure_topics(
+        args,
+        &topic_specs(&crate::Topics::new(&args.topic_prefix), retention),
+    )
+    .await
 }
 
 /// Sends `record`, waiting while librdkafka's queue is full (the queue's size bound is the

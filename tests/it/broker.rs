@@ -66,6 +66,7 @@ fn transactions_commit_and_abort_atomically_with_group_offsets() {
             name,
             partitions: 1,
             compacted: false,
+            retention: None,
         }),
     ))
     .expect("create topics");

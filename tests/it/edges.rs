@@ -362,3 +362,34 @@ async fn files_with_rejected_units_are_kept_and_listed_not_deleted() {
     assert!(line.contains(" 1/1 "), "{line}");
     assert_eq!(p.totals().await, HashMap::from([(1, 1)]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tally_init_keeps_records_longer_than_the_broker_default() {
+    use rdkafka::admin::ResourceSpecifier;
+    let p = Pipeline::new("retention").await;
+    let admin: AdminClient<DefaultClientContext> =
+        tally_core::kafka::base_config(&p.kafka).create().unwrap();
+    let topics = [
+        &p.topics.files,
+        &p.topics.sums,
+        &p.topics.totals,
+        &p.topics.dead_letter,
+    ];
+    let specifiers: Vec<ResourceSpecifier<'_>> = topics
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(t.as_str()))
+        .collect();
+    let described = admin
+        .describe_configs(&specifiers, &AdminOptions::new())
+        .await
+        .unwrap();
+    let thirty_days = (30u64 * 24 * 3600 * 1000).to_string();
+    for (topic, resource) in topics.iter().zip(described) {
+        let resource = resource.unwrap();
+        let retention = resource
+            .get("retention.ms")
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default();
+        assert_eq!(retention, thirty_days, "{topic}");
+    }
+}

@@ -73,6 +73,7 @@ fn waiting_records_and_no_progress_is_a_stall_idle_is_not() {
                 name: topic.clone(),
                 partitions: 2,
                 compacted: false,
+                retention: None,
             }],
         ))
         .unwrap();
