@@ -360,6 +360,8 @@ async fn files_with_rejected_units_are_kept_and_listed_not_deleted() {
     );
     let line = std::fs::read_to_string(&listed).unwrap();
     assert!(line.contains(" 1/1 "), "{line}");
+    // Done (parsed, in Kafka) comes before "in the totals": wait for the db-client.
+    p.wait_ingested(1, TIMEOUT).await;
     assert_eq!(p.totals().await, HashMap::from([(1, 1)]));
 }
 

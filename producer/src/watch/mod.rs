@@ -16,51 +16,25 @@
 //! announced. A crash between the Kafka commit and that line re-announces a file: harmless,
 //! the parsers' done-set skips its units.
 
-use std::collections::{HashMap, HashSet};
-use std::fs::{self, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+mod done;
+mod lifecycle;
+mod state;
+
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use notify::Watcher;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
-use tally_core::liveness::{self, Liveness, Step, Throttle};
-use tally_core::messages::{Outcome, UnitDone};
+use tally_core::liveness::{self, Liveness, Step};
 use tally_core::shutdown::CancellationToken;
 use tally_core::{KafkaArgs, LivenessArgs, Topics};
 
 use crate::announce::{self, Announcer};
-
-/// What to do with a file once every unit of it is done.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AfterDone {
-    /// Leave it.
-    Keep,
-    /// Delete it.
-    Delete,
-    /// Move it into this directory (same file system).
-    Archive(PathBuf),
-}
-
-impl FromStr for AfterDone {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        // `--after done=delete` reads as well as `--after-done delete`.
-        let s = s.strip_prefix("done=").unwrap_or(s);
-        match s {
-            "keep" => Ok(AfterDone::Keep),
-            "delete" => Ok(AfterDone::Delete),
-            _ => match s.strip_prefix("archive:") {
-                Some(dir) if !dir.is_empty() => Ok(AfterDone::Archive(PathBuf::from(dir))),
-                _ => Err(format!("expected keep, delete or archive:DIR, got `{s}`")),
-            },
-        }
-    }
-}
+use done::DoneTracker;
+use lifecycle::{apply_after_done, list_rejected};
+pub use lifecycle::{AfterDone, REJECTED_FILE};
+use state::{format_inode, inode_of, Inode, State};
 
 /// Arguments of `tally producer watch`.
 #[derive(Debug, Clone, clap::Args)]
@@ -101,248 +75,6 @@ pub fn is_candidate_name(name: &str) -> bool {
         || name.ends_with(".lock"))
 }
 
-const STATE_FILE: &str = ".tally-producer";
-
-/// The physical file behind an announcement: device, inode and birth time. Unlike the file id
-/// it survives changes of content, and unlike (device, inode) alone it is not fooled by a new
-/// file that got a recycled inode number.
-type Inode = (u64, u64, i128);
-
-fn inode_of(meta: &fs::Metadata) -> Option<Inode> {
-    use std::os::unix::fs::MetadataExt;
-    let born = meta
-        .created()
-        .ok()?
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?;
-    Some((meta.dev(), meta.ino(), born.as_nanos() as i128))
-}
-
-/// The producer's memory of a directory.
-#[derive(Debug, Default)]
-struct State {
-    /// Files announced and not finished: file id → path.
-    pending: HashMap<String, PathBuf>,
-    /// Every file id ever announced from this directory.
-    announced: HashSet<String>,
-    /// The physical files behind them (where the file system reports birth times).
-    inodes: HashSet<Inode>,
-    /// Changed files already reported, so that each is reported once.
-    reported: HashSet<String>,
-    log: Option<fs::File>,
-}
-
-impl State {
-    fn load(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join(STATE_FILE);
-        let mut state = State::default();
-        if let Ok(file) = fs::File::open(&path) {
-            for line in BufReader::new(file).lines() {
-                let line = line?;
-                let mut parts = line.splitn(4, ' ');
-                match (parts.next(), parts.next(), parts.next(), parts.next()) {
-                    (Some("announced"), Some(id), Some(inode), Some(p)) => {
-                        state.announced.insert(id.to_owned());
-                        state.pending.insert(id.to_owned(), PathBuf::from(p));
-                        if let Some(inode) = parse_inode(inode) {
-                            state.inodes.insert(inode);
-                        }
-                    }
-                    (Some("finished"), Some(id), _, _) => {
-                        state.pending.remove(id);
-                    }
-                    _ => tracing::warn!(line, "ignoring unreadable producer state line"),
-                }
-            }
-        }
-        state.log = Some(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .with_context(|| format!("cannot open {}", path.display()))?,
-        );
-        Ok(state)
-    }
-
-    fn record(&mut self, line: &str) -> anyhow::Result<()> {
-        let log = self.log.as_mut().context("state not loaded")?;
-        writeln!(log, "{line}")?;
-        log.sync_data()?;
-        Ok(())
-    }
-}
-
-fn format_inode(inode: Option<Inode>) -> String {
-    inode.map_or_else(
-        || "-".to_owned(),
-        |(dev, ino, born)| format!("{dev}:{ino}:{born}"),
-    )
-}
-
-fn parse_inode(s: &str) -> Option<Inode> {
-    let mut parts = s.split(':');
-    Some((
-        parts.next()?.parse().ok()?,
-        parts.next()?.parse().ok()?,
-        parts.next()?.parse().ok()?,
-    ))
-}
-
-/// Tracks `tally.done` to learn when every unit of a pending file is done.
-struct DoneTracker {
-    consumer: BaseConsumer,
-    topic: String,
-    /// file id → (units of the file, ids of its units seen done, how many were rejected).
-    progress: HashMap<String, (u32, HashSet<String>, u32)>,
-    /// Read errors (a broker outage), logged at a bounded rate.
-    errors: Throttle,
-}
-
-impl DoneTracker {
-    fn new(kafka: &KafkaArgs, topics: &Topics) -> anyhow::Result<Self> {
-        let group = format!("{}.producer-done-reader", topics.parser_group);
-        let consumer: BaseConsumer = tally_core::kafka::consumer_config(kafka, &group)
-            .create()
-            .context("cannot create the done-topic consumer")?;
-        let metadata = consumer
-            .fetch_metadata(Some(&topics.done), Duration::from_secs(30))
-            .context("cannot read done-topic metadata")?;
-        let mut tpl = TopicPartitionList::new();
-        for topic in metadata.topics() {
-            for p in topic.partitions() {
-                tpl.add_partition_offset(&topics.done, p.id(), Offset::Beginning)?;
-            }
-        }
-        if tpl.count() == 0 {
-            bail!("topic {} has no partitions (run `tally init`)", topics.done);
-        }
-        consumer.assign(&tpl)?;
-        Ok(Self {
-            consumer,
-            topic: topics.done.clone(),
-            progress: HashMap::new(),
-            errors: Throttle::new(Duration::from_secs(10)),
-        })
-    }
-
-    /// Reads done records for up to `wait`; returns files whose units are all done.
-    fn poll(
-        &mut self,
-        wait: Duration,
-        pending: &HashMap<String, PathBuf>,
-        liveness: &Liveness,
-    ) -> Vec<FileDone> {
-        let mut complete = Vec::new();
-        let deadline = Instant::now() + wait;
-        while let Some(message) = self
-            .consumer
-            .poll(deadline.saturating_duration_since(Instant::now()))
-        {
-            let message = match message {
-                Ok(message) => message,
-                Err(error) => {
-                    // A broker outage: the consumer reconnects by itself; keep polling.
-                    if let Some(skipped) = self.errors.allow() {
-                        tracing::warn!(%error, skipped, "done-topic read failed");
-                    }
-                    break;
-                }
-            };
-            liveness.progress();
-            let Some(done) = message
-                .payload()
-                .and_then(|p| serde_json::from_slice::<UnitDone>(p).ok())
-            else {
-                continue;
-            };
-            if !pending.contains_key(&done.file_id) {
-                continue;
-            }
-            let entry = self
-                .progress
-                .entry(done.file_id.clone())
-                .or_insert_with(|| (done.units, HashSet::new(), 0));
-            if entry.1.insert(done.unit_id) && done.outcome == Outcome::Rejected {
-                entry.2 += 1;
-            }
-            if entry.1.len() as u32 >= entry.0 {
-                let (units, _, rejected) = entry.clone();
-                self.progress.remove(&done.file_id);
-                complete.push(FileDone {
-                    id: done.file_id,
-                    units,
-                    rejected,
-                });
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-        }
-        liveness.positions(&self.consumer, &self.topic);
-        complete
-    }
-}
-
-/// A file whose units are all done.
-struct FileDone {
-    id: String,
-    units: u32,
-    /// Units rejected (dead-lettered, not in the totals).
-    rejected: u32,
-}
-
-/// Where `watch` lists the files it left in place because not all of their units were counted.
-pub const REJECTED_FILE: &str = ".tally-rejected";
-
-/// Lists a file not (fully) counted in `<dir>/.tally-rejected`, one line each:
-/// `<unix time> <rejected>/<units> <path>`.
-fn list_rejected(dir: &Path, file: &FileDone, path: &Path) -> anyhow::Result<()> {
-    let when = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let list = dir.join(REJECTED_FILE);
-    let mut out = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&list)
-        .with_context(|| format!("cannot open {}", list.display()))?;
-    writeln!(
-        out,
-        "{when} {}/{} {}",
-        file.rejected,
-        file.units,
-        path.display()
-    )?;
-    out.sync_data()?;
-    Ok(())
-}
-
-/// Applies `action` to the file `id` at `path`, if the file there is still that file.
-fn apply_after_done(action: &AfterDone, id: &str, path: &Path) -> anyhow::Result<()> {
-    let current = fs::metadata(path).ok().map(|m| announce::file_id(&m));
-    if current.as_deref() != Some(id) {
-        tracing::info!(path = %path.display(), "file done; a different file (or none) is there now, leaving it");
-        return Ok(());
-    }
-    match action {
-        AfterDone::Keep => {}
-        AfterDone::Delete => {
-            fs::remove_file(path).with_context(|| format!("cannot delete {}", path.display()))?
-        }
-        AfterDone::Archive(dir) => {
-            fs::create_dir_all(dir)?;
-            let target = dir.join(path.file_name().context("file without a name")?);
-            fs::rename(path, &target).with_context(|| {
-                format!("cannot move {} to {}", path.display(), target.display())
-            })?;
-        }
-    }
-    tracing::info!(path = %path.display(), ?action, "file done");
-    Ok(())
-}
-
-/// The complete, not yet announced files in `dir`, with their physical identity.
 /// What a scan found: complete files to announce (with their physical identity), and when the
 /// next file still being written settles, if any.
 struct Scan {
@@ -531,18 +263,5 @@ mod tests {
         for name in [".x", "x.tmp", "x.part", "x.lock", ".tmp"] {
             assert!(!is_candidate_name(name), "{name}");
         }
-    }
-
-    #[test]
-    fn after_done_parses() {
-        assert_eq!("keep".parse(), Ok(AfterDone::Keep));
-        assert_eq!("delete".parse(), Ok(AfterDone::Delete));
-        assert_eq!("archive:/a".parse(), Ok(AfterDone::Archive("/a".into())));
-        assert_eq!(
-            "done=archive:/a".parse(),
-            Ok(AfterDone::Archive("/a".into()))
-        );
-        assert_eq!("done=delete".parse(), Ok(AfterDone::Delete));
-        assert!("archive:".parse::<AfterDone>().is_err());
     }
 }
