@@ -295,6 +295,20 @@ pub fn retry<T>(
     }
 }
 
+/// Handles a consumer error that librdkafka marks fatal (the consumer is unusable from then on,
+/// e.g. a static member fenced after a broker restart): the process restarts in place, as safe
+/// as a crash, with fresh clients. Other errors return.
+pub fn restart_if_fatal(stage: &'static str, error: &KafkaError) {
+    if matches!(error, KafkaError::MessageConsumptionFatal(_)) {
+        tracing::error!(
+            stage,
+            %error,
+            "fatal consumer error: the client is unusable; restarting this process in place"
+        );
+        restart_in_place();
+    }
+}
+
 /// Whether a client error is the broker (or the network) being away for a while: the step
 /// that met it goes on until its own deadline instead of failing.
 pub fn is_transient(error: &KafkaError) -> bool {

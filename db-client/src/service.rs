@@ -16,7 +16,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-use tally_core::liveness::{Liveness, Throttle};
+use tally_core::liveness::{self, Liveness, Throttle};
 use tally_core::shutdown::CancellationToken;
 use tally_core::{kafka, DatabaseArgs, KafkaArgs, LivenessArgs, Topics};
 
@@ -123,6 +123,7 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
             Err(_) => continue,
             Ok(Ok(m)) => vec![m.detach()],
             Ok(Err(error)) => {
+                liveness::restart_if_fatal("db-client", &error);
                 if let Some(skipped) = consumer_errors.allow() {
                     tracing::warn!(%error, skipped, "consumer error");
                 }
@@ -138,6 +139,7 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
                     batch.push(m.detach());
                 }
                 Ok(Err(error)) => {
+                    liveness::restart_if_fatal("db-client", &error);
                     if let Some(skipped) = consumer_errors.allow() {
                         tracing::warn!(%error, skipped, "consumer error");
                     }

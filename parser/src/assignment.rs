@@ -177,6 +177,7 @@ impl Assignment {
             match polled {
                 None => break,
                 Some(Err(error)) => {
+                    liveness::restart_if_fatal("parser", &error);
                     if let Some(skipped) = self.errors.allow() {
                         tracing::warn!(%error, skipped, "consumer error");
                     }
@@ -354,6 +355,7 @@ fn serve_group(
         None => {}
         Some(Ok(message)) => stash.push_back(message.detach()),
         Some(Err(error)) => {
+            liveness::restart_if_fatal("parser", &error);
             if let Some(skipped) = errors.allow() {
                 tracing::warn!(%error, skipped, "consumer error");
             }
