@@ -6,7 +6,8 @@
 //! - [`offline`]: `tally sum`, the engine on local files or stdin, without Kafka.
 //! - [`service`]: `tally parser`, the consumer group on `tally.files` (KIP-447 transactions);
 //!   [`assignment`]: the partitions it holds (rebalances, paused done-set loads); [`sink`]:
-//!   its output into the open transaction;
+//!   its output into the open transaction; [`open`]: a unit's file, only if it is the
+//!   announced one;
 //!   [`doneset`]: which units are already done. A stalled instance restarts itself through
 //!   `tally_core::liveness`.
 
@@ -14,6 +15,7 @@ pub mod assignment;
 pub mod doneset;
 pub mod engine;
 pub mod offline;
+pub mod open;
 pub mod service;
 pub mod sink;
 pub mod source;

@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -20,7 +20,6 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
-use tally_core::identity;
 use tally_core::kafka::{self, TxnErrorKind};
 use tally_core::liveness::{self, Liveness};
 use tally_core::messages::{DeadLetter, Outcome, SumsRecord, UnitDone, WorkUnit};
@@ -31,6 +30,7 @@ use crate::assignment::{Assignment, BatchLimits};
 use crate::doneset::DoneSet;
 use crate::engine::{self, EngineConfig, EngineError, Source};
 use crate::offline::EngineArgs;
+use crate::open::open_unit;
 use crate::sink::{lossy, send_dead_letter, KafkaSink, TxnProducer};
 use crate::source::FileSource;
 
@@ -486,53 +486,6 @@ impl<'a> Parser<'a> {
         let partitions: HashSet<i32> = batch.iter().map(|m| m.partition()).collect();
         self.group.rewind(&partitions)
     }
-}
-
-/// Opens a unit's file, or says why not (the dead-letter reason). The path must resolve inside
-/// the data root; the open neither follows a final symbolic link nor blocks (a FIFO or device
-/// at the path cannot wedge the parser); and the descriptor's `fstat` must show a regular file
-/// with the announced identity (device, inode, size, mtime), so no unit is ever summed from
-/// bytes that are not the announced file's, whatever was renamed over its path since.
-fn open_unit(unit: &WorkUnit, data_root: &Path) -> Result<File, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let resolved =
-        std::fs::canonicalize(&unit.path).map_err(|e| format!("cannot resolve path: {e}"))?;
-    if !resolved.starts_with(data_root) {
-        return Err(format!(
-            "path outside the data root {}",
-            data_root.display()
-        ));
-    }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&resolved)
-        .map_err(|e| format!("cannot open: {e}"))?;
-    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!(
-            "not a regular file: {} is a {}",
-            resolved.display(),
-            identity::kind(&meta)
-        ));
-    }
-    if meta.len() != unit.file_bytes {
-        return Err(format!(
-            "size changed since announced ({} bytes announced, {} now)",
-            unit.file_bytes,
-            meta.len()
-        ));
-    }
-    let now = identity::file_id(&meta);
-    if now != unit.file_id {
-        return Err(format!(
-            "not the announced file: {} was replaced or rewritten after it was announced \
-             (announced as {}, now {now}); announce the new file to count it",
-            resolved.display(),
-            unit.file_id
-        ));
-    }
-    Ok(file)
 }
 
 fn rand_u64() -> u64 {

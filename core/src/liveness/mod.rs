@@ -1,0 +1,259 @@
+//! Liveness: a watchdog on progress, shared by every long-running stage.
+//!
+//! Exactly-once survives anything that stops a stage; liveness needs more: a stage that has
+//! work and does not move must notice and get itself going again. A stage reports to its
+//! [`Liveness`]:
+//! - [`Liveness::progress`] whenever it completes something (a unit, a batch, an announcement);
+//! - [`Liveness::step`] around every call that may block on the broker (a done-set load,
+//!   `init_transactions`, a transaction, a commit, a rewind, a watermark query, a retry loop
+//!   of any of these); the returned guard ends the step when dropped;
+//! - [`Liveness::positions`] after every poll: the input partitions it holds and its position in
+//!   each, so that the watchdog can tell "idle" from "stuck";
+//! - [`Liveness::waiting_on`] while it waits for something other than Kafka (PostgreSQL) that is
+//!   known to be down: restarting cannot help then.
+//!
+//! The watchdog thread calls a stage *stalled* when a step has been open longer than the
+//! limit, or when nothing was completed for longer than the limit while records wait in its
+//! partitions (their high watermarks, asked of the broker by a probe client of its own, are
+//! past the stage's positions). A stalled stage whose broker answers is restarted in place
+//! (`exec` of the same binary and arguments, same pid): exactly as safe as a kill -9 and a
+//! restart, which every stage is built and tested to survive, and it replaces every Kafka
+//! client whatever state librdkafka is in. A stalled stage whose broker does not answer waits
+//! for it and says so, at a bounded rate; once the broker answers again, the stage gets a
+//! quarter of the limit to get going by itself before the restart.
+
+mod outage;
+mod watchdog;
+
+pub use outage::{is_transient, restart_if_fatal, retry, Throttle};
+pub use watchdog::restart_in_place;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::Offset;
+
+use crate::args::KafkaArgs;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The input a stage holds: topic and (partition, next offset to process).
+#[derive(Debug, Clone, Default)]
+struct Input {
+    topic: String,
+    positions: Vec<(i32, i64)>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    last_progress_ms: AtomicU64,
+    /// Open steps as (id, what, since ms); several: steps nest (a retry loop around a load).
+    steps: Mutex<Vec<(u64, &'static str, u64)>>,
+    next_step: AtomicU64,
+    input: Mutex<Input>,
+    /// Something other than Kafka the stage waits for, if any.
+    waiting_on: Mutex<Option<&'static str>>,
+}
+
+/// A stage's liveness handle; cheap to clone, shared with the watchdog thread.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    stage: &'static str,
+    shared: Arc<Shared>,
+}
+
+/// Ends its step when dropped.
+#[must_use = "the step ends when the guard is dropped"]
+#[derive(Debug)]
+pub struct Step {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        self.shared
+            .steps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|s| s.0 != self.id);
+    }
+}
+
+/// Ends its wait when dropped.
+#[must_use = "the wait ends when the guard is dropped"]
+#[derive(Debug)]
+pub struct Waiting {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        *self
+            .shared
+            .waiting_on
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        // The wait was not the stage's fault: the quiet clock starts again.
+        self.shared
+            .last_progress_ms
+            .store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+impl Liveness {
+    /// A handle that watches nothing (for in-process use and tests).
+    pub fn unwatched(stage: &'static str) -> Self {
+        let shared = Arc::new(Shared::default());
+        shared.last_progress_ms.store(now_ms(), Ordering::Relaxed);
+        Self { stage, shared }
+    }
+
+    /// Starts the watchdog thread of `stage`: stalled longer than `limit` while the broker
+    /// answers means a restart in place.
+    pub fn start(stage: &'static str, kafka: &KafkaArgs, limit: Duration) -> Self {
+        Self::start_with(stage, kafka, limit, |_| restart_in_place())
+    }
+
+    /// [`Liveness::start`] with another action than the restart (called with the reason, again
+    /// at every check while the stage stays stalled): for tests.
+    pub fn start_with(
+        stage: &'static str,
+        kafka: &KafkaArgs,
+        limit: Duration,
+        on_stall: impl Fn(&str) + Send + 'static,
+    ) -> Self {
+        let liveness = Self::unwatched(stage);
+        let watched = liveness.clone();
+        let kafka = kafka.clone();
+        std::thread::Builder::new()
+            .name("tally-liveness".into())
+            .spawn(move || watchdog::watch(&watched, &kafka, limit, &on_stall))
+            .map(|_| ())
+            .unwrap_or_else(|error| tracing::warn!(%error, "cannot start the liveness watchdog"));
+        liveness
+    }
+
+    /// Something was completed.
+    pub fn progress(&self) {
+        self.shared
+            .last_progress_ms
+            .store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// A call that may block on the broker begins; it ends when the guard is dropped.
+    pub fn step(&self, what: &'static str) -> Step {
+        let id = self.shared.next_step.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .steps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, what, now_ms()));
+        Step {
+            shared: self.shared.clone(),
+            id,
+        }
+    }
+
+    /// The stage waits for `what` (not Kafka), known to be unavailable, until the guard drops.
+    pub fn waiting_on(&self, what: &'static str) -> Waiting {
+        *self
+            .shared
+            .waiting_on
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(what);
+        Waiting {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Records the input the stage holds: its assigned partitions of `topic` and its position
+    /// in each (partitions without a position yet are left out).
+    pub fn positions<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, topic: &str) {
+        self.set_positions(topic, consumer.position().ok());
+    }
+
+    /// [`Liveness::positions`] for a stream consumer.
+    pub fn stream_positions<C>(&self, consumer: &rdkafka::consumer::StreamConsumer<C>, topic: &str)
+    where
+        C: ConsumerContext + 'static,
+    {
+        self.set_positions(topic, consumer.position().ok());
+    }
+
+    /// Records the input the stage holds as (partition, next offset to process) pairs.
+    pub fn set_input(&self, topic: &str, positions: Vec<(i32, i64)>) {
+        *self.shared.input.lock().unwrap_or_else(|p| p.into_inner()) = Input {
+            topic: topic.to_owned(),
+            positions,
+        };
+    }
+
+    fn set_positions(&self, topic: &str, tpl: Option<rdkafka::TopicPartitionList>) {
+        let positions = tpl
+            .map(|tpl| {
+                tpl.elements_for_topic(topic)
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some((e.partition(), o)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.set_input(topic, positions);
+    }
+
+    /// Why the stage is stalled, if it is, judged without the broker: the oldest open step
+    /// past `limit`.
+    fn stalled_step(&self, limit: Duration) -> Option<String> {
+        let now = now_ms();
+        let steps = self.shared.steps.lock().unwrap_or_else(|p| p.into_inner());
+        steps
+            .iter()
+            .min_by_key(|s| s.2)
+            .filter(|s| now.saturating_sub(s.2) > limit.as_millis() as u64)
+            .map(|s| {
+                format!(
+                    "`{}` has not finished for {} s",
+                    s.1,
+                    now.saturating_sub(s.2) / 1000
+                )
+            })
+    }
+
+    fn quiet_for(&self) -> Duration {
+        Duration::from_millis(
+            now_ms().saturating_sub(self.shared.last_progress_ms.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_nest_and_end_on_drop() {
+        let l = Liveness::unwatched("test");
+        let outer = l.step("outer");
+        {
+            let _inner = l.step("inner");
+            assert_eq!(l.shared.steps.lock().unwrap().len(), 2);
+        }
+        assert_eq!(l.shared.steps.lock().unwrap().len(), 1);
+        assert!(l.stalled_step(Duration::from_secs(60)).is_none());
+        // Backdate the outer step: it is now past the limit.
+        l.shared.steps.lock().unwrap()[0].2 -= 61_000;
+        let reason = l.stalled_step(Duration::from_secs(60)).unwrap();
+        assert!(reason.contains("outer"), "{reason}");
+        drop(outer);
+        assert!(l.stalled_step(Duration::from_secs(60)).is_none());
+    }
+}
