@@ -122,7 +122,11 @@ pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec]) -> Result<(),
         .map(|(t, retention)| {
             let mut topic = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(-1));
             if t.compacted {
-                topic = topic.set("cleanup.policy", "compact");
+                // Segments roll hourly (the broker's default is a week): only closed segments
+                // are compacted, so a done topic holds about one record per file within hours.
+                topic = topic
+                    .set("cleanup.policy", "compact")
+                    .set("segment.ms", "3600000");
             }
             if let Some(ms) = retention {
                 topic = topic.set("retention.ms", ms);
@@ -178,8 +182,8 @@ pub const SUMS_PARTITIONS: i32 = 6;
 pub const RETENTION_DEFAULT: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The topics of one pipeline with their partition counts, cleanup policies and retention
-/// (`retention` for every deleting topic; the compacted done topic keeps every unit's last
-/// record).
+/// (`retention` for every deleting topic; the compacted done topic keeps each file's latest
+/// done-state, until the parsers prune it).
 pub fn topic_specs(topics: &crate::Topics, retention: Duration) -> Vec<TopicSpec> {
     let spec = |name: &str, partitions, compacted| TopicSpec {
         name: name.to_owned(),

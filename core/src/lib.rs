@@ -5,7 +5,9 @@
 //! - [`topics`]: topic names and consumer-group ids, derived from one prefix;
 //! - [`messages`]: the records on every topic (the contract between stages);
 //! - [`identity`]: file identity, computed alike where files are announced and where they are read;
+//! - [`ranges`]: sets of byte ranges, the done-state of a file however it was split;
 //! - [`kafka`]: librdkafka client configuration, topic creation, transaction error classes;
+//! - [`rebalance`]: rebalance events recorded for a stage loop to act on between polls;
 //! - [`liveness`]: the watchdog on progress every long-running stage reports to, and which
 //!   client errors are a broker outage rather than a failure;
 //! - [`telemetry`]: tracing set-up; [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
@@ -18,6 +20,8 @@ pub mod identity;
 pub mod kafka;
 pub mod liveness;
 pub mod messages;
+pub mod ranges;
+pub mod rebalance;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topics;

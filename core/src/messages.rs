@@ -3,44 +3,46 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A work unit on `tally.files` (key: [`WorkUnit::unit_id`]): the lines of `path` that start in
+use crate::ranges::Ranges;
+
+/// A work unit on `tally.files` (key: [`WorkUnit::stream`]): the lines of `path` that start in
 /// `start..end`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkUnit {
-    /// Identity of the file: the same file announced twice has the same id, a new file that
-    /// reuses a name has another (see producer's `file_id`).
+    /// The physical file, across appends and rewrites in place (device, inode, birth time;
+    /// [`crate::identity::stream_id`]). Also the record key: every unit of every version of a
+    /// file lands in one partition, where one parser owns its done-state.
+    pub stream: String,
+    /// The version announced: device, inode, mtime and size ([`crate::identity::file_id`]).
     pub file_id: String,
-    /// `<file_id>/<index>`; also the record key, so every announcement of a unit lands in the
-    /// same partition.
+    /// `<file_id>/<start>-<end>`: names the byte range, so units of different splits differ.
     pub unit_id: String,
     /// Absolute path as the producer saw it; must resolve inside the parser's `--data-root`.
     pub path: String,
-    /// File size at announcement; a parser rejects the unit if the size changed.
+    /// File size at announcement: only these bytes are read, even if the file grew since.
     pub file_bytes: u64,
+    /// [`crate::identity::fingerprint`] of the announced `file_bytes`.
+    pub fingerprint: u64,
     /// First byte of the unit.
     pub start: u64,
     /// One past the last byte of the unit.
     pub end: u64,
-    /// Index of this unit in its file.
-    pub index: u32,
-    /// Number of units of the file.
-    pub units: u32,
 }
 
-/// Longest id (file or unit) a work unit may carry.
+/// Longest id (stream, file or unit) a work unit may carry.
 pub const ID_BYTES_MAX: usize = 256;
 /// Longest path a work unit may carry (Linux's `PATH_MAX`).
 pub const PATH_BYTES_MAX: usize = 4096;
 
 impl WorkUnit {
-    /// The unit id for unit `index` of `file_id`.
-    pub fn unit_id(file_id: &str, index: u32) -> String {
-        format!("{file_id}/{index}")
+    /// The unit id for bytes `start..end` of `file_id`.
+    pub fn unit_id(file_id: &str, start: u64, end: u64) -> String {
+        format!("{file_id}/{start}-{end}")
     }
 
     /// Whether the unit is well-formed, before anything is opened: ids and path of sane length
-    /// without control characters, a unit id that belongs to its file id, a byte range inside
-    /// the file. The error is the dead-letter reason. A unit that fails this is a bad
+    /// without control characters, a unit id that names its file and byte range, a byte range
+    /// inside the file. The error is the dead-letter reason. A unit that fails this is a bad
     /// notification: it names nothing tally could ever parse.
     pub fn check(&self) -> Result<(), String> {
         let clean = |what: &str, s: &str, max: usize| {
@@ -52,58 +54,76 @@ impl WorkUnit {
                 Ok(())
             }
         };
+        clean("stream", &self.stream, ID_BYTES_MAX)?;
         clean("file_id", &self.file_id, ID_BYTES_MAX)?;
         clean("unit_id", &self.unit_id, ID_BYTES_MAX)?;
         clean("path", &self.path, PATH_BYTES_MAX)?;
-        if !self
-            .unit_id
-            .strip_prefix(&self.file_id)
-            .is_some_and(|rest| rest.starts_with('/'))
-        {
-            return Err("unit_id does not belong to file_id".to_owned());
-        }
         if self.start > self.end || self.end > self.file_bytes {
             return Err(format!(
                 "byte range {}..{} is not inside the {}-byte file",
                 self.start, self.end, self.file_bytes
             ));
         }
-        if self.units == 0 || self.index >= self.units {
-            return Err(format!("unit {} of {} units", self.index, self.units));
+        if self.unit_id != Self::unit_id(&self.file_id, self.start, self.end) {
+            return Err("unit_id does not name its file_id and byte range".to_owned());
         }
         Ok(())
     }
 }
 
-/// How a unit ended, on `tally.done` (key: unit id; compacted).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Outcome {
-    /// Parsed; its sums are on `tally.sums`.
-    Summed,
-    /// Not parsed (outside the data root, missing, size changed…); dead-lettered.
-    Rejected,
+/// The done-state of a stream on `tally.done` (key: stream; compacted, so the latest record
+/// per stream is what counts): which bytes of its latest counted version are summed or
+/// rejected. Written in the transaction of every unit that changes it; a tombstone (no
+/// payload) when the parsers prune it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamDone {
+    /// The stream.
+    pub stream: String,
+    /// The version the ranges describe: the longest counted one.
+    pub file_id: String,
+    /// Its path when last announced.
+    pub path: String,
+    /// Its size.
+    pub file_bytes: u64,
+    /// Its [`crate::identity::fingerprint`]: a later version whose first `file_bytes` have the
+    /// same fingerprint is an append and inherits the ranges; any other is a rewrite and
+    /// starts afresh.
+    pub fingerprint: u64,
+    /// Bytes whose lines are in the sums.
+    pub summed: Ranges,
+    /// Bytes whose units were rejected (dead-lettered): never parsed again.
+    pub rejected: Ranges,
 }
 
-/// Completion record of a unit on `tally.done`, written in the same transaction as its sums.
+impl StreamDone {
+    /// Whether every byte of the first `file_bytes` is summed or rejected.
+    pub fn finished(&self, file_bytes: u64) -> bool {
+        let mut all = self.summed.clone();
+        all.extend(&self.rejected);
+        all.covers(0, file_bytes)
+    }
+}
+
+/// A unit's summary, in its end markers on `tally.sums` (for the ingested-files ledger).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitDone {
     /// The unit.
     pub unit_id: String,
-    /// Its file.
+    /// Its file version.
     pub file_id: String,
     /// Its file's path.
     pub path: String,
-    /// Number of units of the file.
-    pub units: u32,
-    /// What happened.
-    pub outcome: Outcome,
-    /// Lines owned by the unit (good and bad).
+    /// Its file version's size.
+    pub file_bytes: u64,
+    /// Lines summed (good and bad): those starting in the unit's bytes that no earlier unit
+    /// of the stream had summed.
     pub lines: u64,
     /// Bad lines among them.
     pub bad_lines: u64,
-    /// Bytes of the unit.
+    /// Bytes summed (the unit's bytes less those summed before).
     pub bytes: u64,
+    /// With this unit every byte of the file version is summed.
+    pub completes_file: bool,
 }
 
 /// A record on `tally.sums` / `tally.totals`.
@@ -191,7 +211,7 @@ mod tests {
         assert_eq!(json, r#"{"type":"sums","sums":[[1,2],[3,4]]}"#);
         assert_eq!(serde_json::from_str::<SumsRecord>(&json).unwrap(), record);
         let dead = DeadLetter::RejectedUnit {
-            unit_id: "f/0".into(),
+            unit_id: "f/0-1".into(),
             path: "/x".into(),
             reason: "outside data root".into(),
         };
@@ -202,14 +222,14 @@ mod tests {
     #[test]
     fn work_units_are_checked_before_use() {
         let good = WorkUnit {
+            stream: "s".into(),
             file_id: "f".into(),
-            unit_id: "f/0".into(),
+            unit_id: "f/0-10".into(),
             path: "/data/x".into(),
             file_bytes: 10,
+            fingerprint: 7,
             start: 0,
             end: 10,
-            index: 0,
-            units: 1,
         };
         assert_eq!(good.check(), Ok(()));
         let bad = |edit: fn(&mut WorkUnit)| {
@@ -220,18 +240,19 @@ mod tests {
         assert!(bad(|u| u.unit_id = "f/\0".into()).contains("control"));
         assert!(bad(|u| u.path = "/data/\nx".into()).contains("control"));
         assert!(bad(|u| u.file_id = "x".repeat(100_000)).contains("100000 bytes"));
-        assert!(bad(|u| u.unit_id = "g/0".into()).contains("belong"));
-        assert!(bad(|u| u.unit_id = "ff/0".into()).contains("belong"));
+        assert!(bad(|u| u.stream = String::new()).contains("stream is 0 bytes"));
+        assert!(bad(|u| u.unit_id = "g/0-10".into()).contains("name its"));
+        assert!(bad(|u| u.unit_id = "f/0".into()).contains("name its"));
+        assert!(bad(|u| u.start = 2).contains("name its"));
         assert!(bad(|u| u.end = 11).contains("not inside"));
         assert!(bad(|u| {
             u.start = 5;
             u.end = 4;
         })
         .contains("not inside"));
-        assert!(bad(|u| u.index = 1).contains("unit 1 of 1"));
         // An empty file's one unit is fine.
         let mut empty = good.clone();
-        (empty.file_bytes, empty.end) = (0, 0);
+        (empty.file_bytes, empty.end, empty.unit_id) = (0, 0, "f/0-0".into());
         assert_eq!(empty.check(), Ok(()));
     }
 

@@ -281,7 +281,8 @@ async fn record_units(
     let unit_ids: Vec<&str> = units.keys().map(String::as_str).collect();
     let file_ids: Vec<&str> = units.values().map(|u| u.0.file_id.as_str()).collect();
     let paths: Vec<&str> = units.values().map(|u| u.0.path.as_str()).collect();
-    let totals: Vec<i32> = units.values().map(|u| u.0.units as i32).collect();
+    let sizes: Vec<i64> = units.values().map(|u| u.0.file_bytes as i64).collect();
+    let completes: Vec<bool> = units.values().map(|u| u.0.completes_file).collect();
     let partitions: Vec<i32> = units.values().map(|u| u.1).collect();
     let seen: Vec<i32> = units.values().map(|u| u.2).collect();
     let lines: Vec<i64> = units.values().map(|u| u.0.lines as i64).collect();
@@ -289,9 +290,9 @@ async fn record_units(
     let bytes: Vec<i64> = units.values().map(|u| u.0.bytes as i64).collect();
     sqlx::query(
         "WITH u AS (
-           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::int[], $6::int[],
-                                $7::bigint[], $8::bigint[], $9::bigint[])
-             AS u(unit_id, file_id, path, units, partitions, seen, lines, bad_lines, bytes)
+           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::int[],
+                                $7::bigint[], $8::bigint[], $9::bigint[], $10::bool[])
+             AS u(unit_id, file_id, path, file_bytes, partitions, seen, lines, bad_lines, bytes, completes)
          ), counted AS (
            INSERT INTO ingested_units
              (unit_id, file_id, partitions_total, partitions_seen, lines, bad_lines, bytes)
@@ -301,11 +302,14 @@ async fn record_units(
                  ingested_at = now()
            RETURNING unit_id, partitions_seen >= partitions_total AS complete
          )
-         INSERT INTO ingested_files (file_id, path, units_total, units_ingested, lines, bad_lines, bytes)
-         SELECT u.file_id, max(u.path), max(u.units), count(*), sum(u.lines), sum(u.bad_lines), sum(u.bytes)
+         INSERT INTO ingested_files
+           (file_id, path, file_bytes, units_ingested, lines, bad_lines, bytes, complete)
+         SELECT u.file_id, max(u.path), max(u.file_bytes), count(*), sum(u.lines), sum(u.bad_lines),
+                sum(u.bytes), bool_or(u.completes)
          FROM u JOIN counted USING (unit_id) WHERE counted.complete GROUP BY u.file_id
          ON CONFLICT (file_id) DO UPDATE SET
            units_ingested = ingested_files.units_ingested + EXCLUDED.units_ingested,
+           complete = ingested_files.complete OR EXCLUDED.complete,
            lines = ingested_files.lines + EXCLUDED.lines,
            bad_lines = ingested_files.bad_lines + EXCLUDED.bad_lines,
            bytes = ingested_files.bytes + EXCLUDED.bytes,
@@ -314,12 +318,13 @@ async fn record_units(
     .bind(&unit_ids)
     .bind(&file_ids)
     .bind(&paths)
-    .bind(&totals)
+    .bind(&sizes)
     .bind(&partitions)
     .bind(&seen)
     .bind(&lines)
     .bind(&bad)
     .bind(&bytes)
+    .bind(&completes)
     .execute(&mut *tx)
     .await
     .context("record ingested units")?;

@@ -5,10 +5,12 @@
 //!
 //! - [`service`]: the consumer loop. Start reading here.
 //! - [`batch`]: one batch → one database transaction (offsets, gaps, upserts, ledger).
+//! - [`resume`]: where an assigned partition resumes: the offset stored with the totals.
 //! - [`schema`]: migrations (`migrations/`), applied at start-up and by `tally migrate`.
 //! - [`verify`]: `tally verify`, totals against an expected-totals file.
 
 pub mod batch;
+pub mod resume;
 pub mod schema;
 pub mod service;
 pub mod verify;

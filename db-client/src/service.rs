@@ -17,10 +17,12 @@ use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tally_core::liveness::{self, Liveness, Throttle};
+use tally_core::rebalance::RebalanceLog;
 use tally_core::shutdown::CancellationToken;
 use tally_core::{kafka, DatabaseArgs, KafkaArgs, LivenessArgs, Topics};
 
 use crate::batch::{self, Applied, Checks, Gaps};
+use crate::resume::{Resume, TopicReset};
 use crate::schema;
 
 /// Arguments of `tally db-client`.
@@ -84,8 +86,9 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
     let mut config = kafka::consumer_config(&args.kafka, &topics.db_client_group);
     kafka::static_membership(&mut config, args.instance_id.as_deref());
     kafka::apply_overrides(&mut config, &args.kafka);
-    let consumer: StreamConsumer = config
-        .create()
+    let rebalances = RebalanceLog::default();
+    let consumer: StreamConsumer<RebalanceLog> = config
+        .create_with_context(rebalances.clone())
         .context("cannot create the Kafka consumer")?;
     consumer.subscribe(&[&topic])?;
     tracing::info!(topic, database = %args.database.redacted_url(), "db-client started");
@@ -107,7 +110,26 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
     let mut uncommitted: BTreeMap<i32, i64> = BTreeMap::new();
     let mut totals = Applied::default();
     let mut consumer_errors = Throttle::new(Duration::from_secs(10));
+    let mut resume = Resume::default();
+    // Open while the stored offsets cannot be read (PostgreSQL down): a restart cannot help.
+    let mut resume_waits = None;
     'outer: while !shutdown.is_cancelled() {
+        resume.update(&rebalances);
+        match resume.seek(&consumer, &pool, &topic, &accepted).await {
+            Ok(()) => resume_waits = None,
+            Err(error) if error.is::<TopicReset>() => {
+                tracing::error!(error = %error, "recreated input topic: stopping");
+                commit_to_kafka(&consumer, &topic, &mut uncommitted);
+                return Err(error);
+            }
+            Err(error) => {
+                resume_waits.get_or_insert_with(|| liveness.waiting_on("PostgreSQL"));
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "cannot resume assigned partitions yet"
+                );
+            }
+        }
         // Wakes up at least once a second while idle: the watchdog sees the positions, lag
         // tools see the offsets.
         let first = tokio::select! {
@@ -147,6 +169,12 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
                 }
                 Err(_) => break,
             }
+        }
+        // Records of partitions assigned meanwhile are read again once sought.
+        resume.update(&rebalances);
+        batch.retain(|m| !resume.waits(m.partition()));
+        if batch.is_empty() {
+            continue;
         }
         // A database outage is retried, never skipped: the batch stays in hand until it lands.
         let mut backoff = Duration::from_millis(100);
@@ -203,7 +231,11 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
 
 /// Commits applied offsets to Kafka, for lag tools only: the database is the checkpoint, and
 /// Kafka's committed offsets always trail it.
-fn commit_to_kafka(consumer: &StreamConsumer, topic: &str, uncommitted: &mut BTreeMap<i32, i64>) {
+fn commit_to_kafka(
+    consumer: &StreamConsumer<RebalanceLog>,
+    topic: &str,
+    uncommitted: &mut BTreeMap<i32, i64>,
+) {
     if uncommitted.is_empty() {
         return;
     }

@@ -8,60 +8,19 @@
 //! anything polled meanwhile is kept in order, never dropped.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{
-    BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
-};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use tally_core::liveness::{self, Liveness, Throttle};
 use tally_core::messages::WorkUnit;
+use tally_core::rebalance::{RebalanceEvent, RebalanceLog};
 use tally_core::shutdown::CancellationToken;
 
 use crate::doneset::DoneSet;
-
-/// Partition assignment changes, recorded by the consumer context (inside `poll`).
-#[derive(Debug)]
-enum Event {
-    Assigned(Vec<i32>),
-    Revoked(Vec<i32>),
-}
-
-struct RebalanceRecorder {
-    events: Arc<Mutex<Vec<Event>>>,
-}
-
-impl RebalanceRecorder {
-    fn record(&self, event: Event) {
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(event);
-    }
-}
-
-impl ClientContext for RebalanceRecorder {}
-
-impl ConsumerContext for RebalanceRecorder {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            self.record(Event::Revoked(
-                tpl.elements().iter().map(|e| e.partition()).collect(),
-            ));
-        }
-    }
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            self.record(Event::Assigned(
-                tpl.elements().iter().map(|e| e.partition()).collect(),
-            ));
-        }
-    }
-}
 
 /// Bounds of one batch of units.
 #[derive(Debug, Clone, Copy)]
@@ -74,8 +33,8 @@ pub struct BatchLimits {
 
 /// The partitions this instance holds and what it knows of them.
 pub struct Assignment {
-    consumer: BaseConsumer<RebalanceRecorder>,
-    events: Arc<Mutex<Vec<Event>>>,
+    consumer: BaseConsumer<RebalanceLog>,
+    events: RebalanceLog,
     topic: String,
     done: DoneSet,
     /// Partitions whose done-set is loaded: their units may be processed.
@@ -100,11 +59,9 @@ impl Assignment {
         liveness: Liveness,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let consumer: BaseConsumer<RebalanceRecorder> = config
-            .create_with_context(RebalanceRecorder {
-                events: events.clone(),
-            })
+        let events = RebalanceLog::default();
+        let consumer: BaseConsumer<RebalanceLog> = config
+            .create_with_context(events.clone())
             .context("cannot create the Kafka consumer")?;
         Ok(Self {
             consumer,
@@ -135,19 +92,37 @@ impl Assignment {
         self.consumer.unsubscribe();
     }
 
+    /// Partitions whose done-set is loaded.
+    pub fn loaded(&self) -> Vec<i32> {
+        let mut loaded: Vec<i32> = self.assigned.iter().copied().collect();
+        loaded.sort_unstable();
+        loaded
+    }
+
+    /// The committed offsets of `partitions` (one request).
+    pub fn committed(&self, partitions: &[i32]) -> anyhow::Result<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(&self.topic, *p);
+        }
+        Ok(self
+            .consumer
+            .committed_offsets(tpl, Duration::from_secs(10))?)
+    }
+
     /// The consumer's group metadata (KIP-447 fencing), if it is a member right now.
     pub fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
         self.consumer.group_metadata()
     }
 
-    /// Whether `unit_id` of `partition` is done.
-    pub fn is_done(&self, partition: i32, unit_id: &str) -> bool {
-        self.done.contains(partition, unit_id)
+    /// The done-set of the loaded partitions.
+    pub fn done(&self) -> &DoneSet {
+        &self.done
     }
 
-    /// Records a unit completed by a committed transaction.
-    pub fn mark_done(&mut self, partition: i32, unit_id: String) {
-        self.done.insert(partition, unit_id);
+    /// Records what a committed transaction did to the done-set.
+    pub fn done_mut(&mut self) -> &mut DoneSet {
+        &mut self.done
     }
 
     /// Polls a batch of units, bounded in count and bytes, handling rebalances as they come.
@@ -212,11 +187,9 @@ impl Assignment {
     /// Applies assignment changes: revoked partitions leave the batch, the stash and the
     /// done-set; assigned ones wait in `loading` until their done-set is loaded.
     fn handle_rebalance(&mut self, batch: &mut Vec<OwnedMessage>) {
-        let events: Vec<Event> =
-            std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()));
-        for event in events {
+        for event in self.events.take() {
             match event {
-                Event::Revoked(parts) => {
+                RebalanceEvent::Revoked(parts) => {
                     tracing::info!(?parts, "partitions revoked");
                     batch.retain(|m| !parts.contains(&m.partition()));
                     self.stash.retain(|m| !parts.contains(&m.partition()));
@@ -226,7 +199,7 @@ impl Assignment {
                         self.loading.remove(p);
                     }
                 }
-                Event::Assigned(parts) => {
+                RebalanceEvent::Assigned(parts) => {
                     tracing::info!(?parts, "partitions assigned, loading done-set");
                     for p in parts {
                         self.assigned.remove(&p);
@@ -256,7 +229,7 @@ impl Assignment {
             let errors = &mut self.errors;
             let mut keep_alive = || {
                 serve_group(consumer, stash, errors);
-                events.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+                events.is_empty()
             };
             match self.done.load(partition, &mut keep_alive) {
                 Ok(true) => {
@@ -347,7 +320,7 @@ impl Assignment {
 /// Polls the group consumer without taking work: keeps the instance in its group while a
 /// long step runs. Anything it returns (only from partitions not yet paused) is kept in order.
 fn serve_group(
-    consumer: &BaseConsumer<RebalanceRecorder>,
+    consumer: &BaseConsumer<RebalanceLog>,
     stash: &mut VecDeque<OwnedMessage>,
     errors: &mut Throttle,
 ) {

@@ -1,12 +1,14 @@
-//! The done-set: unit ids already completed, per `tally.files` partition, read from the
-//! compacted `tally.done` topic (co-partitioned: files partition p ↔ done partition p).
+//! The done-set: the done-state of every stream (file) of a `tally.files` partition, read from
+//! the compacted `tally.done` topic (co-partitioned: files partition p ↔ done partition p; the
+//! latest record per stream wins, a tombstone removes it). One entry per file, however many
+//! units and announcements it had.
 //!
 //! On assignment, a partition's done records are read with `read_committed` up to the high
 //! watermark captured at that moment, before any unit of that partition is processed. Reading
 //! only to the last stable offset would not do: an open transaction of a dead instance holds it
 //! back until aborted, and units it completed would look undone.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -15,14 +17,23 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_core::liveness::{self, Throttle};
-use tally_core::messages::UnitDone;
+use tally_core::messages::StreamDone;
 use tally_core::KafkaArgs;
 
-/// Completed unit ids per partition.
+/// A stream's done-state and when it was last written (ms since the epoch).
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The state.
+    pub done: StreamDone,
+    /// Time of its record.
+    pub at_ms: i64,
+}
+
+/// Done-state per stream, per partition.
 pub struct DoneSet {
     reader: BaseConsumer,
     topic: String,
-    units: HashMap<i32, HashSet<String>>,
+    streams: HashMap<i32, HashMap<String, Entry>>,
 }
 
 /// How long to wait for one partition's done records (an open transaction of a dead instance
@@ -38,26 +49,46 @@ impl DoneSet {
         Ok(Self {
             reader,
             topic: topic.to_owned(),
-            units: HashMap::new(),
+            streams: HashMap::new(),
         })
     }
 
-    /// Whether `unit_id` of `partition` is done.
-    pub fn contains(&self, partition: i32, unit_id: &str) -> bool {
-        self.units
+    /// The done-state of `stream` in `partition`, if any.
+    pub fn get(&self, partition: i32, stream: &str) -> Option<&StreamDone> {
+        self.streams
             .get(&partition)
-            .is_some_and(|s| s.contains(unit_id))
+            .and_then(|s| s.get(stream))
+            .map(|e| &e.done)
     }
 
-    /// Records units completed by a committed transaction.
-    pub fn insert(&mut self, partition: i32, unit_id: String) {
-        self.units.entry(partition).or_default().insert(unit_id);
+    /// Records a state written by a committed transaction.
+    pub fn insert(&mut self, partition: i32, done: StreamDone) {
+        let at_ms = now_ms();
+        self.streams
+            .entry(partition)
+            .or_default()
+            .insert(done.stream.clone(), Entry { done, at_ms });
+    }
+
+    /// Removes a stream pruned by a committed transaction.
+    pub fn remove(&mut self, partition: i32, stream: &str) {
+        if let Some(s) = self.streams.get_mut(&partition) {
+            s.remove(stream);
+        }
+    }
+
+    /// The streams of `partition`.
+    pub fn entries(&self, partition: i32) -> impl Iterator<Item = &Entry> {
+        self.streams
+            .get(&partition)
+            .into_iter()
+            .flat_map(|s| s.values())
     }
 
     /// Forgets revoked partitions.
     pub fn forget(&mut self, partitions: &[i32]) {
         for p in partitions {
-            self.units.remove(p);
+            self.streams.remove(p);
         }
     }
 
@@ -105,7 +136,7 @@ impl DoneSet {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, partition, Offset::Beginning)?;
         self.reader.assign(&tpl)?;
-        let set = self.units.entry(partition).or_default();
+        let set = self.streams.entry(partition).or_default();
         set.clear();
         let loaded = loop {
             match tally_core::kafka::position_of(&self.reader, &self.topic, partition) {
@@ -123,19 +154,34 @@ impl DoneSet {
                 None => {}
                 Some(Err(error)) => transient(&error)?,
                 Some(Ok(message)) => {
-                    if let Some(done) = message
-                        .payload()
-                        .and_then(|p| serde_json::from_slice::<UnitDone>(p).ok())
-                    {
-                        set.insert(done.unit_id);
+                    let stream = message.key().map(String::from_utf8_lossy);
+                    match (stream, message.payload()) {
+                        // A tombstone: the stream was pruned.
+                        (Some(stream), None) => {
+                            set.remove(stream.as_ref());
+                        }
+                        (_, Some(payload)) => {
+                            if let Ok(done) = serde_json::from_slice::<StreamDone>(payload) {
+                                let at_ms = message.timestamp().to_millis().unwrap_or_else(now_ms);
+                                set.insert(done.stream.clone(), Entry { done, at_ms });
+                            }
+                        }
+                        (None, None) => {}
                     }
                 }
             }
         };
         self.reader.unassign()?;
         if loaded {
-            tracing::debug!(partition, units = set.len(), high, "done-set loaded");
+            tracing::info!(partition, streams = set.len(), high, "done-set loaded");
         }
         Ok(loaded)
     }
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -8,7 +8,8 @@
 //!   [`assignment`]: the partitions it holds (rebalances, paused done-set loads); [`sink`]:
 //!   its output into the open transaction; [`open`]: a unit's file, only if it is the
 //!   announced one;
-//!   [`doneset`]: which units are already done. A stalled instance restarts itself through
+//!   [`doneset`]: the done-state of every file (stream) of its partitions; [`streams`]: which
+//!   bytes of a unit that state still leaves to sum. A stalled instance restarts itself through
 //!   `tally_core::liveness`.
 
 pub mod assignment;
@@ -19,3 +20,4 @@ pub mod open;
 pub mod service;
 pub mod sink;
 pub mod source;
+pub mod streams;

@@ -27,6 +27,12 @@ impl FileSource {
         let len = file.metadata()?.len();
         Ok(Self { file, len })
     }
+
+    /// Reads only the first `len` bytes of `file`: a file that grew since its announcement is
+    /// read as it was announced (the caller checked that those bytes are still there).
+    pub fn with_len(file: File, len: u64) -> Self {
+        Self { file, len }
+    }
 }
 
 /// One window: mapped, or read into memory.

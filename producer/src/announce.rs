@@ -1,11 +1,12 @@
 //! Files → work units → one Kafka transaction per file on `tally.files`.
 //!
 //! A unit is a byte range of at most `unit_bytes`; it owns the lines that start inside it (the
-//! parse engine's rule), so the cut points need not be line-aligned. Records are keyed by unit
-//! id, so a repeated announcement of a unit lands in the same partition as the first, where the
-//! parser's done-set recognises it.
+//! parse engine's rule), so the cut points need not be line-aligned. Records are keyed by the
+//! file's stream (device, inode, birth time), so every announcement of a file, whatever its
+//! split or version, lands in the one partition whose parser holds the file's done-state and
+//! counts only the bytes no earlier unit counted.
 
-use std::fs::Metadata;
+use std::fs::{File, Metadata};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
@@ -18,26 +19,29 @@ use tally_core::messages::WorkUnit;
 use tally_core::{KafkaArgs, Topics};
 
 pub use tally_core::identity::file_id;
+use tally_core::identity::{fingerprint, stream_id};
 
-/// The work units of the file at `path` (absolute) with metadata `meta`. An empty file has one
-/// empty unit, so that it too is marked done and reaches its life-cycle action.
-pub fn work_units(path: &Path, meta: &Metadata, unit_bytes: u64) -> Vec<WorkUnit> {
-    let id = file_id(meta);
+/// The work units of the file at `path` (absolute) with metadata `meta` and fingerprint
+/// `print`. An empty file has one empty unit, so that it too is marked done and reaches its
+/// life-cycle action.
+pub fn work_units(path: &Path, meta: &Metadata, print: u64, unit_bytes: u64) -> Vec<WorkUnit> {
+    let (stream, id) = (stream_id(meta), file_id(meta));
     let size = meta.size();
     let unit_bytes = unit_bytes.max(1);
-    let units = size.div_ceil(unit_bytes).max(1) as u32;
+    let units = size.div_ceil(unit_bytes).max(1);
     (0..units)
         .map(|index| {
-            let start = u64::from(index) * unit_bytes;
+            let start = (index * unit_bytes).min(size);
+            let end = (start + unit_bytes).min(size);
             WorkUnit {
+                stream: stream.clone(),
                 file_id: id.clone(),
-                unit_id: WorkUnit::unit_id(&id, index),
+                unit_id: WorkUnit::unit_id(&id, start, end),
                 path: path.to_string_lossy().into_owned(),
                 file_bytes: size,
-                start: start.min(size),
-                end: (start + unit_bytes).min(size),
-                index,
-                units,
+                fingerprint: print,
+                start,
+                end,
             }
         })
         .collect()
@@ -120,7 +124,7 @@ impl Announcer {
         for unit in units {
             let payload = serde_json::to_vec(unit).expect("work units serialise");
             let record = BaseRecord::<str, [u8]>::to(&self.topic)
-                .key(&unit.unit_id)
+                .key(&unit.stream)
                 .payload(&payload);
             kafka::send_waiting(&self.producer, record)?;
         }
@@ -150,7 +154,25 @@ pub fn describe(path: &Path, unit_bytes: u64) -> anyhow::Result<Vec<WorkUnit>> {
     if !meta.is_file() {
         bail!("{} is not a regular file", absolute.display());
     }
-    Ok(work_units(&absolute, &meta, unit_bytes))
+    // Identity and fingerprint from one open descriptor: they describe the same bytes. The
+    // open never blocks, whatever was swapped in at the path since the check.
+    let file: File = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&absolute)
+            .with_context(|| format!("cannot open {}", absolute.display()))?
+    };
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", absolute.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", absolute.display());
+    }
+    let print = fingerprint(&file, meta.size())
+        .with_context(|| format!("cannot read {}", absolute.display()))?;
+    Ok(work_units(&absolute, &meta, print, unit_bytes))
 }
 
 #[cfg(test)]
@@ -169,7 +191,8 @@ mod tests {
         assert!(units.windows(2).all(|w| w[0].end == w[1].start));
         assert!(units
             .iter()
-            .all(|u| u.file_id == units[0].file_id && u.units == 4));
+            .all(|u| u.file_id == units[0].file_id && u.check().is_ok()));
+        assert_eq!(units[1].unit_id, format!("{}/300-600", units[0].file_id));
         // Same file: same id. A new file under the same name: a new id.
         assert_eq!(describe(&path, 300).unwrap()[0].file_id, units[0].file_id);
         std::fs::remove_file(&path).unwrap();

@@ -12,7 +12,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_core::messages::{DeadLetter, WorkUnit};
 
-use crate::support::{Pipeline, Stage};
+use crate::support::{accept_gap_flags, Pipeline, Stage};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -81,23 +81,23 @@ async fn hostile_notifications_are_dead_lettered_and_wedge_nothing() {
     std::fs::write(&real, "5 50\n").unwrap();
     let meta = std::fs::metadata(&real).unwrap();
     let real_id = tally_core::identity::file_id(&meta);
-    let unit = |file_id: &str, unit_id: &str, path: &std::path::Path, start, end, bytes| WorkUnit {
+    let unit = |file_id: &str, path: &std::path::Path, start, end, bytes| WorkUnit {
+        stream: file_id.into(),
         file_id: file_id.into(),
-        unit_id: unit_id.into(),
+        unit_id: WorkUnit::unit_id(file_id, start, end),
         path: path.to_str().unwrap().into(),
         file_bytes: bytes,
+        fingerprint: 0,
         start,
         end,
-        index: 0,
-        units: 1,
     };
     let long = "x".repeat(200_000);
     let hostile = [
-        unit("fifo", "fifo/0", &fifo, 0, 0, 0),
-        unit("nul\0id", "nul\0id/0", &real, 0, 5, 5),
-        unit(&long, &format!("{long}/0"), &real, 0, 5, 5),
-        unit(&real_id, &format!("{real_id}/0"), &real, 0, 50, 5),
-        unit(&real_id, &format!("{real_id}/0"), &real, 4, 2, 5),
+        unit("fifo", &fifo, 0, 0, 0),
+        unit("nul\0id", &real, 0, 5, 5),
+        unit(&long, &real, 0, 5, 5),
+        unit(&real_id, &real, 0, 50, 5),
+        unit(&real_id, &real, 4, 2, 5),
     ];
     let records: Vec<(String, String)> = hostile
         .iter()
@@ -152,18 +152,6 @@ async fn hostile_notifications_are_dead_lettered_and_wedge_nothing() {
         .all(|(_, v)| v.len() < 10_000));
     p.wait_files_consumed(TIMEOUT).await;
     assert_eq!(p.totals().await, HashMap::from([(5, 50), (6, 60)]));
-}
-
-/// Waits up to `within` for `stage` to exit; its exit status, if it did.
-async fn exit_of(stage: &mut Stage, within: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Some(status) = stage.child.try_wait().unwrap() {
-            return Some(status);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    None
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -233,7 +221,7 @@ async fn records_deleted_before_they_were_applied_stop_the_db_client() {
             args.extend(["--accept-gap".to_owned(), gap.clone()]);
         }
         let mut db = p.spawn("db-client", &args);
-        let Some(status) = exit_of(&mut db, Duration::from_secs(20)).await else {
+        let Some(status) = db.exit_within(Duration::from_secs(20)).await else {
             break; // running past every gap
         };
         assert!(!status.success(), "a gap is an error exit");
@@ -244,11 +232,8 @@ async fn records_deleted_before_they_were_applied_stop_the_db_client() {
             p.assert_totals(&expected_first, "a gap (nothing past it)")
                 .await;
         }
-        let new: Vec<String> = log
-            .split("--accept-gap ")
-            .skip(1)
-            .filter_map(|rest| rest.split_whitespace().next())
-            .map(|s| s.trim_end_matches(|c: char| !c.is_ascii_digit()).to_owned())
+        let new: Vec<String> = accept_gap_flags(&log)
+            .into_iter()
             .filter(|gap| !accepted.contains(gap))
             .collect();
         assert!(!new.is_empty(), "no new gap named: {log}");
@@ -359,7 +344,8 @@ async fn files_with_rejected_units_are_kept_and_listed_not_deleted() {
         "a file that is not in the totals must not be deleted"
     );
     let line = std::fs::read_to_string(&listed).unwrap();
-    assert!(line.contains(" 1/1 "), "{line}");
+    // Rejected bytes of the file's bytes: all 15 of them.
+    assert!(line.contains(" 15/15 "), "{line}");
     // Done (parsed, in Kafka) comes before "in the totals": wait for the db-client.
     p.wait_ingested(1, TIMEOUT).await;
     assert_eq!(p.totals().await, HashMap::from([(1, 1)]));
@@ -394,4 +380,21 @@ async fn tally_init_keeps_records_longer_than_the_broker_default() {
             .unwrap_or_default();
         assert_eq!(retention, thirty_days, "{topic}");
     }
+    // The done topic: compacted, with segments that roll hourly so compaction can run.
+    let done = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(p.topics.done.as_str())],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let value = |key: &str| {
+        done.get(key)
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(value("cleanup.policy"), "compact");
+    assert_eq!(value("segment.ms"), "3600000");
 }

@@ -8,7 +8,9 @@
 mod broker;
 mod crash;
 mod edges;
+mod files;
 mod liveness;
 mod pipeline;
+mod resume;
 mod sum_cli;
 mod support;

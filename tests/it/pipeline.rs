@@ -93,13 +93,13 @@ async fn end_to_end_exact_totals_with_duplicates_and_poison() {
 
     // The ledger knows every file, its units and its bad lines.
     let (files, bad): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), sum(bad_lines)::bigint FROM ingested_files WHERE units_ingested = units_total",
+        "SELECT count(*), sum(bad_lines)::bigint FROM ingested_files WHERE complete",
     )
     .fetch_one(&p.pool)
     .await
     .unwrap();
     assert_eq!((files, bad), (6, MESSY_BAD_LINES));
-    let units: i64 = sqlx::query_scalar("SELECT max(units_total)::bigint FROM ingested_files")
+    let units: i64 = sqlx::query_scalar("SELECT max(units_ingested)::bigint FROM ingested_files")
         .fetch_one(&p.pool)
         .await
         .unwrap();
@@ -136,14 +136,14 @@ async fn end_to_end_exact_totals_with_duplicates_and_poison() {
     let outside = p.dir.join("outside.txt");
     std::fs::write(&outside, "1 1000000\n").unwrap();
     let stranger = WorkUnit {
+        stream: "stranger".into(),
         file_id: "stranger".into(),
-        unit_id: "stranger/0".into(),
+        unit_id: "stranger/0-10".into(),
         path: outside.to_str().unwrap().into(),
         file_bytes: 10,
+        fingerprint: 0,
         start: 0,
         end: 10,
-        index: 0,
-        units: 1,
     };
     p.announce_raw(&[
         ("x".to_owned(), "{not json".to_owned()),
@@ -288,7 +288,7 @@ async fn files_are_archived_or_deleted_only_once_done() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_file_changed_after_announcement_is_not_counted_twice() {
+async fn a_file_appended_after_announcement_counts_only_its_new_lines() {
     let mut p = Pipeline::new("changed").await;
     let _watch = p.spawn("watch", &p.watch_args(&[]));
     let _parser = p.spawn("parser", &p.parser_args("a"));
@@ -298,26 +298,24 @@ async fn a_file_changed_after_announcement_is_not_counted_twice() {
     p.wait_ingested(1, TIMEOUT).await;
 
     // The writer appends after the file was announced and summed: the same file (device,
-    // inode, birth time) with other content must not be announced, hence counted, again.
+    // inode, birth time), a new version, announced again; only the new line is counted.
     std::fs::OpenOptions::new()
         .append(true)
         .open(&path)
         .unwrap()
         .write_all(b"1 5\n")
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let files: i64 = sqlx::query_scalar("SELECT count(*) FROM ingested_files")
-        .fetch_one(&p.pool)
-        .await
-        .unwrap();
-    assert_eq!(files, 1, "the changed file was announced again");
-    assert_eq!(p.totals().await, HashMap::from([(1, 10)]));
+    p.wait_ingested(2, TIMEOUT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(p.totals().await, HashMap::from([(1, 15)]));
 
-    // A new file under the same name (quite likely on a recycled inode number) is new.
+    // A new file under the same name (quite likely on a recycled inode number) is new, even
+    // with the same content as the old one: counted whole.
     std::fs::remove_file(&path).unwrap();
     let tmp = p.data.join(".b.tmp");
-    std::fs::write(&tmp, "2 7\n").unwrap();
+    std::fs::write(&tmp, "1 10\n1 5\n").unwrap();
     std::fs::rename(&tmp, &path).unwrap();
-    p.wait_ingested(2, TIMEOUT).await;
-    assert_eq!(p.totals().await, HashMap::from([(1, 10), (2, 7)]));
+    p.wait_ingested(3, TIMEOUT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(p.totals().await, HashMap::from([(1, 30)]));
 }

@@ -11,7 +11,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
-use tally_core::messages::{Outcome, UnitDone};
+use tally_core::messages::{SumsRecord, UnitDone};
 use tally_core::{KafkaArgs, Topics};
 
 /// One isolated pipeline: its own topic prefix, database and data directory.
@@ -86,6 +86,15 @@ impl Pipeline {
             String::from_utf8_lossy(&output.stderr)
         );
         stdout
+    }
+
+    /// Runs `tally` with `args`; whether it succeeded.
+    pub async fn try_tally(&self, args: &[&str]) -> bool {
+        let mut cmd = self.command(args);
+        tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .unwrap()
+            .is_ok_and(|o| o.status.success())
     }
 
     /// Starts a long-running stage; its output goes to a log file in the pipeline's directory.
@@ -166,7 +175,7 @@ impl Pipeline {
 
     /// Files with all units in the ledger.
     pub async fn files_ingested(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM ingested_files WHERE units_ingested = units_total")
+        sqlx::query_scalar("SELECT count(*) FROM ingested_files WHERE complete")
             .fetch_one(&self.pool)
             .await
             .unwrap()
@@ -250,16 +259,35 @@ impl Pipeline {
         read_committed(&self.kafka, topic)
     }
 
+    /// The committed unit-end markers (one per unit and transaction; from sums partition 0,
+    /// as every unit ends in every partition).
+    pub fn unit_ends(&self) -> Vec<UnitDone> {
+        self.read_topic(&self.topics.sums)
+            .into_iter()
+            .filter(|(partition, v)| *partition == 0 && v.starts_with(br#"{"type":"unit-end""#))
+            .map(|(_, v)| match serde_json::from_slice(&v).unwrap() {
+                SumsRecord::UnitEnd { unit, .. } => unit,
+                SumsRecord::Sums { .. } => unreachable!(),
+            })
+            .collect()
+    }
+
     /// How many times each unit was committed as summed (must be once).
     pub fn summed_units(&self) -> HashMap<String, usize> {
         let mut summed = HashMap::new();
-        for (_, v) in self.read_topic(&self.topics.done) {
-            let done: UnitDone = serde_json::from_slice(&v).unwrap();
-            if done.outcome == Outcome::Summed {
-                *summed.entry(done.unit_id).or_default() += 1;
-            }
+        for unit in self.unit_ends() {
+            *summed.entry(unit.unit_id).or_default() += 1;
         }
         summed
+    }
+
+    /// Bytes summed per file version, over every committed unit.
+    pub fn summed_bytes(&self) -> HashMap<String, u64> {
+        let mut bytes = HashMap::new();
+        for unit in self.unit_ends() {
+            *bytes.entry(unit.file_id).or_default() += unit.bytes;
+        }
+        bytes
     }
 
     /// Waits until the parser group has committed every announced unit.
@@ -301,6 +329,18 @@ pub struct Stage {
 
 impl Stage {
     /// SIGKILL, no chance to clean up.
+    /// Waits up to `within` for the stage to exit; its exit status, if it did.
+    pub async fn exit_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -335,6 +375,17 @@ impl Drop for Stage {
 
 /// Reads every committed record of `topic` (all partitions) up to the high watermarks.
 pub fn read_committed(kafka: &KafkaArgs, topic: &str) -> Vec<(i32, Vec<u8>)> {
+    read_records(kafka, topic)
+        .into_iter()
+        .map(|(p, _, v)| (p, v.unwrap_or_default()))
+        .collect()
+}
+
+/// A record as read: partition, key, payload (none: a tombstone).
+pub type Record = (i32, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Reads every committed record of `topic` with its key, tombstones included.
+pub fn read_records(kafka: &KafkaArgs, topic: &str) -> Vec<Record> {
     let consumer: BaseConsumer =
         tally_core::kafka::consumer_config(kafka, &tally_testkit::unique("reader"))
             .create()
@@ -365,7 +416,11 @@ pub fn read_committed(kafka: &KafkaArgs, topic: &str) -> Vec<(i32, Vec<u8>)> {
         assert!(Instant::now() < deadline, "timed out reading {topic}");
         if let Some(m) = consumer.poll(Duration::from_millis(200)) {
             let m = m.unwrap();
-            records.push((m.partition(), m.payload().unwrap_or_default().to_vec()));
+            records.push((
+                m.partition(),
+                m.key().map(<[u8]>::to_vec),
+                m.payload().map(<[u8]>::to_vec),
+            ));
         }
     }
 }
@@ -429,4 +484,13 @@ pub fn assert_services_of_the_script() {
 /// Reads an expected-totals file (`consumer_id total` lines).
 pub fn read_expected(path: &Path) -> HashMap<i64, i128> {
     tally_db_client::verify::read_expected(path).unwrap()
+}
+
+/// The `PARTITION:OFFSET` values of the `--accept-gap` flags a db-client's error names.
+pub fn accept_gap_flags(log: &str) -> Vec<String> {
+    log.split("--accept-gap ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(|s| s.trim_end_matches(|c: char| !c.is_ascii_digit()).to_owned())
+        .collect()
 }

@@ -1,7 +1,7 @@
-//! Reading `tally.done` to learn when every unit of a pending file is done, and how many of
-//! its units were rejected.
+//! Reading `tally.done` to learn when every byte of a pending file version is done (summed or
+//! rejected), and how many bytes were rejected.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -9,16 +9,15 @@ use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use tally_core::identity;
 use tally_core::liveness::{Liveness, Throttle};
-use tally_core::messages::{Outcome, UnitDone};
+use tally_core::messages::StreamDone;
 use tally_core::{KafkaArgs, Topics};
 
-/// Tracks `tally.done` to learn when every unit of a pending file is done.
+/// Tracks `tally.done` to learn when every byte of a pending file version is done.
 pub(super) struct DoneTracker {
     consumer: BaseConsumer,
     topic: String,
-    /// file id → (units of the file, ids of its units seen done, how many were rejected).
-    progress: HashMap<String, (u32, HashSet<String>, u32)>,
     /// Read errors (a broker outage), logged at a bounded rate.
     errors: Throttle,
 }
@@ -45,16 +44,17 @@ impl DoneTracker {
         Ok(Self {
             consumer,
             topic: topics.done.clone(),
-            progress: HashMap::new(),
             errors: Throttle::new(Duration::from_secs(10)),
         })
     }
 
-    /// Reads done records for up to `wait`; returns files whose units are all done.
+    /// Reads done records for up to `wait`; returns pending versions (file id → path and
+    /// stream) that are done: every byte summed or rejected, or superseded by a later version
+    /// of the same stream (a file that grew or was rewritten; its own units all came first).
     pub(super) fn poll(
         &mut self,
         wait: Duration,
-        pending: &HashMap<String, PathBuf>,
+        pending: &HashMap<String, (PathBuf, Option<String>)>,
         liveness: &Liveness,
     ) -> Vec<FileDone> {
         let mut complete = Vec::new();
@@ -76,28 +76,29 @@ impl DoneTracker {
             liveness.progress();
             let Some(done) = message
                 .payload()
-                .and_then(|p| serde_json::from_slice::<UnitDone>(p).ok())
+                .and_then(|p| serde_json::from_slice::<StreamDone>(p).ok())
             else {
                 continue;
             };
-            if !pending.contains_key(&done.file_id) {
-                continue;
-            }
-            let entry = self
-                .progress
-                .entry(done.file_id.clone())
-                .or_insert_with(|| (done.units, HashSet::new(), 0));
-            if entry.1.insert(done.unit_id) && done.outcome == Outcome::Rejected {
-                entry.2 += 1;
-            }
-            if entry.1.len() as u32 >= entry.0 {
-                let (units, _, rejected) = entry.clone();
-                self.progress.remove(&done.file_id);
-                complete.push(FileDone {
-                    id: done.file_id,
-                    units,
-                    rejected,
-                });
+            for (id, (_, stream)) in pending {
+                if *id == done.file_id && done.finished(done.file_bytes) {
+                    complete.push(FileDone {
+                        id: id.clone(),
+                        file_bytes: done.file_bytes,
+                        rejected_bytes: done.rejected.bytes(),
+                        superseded: false,
+                    });
+                } else if *id != done.file_id
+                    && stream.as_deref() == Some(&done.stream)
+                    && identity::file_id_size(id).is_some_and(|size| done.file_bytes >= size)
+                {
+                    complete.push(FileDone {
+                        id: id.clone(),
+                        file_bytes: done.file_bytes,
+                        rejected_bytes: 0,
+                        superseded: true,
+                    });
+                }
             }
             if Instant::now() >= deadline {
                 break;
@@ -108,10 +109,13 @@ impl DoneTracker {
     }
 }
 
-/// A file whose units are all done.
+/// A file version whose bytes are all done.
 pub(super) struct FileDone {
     pub(super) id: String,
-    pub(super) units: u32,
-    /// Units rejected (dead-lettered, not in the totals).
-    pub(super) rejected: u32,
+    pub(super) file_bytes: u64,
+    /// Bytes whose units were rejected (dead-lettered, not in the totals).
+    pub(super) rejected_bytes: u64,
+    /// A later version of the file was counted instead: the file at the path is another
+    /// version now, so no life-cycle action applies to this one.
+    pub(super) superseded: bool,
 }

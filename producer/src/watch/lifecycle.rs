@@ -43,7 +43,7 @@ impl FromStr for AfterDone {
 pub const REJECTED_FILE: &str = ".tally-rejected";
 
 /// Lists a file not (fully) counted in `<dir>/.tally-rejected`, one line each:
-/// `<unix time> <rejected>/<units> <path>`.
+/// `<unix time> <rejected bytes>/<file bytes> <path>`.
 pub(super) fn list_rejected(dir: &Path, file: &FileDone, path: &Path) -> anyhow::Result<()> {
     let when = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -57,8 +57,8 @@ pub(super) fn list_rejected(dir: &Path, file: &FileDone, path: &Path) -> anyhow:
     writeln!(
         out,
         "{when} {}/{} {}",
-        file.rejected,
-        file.units,
+        file.rejected_bytes,
+        file.file_bytes,
         path.display()
     )?;
     out.sync_data()?;

@@ -9,12 +9,12 @@
 //! without inotify (NFS) and missed events.
 //!
 //! What was announced and finished is kept in `<dir>/.tally-producer`, one line per event, so a
-//! restarted producer announces only what it had not announced yet. A file whose content
-//! changes after it was announced (same device, inode and birth time) is not announced again:
-//! that would count its old lines twice. It is reported at ERROR; the parsers reject its units
-//! if they had not parsed them yet (another identity). A new file under an old name is
-//! announced. A crash between the Kafka commit and that line re-announces a file: harmless,
-//! the parsers' done-set skips its units.
+//! restarted producer announces only what it had not announced yet. A file that changes after
+//! it was announced is a new version and is announced again once complete: the parsers count
+//! only what the earlier version did not (an append adds its new lines; a rewrite in place is
+//! counted as new content, its old version's uncounted units rejected). A new file under an
+//! old name is announced. A crash between the Kafka commit and that line re-announces a file:
+//! harmless, the parsers' done-state skips its bytes.
 
 mod done;
 mod lifecycle;
@@ -34,7 +34,7 @@ use crate::announce::{self, Announcer};
 use done::DoneTracker;
 use lifecycle::{apply_after_done, list_rejected};
 pub use lifecycle::{AfterDone, REJECTED_FILE};
-use state::{format_inode, inode_of, Inode, State};
+use state::{format_inode, inode_of, stream_of, Inode, State};
 
 /// Arguments of `tally producer watch`.
 #[derive(Debug, Clone, clap::Args)]
@@ -112,18 +112,6 @@ fn scan(dir: &Path, state: &mut State, unit_bytes: u64, settle: Duration) -> any
             continue;
         }
         let inode = inode_of(&meta);
-        if inode.is_some_and(|i| state.inodes.contains(&i)) {
-            // The same physical file, with other content than when it was announced: its
-            // writer broke the contract. Announcing it again would count its old lines twice.
-            if state.reported.insert(id) {
-                tracing::error!(
-                    path = %entry.path().display(),
-                    "file changed after it was announced; not announced again (its units are \
-                     rejected by the parsers if not parsed yet)"
-                );
-            }
-            continue;
-        }
         let wait = unsettled_for(&meta, settle);
         if !wait.is_zero() {
             // Still being written, perhaps: look again once it may have settled.
@@ -204,6 +192,11 @@ pub fn run(
             }
             for (units, inode) in scanned.found {
                 let (id, path) = (units[0].file_id.clone(), units[0].path.clone());
+                let version = if inode.is_some_and(|i| state.inodes.contains(&i)) {
+                    "a new version (changed since announced)"
+                } else {
+                    "a new file"
+                };
                 if let Err(error) = announcer.announce(&units) {
                     if args.once {
                         return Err(error);
@@ -223,8 +216,10 @@ pub fn run(
                 liveness.progress();
                 state.announced.insert(id.clone());
                 state.inodes.extend(inode);
-                state.pending.insert(id, PathBuf::from(&path));
-                tracing::info!(path, units = units.len(), "announced");
+                state
+                    .pending
+                    .insert(id, (PathBuf::from(&path), stream_of(inode)));
+                tracing::info!(path, units = units.len(), version, "announced");
             }
             if args.once {
                 break;
@@ -232,13 +227,15 @@ pub fn run(
         }
         for file in tracker.poll(Duration::from_millis(200), &state.pending, &liveness) {
             let id = &file.id;
-            if let Some(path) = state.pending.remove(id) {
-                if file.rejected > 0 {
+            if let Some((path, _)) = state.pending.remove(id) {
+                if file.superseded {
+                    tracing::info!(path = %path.display(), "a later version of the file was counted");
+                } else if file.rejected_bytes > 0 {
                     // Not (fully) in the totals: the file is all that is left of those lines.
                     tracing::error!(
                         path = %path.display(),
-                        rejected = file.rejected,
-                        units = file.units,
+                        rejected_bytes = file.rejected_bytes,
+                        file_bytes = file.file_bytes,
                         "file not fully counted (units rejected, reasons on the dead-letter \
                          topic); left in place and listed in {REJECTED_FILE}"
                     );

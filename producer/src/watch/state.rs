@@ -29,13 +29,11 @@ pub(super) fn inode_of(meta: &fs::Metadata) -> Option<Inode> {
 #[derive(Debug, Default)]
 pub(super) struct State {
     /// Files announced and not finished: file id → path.
-    pub(super) pending: HashMap<String, PathBuf>,
+    pub(super) pending: HashMap<String, (PathBuf, Option<String>)>,
     /// Every file id ever announced from this directory.
     pub(super) announced: HashSet<String>,
     /// The physical files behind them (where the file system reports birth times).
     pub(super) inodes: HashSet<Inode>,
-    /// Changed files already reported, so that each is reported once.
-    pub(super) reported: HashSet<String>,
     pub(super) log: Option<fs::File>,
 }
 
@@ -50,10 +48,11 @@ impl State {
                 match (parts.next(), parts.next(), parts.next(), parts.next()) {
                     (Some("announced"), Some(id), Some(inode), Some(p)) => {
                         state.announced.insert(id.to_owned());
-                        state.pending.insert(id.to_owned(), PathBuf::from(p));
-                        if let Some(inode) = parse_inode(inode) {
-                            state.inodes.insert(inode);
-                        }
+                        let inode = parse_inode(inode);
+                        state
+                            .pending
+                            .insert(id.to_owned(), (PathBuf::from(p), stream_of(inode)));
+                        state.inodes.extend(inode);
                     }
                     (Some("finished"), Some(id), _, _) => {
                         state.pending.remove(id);
@@ -78,6 +77,11 @@ impl State {
         log.sync_data()?;
         Ok(())
     }
+}
+
+/// The stream id (`tally_core::identity::stream_id`) of a physical file.
+pub(super) fn stream_of(inode: Option<Inode>) -> Option<String> {
+    inode.map(|(dev, ino, born)| format!("{dev:x}-{ino:x}-{:x}", born as u128))
 }
 
 pub(super) fn format_inode(inode: Option<Inode>) -> String {

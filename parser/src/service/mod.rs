@@ -10,29 +10,34 @@
 //! rebalance can never cut a transaction in two. Parsing runs on the rayon pool.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::producer::Producer;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_core::kafka::{self, TxnErrorKind};
 use tally_core::liveness::{self, Liveness};
-use tally_core::messages::{DeadLetter, Outcome, SumsRecord, UnitDone, WorkUnit};
+use tally_core::messages::{DeadLetter, StreamDone, WorkUnit};
 use tally_core::shutdown::CancellationToken;
 use tally_core::{KafkaArgs, LivenessArgs, Topics};
 
 use crate::assignment::{Assignment, BatchLimits};
 use crate::doneset::DoneSet;
-use crate::engine::{self, EngineConfig, EngineError, Source};
+use crate::engine::EngineConfig;
 use crate::offline::EngineArgs;
-use crate::open::open_unit;
-use crate::sink::{lossy, send_dead_letter, KafkaSink, TxnProducer};
-use crate::source::FileSource;
+use crate::sink::{lossy, send_dead_letter, TxnProducer};
+
+mod prune;
+mod unit;
+
+pub use prune::Retention;
+
+/// Done-states written by one transaction, by (files partition, stream).
+type States = HashMap<(i32, String), StreamDone>;
 
 /// Arguments of `tally parser`.
 #[derive(Debug, Clone, clap::Args)]
@@ -64,6 +69,12 @@ pub struct ParserArgs {
     /// and takes its partitions back without a rebalance. Default: a random name.
     #[arg(long, env = "TALLY_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// Forget a file's done-state once all of its bytes are done, its state is older than
+    /// this, and the file is gone from its path (deleted, archived, replaced): such a file
+    /// cannot be announced again, and the done-set stays as small as the files still there.
+    /// A number with s, m, h or d, or `off` to keep every state forever.
+    #[arg(long, env = "TALLY_DONE_RETENTION", default_value = "7d")]
+    pub done_retention: Retention,
 }
 
 /// Counts since start, logged at exit.
@@ -71,7 +82,7 @@ pub struct ParserArgs {
 struct Counters {
     /// Units parsed (in transactions that may still abort).
     units_summed: u64,
-    /// Units skipped because the done-set had them.
+    /// Units skipped because the done-set had all their bytes.
     units_skipped: u64,
     /// Units rejected (dead-lettered).
     units_rejected: u64,
@@ -114,6 +125,8 @@ struct Parser<'a> {
     counters: Counters,
     shutdown: CancellationToken,
     liveness: Liveness,
+    /// When the done-set was last pruned.
+    last_prune: Instant,
 }
 
 /// Runs a parser instance until `shutdown` is cancelled. Blocking: call it on its own thread.
@@ -220,12 +233,14 @@ impl<'a> Parser<'a> {
             counters: Counters::default(),
             shutdown,
             liveness,
+            last_prune: Instant::now(),
         })
     }
 
     fn run(&mut self) -> anyhow::Result<()> {
         let mut backoff = Duration::from_millis(100);
         while !self.shutdown.is_cancelled() {
+            self.prune_if_due();
             let batch = self.group.collect(BatchLimits {
                 units: self.args.units_per_txn_max,
                 bytes: self.args.txn_bytes_max,
@@ -236,9 +251,9 @@ impl<'a> Parser<'a> {
             let step = self.liveness.step("a Kafka transaction");
             let result = self.transact(&batch);
             match result {
-                Ok(completed) => {
-                    for (partition, unit_id) in completed {
-                        self.group.mark_done(partition, unit_id);
+                Ok(states) => {
+                    for ((partition, _), state) in states {
+                        self.group.done_mut().insert(partition, state);
                     }
                     self.liveness.progress();
                     backoff = Duration::from_millis(100);
@@ -255,11 +270,12 @@ impl<'a> Parser<'a> {
         Ok(())
     }
 
-    /// One transaction for the batch. Returns the units completed in it.
-    fn transact(&mut self, batch: &[OwnedMessage]) -> Result<Vec<(i32, String)>, Failure> {
+    /// One transaction for the batch. Returns the done-states it wrote, by partition and
+    /// stream (a unit sees the states written by earlier units of its batch).
+    fn transact(&mut self, batch: &[OwnedMessage]) -> Result<States, Failure> {
         self.producer.begin_transaction()?;
         let mut offsets: HashMap<i32, i64> = HashMap::new();
-        let mut completed: Vec<(i32, String)> = Vec::new();
+        let mut states = States::new();
         for message in batch {
             let partition = message.partition();
             offsets.insert(partition, message.offset() + 1);
@@ -289,24 +305,14 @@ impl<'a> Parser<'a> {
                     continue;
                 }
             };
-            let duplicate = completed
-                .iter()
-                .any(|(p, id)| *p == partition && *id == unit.unit_id);
-            if duplicate || self.group.is_done(partition, &unit.unit_id) {
-                self.counters.units_skipped += 1;
-                tracing::debug!(unit = unit.unit_id, "already done, skipping");
-                continue;
+            let key = (partition, unit.stream.clone());
+            let state = states
+                .get(&key)
+                .or_else(|| self.group.done().get(partition, &unit.stream))
+                .cloned();
+            if let Some(next) = self.count_unit(partition, &unit, state.as_ref())? {
+                states.insert(key, next);
             }
-            let _span = tracing::info_span!("unit", unit = %unit.unit_id).entered();
-            let outcome = match self.forced_reject.get(&unit.unit_id).cloned() {
-                Some(reason) => Err(reason),
-                None => open_unit(&unit, &self.data_root),
-            };
-            match outcome {
-                Err(reason) => self.reject(partition, &unit, &reason)?,
-                Ok(file) => self.sum_unit(partition, &unit, file)?,
-            }
-            completed.push((partition, unit.unit_id));
         }
         let mut tpl = TopicPartitionList::new();
         for (partition, next) in &offsets {
@@ -328,128 +334,8 @@ impl<'a> Parser<'a> {
                 Err(e) => return Err(Failure::Kafka(e)),
             }
         }
-        tracing::debug!(units = completed.len(), "transaction committed");
-        Ok(completed)
-    }
-
-    fn sum_unit(&mut self, partition: i32, unit: &WorkUnit, file: File) -> Result<(), Failure> {
-        let source = match FileSource::new(file) {
-            Ok(s) => s,
-            Err(e) => return self.reject(partition, unit, &format!("cannot read: {e}")),
-        };
-        if source.len() != unit.file_bytes {
-            return self.reject(partition, unit, "size changed since announced");
-        }
-        let sink = KafkaSink::new(&self.producer, &self.topics, self.sums_partitions, unit);
-        let started = Instant::now();
-        let result = engine::sum_range(
-            &source,
-            unit.start..unit.end,
-            &self.config,
-            &self.pool,
-            &sink,
-        );
-        let stats = match result {
-            Ok(stats) => stats,
-            Err(EngineError::Stopped) => {
-                let error = sink.into_error().unwrap_or(KafkaError::Canceled);
-                return Err(Failure::Kafka(error));
-            }
-            Err(EngineError::BadLine(bad)) => {
-                return Err(Failure::Reject {
-                    unit_id: unit.unit_id.clone(),
-                    reason: format!(
-                        "bad line at byte {} ({}) under --bad-lines=fail",
-                        bad.offset, bad.reason
-                    ),
-                })
-            }
-            Err(EngineError::Io(e)) => {
-                return Err(Failure::Reject {
-                    unit_id: unit.unit_id.clone(),
-                    reason: format!("read error: {e}"),
-                })
-            }
-        };
-        let done = UnitDone {
-            unit_id: unit.unit_id.clone(),
-            file_id: unit.file_id.clone(),
-            path: unit.path.clone(),
-            units: unit.units,
-            outcome: Outcome::Summed,
-            lines: stats.lines,
-            bad_lines: stats.bad_lines,
-            bytes: stats.bytes,
-        };
-        // One end marker per sums partition, each after the unit's sums in that partition: the
-        // db-client knows the unit is in the totals once it applied all of them.
-        let end = serde_json::to_vec(&SumsRecord::UnitEnd {
-            unit: done.clone(),
-            partitions: self.sums_partitions,
-        })
-        .expect("serialisable");
-        for sums_partition in 0..self.sums_partitions {
-            kafka::send_waiting(
-                &self.producer,
-                BaseRecord::<str, [u8]>::to(&self.topics.sums)
-                    .key(&unit.unit_id)
-                    .partition(sums_partition)
-                    .payload(&end),
-            )?;
-        }
-        self.send_done(partition, &done)?;
-        self.counters.units_summed += 1;
-        tracing::info!(
-            lines = stats.lines,
-            bad_lines = stats.bad_lines,
-            bytes = stats.bytes,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "unit summed"
-        );
-        Ok(())
-    }
-
-    fn reject(&mut self, partition: i32, unit: &WorkUnit, reason: &str) -> Result<(), Failure> {
-        tracing::warn!(
-            unit = unit.unit_id,
-            path = unit.path,
-            reason,
-            "unit rejected"
-        );
-        self.dead_letter(
-            Some(&unit.unit_id),
-            &DeadLetter::RejectedUnit {
-                unit_id: unit.unit_id.clone(),
-                path: unit.path.clone(),
-                reason: reason.to_owned(),
-            },
-        )?;
-        self.send_done(
-            partition,
-            &UnitDone {
-                unit_id: unit.unit_id.clone(),
-                file_id: unit.file_id.clone(),
-                path: unit.path.clone(),
-                units: unit.units,
-                outcome: Outcome::Rejected,
-                lines: 0,
-                bad_lines: 0,
-                bytes: 0,
-            },
-        )?;
-        self.counters.units_rejected += 1;
-        Ok(())
-    }
-
-    fn send_done(&self, partition: i32, done: &UnitDone) -> Result<(), KafkaError> {
-        let payload = serde_json::to_vec(done).expect("serialisable");
-        kafka::send_waiting(
-            &self.producer,
-            BaseRecord::<str, [u8]>::to(&self.topics.done)
-                .key(&done.unit_id)
-                .partition(partition)
-                .payload(&payload),
-        )
+        tracing::debug!(streams = states.len(), "transaction committed");
+        Ok(states)
     }
 
     fn dead_letter(&self, key: Option<&str>, record: &DeadLetter) -> Result<(), KafkaError> {

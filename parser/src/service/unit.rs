@@ -1,0 +1,191 @@
+//! One unit inside the open transaction: check it against its stream's done-state, sum the
+//! bytes no earlier unit summed, and write its end markers and the stream's new state; or
+//! reject it with a reason.
+
+use std::fs::File;
+use std::time::Instant;
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::BaseRecord;
+use tally_core::kafka;
+use tally_core::messages::{DeadLetter, StreamDone, SumsRecord, UnitDone, WorkUnit};
+
+use super::{Failure, Parser};
+use crate::engine::{self, EngineError, Stats};
+use crate::open::open_unit;
+use crate::sink::KafkaSink;
+use crate::source::FileSource;
+use crate::streams;
+
+impl Parser<'_> {
+    /// Counts `unit` of files partition `partition` against its stream's done-state `state`.
+    /// Returns the stream's new state when the unit changed it (its records are in the
+    /// transaction).
+    pub(super) fn count_unit(
+        &mut self,
+        partition: i32,
+        unit: &WorkUnit,
+        state: Option<&StreamDone>,
+    ) -> Result<Option<StreamDone>, Failure> {
+        let done_already = state
+            .is_some_and(|s| s.file_id == unit.file_id && streams::missing(s, unit).is_empty());
+        if done_already {
+            return Ok(self.skip(unit));
+        }
+        let _span = tracing::info_span!("unit", unit = %unit.unit_id).entered();
+        let opened = match self.forced_reject.get(&unit.unit_id).cloned() {
+            Some(reason) => Err(reason),
+            None => open_unit(unit, &self.data_root),
+        };
+        let file = match opened {
+            Ok(file) => file,
+            Err(reason) => return self.reject(partition, unit, state, &reason),
+        };
+        let plan = match streams::plan(state, unit, &file) {
+            Ok(plan) => plan,
+            Err(e) => return self.reject(partition, unit, state, &format!("cannot read: {e}")),
+        };
+        if plan.rewritten {
+            tracing::warn!(
+                path = unit.path,
+                "file rewritten in place since its last count: counted as a new version"
+            );
+        }
+        // An empty file's one empty unit completes it the first time it is seen.
+        let empty_first = state.is_none() && unit.start == unit.end;
+        if plan.missing.is_empty() && !empty_first {
+            return Ok(self.skip(unit));
+        }
+        let stats = self.sum_ranges(unit, file, &plan.missing)?;
+        let mut state = plan.state;
+        for &(start, end) in &plan.missing {
+            state.summed.insert(start, end);
+        }
+        let done = UnitDone {
+            unit_id: unit.unit_id.clone(),
+            file_id: unit.file_id.clone(),
+            path: unit.path.clone(),
+            file_bytes: unit.file_bytes,
+            lines: stats.lines,
+            bad_lines: stats.bad_lines,
+            bytes: stats.bytes,
+            completes_file: state.summed.covers(0, unit.file_bytes),
+        };
+        // One end marker per sums partition, each after the unit's sums in that partition: the
+        // db-client knows the unit is in the totals once it applied all of them.
+        let end = serde_json::to_vec(&SumsRecord::UnitEnd {
+            unit: done,
+            partitions: self.sums_partitions,
+        })
+        .expect("serialisable");
+        for sums_partition in 0..self.sums_partitions {
+            kafka::send_waiting(
+                &self.producer,
+                BaseRecord::<str, [u8]>::to(&self.topics.sums)
+                    .key(&unit.unit_id)
+                    .partition(sums_partition)
+                    .payload(&end),
+            )?;
+        }
+        self.send_done(partition, &state)?;
+        self.counters.units_summed += 1;
+        Ok(Some(state))
+    }
+
+    fn skip(&mut self, unit: &WorkUnit) -> Option<StreamDone> {
+        self.counters.units_skipped += 1;
+        tracing::debug!(unit = unit.unit_id, "bytes already done, skipping");
+        None
+    }
+
+    /// Sums the lines starting in `ranges` of the unit's file, read as announced (its first
+    /// `file_bytes`, even if it grew since).
+    fn sum_ranges(
+        &mut self,
+        unit: &WorkUnit,
+        file: File,
+        ranges: &[(u64, u64)],
+    ) -> Result<Stats, Failure> {
+        let source = FileSource::with_len(file, unit.file_bytes);
+        let sink = KafkaSink::new(&self.producer, &self.topics, self.sums_partitions, unit);
+        let started = Instant::now();
+        let mut stats = Stats::default();
+        for &(start, end) in ranges {
+            let result = engine::sum_range(&source, start..end, &self.config, &self.pool, &sink);
+            match result {
+                Ok(range) => stats.merge(&range),
+                Err(EngineError::Stopped) => {
+                    let error = sink.into_error().unwrap_or(KafkaError::Canceled);
+                    return Err(Failure::Kafka(error));
+                }
+                Err(EngineError::BadLine(bad)) => {
+                    return Err(Failure::Reject {
+                        unit_id: unit.unit_id.clone(),
+                        reason: format!(
+                            "bad line at byte {} ({}) under --bad-lines=fail",
+                            bad.offset, bad.reason
+                        ),
+                    })
+                }
+                Err(EngineError::Io(e)) => {
+                    return Err(Failure::Reject {
+                        unit_id: unit.unit_id.clone(),
+                        reason: format!("read error: {e}"),
+                    })
+                }
+            }
+        }
+        tracing::info!(
+            lines = stats.lines,
+            bad_lines = stats.bad_lines,
+            bytes = stats.bytes,
+            ranges = ranges.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "unit summed"
+        );
+        Ok(stats)
+    }
+
+    /// Rejects `unit`: a dead letter with the reason, and the rejected range in the stream's
+    /// state when that state is the unit's version ([`streams::rejected`]).
+    pub(super) fn reject(
+        &mut self,
+        partition: i32,
+        unit: &WorkUnit,
+        state: Option<&StreamDone>,
+        reason: &str,
+    ) -> Result<Option<StreamDone>, Failure> {
+        tracing::warn!(
+            unit = unit.unit_id,
+            path = unit.path,
+            reason,
+            "unit rejected"
+        );
+        self.dead_letter(
+            Some(&unit.unit_id),
+            &DeadLetter::RejectedUnit {
+                unit_id: unit.unit_id.clone(),
+                path: unit.path.clone(),
+                reason: reason.to_owned(),
+            },
+        )?;
+        self.counters.units_rejected += 1;
+        let next = streams::rejected(state, unit);
+        if let Some(next) = &next {
+            self.send_done(partition, next)?;
+        }
+        Ok(next)
+    }
+
+    /// The stream's state on `tally.done`, in the unit's partition number, keyed by stream.
+    pub(super) fn send_done(&self, partition: i32, state: &StreamDone) -> Result<(), KafkaError> {
+        let payload = serde_json::to_vec(state).expect("serialisable");
+        kafka::send_waiting(
+            &self.producer,
+            BaseRecord::<str, [u8]>::to(&self.topics.done)
+                .key(&state.stream)
+                .partition(partition)
+                .payload(&payload),
+        )
+    }
+}

@@ -1,0 +1,230 @@
+//! File identity over time, against the real pipeline: a file announced again with other unit
+//! sizes, a file that grows, a file rewritten in place, each counted byte for byte once; and
+//! the done-set forgetting the files that are gone, never those still there.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tally_core::identity;
+use tally_core::messages::DeadLetter;
+
+use crate::support::{read_records, Pipeline};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `n` lines `<id> <amount>` (ids 0..37, amounts that differ per `seed`), and their sums.
+fn lines(seed: i64, n: i64) -> (String, HashMap<i64, i128>) {
+    let (mut text, mut sums) = (String::new(), HashMap::new());
+    for i in 0..n {
+        let (id, amount) = ((seed * 7 + i * 11) % 37, (seed * 131 + i * 17) % 1_000 + 1);
+        text.push_str(&format!("{id} {amount}\n"));
+        *sums.entry(id).or_default() += i128::from(amount);
+    }
+    (text, sums)
+}
+
+fn add(to: &mut HashMap<i64, i128>, sums: &HashMap<i64, i128>) {
+    for (id, sum) in sums {
+        *to.entry(*id).or_default() += sum;
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+}
+
+fn version(path: &Path) -> String {
+    identity::file_id(&std::fs::metadata(path).unwrap())
+}
+
+/// Announces `path` with `unit_bytes` units.
+async fn publish(p: &Pipeline, path: &Path, unit_bytes: &str) {
+    let path = path.to_str().unwrap();
+    p.tally(&["producer", "--unit-bytes", unit_bytes, "publish", path])
+        .await;
+}
+
+/// Polls the totals until they equal `expected` (the pipeline catching up), or panics.
+async fn wait_totals(p: &Pipeline, expected: &HashMap<i64, i128>, what: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while p.totals().await != *expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    p.wait_files_consumed(TIMEOUT).await;
+    // Anything produced by a (wrong) second count would show up by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p.assert_totals(expected, what).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_announced_with_other_unit_sizes_counts_each_byte_once() {
+    let mut p = Pipeline::new("splits").await;
+    let (files, expected) = p.generate(2, 3_000_000, 1_000, 71).await;
+    // Cut points anywhere inside lines, one split a prefix of none of the others.
+    for unit_bytes in ["1000000", "300007", "2999999"] {
+        let mut args = vec!["producer", "--unit-bytes", unit_bytes, "publish"];
+        args.extend(files.iter().map(String::as_str));
+        p.tally(&args).await;
+    }
+    let _a = p.spawn("parser-a", &p.parser_args("a"));
+    let _b = p.spawn("parser-b", &p.parser_args("b"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    p.wait_ingested(2, TIMEOUT).await;
+    // Once more while running, by a watcher with yet another unit size and no state.
+    let data = p.data.to_str().unwrap().to_owned();
+    p.tally(&[
+        "producer",
+        "--unit-bytes",
+        "450001",
+        "watch",
+        "--dir",
+        &data,
+        "--once",
+        "--settle-ms",
+        "0",
+    ])
+    .await;
+    wait_totals(&p, &expected, "a file announced with four unit sizes").await;
+    let bytes = p.summed_bytes();
+    for file in &files {
+        let size = std::fs::metadata(file).unwrap().len();
+        assert_eq!(
+            bytes[&version(Path::new(file))],
+            size,
+            "{file}: bytes summed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn appends_count_only_new_lines_and_rewrites_count_anew() {
+    let mut p = Pipeline::new("grow").await;
+    let grow = p.data.join("grow.txt");
+    let rewrite = p.data.join("rewrite.txt");
+    let mut expected = HashMap::new();
+
+    // While no parser runs: grow.txt announced, appended to, announced again; rewrite.txt
+    // announced, rewritten in place (same inode, other content), announced again.
+    let (g1, s) = lines(1, 300);
+    add(&mut expected, &s);
+    std::fs::write(&grow, &g1).unwrap();
+    publish(&p, &grow, "1000").await;
+    let (g2, s) = lines(2, 200);
+    add(&mut expected, &s);
+    append(&grow, &g2);
+    publish(&p, &grow, "777").await;
+    let (r1, _) = lines(3, 100);
+    std::fs::write(&rewrite, &r1).unwrap();
+    publish(&p, &rewrite, "1000000").await;
+    let (r2, s) = lines(4, 150);
+    add(&mut expected, &s);
+    std::fs::write(&rewrite, &r2).unwrap();
+    publish(&p, &rewrite, "1000000").await;
+
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    wait_totals(
+        &p,
+        &expected,
+        "appended while queued, rewritten while queued",
+    )
+    .await;
+    let dead: Vec<DeadLetter> = p
+        .read_topic(&p.topics.dead_letter)
+        .iter()
+        .map(|(_, v)| serde_json::from_slice(v).unwrap())
+        .collect();
+    match &dead[..] {
+        [DeadLetter::RejectedUnit { reason, path, .. }] => {
+            assert!(reason.contains("rewritten in place"), "{reason}");
+            assert!(path.ends_with("rewrite.txt"), "{path}");
+        }
+        other => panic!("the rewritten file's old unit must be rejected, once: {other:?}"),
+    }
+
+    // While running, through a watcher: grow.txt grows again (and is also published with
+    // units that cut its lines anywhere), then is rewritten in place with new content.
+    let _watch = p.spawn("watch", &p.watch_args(&["--settle-ms", "300"]));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (g3, s) = lines(5, 250);
+    add(&mut expected, &s);
+    append(&grow, &g3);
+    publish(&p, &grow, "50").await;
+    let grown = version(&grow);
+    wait_totals(&p, &expected, "appended while running").await;
+    assert_eq!(
+        p.summed_bytes()[&grown],
+        g3.len() as u64,
+        "the grown version summed only its new bytes"
+    );
+    let (g4, s) = lines(6, 80);
+    add(&mut expected, &s);
+    std::fs::write(&grow, &g4).unwrap();
+    wait_totals(&p, &expected, "rewritten in place while running").await;
+    let complete: i64 = sqlx::query_scalar("SELECT count(*) FROM ingested_files WHERE complete")
+        .fetch_one(&p.pool)
+        .await
+        .unwrap();
+    assert!(
+        complete >= 5,
+        "every counted version complete in the ledger: {complete}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn done_states_of_files_gone_are_pruned_and_of_files_there_kept() {
+    let mut p = Pipeline::new("prune").await;
+    let mut expected = HashMap::new();
+    let mut paths = Vec::new();
+    for (i, name) in ["a.txt", "b.txt", "c.txt"].iter().enumerate() {
+        let (text, sums) = lines(10 + i as i64, 120);
+        add(&mut expected, &sums);
+        let path = p.data.join(name);
+        std::fs::write(&path, text).unwrap();
+        paths.push(path.to_str().unwrap().to_owned());
+    }
+    let mut args = vec!["producer", "--unit-bytes", "100", "publish"];
+    args.extend(paths.iter().map(String::as_str));
+    p.tally(&args).await;
+    let mut parser_args = p.parser_args("a");
+    parser_args.extend(["--done-retention".to_owned(), "1s".to_owned()]);
+    let parser = p.spawn("parser", &parser_args);
+    let _db = p.spawn("db-client", &["db-client"]);
+    p.wait_ingested(3, TIMEOUT).await;
+    let streams: Vec<String> = paths
+        .iter()
+        .map(|f| identity::stream_id(&std::fs::metadata(f).unwrap()))
+        .collect();
+
+    // a and b are gone (deleted, archived elsewhere); c stays.
+    std::fs::remove_file(&paths[0]).unwrap();
+    std::fs::rename(&paths[1], p.dir.join("b-archived.txt")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !parser.log_text().contains("done-set pruned") {
+        assert!(
+            Instant::now() < deadline,
+            "no pruning: {}",
+            parser.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+    for (_, key, payload) in read_records(&p.kafka, &p.topics.done) {
+        latest.insert(key.expect("done records are keyed by stream"), payload);
+    }
+    assert_eq!(latest.len(), 3, "one key per file, however many units");
+    assert!(latest[streams[0].as_bytes()].is_none(), "a pruned");
+    assert!(latest[streams[1].as_bytes()].is_none(), "b pruned");
+    assert!(
+        latest[streams[2].as_bytes()].is_some(),
+        "c kept: it is still there"
+    );
+
+    // c, still there, may be announced again: it is not counted again.
+    p.tally(&["producer", "--unit-bytes", "64", "publish", &paths[2]])
+        .await;
+    wait_totals(&p, &expected, "c announced again after pruning").await;
+}
