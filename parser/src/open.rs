@@ -49,9 +49,9 @@ pub fn open_unit(unit: &WorkUnit, data_root: &Path) -> Result<File, String> {
     if identity::file_id(&meta) == unit.file_id {
         return Ok(file);
     }
-    // The same file, changed since: fine if it only grew (the announced bytes are still its
-    // first bytes; only those are read), a new version otherwise.
-    let grown = meta.len() > unit.file_bytes
+    // The same file, changed since: fine if it only grew or was touched (the announced bytes
+    // are still its first bytes; only those are read), a new version otherwise.
+    let grown = meta.len() >= unit.file_bytes
         && identity::fingerprint(&file, unit.file_bytes).ok() == Some(unit.fingerprint);
     if !grown {
         return Err(format!(

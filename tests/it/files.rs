@@ -124,14 +124,24 @@ async fn appends_count_only_new_lines_and_rewrites_count_anew() {
     std::fs::write(&rewrite, &r2).unwrap();
     publish(&p, &rewrite, "1000000").await;
 
+    // touched.txt: announced, then only touched (a new mtime, same bytes), announced again.
+    let touched = p.data.join("touched.txt");
+    let (t1, s) = lines(7, 90);
+    add(&mut expected, &s);
+    std::fs::write(&touched, &t1).unwrap();
+    publish(&p, &touched, "1000").await;
+    let later = std::time::SystemTime::now() + Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(&touched)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    publish(&p, &touched, "333").await;
+
     let _parser = p.spawn("parser", &p.parser_args("a"));
     let _db = p.spawn("db-client", &["db-client"]);
-    wait_totals(
-        &p,
-        &expected,
-        "appended while queued, rewritten while queued",
-    )
-    .await;
+    wait_totals(&p, &expected, "appended, rewritten, touched while queued").await;
     let dead: Vec<DeadLetter> = p
         .read_topic(&p.topics.dead_letter)
         .iter()
