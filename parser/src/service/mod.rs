@@ -1,9 +1,11 @@
 //! `tally parser`: the consumer group on `tally.files` that turns work units into sums.
 //!
 //! KIP-447 consume-transform-produce, one transaction per batch of units: the units' sums
-//! (`tally.sums`), completion records (`tally.done`), bad lines (`tally.dead-letter`) and the
-//! consumed offsets commit together, fenced by the consumer's group metadata. A crash redoes at
-//! most the units of the one open transaction: that is the checkpoint.
+//! (`tally.sums`), the done-states of their files (`tally.done`), bad lines
+//! (`tally.dead-letter`) and the consumed offsets commit together, fenced by the consumer's
+//! group metadata. A crash redoes at most the units of the one open transaction: that is the
+//! checkpoint. One unit (check, sum the bytes not yet summed, records) is in `unit.rs`;
+//! pruning the done-set of files that are done and gone, in `prune.rs`.
 //!
 //! The loop is synchronous on its own thread: librdkafka's transaction calls block, and
 //! rebalance callbacks run inside `poll`, which this loop calls only between transactions, so a
