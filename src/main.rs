@@ -30,6 +30,8 @@ enum Command {
     Sum(tally_parser::offline::SumArgs),
     /// Compare the totals in PostgreSQL with an expected-totals file (`tally sum` output).
     Verify(tally_db_client::verify::VerifyArgs),
+    /// Print a pipeline topic's records as text (or JSON lines), binary sums decoded.
+    Inspect(tally_core::inspect::InspectArgs),
     /// Apply the database migrations (idempotent).
     Migrate {
         #[command(flatten)]
@@ -76,6 +78,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             tally_db_client::service::run(&args, &token).await
         }),
         Command::Verify(args) => runtime()?.block_on(tally_db_client::verify::run(&args)),
+        Command::Inspect(args) => tally_core::inspect::run(&args),
         Command::Migrate { database } => {
             runtime()?.block_on(tally_db_client::schema::migrate_url(&database))
         }

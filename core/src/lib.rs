@@ -3,20 +3,24 @@
 //! - [`args`]: clap argument groups (Kafka, database, telemetry) flattened into every subcommand,
 //!   so that an env var means the same thing everywhere;
 //! - [`topics`]: topic names and consumer-group ids, derived from one prefix;
-//! - [`messages`]: the records on every topic (the contract between stages);
+//! - [`messages`]: the records on every topic (the contract between stages); [`codec`]: the
+//!   compact binary form of sums records;
 //! - [`identity`]: file identity, computed alike where files are announced and where they are read;
 //! - [`ranges`]: sets of byte ranges, the done-state of a file however it was split;
 //! - [`kafka`]: librdkafka client configuration, topic creation, transaction error classes;
 //! - [`rebalance`]: rebalance events recorded for a stage loop to act on between polls;
 //! - [`liveness`]: the watchdog on progress every long-running stage reports to, and which
 //!   client errors are a broker outage rather than a failure;
+//! - [`inspect`]: `tally inspect`, any pipeline topic as text or JSON lines;
 //! - [`telemetry`]: tracing set-up; [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
 //!
 //! Stage crates (`producer`, `parser`, `aggregator`, `db-client`) depend on this crate and never
 //! on each other: Kafka topics are their only coupling.
 
 pub mod args;
+pub mod codec;
 pub mod identity;
+pub mod inspect;
 pub mod kafka;
 pub mod liveness;
 pub mod messages;

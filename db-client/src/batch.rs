@@ -21,6 +21,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use anyhow::Context;
 use rdkafka::message::{Message, OwnedMessage};
 use sqlx::PgPool;
+
+use crate::copy;
+use tally_core::codec;
 use tally_core::messages::{SumsRecord, UnitDone};
 
 /// What one batch did.
@@ -154,7 +157,7 @@ pub async fn apply(
             continue;
         }
         *next = m.offset() + 1;
-        match m.payload().map(serde_json::from_slice::<SumsRecord>) {
+        match m.payload().map(codec::decode) {
             Some(Ok(SumsRecord::Sums { sums: pairs })) => {
                 for (id, sum) in pairs {
                     *sums.entry(id).or_default() += i128::from(sum);
@@ -182,19 +185,8 @@ pub async fn apply(
 
     if !sums.is_empty() {
         // Sorted keys (BTreeMap): concurrent instances lock rows in the same order.
-        let (ids, values): (Vec<i64>, Vec<String>) =
-            sums.into_iter().map(|(k, v)| (k, v.to_string())).unzip();
-        sqlx::query(
-            "INSERT INTO consumer_totals (consumer_id, total)
-             SELECT id, t::numeric FROM UNNEST($1::bigint[], $2::text[]) AS u(id, t)
-             ON CONFLICT (consumer_id) DO UPDATE
-               SET total = consumer_totals.total + EXCLUDED.total, updated_at = now()",
-        )
-        .bind(&ids)
-        .bind(&values)
-        .execute(&mut *tx)
-        .await
-        .context("upsert totals")?;
+        let rows: Vec<(i64, i128)> = sums.into_iter().collect();
+        copy::upsert_totals(&mut tx, &rows).await?;
     }
     if !units.is_empty() {
         record_units(&mut tx, &units).await?;

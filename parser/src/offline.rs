@@ -33,7 +33,8 @@ pub struct SumArgs {
 /// Engine settings as flags (shared by `tally sum` and `tally parser`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct EngineArgs {
-    /// Most distinct consumer ids held in memory before partial sums are flushed.
+    /// Most distinct consumer ids held in memory before partial sums are flushed. `tally
+    /// parser` holds up to this many again while it merges a transaction's units.
     #[arg(long, env = "TALLY_KEYS_MAX", default_value_t = 1_000_000)]
     pub keys_max: usize,
     /// Parse threads (default: all cores).

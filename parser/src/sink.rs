@@ -1,15 +1,16 @@
 //! The parser's output into the open Kafka transaction: the engine's sums, split by sums
-//! partition (the consumer id decides), and bad lines to the dead-letter topic.
+//! partition (the consumer id decides) and merged across the transaction's units
+//! ([`Merger`]) before they are sent, and bad lines to the dead-letter topic.
 
 use std::sync::Mutex;
 
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
-use tally_core::kafka;
-use tally_core::messages::{consumer_partition, DeadLetter, SumsRecord, WorkUnit};
+use tally_core::messages::{consumer_partition, DeadLetter, WorkUnit};
 use tally_core::Topics;
+use tally_core::{codec, kafka};
 
-use crate::engine::{BadLine, EngineConfig, Sink, Stopped};
+use crate::engine::{BadLine, EngineConfig, Merger, Sink, Stopped};
 
 /// The parser's transactional producer.
 pub type TxnProducer = ThreadedProducer<DefaultProducerContext>;
@@ -29,31 +30,54 @@ pub fn send_dead_letter(
     kafka::send_waiting(producer, base)
 }
 
-/// The engine's output, into the open transaction.
+/// Sends `sums` (all of sums partition `partition`) as records of at most 20,000 pairs.
+pub fn send_sums(
+    producer: &TxnProducer,
+    topic: &str,
+    partition: i32,
+    sums: &[(i64, i64)],
+) -> Result<(), KafkaError> {
+    for chunk in sums.chunks(PAIRS_PER_RECORD) {
+        let payload = codec::encode_sums(chunk);
+        let record = BaseRecord::<str, [u8]>::to(topic)
+            .partition(partition)
+            .payload(&payload);
+        kafka::send_waiting(producer, record)?;
+    }
+    Ok(())
+}
+
+/// The engine's output, into the open transaction: sums into the transaction's merger (what
+/// must leave early is sent at once), bad lines to the dead-letter topic.
 pub struct KafkaSink<'a> {
     producer: &'a TxnProducer,
     topics: &'a Topics,
     sums_partitions: i32,
+    merger: &'a Merger,
     unit: &'a WorkUnit,
     /// The first send error; the engine is stopped and the transaction aborted.
     error: Mutex<Option<KafkaError>>,
 }
 
-/// Pairs per sums record: ~20 bytes each in JSON, well under the 1 MB record limit.
+/// Pairs per sums record: at most ~20 bytes each (binary, usually 2 to 6), well under the
+/// 1 MB record limit.
 const PAIRS_PER_RECORD: usize = 20_000;
 
 impl<'a> KafkaSink<'a> {
-    /// The output of `unit`, through `producer` (inside its open transaction).
+    /// The output of `unit`, through `producer` (inside its open transaction), its sums merged
+    /// in `merger` (one per sums partition).
     pub fn new(
         producer: &'a TxnProducer,
         topics: &'a Topics,
         sums_partitions: i32,
+        merger: &'a Merger,
         unit: &'a WorkUnit,
     ) -> Self {
         Self {
             producer,
             topics,
             sums_partitions,
+            merger,
             unit,
             error: Mutex::new(None),
         }
@@ -81,17 +105,9 @@ impl Sink for KafkaSink<'_> {
             by_partition[consumer_partition(id, self.sums_partitions) as usize].push((id, sum));
         }
         for (partition, sums) in by_partition.into_iter().enumerate() {
-            for chunk in sums.chunks(PAIRS_PER_RECORD) {
-                let payload = serde_json::to_vec(&SumsRecord::Sums {
-                    sums: chunk.to_vec(),
-                })
-                .expect("serialisable");
-                let record = BaseRecord::<str, [u8]>::to(&self.topics.sums)
-                    .key(&self.unit.unit_id)
-                    .partition(partition as i32)
-                    .payload(&payload);
-                kafka::send_waiting(self.producer, record).map_err(|e| self.fail(e))?;
-            }
+            let leave = self.merger.add(partition, &sums);
+            send_sums(self.producer, &self.topics.sums, partition as i32, &leave)
+                .map_err(|e| self.fail(e))?;
         }
         Ok(())
     }

@@ -237,4 +237,21 @@ async fn done_states_of_files_gone_are_pruned_and_of_files_there_kept() {
     p.tally(&["producer", "--unit-bytes", "64", "publish", &paths[2]])
         .await;
     wait_totals(&p, &expected, "c announced again after pruning").await;
+
+    // `tally inspect` shows what is on the topics: the binary sums add up to the totals, and
+    // the pruned states are tombstones.
+    let sums = p.tally(&["inspect", "sums", "--json"]).await;
+    let mut shown: HashMap<i64, i128> = HashMap::new();
+    for line in sums.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["record"]["type"] == "sums" {
+            for pair in v["record"]["sums"].as_array().unwrap() {
+                *shown.entry(pair[0].as_i64().unwrap()).or_default() +=
+                    i128::from(pair[1].as_i64().unwrap());
+            }
+        }
+    }
+    assert_eq!(shown, expected, "tally inspect sums --json");
+    let done = p.tally(&["inspect", "done"]).await;
+    assert_eq!(done.matches("tombstone").count(), 2, "{done}");
 }

@@ -319,3 +319,41 @@ async fn a_file_appended_after_announcement_counts_only_its_new_lines() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(p.totals().await, HashMap::from([(1, 30)]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_million_distinct_consumers_are_exact() {
+    let mut p = Pipeline::new("million").await;
+    // 1,200,000 distinct ids, most seen once, every tenth twice (in another file), with
+    // amounts up to 10^12: sums merged across units and files, totals exact.
+    let mut expected: HashMap<i64, i128> = HashMap::new();
+    for (f, step) in [(0u64, 1usize), (1, 10)] {
+        let mut text = String::with_capacity(30 << 20);
+        for id in (0..1_200_000i64).step_by(step) {
+            let amount = (id * 7_919 + f as i64) % 1_000_000_000_000;
+            text.push_str(&format!("{} {amount}\n", 5_000_000_000 + id));
+            *expected.entry(5_000_000_000 + id).or_default() += i128::from(amount);
+        }
+        let tmp = p.data.join(format!(".m{f}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, p.data.join(format!("m{f}.txt"))).unwrap();
+    }
+    // 4 MB units: a file's units are merged in its transactions.
+    let data = p.data.to_str().unwrap().to_owned();
+    let watch = [
+        "producer",
+        "--unit-bytes",
+        "4000000",
+        "watch",
+        "--dir",
+        &data,
+        "--settle-ms",
+        "0",
+    ];
+    let _watch = p.spawn("watch", &watch);
+    let _a = p.spawn("parser-a", &p.parser_args("a"));
+    let _b = p.spawn("parser-b", &p.parser_args("b"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    p.wait_ingested(2, TIMEOUT).await;
+    assert_eq!(expected.len(), 1_200_000);
+    p.assert_totals(&expected, "1.2 million consumers").await;
+}

@@ -265,7 +265,7 @@ impl Pipeline {
         self.read_topic(&self.topics.sums)
             .into_iter()
             .filter(|(partition, v)| *partition == 0 && v.starts_with(br#"{"type":"unit-end""#))
-            .map(|(_, v)| match serde_json::from_slice(&v).unwrap() {
+            .map(|(_, v)| match tally_core::codec::decode(&v).unwrap() {
                 SumsRecord::UnitEnd { unit, .. } => unit,
                 SumsRecord::Sums { .. } => unreachable!(),
             })

@@ -130,3 +130,57 @@ async fn a_gap_writes_nothing_unless_that_gap_is_accepted() {
         .unwrap();
     assert_eq!(total(&pool, 7).await, "7");
 }
+
+#[tokio::test]
+async fn totals_of_any_size_and_sign_go_through_copy_exactly() {
+    let pool = database("batch_copy").await;
+    let accepted = HashSet::new();
+    let log_start = |_| Ok(0);
+    let checks = Checks {
+        log_start: &log_start,
+        accepted: &accepted,
+    };
+    let values: Vec<i64> = vec![
+        0,
+        1,
+        -1,
+        9_999,
+        10_000,
+        -10_000,
+        100_000_000,
+        123_456_789,
+        i64::MAX,
+        i64::MIN + 1,
+    ];
+    // Each value as its own consumer; consumer 99 gets i64::MAX three times (an i128 total).
+    let mut sums: Vec<(i64, i64)> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (i as i64, *v))
+        .collect();
+    sums.extend([(99, i64::MAX), (99, i64::MAX), (99, i64::MAX)]);
+    batch::apply(&pool, TOPIC, &[record(0, 0, sums)], &checks)
+        .await
+        .unwrap();
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(total(&pool, i as i64).await, v.to_string(), "consumer {i}");
+    }
+    assert_eq!(
+        total(&pool, 99).await,
+        (3 * i128::from(i64::MAX)).to_string()
+    );
+    // Added to what is there, in a second batch.
+    batch::apply(
+        &pool,
+        TOPIC,
+        &[record(0, 1, vec![(5, 10_000), (99, 1)])],
+        &checks,
+    )
+    .await
+    .unwrap();
+    assert_eq!(total(&pool, 5).await, "0");
+    assert_eq!(
+        total(&pool, 99).await,
+        (3 * i128::from(i64::MAX) + 1).to_string()
+    );
+}

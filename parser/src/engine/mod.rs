@@ -10,6 +10,7 @@
 mod agg;
 mod line;
 mod map;
+mod merge;
 #[cfg(test)]
 mod tests;
 
@@ -19,6 +20,7 @@ use std::sync::Mutex;
 
 pub use line::{check_line_parsers, parse_line, Reason};
 pub use map::{Added, SumMap};
+pub use merge::Merger;
 
 use line::{parse_fast, FAST_LOOKAHEAD};
 

@@ -29,12 +29,14 @@ use tally_core::{KafkaArgs, LivenessArgs, Topics};
 
 use crate::assignment::{Assignment, BatchLimits};
 use crate::doneset::DoneSet;
-use crate::engine::EngineConfig;
+use crate::engine::{EngineConfig, Merger};
 use crate::offline::EngineArgs;
 use crate::sink::{lossy, send_dead_letter, TxnProducer};
 
 mod prune;
 mod unit;
+
+use unit::Txn;
 
 pub use prune::Retention;
 
@@ -278,6 +280,10 @@ impl<'a> Parser<'a> {
         self.producer.begin_transaction()?;
         let mut offsets: HashMap<i32, i64> = HashMap::new();
         let mut states = States::new();
+        let mut txn = Txn {
+            merger: Merger::new(self.sums_partitions as usize, self.config.keys_max),
+            ends: Vec::new(),
+        };
         for message in batch {
             let partition = message.partition();
             offsets.insert(partition, message.offset() + 1);
@@ -312,10 +318,11 @@ impl<'a> Parser<'a> {
                 .get(&key)
                 .or_else(|| self.group.done().get(partition, &unit.stream))
                 .cloned();
-            if let Some(next) = self.count_unit(partition, &unit, state.as_ref())? {
+            if let Some(next) = self.count_unit(&mut txn, partition, &unit, state.as_ref())? {
                 states.insert(key, next);
             }
         }
+        self.end_transaction(txn)?;
         let mut tpl = TopicPartitionList::new();
         for (partition, next) in &offsets {
             tpl.add_partition_offset(&self.topics.files, *partition, Offset::Offset(*next))?;

@@ -11,11 +11,19 @@ use tally_core::kafka;
 use tally_core::messages::{DeadLetter, StreamDone, SumsRecord, UnitDone, WorkUnit};
 
 use super::{Failure, Parser};
-use crate::engine::{self, EngineError, Stats};
+use crate::engine::{self, EngineError, Merger, Stats};
 use crate::open::open_unit;
-use crate::sink::KafkaSink;
+use crate::sink::{send_sums, KafkaSink};
 use crate::source::FileSource;
 use crate::streams;
+
+/// What one transaction gathers until it ends: its units' merged sums, and their end markers.
+pub(super) struct Txn {
+    /// The sums of every unit so far, per sums partition.
+    pub(super) merger: Merger,
+    /// The units that summed something.
+    pub(super) ends: Vec<UnitDone>,
+}
 
 impl Parser<'_> {
     /// Counts `unit` of files partition `partition` against its stream's done-state `state`.
@@ -23,6 +31,7 @@ impl Parser<'_> {
     /// transaction).
     pub(super) fn count_unit(
         &mut self,
+        txn: &mut Txn,
         partition: i32,
         unit: &WorkUnit,
         state: Option<&StreamDone>,
@@ -56,7 +65,7 @@ impl Parser<'_> {
         if plan.missing.is_empty() && !empty_first {
             return Ok(self.skip(unit));
         }
-        let stats = self.sum_ranges(unit, file, &plan.missing)?;
+        let stats = self.sum_ranges(&txn.merger, unit, file, &plan.missing)?;
         let mut state = plan.state;
         for &(start, end) in &plan.missing {
             state.summed.insert(start, end);
@@ -71,22 +80,8 @@ impl Parser<'_> {
             bytes: stats.bytes,
             completes_file: state.summed.covers(0, unit.file_bytes),
         };
-        // One end marker per sums partition, each after the unit's sums in that partition: the
-        // db-client knows the unit is in the totals once it applied all of them.
-        let end = serde_json::to_vec(&SumsRecord::UnitEnd {
-            unit: done,
-            partitions: self.sums_partitions,
-        })
-        .expect("serialisable");
-        for sums_partition in 0..self.sums_partitions {
-            kafka::send_waiting(
-                &self.producer,
-                BaseRecord::<str, [u8]>::to(&self.topics.sums)
-                    .key(&unit.unit_id)
-                    .partition(sums_partition)
-                    .payload(&end),
-            )?;
-        }
+        // Its end markers follow the transaction's merged sums (see `end_transaction`).
+        txn.ends.push(done);
         self.send_done(partition, &state)?;
         self.counters.units_summed += 1;
         Ok(Some(state))
@@ -102,12 +97,19 @@ impl Parser<'_> {
     /// `file_bytes`, even if it grew since).
     fn sum_ranges(
         &mut self,
+        merger: &Merger,
         unit: &WorkUnit,
         file: File,
         ranges: &[(u64, u64)],
     ) -> Result<Stats, Failure> {
         let source = FileSource::with_len(file, unit.file_bytes);
-        let sink = KafkaSink::new(&self.producer, &self.topics, self.sums_partitions, unit);
+        let sink = KafkaSink::new(
+            &self.producer,
+            &self.topics,
+            self.sums_partitions,
+            merger,
+            unit,
+        );
         let started = Instant::now();
         let mut stats = Stats::default();
         for &(start, end) in ranges {
@@ -144,6 +146,33 @@ impl Parser<'_> {
             "unit summed"
         );
         Ok(stats)
+    }
+
+    /// The transaction's output before its offsets: the merged sums of all its units, then
+    /// one end marker per unit and sums partition, each after every sum of the unit there, so
+    /// the db-client knows a unit is in the totals once it applied all of its markers.
+    pub(super) fn end_transaction(&self, txn: Txn) -> Result<(), KafkaError> {
+        txn.merger.drain(|partition, sums| {
+            send_sums(&self.producer, &self.topics.sums, partition as i32, &sums)
+        })?;
+        for unit in txn.ends {
+            let key = unit.unit_id.clone();
+            let end = serde_json::to_vec(&SumsRecord::UnitEnd {
+                unit,
+                partitions: self.sums_partitions,
+            })
+            .expect("serialisable");
+            for sums_partition in 0..self.sums_partitions {
+                kafka::send_waiting(
+                    &self.producer,
+                    BaseRecord::<str, [u8]>::to(&self.topics.sums)
+                        .key(&key)
+                        .partition(sums_partition)
+                        .payload(&end),
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Rejects `unit`: a dead letter with the reason, and the rejected range in the stream's
