@@ -96,11 +96,16 @@ pub struct StreamDone {
 }
 
 impl StreamDone {
-    /// Whether every byte of the first `file_bytes` is summed or rejected.
-    pub fn finished(&self, file_bytes: u64) -> bool {
+    /// The bytes summed or rejected: never parsed again.
+    pub fn done(&self) -> Ranges {
         let mut all = self.summed.clone();
         all.extend(&self.rejected);
-        all.covers(0, file_bytes)
+        all
+    }
+
+    /// Whether every byte of the first `file_bytes` is summed or rejected.
+    pub fn finished(&self, file_bytes: u64) -> bool {
+        self.done().covers(0, file_bytes)
     }
 }
 

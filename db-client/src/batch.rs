@@ -84,17 +84,21 @@ fn describe_gaps(topic: &str, gaps: &[Gap]) -> String {
             )
         })
         .collect();
-    let accept: Vec<String> = gaps
-        .iter()
-        .map(|g| format!("--accept-gap {}:{}", g.partition, g.stored))
-        .collect();
     format!(
         "records of {topic} were deleted before they were applied (retention shorter than an \
          outage, or a recreated topic); their sums are NOT in the totals. {}. Applying stops here; \
          to accept the loss and go on, restart the db-client once with {}",
         each.join("; "),
-        accept.join(" ")
+        accept_flags(gaps.iter().map(|g| (g.partition, g.stored)))
     )
+}
+
+/// The `--accept-gap PARTITION:OFFSET` flags that let an operator past these stops.
+pub(crate) fn accept_flags(stops: impl Iterator<Item = (i32, i64)>) -> String {
+    let flags: Vec<String> = stops
+        .map(|(partition, stored)| format!("--accept-gap {partition}:{stored}"))
+        .collect();
+    flags.join(" ")
 }
 
 /// What a batch needs to know of Kafka and the operator.

@@ -54,16 +54,12 @@ fn describe(topic: &str, resets: &[Reset]) -> String {
             )
         })
         .collect();
-    let accept: Vec<String> = resets
-        .iter()
-        .map(|r| format!("--accept-gap {}:{}", r.partition, r.stored))
-        .collect();
     format!(
         "{topic} was recreated or truncated: its records are not the ones the totals counted. \
          {}. Applying stops here; to read the new log from its start, restart the db-client \
          once with {}",
         each.join("; "),
-        accept.join(" ")
+        crate::batch::accept_flags(resets.iter().map(|r| (r.partition, r.stored)))
     )
 }
 

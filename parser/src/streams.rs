@@ -44,9 +44,7 @@ pub fn fresh(unit: &WorkUnit) -> StreamDone {
 
 /// The unit's bytes not yet summed or rejected in `state`.
 pub fn missing(state: &StreamDone, unit: &WorkUnit) -> Vec<(u64, u64)> {
-    let mut done = state.summed.clone();
-    done.extend(&state.rejected);
-    done.missing(unit.start, unit.end)
+    state.done().missing(unit.start, unit.end)
 }
 
 /// Plans `unit` (its `file` opened and verified: the announced version, or grown from it)

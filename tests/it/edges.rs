@@ -164,31 +164,14 @@ async fn records_deleted_before_they_were_applied_stop_the_db_client() {
     for (k, v) in expected_last {
         *expected.entry(k).or_default() += v;
     }
-    let publish = |files: &[String]| {
-        let mut args = vec!["producer", "--unit-bytes", "100000", "publish"];
-        args.extend(files.iter().map(String::as_str));
-        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
-    };
     let _parser = p.spawn("parser", &p.parser_args("a"));
     let mut db = p.spawn("db-client", &["db-client"]);
-    p.tally(
-        &publish(&first)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    p.publish("100000", &first).await;
     p.wait_ingested(1, TIMEOUT).await;
     assert!(db.terminate(Duration::from_secs(20)), "db-client stops");
 
     // While the db-client is down, the second file's sums are deleted (as retention would)...
-    p.tally(
-        &publish(&lost)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    p.publish("100000", &lost).await;
     p.wait_files_consumed(TIMEOUT).await;
     let admin: AdminClient<DefaultClientContext> =
         tally_core::kafka::base_config(&p.kafka).create().unwrap();
@@ -202,13 +185,7 @@ async fn records_deleted_before_they_were_applied_stop_the_db_client() {
         .await
         .unwrap();
     // ...and a third file arrives after them.
-    p.tally(
-        &publish(&last)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    p.publish("100000", &last).await;
     p.wait_files_consumed(TIMEOUT).await;
 
     // The db-client refuses to write past the hole, says so, and exits non-zero; nothing of

@@ -40,13 +40,6 @@ fn version(path: &Path) -> String {
     identity::file_id(&std::fs::metadata(path).unwrap())
 }
 
-/// Announces `path` with `unit_bytes` units.
-async fn publish(p: &Pipeline, path: &Path, unit_bytes: &str) {
-    let path = path.to_str().unwrap();
-    p.tally(&["producer", "--unit-bytes", unit_bytes, "publish", path])
-        .await;
-}
-
 /// Polls the totals until they equal `expected` (the pipeline catching up), or panics.
 async fn wait_totals(p: &Pipeline, expected: &HashMap<i64, i128>, what: &str) {
     let deadline = Instant::now() + TIMEOUT;
@@ -65,9 +58,7 @@ async fn a_file_announced_with_other_unit_sizes_counts_each_byte_once() {
     let (files, expected) = p.generate(2, 3_000_000, 1_000, 71).await;
     // Cut points anywhere inside lines, one split a prefix of none of the others.
     for unit_bytes in ["1000000", "300007", "2999999"] {
-        let mut args = vec!["producer", "--unit-bytes", unit_bytes, "publish"];
-        args.extend(files.iter().map(String::as_str));
-        p.tally(&args).await;
+        p.publish(unit_bytes, &files).await;
     }
     let _a = p.spawn("parser-a", &p.parser_args("a"));
     let _b = p.spawn("parser-b", &p.parser_args("b"));
@@ -111,25 +102,25 @@ async fn appends_count_only_new_lines_and_rewrites_count_anew() {
     let (g1, s) = lines(1, 300);
     add(&mut expected, &s);
     std::fs::write(&grow, &g1).unwrap();
-    publish(&p, &grow, "1000").await;
+    p.publish("1000", &[&grow.to_str().unwrap()]).await;
     let (g2, s) = lines(2, 200);
     add(&mut expected, &s);
     append(&grow, &g2);
-    publish(&p, &grow, "777").await;
+    p.publish("777", &[&grow.to_str().unwrap()]).await;
     let (r1, _) = lines(3, 100);
     std::fs::write(&rewrite, &r1).unwrap();
-    publish(&p, &rewrite, "1000000").await;
+    p.publish("1000000", &[&rewrite.to_str().unwrap()]).await;
     let (r2, s) = lines(4, 150);
     add(&mut expected, &s);
     std::fs::write(&rewrite, &r2).unwrap();
-    publish(&p, &rewrite, "1000000").await;
+    p.publish("1000000", &[&rewrite.to_str().unwrap()]).await;
 
     // touched.txt: announced, then only touched (a new mtime, same bytes), announced again.
     let touched = p.data.join("touched.txt");
     let (t1, s) = lines(7, 90);
     add(&mut expected, &s);
     std::fs::write(&touched, &t1).unwrap();
-    publish(&p, &touched, "1000").await;
+    p.publish("1000", &[&touched.to_str().unwrap()]).await;
     let later = std::time::SystemTime::now() + Duration::from_secs(60);
     std::fs::File::options()
         .write(true)
@@ -137,7 +128,7 @@ async fn appends_count_only_new_lines_and_rewrites_count_anew() {
         .unwrap()
         .set_modified(later)
         .unwrap();
-    publish(&p, &touched, "333").await;
+    p.publish("333", &[&touched.to_str().unwrap()]).await;
 
     let _parser = p.spawn("parser", &p.parser_args("a"));
     let _db = p.spawn("db-client", &["db-client"]);
@@ -162,7 +153,7 @@ async fn appends_count_only_new_lines_and_rewrites_count_anew() {
     let (g3, s) = lines(5, 250);
     add(&mut expected, &s);
     append(&grow, &g3);
-    publish(&p, &grow, "50").await;
+    p.publish("50", &[&grow.to_str().unwrap()]).await;
     let grown = version(&grow);
     wait_totals(&p, &expected, "appended while running").await;
     assert_eq!(
@@ -196,9 +187,7 @@ async fn done_states_of_files_gone_are_pruned_and_of_files_there_kept() {
         std::fs::write(&path, text).unwrap();
         paths.push(path.to_str().unwrap().to_owned());
     }
-    let mut args = vec!["producer", "--unit-bytes", "100", "publish"];
-    args.extend(paths.iter().map(String::as_str));
-    p.tally(&args).await;
+    p.publish("100", &paths).await;
     let mut parser_args = p.parser_args("a");
     parser_args.extend(["--done-retention".to_owned(), "1s".to_owned()]);
     let parser = p.spawn("parser", &parser_args);
@@ -234,8 +223,7 @@ async fn done_states_of_files_gone_are_pruned_and_of_files_there_kept() {
     );
 
     // c, still there, may be announced again: it is not counted again.
-    p.tally(&["producer", "--unit-bytes", "64", "publish", &paths[2]])
-        .await;
+    p.publish("64", &paths[2..]).await;
     wait_totals(&p, &expected, "c announced again after pruning").await;
 
     // `tally inspect` shows what is on the topics: the binary sums add up to the totals, and

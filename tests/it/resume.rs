@@ -20,12 +20,6 @@ fn add(to: &mut HashMap<i64, i128>, from: HashMap<i64, i128>) {
     }
 }
 
-async fn publish(p: &Pipeline, files: &[String]) {
-    let mut args = vec!["producer", "--unit-bytes", "100000", "publish"];
-    args.extend(files.iter().map(String::as_str));
-    p.tally(&args).await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_db_client_resumes_at_its_stored_offsets_and_stops_at_a_recreated_topic() {
     let mut p = Pipeline::new("resume").await;
@@ -34,14 +28,14 @@ async fn the_db_client_resumes_at_its_stored_offsets_and_stops_at_a_recreated_to
     let (third, expected_third) = p.generate(1, 300_000, 500, 43).await;
     let mut parser = p.spawn("parser", &p.parser_args("a"));
     let mut db = p.spawn("db-client", &["db-client"]);
-    publish(&p, &first).await;
+    p.publish("100000", &first).await;
     p.wait_ingested(1, TIMEOUT).await;
     assert!(db.terminate(Duration::from_secs(20)), "db-client stops");
 
     // While the db-client is down, the second file's sums arrive, and an operator moves the
     // db-client group's Kafka offsets to the end (`kafka-consumer-groups --reset-offsets
     // --to-latest`): the records of the second file are behind them.
-    publish(&p, &second).await;
+    p.publish("100000", &second).await;
     p.wait_files_consumed(TIMEOUT).await;
     let group: BaseConsumer =
         tally_core::kafka::consumer_config(&p.kafka, &p.topics.db_client_group)
@@ -95,7 +89,7 @@ async fn the_db_client_resumes_at_its_stored_offsets_and_stops_at_a_recreated_to
         );
     }
     let _parser = p.spawn("parser", &p.parser_args("b"));
-    publish(&p, &third).await;
+    p.publish("100000", &third).await;
     p.wait_files_consumed(TIMEOUT).await;
 
     // The db-client does not take the new log's records for ones it already counted (their

@@ -88,6 +88,13 @@ impl Pipeline {
         stdout
     }
 
+    /// Announces `paths` with `producer publish`, in units of `unit_bytes`.
+    pub async fn publish<S: AsRef<str>>(&self, unit_bytes: &str, paths: &[S]) {
+        let mut args = vec!["producer", "--unit-bytes", unit_bytes, "publish"];
+        args.extend(paths.iter().map(AsRef::as_ref));
+        self.tally(&args).await;
+    }
+
     /// Runs `tally` with `args`; whether it succeeded.
     pub async fn try_tally(&self, args: &[&str]) -> bool {
         let mut cmd = self.command(args);
