@@ -24,6 +24,9 @@ enum Command {
     Producer(tally_producer::cli::ProducerArgs),
     /// Parser stage: parse announced work units into per-consumer sums (a consumer group).
     Parser(Box<tally_parser::service::ParserArgs>),
+    /// Aggregator stage (optional): merge sums across units and files before the database (a
+    /// consumer group; run the db-client with `--from-totals`).
+    Aggregator(tally_aggregator::service::AggregatorArgs),
     /// DB-client stage: add sums to the totals in PostgreSQL, exactly once (a consumer group).
     DbClient(tally_db_client::service::DbClientArgs),
     /// Sum `<consumer_id> <amount>` lines of local files (or stdin) and print the totals.
@@ -49,6 +52,16 @@ enum Command {
         #[arg(long, env = "TALLY_RETENTION_DAYS",
               default_value_t = tally_core::kafka::RETENTION_DEFAULT.as_secs() / 86_400)]
         retention_days: u64,
+        /// Partitions of the files and done topics (new topics only): at least the number of
+        /// parser instances; all units of one file go to one partition.
+        #[arg(long, env = "TALLY_FILES_PARTITIONS", default_value_t = tally_core::kafka::FILES_PARTITIONS,
+              value_parser = clap::value_parser!(i32).range(1..=10_000))]
+        files_partitions: i32,
+        /// Partitions of the sums and totals topics (new topics only): at least the number of
+        /// aggregator or db-client instances.
+        #[arg(long, env = "TALLY_SUMS_PARTITIONS", default_value_t = tally_core::kafka::SUMS_PARTITIONS,
+              value_parser = clap::value_parser!(i32).range(1..=10_000))]
+        sums_partitions: i32,
     },
 }
 
@@ -73,6 +86,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Parser(args) => {
             blocking_stage(move |token| tally_parser::service::run(&args, &token))
         }
+        Command::Aggregator(args) => {
+            blocking_stage(move |token| tally_aggregator::service::run(&args, &token))
+        }
         Command::DbClient(args) => runtime()?.block_on(async move {
             let token = shutdown::on_signals();
             tally_db_client::service::run(&args, &token).await
@@ -86,10 +102,16 @@ fn run(command: Command) -> anyhow::Result<()> {
             kafka,
             database,
             retention_days,
+            files_partitions,
+            sums_partitions,
         } => runtime()?.block_on(async move {
             tally_db_client::schema::migrate_url(&database).await?;
-            let retention = std::time::Duration::from_secs(retention_days.max(1) * 24 * 3600);
-            tally_core::kafka::ensure_pipeline_topics(&kafka, retention)
+            let layout = tally_core::kafka::PipelineLayout {
+                files_partitions,
+                sums_partitions,
+                retention: std::time::Duration::from_secs(retention_days.max(1) * 24 * 3600),
+            };
+            tally_core::kafka::ensure_pipeline_topics(&kafka, &layout)
                 .await
                 .context("cannot create topics")?;
             tracing::info!(prefix = kafka.topic_prefix, "topics ready");

@@ -1,4 +1,10 @@
-//! tally-aggregator: the optional stage `tally.sums` → `tally.totals` (merging sums across
-//! units and files before the database). Not built yet: the db-client reads `tally.sums`
-//! directly, which is correct, only with more database writes when many files share
-//! consumers. The crate holds the stage's place in the layout.
+//! tally-aggregator: the optional stage `tally.sums` → `tally.totals`, which merges the sums
+//! of many units and files per consumer before the database, so that PostgreSQL updates each
+//! consumer's row once per flush instead of once per parser transaction.
+//!
+//! - [`service`]: `tally aggregator`, a handler of tally-core's consume-transform-produce loop
+//!   (`tally_core::txn`): one Kafka transaction per batch of sums records, merged in a
+//!   key-capped map, written to the same partition of `tally.totals` with the unit-end
+//!   markers after them.
+
+pub mod service;

@@ -171,9 +171,11 @@ pub fn classify_txn_error(error: &KafkaError) -> TxnErrorKind {
     }
 }
 
-/// Default partition count of `tally.files` and `tally.done` (they must match).
+/// Default partition count of `tally.files` and `tally.done` (they must match; `tally init
+/// --files-partitions`).
 pub const FILES_PARTITIONS: i32 = 6;
-/// Default partition count of `tally.sums` and `tally.totals`.
+/// Default partition count of `tally.sums` and `tally.totals` (they must match; `tally init
+/// --sums-partitions`).
 pub const SUMS_PARTITIONS: i32 = 6;
 
 /// How long `tally init` keeps the records of the deleting topics by default: much longer
@@ -181,22 +183,45 @@ pub const SUMS_PARTITIONS: i32 = 6;
 /// read are deleted. The db-client stops at such a gap rather than skip it.
 pub const RETENTION_DEFAULT: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// How a new pipeline's topics are made: partition counts and retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineLayout {
+    /// Partitions of `tally.files` and `tally.done` (co-partitioned): at least the number of
+    /// parser instances.
+    pub files_partitions: i32,
+    /// Partitions of `tally.sums` and `tally.totals` (a consumer's partition number is the
+    /// same on both): at least the number of aggregator or db-client instances.
+    pub sums_partitions: i32,
+    /// `retention.ms` of every deleting topic.
+    pub retention: Duration,
+}
+
+impl Default for PipelineLayout {
+    fn default() -> Self {
+        Self {
+            files_partitions: FILES_PARTITIONS,
+            sums_partitions: SUMS_PARTITIONS,
+            retention: RETENTION_DEFAULT,
+        }
+    }
+}
+
 /// The topics of one pipeline with their partition counts, cleanup policies and retention
 /// (`retention` for every deleting topic; the compacted done topic keeps each file's latest
 /// done-state, until the parsers prune it).
-pub fn topic_specs(topics: &crate::Topics, retention: Duration) -> Vec<TopicSpec> {
+pub fn topic_specs(topics: &crate::Topics, layout: &PipelineLayout) -> Vec<TopicSpec> {
     let spec = |name: &str, partitions, compacted| TopicSpec {
         name: name.to_owned(),
         partitions,
         compacted,
-        retention: (!compacted).then_some(retention),
+        retention: (!compacted).then_some(layout.retention),
     };
     vec![
-        spec(&topics.files, FILES_PARTITIONS, false),
+        spec(&topics.files, layout.files_partitions, false),
         // Co-partitioned with files: the owner of a files partition needs only its done partition.
-        spec(&topics.done, FILES_PARTITIONS, true),
-        spec(&topics.sums, SUMS_PARTITIONS, false),
-        spec(&topics.totals, SUMS_PARTITIONS, false),
+        spec(&topics.done, layout.files_partitions, true),
+        spec(&topics.sums, layout.sums_partitions, false),
+        spec(&topics.totals, layout.sums_partitions, false),
         spec(&topics.dead_letter, 1, false),
     ]
 }
@@ -204,11 +229,11 @@ pub fn topic_specs(topics: &crate::Topics, retention: Duration) -> Vec<TopicSpec
 /// Creates every topic of the pipeline that does not exist yet.
 pub async fn ensure_pipeline_topics(
     args: &KafkaArgs,
-    retention: Duration,
+    layout: &PipelineLayout,
 ) -> Result<(), AdminError> {
     ensure_topics(
         args,
-        &topic_specs(&crate::Topics::new(&args.topic_prefix), retention),
+        &topic_specs(&crate::Topics::new(&args.topic_prefix), layout),
     )
     .await
 }

@@ -18,6 +18,7 @@
 //! on each other: Kafka topics are their only coupling.
 
 pub mod args;
+pub mod backoff;
 pub mod codec;
 pub mod identity;
 pub mod inspect;
@@ -27,8 +28,10 @@ pub mod messages;
 pub mod ranges;
 pub mod rebalance;
 pub mod shutdown;
+pub mod sums;
 pub mod telemetry;
 pub mod topics;
+pub mod txn;
 
 pub use args::{DatabaseArgs, KafkaArgs, LivenessArgs, TelemetryArgs};
 pub use topics::Topics;

@@ -110,6 +110,56 @@ pub struct Checks<'a> {
     pub accepted: &'a HashSet<(i32, i64)>,
 }
 
+/// Writes one batch as up to `writers` database transactions that run at once, each for its
+/// own share of the batch's partitions (all records of a partition in one transaction). Each
+/// transaction commits its partitions' offsets with their sums, so each is exactly once on its
+/// own: after a failure, the whole batch is applied again and the shares already committed
+/// skip their records (below the stored offsets). A consumer's records are all in one
+/// partition, so concurrent shares never touch the same totals row; they meet only on the
+/// ledger's unit rows, which each locks in unit-id order.
+pub async fn apply_parallel(
+    pool: &PgPool,
+    topic: &str,
+    batch: &[OwnedMessage],
+    checks: &Checks<'_>,
+    writers: usize,
+) -> anyhow::Result<Applied> {
+    let partitions: BTreeSet<i32> = batch.iter().map(|m| m.partition()).collect();
+    let writers = writers.clamp(1, partitions.len().max(1));
+    if writers == 1 {
+        return apply(pool, topic, batch, checks).await;
+    }
+    let share_of: HashMap<i32, usize> = partitions
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| (p, i % writers))
+        .collect();
+    let mut shares: Vec<Vec<OwnedMessage>> = vec![Vec::new(); writers];
+    for m in batch {
+        shares[share_of[&m.partition()]].push(m.clone());
+    }
+    let results = futures_util::future::join_all(
+        shares.iter().map(|share| apply(pool, topic, share, checks)),
+    )
+    .await;
+    // A gap anywhere stops the stage, whatever else failed.
+    if let Some(gaps) = results
+        .iter()
+        .find_map(|r| r.as_ref().err().and_then(|e| e.downcast_ref::<Gaps>()))
+    {
+        return Err(gaps.clone().into());
+    }
+    let mut total = Applied::default();
+    for result in results {
+        let a = result?;
+        total.records += a.records;
+        total.skipped += a.skipped;
+        total.consumers += a.consumers;
+        total.undecodable += a.undecodable;
+    }
+    Ok(total)
+}
+
 /// Writes one batch in one database transaction; see the module docs for the steps.
 pub async fn apply(
     pool: &PgPool,
@@ -117,6 +167,7 @@ pub async fn apply(
     batch: &[OwnedMessage],
     checks: &Checks<'_>,
 ) -> anyhow::Result<Applied> {
+    let started = std::time::Instant::now();
     let next = next_offsets(batch);
     let partitions: Vec<i32> = next.keys().copied().collect();
     let mut tx = pool.begin().await.context("begin")?;
@@ -145,7 +196,9 @@ pub async fn apply(
     .into_iter()
     .collect();
 
+    let locked = started.elapsed();
     check_gaps(topic, batch, &stored, &created, checks)?;
+    let checked = started.elapsed();
 
     let mut applied = Applied::default();
     let mut sums: BTreeMap<i64, i128> = BTreeMap::new();
@@ -186,12 +239,14 @@ pub async fn apply(
         applied.records += 1;
     }
     applied.consumers = sums.len();
+    let decoded = started.elapsed();
 
     if !sums.is_empty() {
         // Sorted keys (BTreeMap): concurrent instances lock rows in the same order.
         let rows: Vec<(i64, i128)> = sums.into_iter().collect();
         copy::upsert_totals(&mut tx, &rows).await?;
     }
+    let upserted = started.elapsed();
     if !units.is_empty() {
         record_units(&mut tx, &units).await?;
     }
@@ -208,6 +263,16 @@ pub async fn apply(
     .await
     .context("advance offsets")?;
     tx.commit().await.context("commit")?;
+    tracing::debug!(
+        ?partitions,
+        consumers = applied.consumers,
+        locked_ms = locked.as_millis() as u64,
+        checked_ms = checked.as_millis() as u64,
+        decoded_ms = decoded.as_millis() as u64,
+        upserted_ms = upserted.as_millis() as u64,
+        committed_ms = started.elapsed().as_millis() as u64,
+        "batch transaction"
+    );
     Ok(applied)
 }
 

@@ -25,6 +25,7 @@ pub async fn upsert_totals(tx: &mut PgConnection, rows: &[(i64, i128)]) -> anyho
         .context("start COPY")?;
     copy.send(encode(rows)).await.context("COPY data")?;
     copy.finish().await.context("finish COPY")?;
+    let copied = std::time::Instant::now();
     sqlx::query(
         "INSERT INTO consumer_totals (consumer_id, total)
          SELECT consumer_id, total FROM tally_staging ORDER BY consumer_id
@@ -34,6 +35,11 @@ pub async fn upsert_totals(tx: &mut PgConnection, rows: &[(i64, i128)]) -> anyho
     .execute(&mut *tx)
     .await
     .context("upsert totals")?;
+    tracing::debug!(
+        rows = rows.len(),
+        statement_ms = copied.elapsed().as_millis() as u64,
+        "upsert statement"
+    );
     Ok(())
 }
 

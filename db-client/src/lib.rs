@@ -6,12 +6,14 @@
 //! - [`service`]: the consumer loop. Start reading here.
 //! - [`batch`]: one batch → one database transaction (offsets, gaps, upserts, ledger).
 //! - [`copy`]: a batch's totals upserted through binary COPY into a staging table.
+//! - [`input`]: the totals follow one input topic; switching is on purpose only.
 //! - [`resume`]: where an assigned partition resumes: the offset stored with the totals.
 //! - [`schema`]: migrations (`migrations/`), applied at start-up and by `tally migrate`.
 //! - [`verify`]: `tally verify`, totals against an expected-totals file.
 
 pub mod batch;
 pub mod copy;
+pub mod input;
 pub mod resume;
 pub mod schema;
 pub mod service;

@@ -16,12 +16,14 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+use tally_core::backoff::Backoff;
 use tally_core::liveness::{self, Liveness, Throttle};
 use tally_core::rebalance::RebalanceLog;
 use tally_core::shutdown::CancellationToken;
 use tally_core::{kafka, DatabaseArgs, KafkaArgs, LivenessArgs, Topics};
 
 use crate::batch::{self, Applied, Checks, Gaps};
+use crate::input;
 use crate::resume::{Resume, TopicReset};
 use crate::schema;
 
@@ -47,9 +49,15 @@ pub struct DbClientArgs {
     /// exact gap is accepted, a later one stops the stage again.
     #[arg(long = "accept-gap", value_parser = parse_gap)]
     pub accept_gaps: Vec<(i32, i64)>,
-    /// Read the aggregator's `totals` topic instead of the parsers' `sums` topic.
+    /// Read the aggregator's `totals` topic instead of the parsers' `sums` topic (run
+    /// `tally aggregator` too).
     #[arg(long, env = "TALLY_FROM_TOTALS")]
     pub from_totals: bool,
+    /// Start following the other input topic than the one the totals were last applied from
+    /// (adding or removing the aggregator): only after the procedure in docs/operations.md,
+    /// or sums are counted twice or missed. Without it such a start stops with an error.
+    #[arg(long)]
+    pub switch_input: bool,
     /// Most Kafka records per database transaction.
     #[arg(long, env = "TALLY_BATCH_RECORDS_MAX", default_value_t = 500)]
     pub batch_records_max: usize,
@@ -60,6 +68,11 @@ pub struct DbClientArgs {
     /// is the checkpoint: after a crash, records up to this old are read again and skipped.
     #[arg(long, env = "TALLY_KAFKA_COMMIT_INTERVAL_MS", default_value_t = 5_000)]
     pub kafka_commit_interval_ms: u64,
+    /// Database transactions that write one batch at once, each for its share of the batch's
+    /// partitions (at most one per partition): lets PostgreSQL use that many cores.
+    #[arg(long, env = "TALLY_DB_WRITERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub writers: u16,
     /// How long to wait for more records before writing a partial batch.
     #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = 100)]
     pub batch_wait_ms: u64,
@@ -73,16 +86,23 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
         &args.kafka,
         args.liveness.limit(BATCH_TIMEOUT + Duration::from_secs(30)),
     );
-    let pool = connect(&args.database, shutdown, &liveness).await?;
+    let pool = connect(
+        &args.database,
+        usize::from(args.writers),
+        shutdown,
+        &liveness,
+    )
+    .await?;
     schema::migrate(&pool)
         .await
         .context("cannot apply migrations")?;
     let topics = Topics::new(&args.kafka.topic_prefix);
-    let topic = if args.from_totals {
-        topics.totals.clone()
+    let (topic, other) = if args.from_totals {
+        (topics.totals.clone(), &topics.sums)
     } else {
-        topics.sums.clone()
+        (topics.sums.clone(), &topics.totals)
     };
+    input::check(&pool, &topic, other, args.switch_input).await?;
     let mut config = kafka::consumer_config(&args.kafka, &topics.db_client_group);
     kafka::static_membership(&mut config, args.instance_id.as_deref());
     kafka::apply_overrides(&mut config, &args.kafka);
@@ -94,8 +114,16 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
     tracing::info!(topic, database = %args.database.redacted_url(), "db-client started");
 
     let accepted: HashSet<(i32, i64)> = args.accept_gaps.iter().copied().collect();
+    // Log starts are asked of a client of their own: the group consumer answers such calls
+    // only between its fetches, which costs a batch up to a second per partition.
+    let mut probe_config = kafka::base_config(&args.kafka);
+    probe_config.remove("acks");
+    kafka::apply_overrides(&mut probe_config, &args.kafka);
+    let probe: rdkafka::consumer::BaseConsumer = probe_config
+        .create()
+        .context("cannot create the Kafka client for log starts")?;
     let log_start = |partition: i32| -> anyhow::Result<i64> {
-        Ok(consumer
+        Ok(probe
             .fetch_watermarks(&topic, partition, Duration::from_secs(10))?
             .0)
     };
@@ -177,14 +205,16 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
             continue;
         }
         // A database outage is retried, never skipped: the batch stays in hand until it lands.
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut database_down = None;
         let applied = loop {
             // Bounded: a connection that hangs (a half-open socket after a server crash) counts
             // as a failure; dropping the transaction rolls it back.
-            let attempt =
-                tokio::time::timeout(BATCH_TIMEOUT, batch::apply(&pool, &topic, &batch, &checks))
-                    .await;
+            let attempt = tokio::time::timeout(
+                BATCH_TIMEOUT,
+                batch::apply_parallel(&pool, &topic, &batch, &checks, usize::from(args.writers)),
+            )
+            .await;
             match attempt.unwrap_or_else(|_| Err(anyhow::anyhow!("batch transaction timed out"))) {
                 Ok(applied) => break applied,
                 Err(error) if error.is::<Gaps>() => {
@@ -196,16 +226,16 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
                 Err(error) => {
                     // Kafka is not what holds this stage up: no restart would help.
                     database_down.get_or_insert_with(|| liveness.waiting_on("PostgreSQL"));
+                    let delay = backoff.next_delay();
                     tracing::warn!(
                         error = format!("{error:#}"),
-                        retry_in_ms = backoff.as_millis() as u64,
+                        retry_in_ms = delay.as_millis() as u64,
                         "batch not written, retrying"
                     );
                     tokio::select! {
                         _ = shutdown.cancelled() => break 'outer,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         };
@@ -255,14 +285,16 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(120);
 
 async fn connect(
     database: &DatabaseArgs,
+    writers: usize,
     shutdown: &CancellationToken,
     liveness: &Liveness,
 ) -> anyhow::Result<PgPool> {
     let _waiting = liveness.waiting_on("PostgreSQL");
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::stage();
     loop {
         match PgPoolOptions::new()
-            .max_connections(4)
+            // The writers, and one for resuming and start-up checks.
+            .max_connections(writers as u32 + 1)
             .acquire_timeout(Duration::from_secs(10))
             .connect(&database.database_url)
             .await
@@ -272,9 +304,8 @@ async fn connect(
                 tracing::warn!(%error, database = %database.redacted_url(), "cannot connect, retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => anyhow::bail!("shut down before the database was reachable"),
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }

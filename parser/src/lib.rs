@@ -4,15 +4,13 @@
 //!   Start reading here.
 //! - [`source`]: files as byte windows (mmap, with a read() fallback); the crate's only `unsafe`.
 //! - [`offline`]: `tally sum`, the engine on local files or stdin, without Kafka.
-//! - [`service`]: `tally parser`, the consumer group on `tally.files` (KIP-447 transactions);
-//!   [`assignment`]: the partitions it holds (rebalances, paused done-set loads); [`sink`]:
-//!   its output into the open transaction; [`open`]: a unit's file, only if it is the
+//! - [`service`]: `tally parser`, the handler of tally-core's consume-transform-produce loop
+//!   (`tally_core::txn`) on `tally.files`; [`sink`]: its output into the open transaction; [`open`]: a unit's file, only if it is the
 //!   announced one;
 //!   [`doneset`]: the done-state of every file (stream) of its partitions; [`streams`]: which
 //!   bytes of a unit that state still leaves to sum. A stalled instance restarts itself through
 //!   `tally_core::liveness`.
 
-pub mod assignment;
 pub mod doneset;
 pub mod engine;
 pub mod offline;

@@ -5,47 +5,12 @@
 use std::sync::Mutex;
 
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use tally_core::messages::{consumer_partition, DeadLetter, WorkUnit};
+use tally_core::txn::producer::{send_json, send_sums};
+use tally_core::txn::TxnProducer;
 use tally_core::Topics;
-use tally_core::{codec, kafka};
 
 use crate::engine::{BadLine, EngineConfig, Merger, Sink, Stopped};
-
-/// The parser's transactional producer.
-pub type TxnProducer = ThreadedProducer<DefaultProducerContext>;
-
-/// Sends a dead-letter record.
-pub fn send_dead_letter(
-    producer: &TxnProducer,
-    topic: &str,
-    key: Option<&str>,
-    record: &DeadLetter,
-) -> Result<(), KafkaError> {
-    let payload = serde_json::to_vec(record).expect("serialisable");
-    let mut base = BaseRecord::<str, [u8]>::to(topic).payload(&payload);
-    if let Some(key) = key {
-        base = base.key(key);
-    }
-    kafka::send_waiting(producer, base)
-}
-
-/// Sends `sums` (all of sums partition `partition`) as records of at most 20,000 pairs.
-pub fn send_sums(
-    producer: &TxnProducer,
-    topic: &str,
-    partition: i32,
-    sums: &[(i64, i64)],
-) -> Result<(), KafkaError> {
-    for chunk in sums.chunks(PAIRS_PER_RECORD) {
-        let payload = codec::encode_sums(chunk);
-        let record = BaseRecord::<str, [u8]>::to(topic)
-            .partition(partition)
-            .payload(&payload);
-        kafka::send_waiting(producer, record)?;
-    }
-    Ok(())
-}
 
 /// The engine's output, into the open transaction: sums into the transaction's merger (what
 /// must leave early is sent at once), bad lines to the dead-letter topic.
@@ -58,10 +23,6 @@ pub struct KafkaSink<'a> {
     /// The first send error; the engine is stopped and the transaction aborted.
     error: Mutex<Option<KafkaError>>,
 }
-
-/// Pairs per sums record: at most ~20 bytes each (binary, usually 2 to 6), well under the
-/// 1 MB record limit.
-const PAIRS_PER_RECORD: usize = 20_000;
 
 impl<'a> KafkaSink<'a> {
     /// The output of `unit`, through `producer` (inside its open transaction), its sums merged
@@ -120,7 +81,7 @@ impl Sink for KafkaSink<'_> {
             reason: bad.reason.as_str().to_owned(),
             raw: lossy(&bad.raw),
         };
-        send_dead_letter(
+        send_json(
             self.producer,
             &self.topics.dead_letter,
             Some(&self.unit.unit_id),

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use tally_core::backoff::Backoff;
 use tally_core::kafka::{self, TxnErrorKind};
 use tally_core::messages::WorkUnit;
 use tally_core::{KafkaArgs, Topics};
@@ -95,6 +96,7 @@ impl Announcer {
     /// for good; a failed announcement announces nothing.
     pub fn announce(&mut self, units: &[WorkUnit]) -> anyhow::Result<()> {
         let mut attempts = 0;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         loop {
             attempts += 1;
             match self.try_announce(units) {
@@ -112,7 +114,7 @@ impl Announcer {
                                 .abort_transaction(rdkafka::util::Timeout::Never);
                         }
                     }
-                    std::thread::sleep(Duration::from_millis(200 * attempts));
+                    std::thread::sleep(backoff.next_delay());
                 }
                 Err(error) => return Err(error).context("cannot announce work units"),
             }

@@ -1,23 +1,46 @@
-//! Crashes: parsers and the db-client are SIGKILLed at random moments, several times, and
-//! restarted; the totals must still equal the generator's, and no finished unit may be redone.
+//! Crashes: parsers, aggregators and the db-client are SIGKILLed at random moments, several
+//! times, and restarted; the totals must still equal the generator's, and no finished unit may
+//! be redone (nor forwarded twice by an aggregator).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::support::{Pipeline, Stage};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_parsers_and_db_client_at_random_moments() {
-    let mut p = Pipeline::new("crash").await;
+    chaos("crash", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_parsers_aggregators_and_db_client_at_random_moments() {
+    chaos("crash-agg", true).await;
+}
+
+/// Announces 16 files one per round while a random stage is SIGKILLed each round; with
+/// `aggregators`, two aggregators run between the parsers and a `--from-totals` db-client.
+async fn chaos(name: &str, aggregators: bool) {
+    let mut p = Pipeline::new(name).await;
     // 16 files of 1.2 MB in 256 KiB units: 80 units, two per transaction, so kills land inside
     // transactions, between them, and inside database batches.
     let (files, expected) = p.generate(16, 1_200_000, 5000, 9).await;
 
-    let mut stages: Vec<(String, Vec<String>, Stage)> = Vec::new();
-    for (name, args) in [
+    let mut roles = vec![
         ("parser-a", p.parser_args("a")),
         ("parser-b", p.parser_args("b")),
-        ("db-client", vec!["db-client".to_owned()]),
-    ] {
+    ];
+    if aggregators {
+        roles.push(("aggregator-a", p.aggregator_args("agg-a")));
+        roles.push(("aggregator-b", p.aggregator_args("agg-b")));
+        roles.push((
+            "db-client",
+            vec!["db-client".to_owned(), "--from-totals".to_owned()],
+        ));
+    } else {
+        roles.push(("db-client", vec!["db-client".to_owned()]));
+    }
+    let mut stages: Vec<(String, Vec<String>, Stage)> = Vec::new();
+    for (name, args) in roles {
         let stage = p.spawn(name, &args);
         stages.push((name.to_owned(), args, stage));
     }
@@ -73,4 +96,13 @@ async fn kill_9_parsers_and_db_client_at_random_moments() {
     let summed = p.summed_units();
     assert_eq!(summed.len(), 80);
     assert!(summed.values().all(|&n| n == 1), "units redone: {summed:?}");
+    if aggregators {
+        // Each unit's end marker reached the totals once per partition: no aggregator
+        // forwarded a batch twice, none dropped one.
+        let mut forwarded: HashMap<String, usize> = HashMap::new();
+        for unit in p.unit_ends_in(&p.topics.totals) {
+            *forwarded.entry(unit.unit_id).or_default() += 1;
+        }
+        assert_eq!(forwarded, summed, "unit-end markers on the totals topic");
+    }
 }

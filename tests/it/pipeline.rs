@@ -321,7 +321,7 @@ async fn a_file_appended_after_announcement_counts_only_its_new_lines() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_million_distinct_consumers_are_exact() {
+async fn a_million_distinct_consumers_are_exact_through_an_aggregator() {
     let mut p = Pipeline::new("million").await;
     // 1,200,000 distinct ids, most seen once, every tenth twice (in another file), with
     // amounts up to 10^12: sums merged across units and files, totals exact.
@@ -352,8 +352,40 @@ async fn a_million_distinct_consumers_are_exact() {
     let _watch = p.spawn("watch", &watch);
     let _a = p.spawn("parser-a", &p.parser_args("a"));
     let _b = p.spawn("parser-b", &p.parser_args("b"));
-    let _db = p.spawn("db-client", &["db-client"]);
+    // Through an aggregator whose key cap (300,000) is a quarter of the consumers: its merged
+    // sums leave early, in parts, and still add up.
+    let mut aggregator = p.aggregator_args("agg");
+    aggregator.extend(["--keys-max".to_owned(), "300000".to_owned()]);
+    let _agg = p.spawn("aggregator", &aggregator);
+    let _db = p.spawn("db-client", &["db-client", "--from-totals"]);
     p.wait_ingested(2, TIMEOUT).await;
     assert_eq!(expected.len(), 1_200_000);
     p.assert_totals(&expected, "1.2 million consumers").await;
+}
+
+/// Other partition counts than the defaults (`tally init --files-partitions 3
+/// --sums-partitions 4`): every stage follows the topics' counts, the ledger counts a unit's
+/// end markers over 4 partitions, and the totals are exact through an aggregator.
+#[tokio::test(flavor = "multi_thread")]
+async fn other_partition_counts_are_followed_by_every_stage() {
+    let mut p = Pipeline::with_init(
+        "layout",
+        &["--files-partitions", "3", "--sums-partitions", "4"],
+    )
+    .await;
+    let (files, expected) = p.generate(5, 400_000, 3_000, 61).await;
+    let _a = p.spawn("parser-a", &p.parser_args("a"));
+    let _b = p.spawn("parser-b", &p.parser_args("b"));
+    let _agg = p.spawn("aggregator", &p.aggregator_args("agg"));
+    let _db = p.spawn("db-client", &["db-client", "--from-totals"]);
+    p.publish("100000", &files).await;
+    p.wait_ingested(5, TIMEOUT).await;
+    p.assert_totals(&expected, "3 files and 4 sums partitions")
+        .await;
+    let partitions: Vec<i32> =
+        sqlx::query_scalar("SELECT DISTINCT partitions_total FROM ingested_units")
+            .fetch_all(&p.pool)
+            .await
+            .unwrap();
+    assert_eq!(partitions, vec![4]);
 }

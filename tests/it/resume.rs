@@ -118,3 +118,62 @@ async fn the_db_client_resumes_at_its_stored_offsets_and_stops_at_a_recreated_to
     p.assert_totals(&expected, "after accepting the recreated topic")
         .await;
 }
+
+/// Adding an aggregator to a running pipeline: a db-client started on the totals topic while
+/// the totals follow the sums topic stops (it would count the sums again); the documented
+/// switch (the aggregator group starts at the sums offsets stored with the totals, then one
+/// start with `--switch-input`) counts every file once.
+#[tokio::test(flavor = "multi_thread")]
+async fn switching_the_input_to_the_aggregator_needs_the_operators_word() {
+    let mut p = Pipeline::new("switch").await;
+    let (first, mut expected) = p.generate(1, 300_000, 500, 51).await;
+    let (second, expected_second) = p.generate(1, 300_000, 500, 52).await;
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let mut db = p.spawn("db-client", &["db-client"]);
+    p.publish("100000", &first).await;
+    p.wait_ingested(1, TIMEOUT).await;
+    assert!(db.terminate(Duration::from_secs(20)), "db-client stops");
+
+    let mut db = p.spawn("db-client", &["db-client", "--from-totals"]);
+    let status = db
+        .exit_within(Duration::from_secs(30))
+        .await
+        .expect("the db-client refuses to switch on its own");
+    assert!(!status.success());
+    assert!(
+        db.log_text().contains("--switch-input"),
+        "{}",
+        db.log_text()
+    );
+
+    // The procedure: the aggregator group starts where the totals include the sums up to.
+    let stored: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT partition, next_offset FROM kafka_offsets WHERE topic = $1")
+            .bind(&p.topics.sums)
+            .fetch_all(&p.pool)
+            .await
+            .unwrap();
+    assert!(!stored.is_empty());
+    let group: BaseConsumer =
+        tally_core::kafka::consumer_config(&p.kafka, &p.topics.aggregator_group)
+            .create()
+            .unwrap();
+    let mut at = TopicPartitionList::new();
+    for (partition, next) in stored {
+        at.add_partition_offset(&p.topics.sums, partition, Offset::Offset(next))
+            .unwrap();
+    }
+    group.commit(&at, CommitMode::Sync).unwrap();
+    drop(group);
+    let _agg = p.spawn("aggregator", &p.aggregator_args("agg"));
+    let _db = p.spawn(
+        "db-client",
+        &["db-client", "--from-totals", "--switch-input"],
+    );
+    p.publish("100000", &second).await;
+    add(&mut expected, expected_second);
+    p.wait_ingested(2, TIMEOUT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p.assert_totals(&expected, "after switching to the aggregator")
+        .await;
+}

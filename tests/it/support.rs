@@ -28,6 +28,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn new(what: &str) -> Self {
+        Self::with_init(what, &[]).await
+    }
+
+    /// A pipeline whose `tally init` gets `init_args` too (partition counts).
+    pub async fn with_init(what: &str, init_args: &[&str]) -> Self {
         let services = tally_testkit::services();
         let prefix = tally_testkit::unique(what);
         let database_url = services.fresh_database(what).await;
@@ -54,7 +59,9 @@ impl Pipeline {
             pool,
             log_seq: 0,
         };
-        pipeline.tally(&["init"]).await;
+        let mut init = vec!["init"];
+        init.extend(init_args);
+        pipeline.tally(&init).await;
         pipeline
     }
 
@@ -125,6 +132,19 @@ impl Pipeline {
         args.extend(["--rescan-interval-ms".to_owned(), "100".to_owned()]);
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         args
+    }
+
+    /// `aggregator` with a stable instance name, flushing every 300 ms.
+    pub fn aggregator_args(&self, instance: &str) -> Vec<String> {
+        [
+            "aggregator",
+            "--instance-id",
+            instance,
+            "--flush-interval-ms",
+            "300",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     pub fn parser_args(&self, instance: &str) -> Vec<String> {
@@ -269,7 +289,12 @@ impl Pipeline {
     /// The committed unit-end markers (one per unit and transaction; from sums partition 0,
     /// as every unit ends in every partition).
     pub fn unit_ends(&self) -> Vec<UnitDone> {
-        self.read_topic(&self.topics.sums)
+        self.unit_ends_in(&self.topics.sums)
+    }
+
+    /// [`Pipeline::unit_ends`] of `topic` (`tally.sums`, or the aggregators' `tally.totals`).
+    pub fn unit_ends_in(&self, topic: &str) -> Vec<UnitDone> {
+        self.read_topic(topic)
             .into_iter()
             .filter(|(partition, v)| *partition == 0 && v.starts_with(br#"{"type":"unit-end""#))
             .map(|(_, v)| match tally_core::codec::decode(&v).unwrap() {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use super::restart_in_place;
+use crate::backoff::Backoff;
 use crate::shutdown::CancellationToken;
 
 /// A bounded-rate logger: says a thing at most once per interval, counting what it swallowed.
@@ -38,15 +39,15 @@ impl Throttle {
     }
 }
 
-/// Retries `op` with capped exponential backoff (200 ms doubling to 10 s, so failures are
-/// logged at a bounded rate) until it succeeds; fails only once `shutdown` is cancelled.
+/// Retries `op` with capped exponential backoff ([`Backoff::stage`]: 200 ms doubling to 10 s,
+/// with jitter, so failures are logged at a bounded rate) until it succeeds; fails only once `shutdown` is cancelled.
 /// Waits longer than the stall limit are the watchdog's business: call it inside a step.
 pub fn retry<T>(
     shutdown: &CancellationToken,
     what: &str,
     mut op: impl FnMut() -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::stage();
     loop {
         let error = match op() {
             Ok(v) => return Ok(v),
@@ -55,16 +56,16 @@ pub fn retry<T>(
         if shutdown.is_cancelled() {
             return Err(error.context(format!("cannot {what}")));
         }
+        let delay = backoff.next_delay();
         tracing::warn!(
             error = format!("{error:#}"),
-            retry_in_ms = backoff.as_millis() as u64,
+            retry_in_ms = delay.as_millis() as u64,
             "cannot {what}, retrying"
         );
-        let until = Instant::now() + backoff;
+        let until = Instant::now() + delay;
         while Instant::now() < until && !shutdown.is_cancelled() {
             std::thread::sleep(Duration::from_millis(50));
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

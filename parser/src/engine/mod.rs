@@ -7,10 +7,7 @@
 //! [`SumMap`] per worker: when a worker's map holds its share of `keys_max`, its sums go to the
 //! [`Sink`] and the map starts over, so memory does not grow with the input.
 
-mod agg;
 mod line;
-mod map;
-mod merge;
 #[cfg(test)]
 mod tests;
 
@@ -19,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 pub use line::{check_line_parsers, parse_line, Reason};
-pub use map::{Added, SumMap};
-pub use merge::Merger;
+use tally_core::sums::agg;
+pub use tally_core::sums::{Added, Merger, SumMap};
 
 use line::{parse_fast, FAST_LOOKAHEAD};
 

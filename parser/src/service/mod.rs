@@ -1,37 +1,33 @@
 //! `tally parser`: the consumer group on `tally.files` that turns work units into sums.
 //!
-//! KIP-447 consume-transform-produce, one transaction per batch of units: the units' sums
-//! (`tally.sums`), the done-states of their files (`tally.done`), bad lines
-//! (`tally.dead-letter`) and the consumed offsets commit together, fenced by the consumer's
-//! group metadata. A crash redoes at most the units of the one open transaction: that is the
-//! checkpoint. One unit (check, sum the bytes not yet summed, records) is in `unit.rs`;
-//! pruning the done-set of files that are done and gone, in `prune.rs`.
-//!
-//! The loop is synchronous on its own thread: librdkafka's transaction calls block, and
-//! rebalance callbacks run inside `poll`, which this loop calls only between transactions, so a
-//! rebalance can never cut a transaction in two. Parsing runs on the rayon pool.
+//! The parser is a [`Handler`] of tally-core's consume-transform-produce loop
+//! ([`tally_core::txn`]), one transaction per batch of units: the units' sums (`tally.sums`),
+//! the done-states of their files (`tally.done`), bad lines (`tally.dead-letter`) and the
+//! consumed offsets commit together. A crash redoes at most the units of the one open
+//! transaction. The done-set of a partition is loaded when it is assigned
+//! ([`PartitionState::load`]). One unit (check, sum the bytes not yet summed, records) is in
+//! `unit.rs`; pruning the done-set of files that are done and gone, in `prune.rs`. Parsing runs
+//! on the rayon pool.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::Producer;
-use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
-use tally_core::kafka::{self, TxnErrorKind};
 use tally_core::liveness::{self, Liveness};
 use tally_core::messages::{DeadLetter, StreamDone, WorkUnit};
 use tally_core::shutdown::CancellationToken;
+use tally_core::txn::{
+    producer, BatchLimits, Failure, Group, Handler, PartitionState, Settings, TxnLoop, TxnProducer,
+};
 use tally_core::{KafkaArgs, LivenessArgs, Topics};
 
-use crate::assignment::{Assignment, BatchLimits};
 use crate::doneset::DoneSet;
 use crate::engine::{EngineConfig, Merger};
 use crate::offline::EngineArgs;
-use crate::sink::{lossy, send_dead_letter, TxnProducer};
+use crate::sink::lossy;
 
 mod prune;
 mod unit;
@@ -90,44 +86,20 @@ struct Counters {
     units_skipped: u64,
     /// Units rejected (dead-lettered).
     units_rejected: u64,
-    /// Transactions aborted.
-    aborts: u64,
 }
 
-/// Why a batch's transaction did not commit.
-enum Failure {
-    Kafka(KafkaError),
-    /// A unit must be rejected; the transaction already holds some of its output.
-    Reject {
-        unit_id: String,
-        reason: String,
-    },
-    /// The consumer has no group metadata (not a group member right now).
-    NotInGroup,
-}
-
-impl From<KafkaError> for Failure {
-    fn from(e: KafkaError) -> Self {
-        Failure::Kafka(e)
-    }
-}
-
-type Producer_ = TxnProducer;
-
+/// The parser's handler: its done-set, engine and counters.
 struct Parser<'a> {
     args: &'a ParserArgs,
     topics: Topics,
     data_root: PathBuf,
     config: EngineConfig,
     pool: rayon::ThreadPool,
-    group: Assignment,
-    producer: Producer_,
-    transactional_id: String,
+    done: DoneSet,
     sums_partitions: i32,
     /// Units that failed in a way that needs an abort; rejected when seen again.
     forced_reject: HashMap<String, String>,
     counters: Counters,
-    shutdown: CancellationToken,
     liveness: Liveness,
     /// When the done-set was last pruned.
     last_prune: Instant,
@@ -144,67 +116,50 @@ pub fn run(args: &ParserArgs, shutdown: &CancellationToken) -> anyhow::Result<()
     // Through a broker outage (also after the watchdog restarted us during one) keep trying.
     let start = liveness.step("start the parser");
     let mut parser = liveness::retry(shutdown, "start the parser", || {
-        Parser::new(args, shutdown.clone(), liveness.clone())
+        start_loop(args, shutdown.clone(), liveness.clone())
     })?;
     drop(start);
     let result = parser.run();
-    parser.group.leave();
-    let c = &parser.counters;
+    parser.leave();
+    let c = &parser.handler().counters;
     tracing::info!(
         summed = c.units_summed,
         skipped = c.units_skipped,
         rejected = c.units_rejected,
-        aborts = c.aborts,
+        aborts = parser.aborts(),
         "parser stopped"
     );
     result
 }
 
-fn create_producer(args: &ParserArgs, transactional_id: &str) -> anyhow::Result<Producer_> {
-    let mut config = kafka::transactional_producer_config(
-        &args.kafka,
-        transactional_id,
-        Duration::from_millis(args.transaction_timeout_ms),
-    );
-    // A bounded send queue: a full queue makes the engine wait, so memory stays flat.
-    config.set("queue.buffering.max.kbytes", "65536");
-    kafka::apply_overrides(&mut config, &args.kafka);
-    let producer: Producer_ = config
-        .create()
-        .context("cannot create the Kafka producer")?;
-    producer
-        .init_transactions(Duration::from_secs(60))
-        .context("cannot initialise Kafka transactions")?;
-    Ok(producer)
-}
-
-impl<'a> Parser<'a> {
-    fn new(
-        args: &'a ParserArgs,
-        shutdown: CancellationToken,
-        liveness: Liveness,
-    ) -> anyhow::Result<Self> {
-        let topics = Topics::new(&args.kafka.topic_prefix);
-        let data_root = std::fs::canonicalize(&args.data_root)
-            .with_context(|| format!("cannot resolve --data-root {}", args.data_root.display()))?;
-        let mut config = kafka::consumer_config(&args.kafka, &topics.parser_group);
-        config
-            .set("partition.assignment.strategy", "range")
-            .set("max.poll.interval.ms", "300000");
-        kafka::static_membership(&mut config, args.instance_id.as_deref());
-        kafka::apply_overrides(&mut config, &args.kafka);
-        let done_set = DoneSet::new(
-            &args.kafka,
-            &topics.done,
-            &format!("{}.done-reader", topics.parser_group),
-        )?;
-        let group = Assignment::new(
-            &config,
-            &topics.files,
-            done_set,
-            liveness.clone(),
-            shutdown.clone(),
-        )?;
+fn start_loop<'a>(
+    args: &'a ParserArgs,
+    shutdown: CancellationToken,
+    liveness: Liveness,
+) -> anyhow::Result<TxnLoop<Parser<'a>>> {
+    let topics = Topics::new(&args.kafka.topic_prefix);
+    let data_root = std::fs::canonicalize(&args.data_root)
+        .with_context(|| format!("cannot resolve --data-root {}", args.data_root.display()))?;
+    let settings = Settings {
+        stage: "parser",
+        input: topics.files.clone(),
+        group: topics.parser_group.clone(),
+        instance_id: args.instance_id.clone(),
+        transactional_prefix: format!("{}.parser", args.kafka.topic_prefix),
+        transaction_timeout: Duration::from_millis(args.transaction_timeout_ms),
+        limits: BatchLimits {
+            records: args.units_per_txn_max,
+            weight: args.txn_bytes_max,
+            idle: Duration::from_millis(20),
+            max_wait: Duration::from_secs(2),
+        },
+        consumer_options: vec![
+            ("partition.assignment.strategy", "range".to_owned()),
+            ("max.poll.interval.ms", "300000".to_owned()),
+        ],
+    };
+    let handler_liveness = liveness.clone();
+    TxnLoop::new(&args.kafka, settings, liveness, shutdown, |group| {
         let files = group.partition_count(&topics.files)?;
         let done = group.partition_count(&topics.done)?;
         let sums_partitions = group.partition_count(&topics.sums)?;
@@ -215,78 +170,69 @@ impl<'a> Parser<'a> {
                 topics.files, topics.done, topics.sums
             );
         }
-        group.subscribe()?;
-        let instance = args
-            .instance_id
-            .clone()
-            .unwrap_or_else(|| format!("{:016x}", rand_u64()));
-        let transactional_id = format!("{}.parser.{instance}", args.kafka.topic_prefix);
-        let producer = create_producer(args, &transactional_id)?;
-        tracing::info!(transactional_id, data_root = %data_root.display(), "parser started");
-        Ok(Self {
+        let done_set = DoneSet::new(
+            &args.kafka,
+            &topics.done,
+            &format!("{}.done-reader", topics.parser_group),
+        )?;
+        tracing::info!(data_root = %data_root.display(), "parser started");
+        Ok(Parser {
             args,
-            topics,
+            topics: topics.clone(),
             data_root,
             config: args.engine.config(),
             pool: args.engine.pool()?,
-            group,
-            producer,
-            transactional_id,
+            done: done_set,
             sums_partitions,
             forced_reject: HashMap::new(),
             counters: Counters::default(),
-            shutdown,
-            liveness,
+            liveness: handler_liveness,
             last_prune: Instant::now(),
         })
+    })
+}
+
+impl PartitionState for Parser<'_> {
+    fn load(
+        &mut self,
+        partition: i32,
+        keep_alive: &mut dyn FnMut() -> bool,
+    ) -> anyhow::Result<bool> {
+        self.done.load(partition, keep_alive)
     }
 
-    fn run(&mut self) -> anyhow::Result<()> {
-        let mut backoff = Duration::from_millis(100);
-        while !self.shutdown.is_cancelled() {
-            self.prune_if_due();
-            let batch = self.group.collect(BatchLimits {
-                units: self.args.units_per_txn_max,
-                bytes: self.args.txn_bytes_max,
-            })?;
-            if batch.is_empty() {
-                continue;
-            }
-            let step = self.liveness.step("a Kafka transaction");
-            let result = self.transact(&batch);
-            match result {
-                Ok(states) => {
-                    for ((partition, _), state) in states {
-                        self.group.done_mut().insert(partition, state);
-                    }
-                    self.liveness.progress();
-                    backoff = Duration::from_millis(100);
-                }
-                Err(failure) => {
-                    self.counters.aborts += 1;
-                    self.recover(failure, &batch)?;
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
-            drop(step);
-        }
-        Ok(())
+    fn revoked(&mut self, partitions: &[i32]) {
+        self.done.forget(partitions);
     }
 
-    /// One transaction for the batch. Returns the done-states it wrote, by partition and
-    /// stream (a unit sees the states written by earlier units of its batch).
-    fn transact(&mut self, batch: &[OwnedMessage]) -> Result<States, Failure> {
-        self.producer.begin_transaction()?;
-        let mut offsets: HashMap<i32, i64> = HashMap::new();
+    /// A unit weighs its bytes (a batch is bounded by the bytes it parses).
+    fn weight(&self, message: &OwnedMessage) -> u64 {
+        message
+            .payload()
+            .and_then(|p| serde_json::from_slice::<WorkUnit>(p).ok())
+            .map_or(0, |unit| unit.end.saturating_sub(unit.start))
+    }
+}
+
+impl Handler for Parser<'_> {
+    /// The done-states the transaction wrote, by partition and stream.
+    type Output = States;
+
+    /// The batch's units in one transaction (a unit sees the states written by earlier units
+    /// of its batch), their merged sums, then their end markers.
+    fn process(
+        &mut self,
+        producer: &TxnProducer,
+        batch: &[OwnedMessage],
+    ) -> Result<States, Failure> {
         let mut states = States::new();
         let mut txn = Txn {
+            producer,
             merger: Merger::new(self.sums_partitions as usize, self.config.keys_max),
             ends: Vec::new(),
         };
         for message in batch {
             let partition = message.partition();
-            offsets.insert(partition, message.offset() + 1);
             let decoded = match message.payload().map(serde_json::from_slice::<WorkUnit>) {
                 Some(Ok(unit)) => unit.check().map(|()| unit),
                 Some(Err(e)) => Err(format!("not a work unit: {e}")),
@@ -302,6 +248,7 @@ impl<'a> Parser<'a> {
                         "bad notification"
                     );
                     self.dead_letter(
+                        producer,
                         None,
                         &DeadLetter::BadNotification {
                             partition,
@@ -316,81 +263,34 @@ impl<'a> Parser<'a> {
             let key = (partition, unit.stream.clone());
             let state = states
                 .get(&key)
-                .or_else(|| self.group.done().get(partition, &unit.stream))
+                .or_else(|| self.done.get(partition, &unit.stream))
                 .cloned();
             if let Some(next) = self.count_unit(&mut txn, partition, &unit, state.as_ref())? {
                 states.insert(key, next);
             }
         }
         self.end_transaction(txn)?;
-        let mut tpl = TopicPartitionList::new();
-        for (partition, next) in &offsets {
-            tpl.add_partition_offset(&self.topics.files, *partition, Offset::Offset(*next))?;
-        }
-        let metadata = self.group.group_metadata().ok_or(Failure::NotInGroup)?;
-        self.producer
-            .send_offsets_to_transaction(&tpl, &metadata, Duration::from_secs(30))?;
-        let mut tries = 0;
-        loop {
-            match self.producer.commit_transaction(Timeout::Never) {
-                Ok(()) => break,
-                Err(e)
-                    if kafka::classify_txn_error(&e) == TxnErrorKind::Retriable && tries < 10 =>
-                {
-                    tries += 1;
-                    tracing::warn!(error = %e, tries, "commit failed, retrying");
-                }
-                Err(e) => return Err(Failure::Kafka(e)),
-            }
-        }
-        tracing::debug!(streams = states.len(), "transaction committed");
         Ok(states)
     }
 
-    fn dead_letter(&self, key: Option<&str>, record: &DeadLetter) -> Result<(), KafkaError> {
-        send_dead_letter(&self.producer, &self.topics.dead_letter, key, record)
+    fn committed(&mut self, states: States) {
+        for ((partition, _), state) in states {
+            self.done.insert(partition, state);
+        }
     }
 
-    /// After a failed transaction: abort it (or replace a fenced producer), and rewind the
-    /// consumer to the committed offsets so the batch is consumed again.
-    fn recover(&mut self, failure: Failure, batch: &[OwnedMessage]) -> anyhow::Result<()> {
-        let kind = match &failure {
-            Failure::Kafka(e) => {
-                let kind = kafka::classify_txn_error(e);
-                tracing::warn!(error = %e, ?kind, "transaction failed");
-                kind
-            }
-            Failure::Reject { unit_id, reason } => {
-                self.forced_reject.insert(unit_id.clone(), reason.clone());
-                TxnErrorKind::Abortable
-            }
-            Failure::NotInGroup => TxnErrorKind::Abortable,
-        };
-        let _step = self.liveness.step("recover from a failed transaction");
-        let aborted =
-            kind != TxnErrorKind::Fatal && self.producer.abort_transaction(Timeout::Never).is_ok();
-        if !aborted {
-            tracing::warn!("recreating the transactional producer");
-            let (args, id) = (self.args, &self.transactional_id);
-            self.producer = liveness::retry(
-                &self.shutdown,
-                "recreate the transactional producer",
-                || create_producer(args, id),
-            )?;
-        }
-        let partitions: HashSet<i32> = batch.iter().map(|m| m.partition()).collect();
-        self.group.rewind(&partitions)
+    fn between(&mut self, group: &Group, producer: &TxnProducer) {
+        self.prune_if_due(group, producer);
     }
 }
 
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
+impl Parser<'_> {
+    fn dead_letter(
+        &self,
+        producer: &TxnProducer,
+        key: Option<&str>,
+        record: &DeadLetter,
+    ) -> Result<(), KafkaError> {
+        producer::send_json(producer, &self.topics.dead_letter, key, record)
+    }
 }

@@ -19,6 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tally_core::identity::stream_id;
 use tally_core::kafka;
 use tally_core::messages::StreamDone;
+use tally_core::txn::{Group, TxnProducer};
 
 use super::Parser;
 use crate::doneset::now_ms;
@@ -57,7 +58,7 @@ fn still_there(done: &StreamDone) -> bool {
 impl Parser<'_> {
     /// Prunes the done-set when the last pruning is older than the retention (at most a
     /// minute). A failure is logged and retried at the next turn: pruning is never urgent.
-    pub(super) fn prune_if_due(&mut self) {
+    pub(super) fn prune_if_due(&mut self, group: &Group, producer: &TxnProducer) {
         let Retention(Some(retention)) = self.args.done_retention else {
             return;
         };
@@ -65,7 +66,7 @@ impl Parser<'_> {
             return;
         }
         self.last_prune = Instant::now();
-        if let Err(error) = self.prune(retention) {
+        if let Err(error) = self.prune(retention, group, producer) {
             tracing::warn!(
                 error = format!("{error:#}"),
                 "done-set pruning failed; retried later"
@@ -73,11 +74,16 @@ impl Parser<'_> {
         }
     }
 
-    fn prune(&mut self, retention: Duration) -> anyhow::Result<()> {
+    fn prune(
+        &mut self,
+        retention: Duration,
+        group: &Group,
+        producer: &TxnProducer,
+    ) -> anyhow::Result<()> {
         let cutoff = now_ms() - retention.as_millis() as i64;
         let mut gone: Vec<(i32, String)> = Vec::new();
-        for partition in self.group.loaded() {
-            for entry in self.group.done().entries(partition) {
+        for partition in group.loaded() {
+            for entry in self.done.entries(partition) {
                 let done = &entry.done;
                 if entry.at_ms <= cutoff && done.finished(done.file_bytes) && !still_there(done) {
                     gone.push((partition, done.stream.clone()));
@@ -91,7 +97,7 @@ impl Parser<'_> {
         let mut partitions: Vec<i32> = gone.iter().map(|(p, _)| *p).collect();
         partitions.dedup();
         let mut offsets = TopicPartitionList::new();
-        for element in self.group.committed(&partitions)?.elements() {
+        for element in group.committed(&partitions)?.elements() {
             if let Offset::Offset(o) = element.offset() {
                 offsets.add_partition_offset(
                     element.topic(),
@@ -104,30 +110,26 @@ impl Parser<'_> {
             offsets.count() == partitions.len(),
             "no committed offsets yet"
         );
-        let metadata = self.group.group_metadata().context("not in the group")?;
-        self.producer.begin_transaction()?;
+        let metadata = group.group_metadata().context("not in the group")?;
+        producer.begin_transaction()?;
         let written = (|| {
             for (partition, stream) in &gone {
                 kafka::send_waiting(
-                    &self.producer,
+                    producer,
                     BaseRecord::<str, [u8]>::to(&self.topics.done)
                         .key(stream)
                         .partition(*partition),
                 )?;
             }
-            self.producer.send_offsets_to_transaction(
-                &offsets,
-                &metadata,
-                Duration::from_secs(30),
-            )?;
-            self.producer.commit_transaction(Timeout::Never)
+            producer.send_offsets_to_transaction(&offsets, &metadata, Duration::from_secs(30))?;
+            tally_core::txn::commit(producer)
         })();
         if let Err(error) = written {
-            let _ = self.producer.abort_transaction(Timeout::Never);
+            let _ = producer.abort_transaction(Timeout::Never);
             return Err(error).context("tombstone transaction");
         }
         for (partition, stream) in &gone {
-            self.group.done_mut().remove(*partition, stream);
+            self.done.remove(*partition, stream);
         }
         tracing::info!(streams = gone.len(), "done-set pruned: files done and gone");
         Ok(())

@@ -6,19 +6,21 @@ use std::fs::File;
 use std::time::Instant;
 
 use rdkafka::error::KafkaError;
-use rdkafka::producer::BaseRecord;
-use tally_core::kafka;
 use tally_core::messages::{DeadLetter, StreamDone, SumsRecord, UnitDone, WorkUnit};
+use tally_core::txn::producer::{send, send_sums};
+use tally_core::txn::{Failure, TxnProducer};
 
-use super::{Failure, Parser};
+use super::Parser;
 use crate::engine::{self, EngineError, Merger, Stats};
 use crate::open::open_unit;
-use crate::sink::{send_sums, KafkaSink};
+use crate::sink::KafkaSink;
 use crate::source::FileSource;
 use crate::streams;
 
 /// What one transaction gathers until it ends: its units' merged sums, and their end markers.
-pub(super) struct Txn {
+pub(super) struct Txn<'p> {
+    /// The producer of the open transaction.
+    pub(super) producer: &'p TxnProducer,
     /// The sums of every unit so far, per sums partition.
     pub(super) merger: Merger,
     /// The units that summed something.
@@ -31,7 +33,7 @@ impl Parser<'_> {
     /// transaction).
     pub(super) fn count_unit(
         &mut self,
-        txn: &mut Txn,
+        txn: &mut Txn<'_>,
         partition: i32,
         unit: &WorkUnit,
         state: Option<&StreamDone>,
@@ -48,11 +50,14 @@ impl Parser<'_> {
         };
         let file = match opened {
             Ok(file) => file,
-            Err(reason) => return self.reject(partition, unit, state, &reason),
+            Err(reason) => return self.reject(txn.producer, partition, unit, state, &reason),
         };
         let plan = match streams::plan(state, unit, &file) {
             Ok(plan) => plan,
-            Err(e) => return self.reject(partition, unit, state, &format!("cannot read: {e}")),
+            Err(e) => {
+                let reason = format!("cannot read: {e}");
+                return self.reject(txn.producer, partition, unit, state, &reason);
+            }
         };
         if plan.rewritten {
             tracing::warn!(
@@ -65,7 +70,7 @@ impl Parser<'_> {
         if plan.missing.is_empty() && !empty_first {
             return Ok(self.skip(unit));
         }
-        let stats = self.sum_ranges(&txn.merger, unit, file, &plan.missing)?;
+        let stats = self.sum_ranges(txn, unit, file, &plan.missing)?;
         let mut state = plan.state;
         for &(start, end) in &plan.missing {
             state.summed.insert(start, end);
@@ -82,7 +87,7 @@ impl Parser<'_> {
         };
         // Its end markers follow the transaction's merged sums (see `end_transaction`).
         txn.ends.push(done);
-        self.send_done(partition, &state)?;
+        self.send_done(txn.producer, partition, &state)?;
         self.counters.units_summed += 1;
         Ok(Some(state))
     }
@@ -97,17 +102,17 @@ impl Parser<'_> {
     /// `file_bytes`, even if it grew since).
     fn sum_ranges(
         &mut self,
-        merger: &Merger,
+        txn: &Txn<'_>,
         unit: &WorkUnit,
         file: File,
         ranges: &[(u64, u64)],
     ) -> Result<Stats, Failure> {
         let source = FileSource::with_len(file, unit.file_bytes);
         let sink = KafkaSink::new(
-            &self.producer,
+            txn.producer,
             &self.topics,
             self.sums_partitions,
-            merger,
+            &txn.merger,
             unit,
         );
         let started = Instant::now();
@@ -121,19 +126,16 @@ impl Parser<'_> {
                     return Err(Failure::Kafka(error));
                 }
                 Err(EngineError::BadLine(bad)) => {
-                    return Err(Failure::Reject {
-                        unit_id: unit.unit_id.clone(),
-                        reason: format!(
+                    return Err(self.reject_later(
+                        unit,
+                        format!(
                             "bad line at byte {} ({}) under --bad-lines=fail",
                             bad.offset, bad.reason
                         ),
-                    })
+                    ))
                 }
                 Err(EngineError::Io(e)) => {
-                    return Err(Failure::Reject {
-                        unit_id: unit.unit_id.clone(),
-                        reason: format!("read error: {e}"),
-                    })
+                    return Err(self.reject_later(unit, format!("read error: {e}")))
                 }
             }
         }
@@ -151,9 +153,10 @@ impl Parser<'_> {
     /// The transaction's output before its offsets: the merged sums of all its units, then
     /// one end marker per unit and sums partition, each after every sum of the unit there, so
     /// the db-client knows a unit is in the totals once it applied all of its markers.
-    pub(super) fn end_transaction(&self, txn: Txn) -> Result<(), KafkaError> {
+    pub(super) fn end_transaction(&self, txn: Txn<'_>) -> Result<(), KafkaError> {
+        let producer = txn.producer;
         txn.merger.drain(|partition, sums| {
-            send_sums(&self.producer, &self.topics.sums, partition as i32, &sums)
+            send_sums(producer, &self.topics.sums, partition as i32, &sums)
         })?;
         for unit in txn.ends {
             let key = unit.unit_id.clone();
@@ -163,12 +166,12 @@ impl Parser<'_> {
             })
             .expect("serialisable");
             for sums_partition in 0..self.sums_partitions {
-                kafka::send_waiting(
-                    &self.producer,
-                    BaseRecord::<str, [u8]>::to(&self.topics.sums)
-                        .key(&key)
-                        .partition(sums_partition)
-                        .payload(&end),
+                send(
+                    producer,
+                    &self.topics.sums,
+                    sums_partition,
+                    Some(&key),
+                    &end,
                 )?;
             }
         }
@@ -179,6 +182,7 @@ impl Parser<'_> {
     /// state when that state is the unit's version ([`streams::rejected`]).
     pub(super) fn reject(
         &mut self,
+        producer: &TxnProducer,
         partition: i32,
         unit: &WorkUnit,
         state: Option<&StreamDone>,
@@ -191,6 +195,7 @@ impl Parser<'_> {
             "unit rejected"
         );
         self.dead_letter(
+            producer,
             Some(&unit.unit_id),
             &DeadLetter::RejectedUnit {
                 unit_id: unit.unit_id.clone(),
@@ -201,20 +206,33 @@ impl Parser<'_> {
         self.counters.units_rejected += 1;
         let next = streams::rejected(state, unit);
         if let Some(next) = &next {
-            self.send_done(partition, next)?;
+            self.send_done(producer, partition, next)?;
         }
         Ok(next)
     }
 
     /// The stream's state on `tally.done`, in the unit's partition number, keyed by stream.
-    pub(super) fn send_done(&self, partition: i32, state: &StreamDone) -> Result<(), KafkaError> {
+    pub(super) fn send_done(
+        &self,
+        producer: &TxnProducer,
+        partition: i32,
+        state: &StreamDone,
+    ) -> Result<(), KafkaError> {
         let payload = serde_json::to_vec(state).expect("serialisable");
-        kafka::send_waiting(
-            &self.producer,
-            BaseRecord::<str, [u8]>::to(&self.topics.done)
-                .key(&state.stream)
-                .partition(partition)
-                .payload(&payload),
+        send(
+            producer,
+            &self.topics.done,
+            partition,
+            Some(&state.stream),
+            &payload,
         )
+    }
+
+    /// A unit that must be rejected after its transaction has some of its output: abort, and
+    /// reject it when it comes again.
+    fn reject_later(&mut self, unit: &WorkUnit, reason: String) -> Failure {
+        self.forced_reject
+            .insert(unit.unit_id.clone(), reason.clone());
+        Failure::Abort(format!("unit {} to be rejected: {reason}", unit.unit_id))
     }
 }

@@ -1,47 +1,75 @@
-//! The parser's side of its consumer group: which `tally.files` partitions it holds, their
-//! done-sets, and batches of units polled from them.
+//! A stage's side of its consumer group: which input partitions it holds, the state it loads
+//! for each ([`PartitionState`]), and batches of records polled from them.
 //!
 //! Rebalance callbacks run inside `poll`, which is called only between transactions, so a
 //! rebalance never cuts a transaction in two. A newly assigned partition is paused until its
-//! done-set is loaded; meanwhile the group consumer keeps being polled (heartbeats,
-//! `max.poll.interval.ms`, further rebalances), so a long load never costs the membership, and
-//! anything polled meanwhile is kept in order, never dropped.
+//! state is loaded (the parser's done-set); meanwhile the group consumer keeps being polled
+//! (heartbeats, `max.poll.interval.ms`, further rebalances), so a long load never costs the
+//! membership, and anything polled meanwhile is kept in order, never dropped.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
+use crate::liveness::{self, Liveness, Throttle};
+use crate::rebalance::{RebalanceEvent, RebalanceLog};
+use crate::shutdown::CancellationToken;
 use anyhow::Context;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
-use tally_core::liveness::{self, Liveness, Throttle};
-use tally_core::messages::WorkUnit;
-use tally_core::rebalance::{RebalanceEvent, RebalanceLog};
-use tally_core::shutdown::CancellationToken;
 
-use crate::doneset::DoneSet;
-
-/// Bounds of one batch of units.
+/// Bounds of one batch (one transaction's input).
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
-    /// Most units.
-    pub units: usize,
-    /// Most unit bytes.
-    pub bytes: u64,
+    /// Most records.
+    pub records: usize,
+    /// Most weight ([`PartitionState::weight`]: unit bytes for the parser, payload bytes for
+    /// the aggregator).
+    pub weight: u64,
+    /// Once the batch has a record, a poll that waits this long for the next one ends it.
+    pub idle: Duration,
+    /// Longest time spent collecting one batch.
+    pub max_wait: Duration,
+}
+
+/// What a stage keeps per input partition, told of the group's changes.
+pub trait PartitionState {
+    /// Loads the state of newly assigned `partition` before any of its records is processed.
+    /// Long loads call `keep_alive` often: it serves the group and returns false once a
+    /// rebalance came in (then return `Ok(false)`; the load is tried again after it).
+    fn load(
+        &mut self,
+        partition: i32,
+        keep_alive: &mut dyn FnMut() -> bool,
+    ) -> anyhow::Result<bool> {
+        let _ = (partition, keep_alive);
+        Ok(true)
+    }
+
+    /// `partitions` were taken away: forget their state.
+    fn revoked(&mut self, partitions: &[i32]) {
+        let _ = partitions;
+    }
+
+    /// The weight of a record against [`BatchLimits::weight`].
+    fn weight(&self, message: &OwnedMessage) -> u64 {
+        message.payload().map_or(0, |p| p.len() as u64)
+    }
 }
 
 /// The partitions this instance holds and what it knows of them.
-pub struct Assignment {
+pub struct Group {
+    stage: &'static str,
     consumer: BaseConsumer<RebalanceLog>,
     events: RebalanceLog,
     topic: String,
-    done: DoneSet,
-    /// Partitions whose done-set is loaded: their units may be processed.
+    /// Partitions whose state is loaded: their records may be processed.
     assigned: HashSet<i32>,
-    /// Partitions assigned whose done-set is not loaded yet (paused meanwhile).
+    /// Partitions assigned whose state is not loaded yet (paused meanwhile).
     loading: BTreeSet<i32>,
-    /// Units polled while done-sets were loading, in order; processed before new polls.
+    /// Records polled while states were loading, in order; processed before new polls.
     stash: VecDeque<OwnedMessage>,
     /// Consumer errors (a broker outage), logged at a bounded rate.
     errors: Throttle,
@@ -49,13 +77,12 @@ pub struct Assignment {
     shutdown: CancellationToken,
 }
 
-impl Assignment {
-    /// A group consumer from `config` for `topic` (not subscribed yet), with `done` for its
-    /// done-sets.
+impl Group {
+    /// A group consumer of `stage` from `config` for `topic` (not subscribed yet).
     pub fn new(
+        stage: &'static str,
         config: &ClientConfig,
         topic: &str,
-        done: DoneSet,
         liveness: Liveness,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
@@ -64,10 +91,10 @@ impl Assignment {
             .create_with_context(events.clone())
             .context("cannot create the Kafka consumer")?;
         Ok(Self {
+            stage,
             consumer,
             events,
             topic: topic.to_owned(),
-            done,
             assigned: HashSet::new(),
             loading: BTreeSet::new(),
             stash: VecDeque::new(),
@@ -79,7 +106,7 @@ impl Assignment {
 
     /// Number of partitions of `topic` (a metadata request).
     pub fn partition_count(&self, topic: &str) -> anyhow::Result<i32> {
-        Ok(tally_core::kafka::partition_count(&self.consumer, topic)?)
+        Ok(crate::kafka::partition_count(&self.consumer, topic)?)
     }
 
     /// Joins the group.
@@ -92,7 +119,12 @@ impl Assignment {
         self.consumer.unsubscribe();
     }
 
-    /// Partitions whose done-set is loaded.
+    /// The input topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Partitions whose state is loaded.
     pub fn loaded(&self) -> Vec<i32> {
         let mut loaded: Vec<i32> = self.assigned.iter().copied().collect();
         loaded.sort_unstable();
@@ -115,36 +147,32 @@ impl Assignment {
         self.consumer.group_metadata()
     }
 
-    /// The done-set of the loaded partitions.
-    pub fn done(&self) -> &DoneSet {
-        &self.done
-    }
-
-    /// Records what a committed transaction did to the done-set.
-    pub fn done_mut(&mut self) -> &mut DoneSet {
-        &mut self.done
-    }
-
-    /// Polls a batch of units, bounded in count and bytes, handling rebalances as they come.
-    pub fn collect(&mut self, limits: BatchLimits) -> anyhow::Result<Vec<OwnedMessage>> {
+    /// Polls a batch of records, bounded by `limits`, handling rebalances as they come.
+    pub fn collect(
+        &mut self,
+        limits: BatchLimits,
+        state: &mut dyn PartitionState,
+    ) -> anyhow::Result<Vec<OwnedMessage>> {
         let mut batch: Vec<OwnedMessage> = Vec::new();
-        let mut bytes = 0u64;
+        let mut weight = 0u64;
         let started = Instant::now();
-        while batch.len() < limits.units && bytes < limits.bytes {
+        while batch.len() < limits.records && weight < limits.weight {
             let polled = match self.stash.pop_front() {
                 Some(message) => Some(Ok(message)),
                 None => {
                     let wait = if batch.is_empty() {
                         Duration::from_millis(500)
                     } else {
-                        Duration::from_millis(20)
+                        limits
+                            .idle
+                            .min(limits.max_wait.saturating_sub(started.elapsed()))
                     };
                     self.consumer.poll(wait).map(|r| r.map(|m| m.detach()))
                 }
             };
-            self.handle_rebalance(&mut batch);
+            self.handle_rebalance(&mut batch, state);
             if !self.loading.is_empty() {
-                self.load_pending(&mut batch);
+                self.load_pending(&mut batch, state);
             }
             if self.shutdown.is_cancelled() {
                 break;
@@ -152,7 +180,7 @@ impl Assignment {
             match polled {
                 None => break,
                 Some(Err(error)) => {
-                    liveness::restart_if_fatal("parser", &error);
+                    liveness::restart_if_fatal(self.stage, &error);
                     if let Some(skipped) = self.errors.allow() {
                         tracing::warn!(%error, skipped, "consumer error");
                     }
@@ -167,16 +195,11 @@ impl Assignment {
                     if !self.assigned.contains(&message.partition()) {
                         continue;
                     }
-                    if let Some(unit) = message
-                        .payload()
-                        .and_then(|p| serde_json::from_slice::<WorkUnit>(p).ok())
-                    {
-                        bytes += unit.end.saturating_sub(unit.start);
-                    }
+                    weight += state.weight(&message);
                     batch.push(message);
                 }
             }
-            if started.elapsed() > Duration::from_secs(2) {
+            if started.elapsed() >= limits.max_wait {
                 break;
             }
         }
@@ -185,22 +208,22 @@ impl Assignment {
     }
 
     /// Applies assignment changes: revoked partitions leave the batch, the stash and the
-    /// done-set; assigned ones wait in `loading` until their done-set is loaded.
-    fn handle_rebalance(&mut self, batch: &mut Vec<OwnedMessage>) {
+    /// stage's state; assigned ones wait in `loading` until their state is loaded.
+    fn handle_rebalance(&mut self, batch: &mut Vec<OwnedMessage>, state: &mut dyn PartitionState) {
         for event in self.events.take() {
             match event {
                 RebalanceEvent::Revoked(parts) => {
                     tracing::info!(?parts, "partitions revoked");
                     batch.retain(|m| !parts.contains(&m.partition()));
                     self.stash.retain(|m| !parts.contains(&m.partition()));
-                    self.done.forget(&parts);
+                    state.revoked(&parts);
                     for p in &parts {
                         self.assigned.remove(p);
                         self.loading.remove(p);
                     }
                 }
                 RebalanceEvent::Assigned(parts) => {
-                    tracing::info!(?parts, "partitions assigned, loading done-set");
+                    tracing::info!(?parts, "partitions assigned");
                     for p in parts {
                         self.assigned.remove(&p);
                         self.loading.insert(p);
@@ -210,13 +233,13 @@ impl Assignment {
         }
     }
 
-    /// Loads the done-set of every partition in `loading`. No unit of a partition is processed
-    /// before its done-set is complete, so this retries through broker outages rather than
+    /// Loads the state of every partition in `loading`. No record of a partition is processed
+    /// before its state is complete, so this retries through broker outages rather than
     /// guess (the watchdog restarts the process if the broker answers and it still does not
     /// finish). Returns early only on shutdown.
-    fn load_pending(&mut self, batch: &mut Vec<OwnedMessage>) {
-        let _step = self.liveness.step("load the done-set");
-        let mut backoff = Duration::from_millis(200);
+    fn load_pending(&mut self, batch: &mut Vec<OwnedMessage>, state: &mut dyn PartitionState) {
+        let _step = self.liveness.step("load partition state");
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut failures = Throttle::new(Duration::from_secs(10));
         while let Some(&partition) = self.loading.first() {
             if self.shutdown.is_cancelled() {
@@ -227,15 +250,16 @@ impl Assignment {
             let events = &self.events;
             let stash = &mut self.stash;
             let errors = &mut self.errors;
+            let stage = self.stage;
             let mut keep_alive = || {
-                serve_group(consumer, stash, errors);
+                serve_group(stage, consumer, stash, errors);
                 events.is_empty()
             };
-            match self.done.load(partition, &mut keep_alive) {
+            match state.load(partition, &mut keep_alive) {
                 Ok(true) => {
                     self.loading.remove(&partition);
                     self.assigned.insert(partition);
-                    backoff = Duration::from_millis(200);
+                    backoff.reset();
                 }
                 Ok(false) => {} // a rebalance came in: handled below
                 Err(error) => {
@@ -244,17 +268,16 @@ impl Assignment {
                             error = format!("{error:#}"),
                             partition,
                             skipped,
-                            "cannot load the done-set, retrying"
+                            "cannot load the partition's state, retrying"
                         );
                     }
-                    let until = Instant::now() + backoff;
+                    let until = Instant::now() + backoff.next_delay();
                     while Instant::now() < until && keep_alive() {
                         std::thread::sleep(Duration::from_millis(100));
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-            self.handle_rebalance(batch);
+            self.handle_rebalance(batch, state);
         }
         self.pause_assignment(false);
     }
@@ -274,10 +297,10 @@ impl Assignment {
         }
     }
 
-    /// Moves the consumer back to the committed offsets of `partitions`, so that the units of
+    /// Moves the consumer back to the committed offsets of `partitions`, so that the records of
     /// an aborted transaction are read again. Without the committed offsets there is no safe
     /// position, so this waits for the broker; a seek that keeps failing restarts the process
-    /// (resuming from the committed offsets, as after a crash) rather than skip a unit.
+    /// (resuming from the committed offsets, as after a crash) rather than skip a record.
     pub fn rewind(&mut self, partitions: &HashSet<i32>) -> anyhow::Result<()> {
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
@@ -297,6 +320,7 @@ impl Assignment {
                 _ => Offset::Beginning,
             };
             let mut tries = 0;
+            let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
             while let Err(error) =
                 self.consumer
                     .seek(&self.topic, partition, offset, Duration::from_secs(30))
@@ -310,7 +334,7 @@ impl Assignment {
                     );
                     liveness::restart_in_place();
                 }
-                std::thread::sleep(Duration::from_secs(1));
+                std::thread::sleep(backoff.next_delay());
             }
         }
         Ok(())
@@ -320,6 +344,7 @@ impl Assignment {
 /// Polls the group consumer without taking work: keeps the instance in its group while a
 /// long step runs. Anything it returns (only from partitions not yet paused) is kept in order.
 fn serve_group(
+    stage: &'static str,
     consumer: &BaseConsumer<RebalanceLog>,
     stash: &mut VecDeque<OwnedMessage>,
     errors: &mut Throttle,
@@ -328,7 +353,7 @@ fn serve_group(
         None => {}
         Some(Ok(message)) => stash.push_back(message.detach()),
         Some(Err(error)) => {
-            liveness::restart_if_fatal("parser", &error);
+            liveness::restart_if_fatal(stage, &error);
             if let Some(skipped) = errors.allow() {
                 tracing::warn!(%error, skipped, "consumer error");
             }

@@ -1,0 +1,214 @@
+//! `tally aggregator`: the consumer group on `tally.sums` that merges sums across units and
+//! files into `tally.totals`, exactly once.
+//!
+//! Each batch (up to `--flush-interval-ms` of records, bounded in count and bytes) is one
+//! Kafka transaction of tally-core's loop ([`tally_core::txn`]): its sums records are merged
+//! per partition in a [`Merger`] under `--keys-max` (what does not fit leaves early, within
+//! the same transaction), the merged sums are written to the *same partition number* of
+//! `tally.totals` (the consumer id picks the partition on both topics), then the batch's
+//! unit-end markers, unchanged, then the consumed offsets commit with them. So in every totals
+//! partition a unit's end marker follows every sum it covers, as on `tally.sums`, and the
+//! db-client's ingested-files ledger stays right. A crash or a fenced instance redoes the open
+//! batch from the committed offsets; nothing of it was visible (`read_committed`).
+
+use std::time::Duration;
+
+use anyhow::bail;
+use rdkafka::message::{Message, OwnedMessage};
+use tally_core::codec;
+use tally_core::liveness::{self, Liveness};
+use tally_core::messages::SumsRecord;
+use tally_core::shutdown::CancellationToken;
+use tally_core::sums::Merger;
+use tally_core::txn::producer::{send, send_sums};
+use tally_core::txn::{
+    BatchLimits, Failure, Handler, PartitionState, Settings, TxnLoop, TxnProducer,
+};
+use tally_core::{KafkaArgs, LivenessArgs, Topics};
+
+/// Arguments of `tally aggregator`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AggregatorArgs {
+    /// Kafka.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Liveness watchdog.
+    #[command(flatten)]
+    pub liveness: LivenessArgs,
+    /// Most distinct consumer ids merged in memory per transaction (over all partitions);
+    /// past it, sums leave early (still merged as far as they fit), so memory stays bounded:
+    /// about 32 bytes per key.
+    #[arg(long, env = "TALLY_AGGREGATOR_KEYS_MAX", default_value_t = 2_000_000)]
+    pub keys_max: usize,
+    /// How long one transaction collects sums records before it writes them: longer merges
+    /// more (fewer rows for PostgreSQL), shorter delivers sooner.
+    #[arg(long, env = "TALLY_FLUSH_INTERVAL_MS", default_value_t = 1_000)]
+    pub flush_interval_ms: u64,
+    /// Most sums records per transaction.
+    #[arg(
+        long,
+        env = "TALLY_AGGREGATOR_BATCH_RECORDS_MAX",
+        default_value_t = 5_000
+    )]
+    pub batch_records_max: usize,
+    /// Most payload bytes per transaction (held in memory until the transaction ends).
+    #[arg(long, env = "TALLY_AGGREGATOR_BATCH_BYTES_MAX", default_value_t = 64 << 20)]
+    pub batch_bytes_max: u64,
+    /// Kafka transaction timeout.
+    #[arg(long, env = "TALLY_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000)]
+    pub transaction_timeout_ms: u64,
+    /// Stable instance name: the transactional.id suffix and static group membership (see
+    /// `tally parser --instance-id`). Default: a random name.
+    #[arg(long, env = "TALLY_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+}
+
+/// Counts since start (of transactions that may still abort), logged at exit.
+#[derive(Debug, Default)]
+struct Counters {
+    records_in: u64,
+    pairs_in: u64,
+    pairs_out: u64,
+    markers: u64,
+    undecodable: u64,
+}
+
+/// The aggregator's handler.
+struct Aggregator {
+    topics: Topics,
+    partitions: i32,
+    keys_max: usize,
+    counters: Counters,
+}
+
+/// Runs an aggregator instance until `shutdown` is cancelled. Blocking: call it on its own
+/// thread.
+pub fn run(args: &AggregatorArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let limit = args
+        .liveness
+        .limit(Duration::from_millis(args.transaction_timeout_ms) + Duration::from_secs(30));
+    let liveness = Liveness::start("aggregator", &args.kafka, limit);
+    let start = liveness.step("start the aggregator");
+    let mut aggregator = liveness::retry(shutdown, "start the aggregator", || {
+        start_loop(args, shutdown.clone(), liveness.clone())
+    })?;
+    drop(start);
+    let result = aggregator.run();
+    aggregator.leave();
+    let c = &aggregator.handler().counters;
+    tracing::info!(
+        records_in = c.records_in,
+        pairs_in = c.pairs_in,
+        pairs_out = c.pairs_out,
+        markers = c.markers,
+        undecodable = c.undecodable,
+        aborts = aggregator.aborts(),
+        "aggregator stopped"
+    );
+    result
+}
+
+fn start_loop(
+    args: &AggregatorArgs,
+    shutdown: CancellationToken,
+    liveness: Liveness,
+) -> anyhow::Result<TxnLoop<Aggregator>> {
+    let topics = Topics::new(&args.kafka.topic_prefix);
+    let flush = Duration::from_millis(args.flush_interval_ms.max(1));
+    let settings = Settings {
+        stage: "aggregator",
+        input: topics.sums.clone(),
+        group: topics.aggregator_group.clone(),
+        instance_id: args.instance_id.clone(),
+        transactional_prefix: format!("{}.aggregator", args.kafka.topic_prefix),
+        transaction_timeout: Duration::from_millis(args.transaction_timeout_ms),
+        limits: BatchLimits {
+            records: args.batch_records_max.max(1),
+            weight: args.batch_bytes_max.max(1),
+            idle: flush,
+            max_wait: flush,
+        },
+        consumer_options: vec![("max.poll.interval.ms", "300000".to_owned())],
+    };
+    TxnLoop::new(&args.kafka, settings, liveness, shutdown, |group| {
+        let sums = group.partition_count(&topics.sums)?;
+        let totals = group.partition_count(&topics.totals)?;
+        if sums == 0 || sums != totals {
+            bail!(
+                "topics not set up: {} has {sums} partitions, {} has {totals} (they must match: \
+                 a consumer's sums and totals share a partition number; run `tally init`)",
+                topics.sums,
+                topics.totals
+            );
+        }
+        tracing::info!(
+            partitions = sums,
+            keys_max = args.keys_max,
+            "aggregator started"
+        );
+        Ok(Aggregator {
+            topics: topics.clone(),
+            partitions: sums,
+            keys_max: args.keys_max.max(1),
+            counters: Counters::default(),
+        })
+    })
+}
+
+impl PartitionState for Aggregator {}
+
+impl Handler for Aggregator {
+    type Output = ();
+
+    fn process(&mut self, producer: &TxnProducer, batch: &[OwnedMessage]) -> Result<(), Failure> {
+        let merger = Merger::new(self.partitions as usize, self.keys_max);
+        // Unit-end markers by partition, in order: written after the partition's sums.
+        let mut markers: Vec<Vec<&OwnedMessage>> = vec![Vec::new(); self.partitions as usize];
+        let totals = &self.topics.totals;
+        for message in batch {
+            let partition = message.partition();
+            self.counters.records_in += 1;
+            match message.payload().map(codec::decode) {
+                Some(Ok(SumsRecord::Sums { sums })) if partition < self.partitions => {
+                    self.counters.pairs_in += sums.len() as u64;
+                    let leave = merger.add(partition as usize, &sums);
+                    self.counters.pairs_out += leave.len() as u64;
+                    send_sums(producer, totals, partition, &leave)?;
+                }
+                Some(Ok(SumsRecord::UnitEnd { .. })) if partition < self.partitions => {
+                    markers[partition as usize].push(message);
+                }
+                other => {
+                    // The db-client skips such a record too (it could never apply it); the
+                    // error names it for an operator (`tally inspect sums`).
+                    self.counters.undecodable += 1;
+                    let reason = match other {
+                        Some(Err(e)) => e.to_string(),
+                        None => "empty record".to_owned(),
+                        Some(Ok(_)) => format!("partition {partition} past the totals topic"),
+                    };
+                    tracing::error!(
+                        partition,
+                        offset = message.offset(),
+                        reason,
+                        "undecodable sums record skipped"
+                    );
+                }
+            }
+        }
+        let pairs_out = &mut self.counters.pairs_out;
+        merger.drain(|partition, sums| {
+            *pairs_out += sums.len() as u64;
+            send_sums(producer, totals, partition as i32, &sums)
+        })?;
+        for (partition, ends) in markers.into_iter().enumerate() {
+            for end in ends {
+                let key = end.key().and_then(|k| std::str::from_utf8(k).ok());
+                let payload = end.payload().unwrap_or_default();
+                send(producer, totals, partition as i32, key, payload)?;
+                self.counters.markers += 1;
+            }
+        }
+        Ok(())
+    }
+}
