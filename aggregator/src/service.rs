@@ -42,7 +42,7 @@ pub struct AggregatorArgs {
     pub keys_max: usize,
     /// How long one transaction collects sums records before it writes them: longer merges
     /// more (fewer rows for PostgreSQL), shorter delivers sooner.
-    #[arg(long, env = "TALLY_FLUSH_INTERVAL_MS", default_value_t = 1_000)]
+    #[arg(long, env = "TALLY_FLUSH_INTERVAL_MS", default_value_t = 5_000)]
     pub flush_interval_ms: u64,
     /// Most sums records per transaction.
     #[arg(

@@ -184,3 +184,51 @@ async fn totals_of_any_size_and_sign_go_through_copy_exactly() {
         (3 * i128::from(i64::MAX) + 1).to_string()
     );
 }
+
+/// A batch written by concurrent transactions, one per share of its partitions: a share that
+/// fails (here: a gap) leaves the others committed, and applying the whole batch again adds
+/// only what is missing.
+#[tokio::test]
+async fn a_batch_split_over_writers_is_applied_once_after_a_partial_failure() {
+    let pool = database("batch_writers").await;
+    let mut accepted = HashSet::new();
+    // Partition 3's records before offset 5 are gone from the log.
+    let log_start = |partition| Ok(if partition == 3 { 5 } else { 0 });
+    let first: Vec<_> = (0..4).map(|p| record(p, 0, vec![(p as i64, 1)])).collect();
+    let checks = Checks {
+        log_start: &log_start,
+        accepted: &accepted,
+    };
+    batch::apply_parallel(&pool, TOPIC, &first, &checks, 3)
+        .await
+        .unwrap();
+    let second: Vec<_> = (0..4)
+        .flat_map(|p| {
+            [
+                record(p, 5, vec![(p as i64, 10)]),
+                record(p, 6, vec![(p as i64, 100)]),
+            ]
+        })
+        .collect();
+    let error = batch::apply_parallel(&pool, TOPIC, &second, &checks, 3)
+        .await
+        .unwrap_err();
+    assert!(error.is::<Gaps>(), "{error:#}");
+    // Three writers over partitions 0..4: shares {0, 3}, {1}, {2}. The two shares without
+    // partition 3 committed; the one with it wrote nothing.
+    for (p, expected) in [(0, "1"), (1, "111"), (2, "111"), (3, "1")] {
+        assert_eq!(total(&pool, p).await, expected, "partition {p}");
+    }
+    accepted.insert((3, 1));
+    let checks = Checks {
+        log_start: &log_start,
+        accepted: &accepted,
+    };
+    let applied = batch::apply_parallel(&pool, TOPIC, &second, &checks, 3)
+        .await
+        .unwrap();
+    assert_eq!((applied.records, applied.skipped), (4, 4));
+    for p in 0..4 {
+        assert_eq!(total(&pool, p).await, "111");
+    }
+}
