@@ -292,3 +292,42 @@ pub fn position_of<C: rdkafka::consumer::ConsumerContext>(
         })
         .unwrap_or(0))
 }
+
+/// A client of its own for watermark queries (log starts, high watermarks), so that they do
+/// not wait for a group consumer's fetches. A failed query drops the client and the next one
+/// creates a fresh one: a client left idle across a broker restart can keep stale metadata
+/// and answer `UnknownPartition` to every query after it.
+pub struct WatermarkProbe {
+    config: ClientConfig,
+    client: std::sync::Mutex<Option<rdkafka::consumer::BaseConsumer>>,
+}
+
+impl WatermarkProbe {
+    /// A probe with the stage's Kafka settings (no client is created yet).
+    pub fn new(args: &KafkaArgs) -> Self {
+        let mut config = base_config(args);
+        config.remove("acks");
+        apply_overrides(&mut config, args);
+        Self {
+            config,
+            client: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The (log start, high watermark) of `topic`/`partition`.
+    pub fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaError> {
+        use rdkafka::consumer::Consumer;
+        let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if client.is_none() {
+            *client = Some(self.config.create()?);
+        }
+        let result = client
+            .as_ref()
+            .ok_or(KafkaError::Canceled)?
+            .fetch_watermarks(topic, partition, Duration::from_secs(10));
+        if result.is_err() {
+            *client = None;
+        }
+        result
+    }
+}

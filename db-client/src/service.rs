@@ -116,17 +116,9 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
     let accepted: HashSet<(i32, i64)> = args.accept_gaps.iter().copied().collect();
     // Log starts are asked of a client of their own: the group consumer answers such calls
     // only between its fetches, which costs a batch up to a second per partition.
-    let mut probe_config = kafka::base_config(&args.kafka);
-    probe_config.remove("acks");
-    kafka::apply_overrides(&mut probe_config, &args.kafka);
-    let probe: rdkafka::consumer::BaseConsumer = probe_config
-        .create()
-        .context("cannot create the Kafka client for log starts")?;
-    let log_start = |partition: i32| -> anyhow::Result<i64> {
-        Ok(probe
-            .fetch_watermarks(&topic, partition, Duration::from_secs(10))?
-            .0)
-    };
+    let probe = kafka::WatermarkProbe::new(&args.kafka);
+    let log_start =
+        |partition: i32| -> anyhow::Result<i64> { Ok(probe.watermarks(&topic, partition)?.0) };
     let checks = Checks {
         log_start: &log_start,
         accepted: &accepted,
