@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::bail;
 use rdkafka::message::{Message, OwnedMessage};
 use tally_core::codec;
-use tally_core::liveness::{self, Liveness};
+use tally_core::liveness::Liveness;
 use tally_core::messages::SumsRecord;
 use tally_core::shutdown::CancellationToken;
 use tally_core::sums::Merger;
@@ -84,28 +84,26 @@ struct Aggregator {
 /// Runs an aggregator instance until `shutdown` is cancelled. Blocking: call it on its own
 /// thread.
 pub fn run(args: &AggregatorArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let limit = args
-        .liveness
-        .limit(Duration::from_millis(args.transaction_timeout_ms) + Duration::from_secs(30));
-    let liveness = Liveness::start("aggregator", &args.kafka, limit);
-    let start = liveness.step("start the aggregator");
-    let mut aggregator = liveness::retry(shutdown, "start the aggregator", || {
-        start_loop(args, shutdown.clone(), liveness.clone())
-    })?;
-    drop(start);
-    let result = aggregator.run();
-    aggregator.leave();
-    let c = &aggregator.handler().counters;
-    tracing::info!(
-        records_in = c.records_in,
-        pairs_in = c.pairs_in,
-        pairs_out = c.pairs_out,
-        markers = c.markers,
-        undecodable = c.undecodable,
-        aborts = aggregator.aborts(),
-        "aggregator stopped"
-    );
-    result
+    tally_core::txn::run_stage(
+        "aggregator",
+        &args.kafka,
+        &args.liveness,
+        Duration::from_millis(args.transaction_timeout_ms),
+        shutdown,
+        |liveness| start_loop(args, shutdown.clone(), liveness),
+        |aggregator: &Aggregator, aborts| {
+            let c = &aggregator.counters;
+            tracing::info!(
+                records_in = c.records_in,
+                pairs_in = c.pairs_in,
+                pairs_out = c.pairs_out,
+                markers = c.markers,
+                undecodable = c.undecodable,
+                aborts,
+                "aggregator stopped"
+            );
+        },
+    )
 }
 
 fn start_loop(
@@ -205,7 +203,7 @@ impl Handler for Aggregator {
             for end in ends {
                 let key = end.key().and_then(|k| std::str::from_utf8(k).ok());
                 let payload = end.payload().unwrap_or_default();
-                send(producer, totals, partition as i32, key, payload)?;
+                send(producer, totals, Some(partition as i32), key, payload)?;
                 self.counters.markers += 1;
             }
         }

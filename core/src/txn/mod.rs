@@ -267,6 +267,32 @@ impl<H: Handler> TxnLoop<H> {
     }
 }
 
+/// Runs a transactional stage until `shutdown` is cancelled: its watchdog (the stall limit is
+/// never below the transaction timeout plus 30 s: past the broker's own timeout a transaction
+/// is dead anyway), `start` retried through broker outages (also after the watchdog restarted
+/// the process during one), the loop, then leaving the group; `stopped` logs the handler's
+/// counts and the aborts. Blocking: call it on its own thread.
+pub fn run_stage<H: Handler>(
+    stage: &'static str,
+    kafka: &KafkaArgs,
+    liveness: &crate::LivenessArgs,
+    transaction_timeout: Duration,
+    shutdown: &CancellationToken,
+    start: impl Fn(Liveness) -> anyhow::Result<TxnLoop<H>>,
+    stopped: impl FnOnce(&H, u64),
+) -> anyhow::Result<()> {
+    let limit = liveness.limit(transaction_timeout + Duration::from_secs(30));
+    let liveness = Liveness::start(stage, kafka, limit);
+    let what = format!("start the {stage}");
+    let step = liveness.step("start the stage");
+    let mut stage_loop = liveness::retry(shutdown, &what, || start(liveness.clone()))?;
+    drop(step);
+    let result = stage_loop.run();
+    stage_loop.leave();
+    stopped(stage_loop.handler(), stage_loop.aborts());
+    result
+}
+
 /// Commits the open transaction, retrying what is retriable (a flush timeout) a few times.
 pub fn commit(producer: &TxnProducer) -> Result<(), KafkaError> {
     let mut tries = 0;

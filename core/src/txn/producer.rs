@@ -34,18 +34,19 @@ pub fn create(
     Ok(producer)
 }
 
-/// Sends `payload` to `partition` of `topic` (with `key`, if any), waiting while the send
-/// queue is full.
+/// Sends `payload` to `topic`, to `partition` (or where librdkafka's partitioner puts `key`),
+/// waiting while the send queue is full.
 pub fn send(
     producer: &TxnProducer,
     topic: &str,
-    partition: i32,
+    partition: Option<i32>,
     key: Option<&str>,
     payload: &[u8],
 ) -> Result<(), KafkaError> {
-    let mut record = BaseRecord::<str, [u8]>::to(topic)
-        .partition(partition)
-        .payload(payload);
+    let mut record = BaseRecord::<str, [u8]>::to(topic).payload(payload);
+    if let Some(partition) = partition {
+        record = record.partition(partition);
+    }
     if let Some(key) = key {
         record = record.key(key);
     }
@@ -60,11 +61,7 @@ pub fn send_json(
     record: &impl Serialize,
 ) -> Result<(), KafkaError> {
     let payload = serde_json::to_vec(record).expect("serialisable");
-    let mut base = BaseRecord::<str, [u8]>::to(topic).payload(&payload);
-    if let Some(key) = key {
-        base = base.key(key);
-    }
-    kafka::send_waiting(producer, base)
+    send(producer, topic, None, key, &payload)
 }
 
 /// Sends sums (all of `partition`) to `topic` as binary records of at most
@@ -79,7 +76,7 @@ pub fn send_sums(
         send(
             producer,
             topic,
-            partition,
+            Some(partition),
             None,
             &crate::codec::encode_sums(chunk),
         )?;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
-use tally_core::liveness::{self, Liveness};
+use tally_core::liveness::Liveness;
 use tally_core::messages::{DeadLetter, StreamDone, WorkUnit};
 use tally_core::shutdown::CancellationToken;
 use tally_core::txn::{
@@ -107,29 +107,24 @@ struct Parser<'a> {
 
 /// Runs a parser instance until `shutdown` is cancelled. Blocking: call it on its own thread.
 pub fn run(args: &ParserArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    // Past the broker's own transaction timeout a transaction is dead anyway: the limit is
-    // never below it.
-    let limit = args
-        .liveness
-        .limit(Duration::from_millis(args.transaction_timeout_ms) + Duration::from_secs(30));
-    let liveness = Liveness::start("parser", &args.kafka, limit);
-    // Through a broker outage (also after the watchdog restarted us during one) keep trying.
-    let start = liveness.step("start the parser");
-    let mut parser = liveness::retry(shutdown, "start the parser", || {
-        start_loop(args, shutdown.clone(), liveness.clone())
-    })?;
-    drop(start);
-    let result = parser.run();
-    parser.leave();
-    let c = &parser.handler().counters;
-    tracing::info!(
-        summed = c.units_summed,
-        skipped = c.units_skipped,
-        rejected = c.units_rejected,
-        aborts = parser.aborts(),
-        "parser stopped"
-    );
-    result
+    tally_core::txn::run_stage(
+        "parser",
+        &args.kafka,
+        &args.liveness,
+        Duration::from_millis(args.transaction_timeout_ms),
+        shutdown,
+        |liveness| start_loop(args, shutdown.clone(), liveness),
+        |parser: &Parser<'_>, aborts| {
+            let c = &parser.counters;
+            tracing::info!(
+                summed = c.units_summed,
+                skipped = c.units_skipped,
+                rejected = c.units_rejected,
+                aborts,
+                "parser stopped"
+            );
+        },
+    )
 }
 
 fn start_loop<'a>(

@@ -169,7 +169,7 @@ impl Parser<'_> {
                 send(
                     producer,
                     &self.topics.sums,
-                    sums_partition,
+                    Some(sums_partition),
                     Some(&key),
                     &end,
                 )?;
@@ -222,7 +222,7 @@ impl Parser<'_> {
         send(
             producer,
             &self.topics.done,
-            partition,
+            Some(partition),
             Some(&state.stream),
             &payload,
         )
