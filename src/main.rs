@@ -66,15 +66,52 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return argument_error(&error),
+    };
     tally_core::telemetry::init(&cli.telemetry);
+    let format = cli.telemetry.log_format;
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("tally: error: {error:#}");
+            tally_core::telemetry::report_error(format, &format!("{error:#}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Help and version go to stdout as clap prints them; an argument error is one line (`tally:
+/// error: …`), of JSON when JSON logs were asked for (`--log-format json` or
+/// `TALLY_LOG_FORMAT=json`).
+fn argument_error(error: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let json_asked = std::env::var("TALLY_LOG_FORMAT").is_ok_and(|v| v == "json")
+        || std::env::args()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || std::env::args().any(|a| a == "--log-format=json");
+    if !error.use_stderr()
+        || matches!(
+            error.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        )
+    {
+        error.exit();
+    }
+    let text = error.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let message = first.strip_prefix("error: ").unwrap_or(first);
+    let format = if json_asked {
+        tally_core::args::LogFormat::Json
+    } else {
+        tally_core::args::LogFormat::Text
+    };
+    tally_core::telemetry::report_error(format, message);
+    ExitCode::from(2)
 }
 
 fn run(command: Command) -> anyhow::Result<()> {

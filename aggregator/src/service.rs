@@ -38,7 +38,7 @@ pub struct AggregatorArgs {
     /// Most distinct consumer ids merged in memory per transaction (over all partitions);
     /// past it, sums leave early (still merged as far as they fit), so memory stays bounded:
     /// about 32 bytes per key.
-    #[arg(long, env = "TALLY_AGGREGATOR_KEYS_MAX", default_value_t = 2_000_000)]
+    #[arg(long, env = "TALLY_AGGREGATOR_KEYS_MAX", default_value_t = 2_000_000, value_parser = tally_core::args::positive_usize)]
     pub keys_max: usize,
     /// How long one transaction collects sums records before it writes them: longer merges
     /// more (fewer rows for PostgreSQL), shorter delivers sooner.
@@ -49,13 +49,13 @@ pub struct AggregatorArgs {
         long,
         env = "TALLY_AGGREGATOR_BATCH_RECORDS_MAX",
         default_value_t = 5_000
-    )]
+    , value_parser = tally_core::args::positive_usize)]
     pub batch_records_max: usize,
     /// Most payload bytes per transaction (held in memory until the transaction ends).
-    #[arg(long, env = "TALLY_AGGREGATOR_BATCH_BYTES_MAX", default_value_t = 64 << 20)]
+    #[arg(long, env = "TALLY_AGGREGATOR_BATCH_BYTES_MAX", default_value_t = 64 << 20, value_parser = tally_core::args::positive_u64)]
     pub batch_bytes_max: u64,
     /// Kafka transaction timeout.
-    #[arg(long, env = "TALLY_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000)]
+    #[arg(long, env = "TALLY_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000, value_parser = tally_core::args::positive_u64)]
     pub transaction_timeout_ms: u64,
     /// Stable instance name: the transactional.id suffix and static group membership (see
     /// `tally parser --instance-id`). Default: a random name.
@@ -156,9 +156,21 @@ fn start_loop(
 impl PartitionState for Aggregator {}
 
 impl Handler for Aggregator {
-    type Output = ();
+    /// (records in, records out) of the batch, counted once it is committed.
+    type Output = (u64, u64);
 
-    fn process(&mut self, producer: &TxnProducer, batch: &[OwnedMessage]) -> Result<(), Failure> {
+    fn committed(&mut self, (records_in, records_out): (u64, u64)) {
+        use tally_core::metrics as m;
+        metrics::counter!(m::AGGREGATOR_RECORDS_IN).increment(records_in);
+        metrics::counter!(m::AGGREGATOR_RECORDS_OUT).increment(records_out);
+    }
+
+    fn process(
+        &mut self,
+        producer: &TxnProducer,
+        batch: &[OwnedMessage],
+    ) -> Result<(u64, u64), Failure> {
+        let mut out = 0u64;
         let merger = Merger::new(self.partitions as usize, self.keys_max);
         // Unit-end markers by partition, in order: written after the partition's sums.
         let mut markers: Vec<Vec<&OwnedMessage>> = vec![Vec::new(); self.partitions as usize];
@@ -171,6 +183,7 @@ impl Handler for Aggregator {
                     self.counters.pairs_in += sums.len() as u64;
                     let leave = merger.add(partition as usize, &sums);
                     self.counters.pairs_out += leave.len() as u64;
+                    out += records_for(leave.len());
                     send_sums(producer, totals, partition, &leave)?;
                 }
                 Some(Ok(SumsRecord::UnitEnd { .. })) if partition < self.partitions => {
@@ -197,6 +210,7 @@ impl Handler for Aggregator {
         let pairs_out = &mut self.counters.pairs_out;
         merger.drain(|partition, sums| {
             *pairs_out += sums.len() as u64;
+            out += records_for(sums.len());
             send_sums(producer, totals, partition as i32, &sums)
         })?;
         for (partition, ends) in markers.into_iter().enumerate() {
@@ -205,8 +219,14 @@ impl Handler for Aggregator {
                 let payload = end.payload().unwrap_or_default();
                 send(producer, totals, Some(partition as i32), key, payload)?;
                 self.counters.markers += 1;
+                out += 1;
             }
         }
-        Ok(())
+        Ok((batch.len() as u64, out))
     }
+}
+
+/// Records `send_sums` writes for `pairs` pairs.
+fn records_for(pairs: usize) -> u64 {
+    pairs.div_ceil(tally_core::txn::producer::PAIRS_PER_RECORD) as u64
 }

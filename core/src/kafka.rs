@@ -40,8 +40,13 @@ pub fn base_config(args: &KafkaArgs) -> ClientConfig {
     config
 }
 
-/// Applies the user's `-X` overrides; call last.
+/// Applies the TLS/SASL settings and the user's `-X` overrides; call last. Unreadable
+/// certificate files or a missing SASL password were refused at start (see
+/// [`KafkaArgs::security_settings`]); here they are skipped.
 pub fn apply_overrides(config: &mut ClientConfig, args: &KafkaArgs) {
+    for (key, value) in args.security_settings().unwrap_or_default() {
+        config.set(key, value);
+    }
     for (key, value) in &args.options {
         config.set(key, value);
     }
@@ -297,12 +302,12 @@ pub fn position_of<C: rdkafka::consumer::ConsumerContext>(
 /// not wait for a group consumer's fetches. A failed query drops the client and the next one
 /// creates a fresh one: a client left idle across a broker restart can keep stale metadata
 /// and answer `UnknownPartition` to every query after it.
-pub struct WatermarkProbe {
+pub struct BrokerProbe {
     config: ClientConfig,
     client: std::sync::Mutex<Option<rdkafka::consumer::BaseConsumer>>,
 }
 
-impl WatermarkProbe {
+impl BrokerProbe {
     /// A probe with the stage's Kafka settings (no client is created yet).
     pub fn new(args: &KafkaArgs) -> Self {
         let mut config = base_config(args);
@@ -317,14 +322,27 @@ impl WatermarkProbe {
     /// The (log start, high watermark) of `topic`/`partition`.
     pub fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaError> {
         use rdkafka::consumer::Consumer;
+        self.call(|c| c.fetch_watermarks(topic, partition, Duration::from_secs(10)))
+    }
+
+    /// Whether a broker answers a metadata request within `timeout`.
+    pub fn answers(&self, timeout: Duration) -> bool {
+        use rdkafka::consumer::Consumer;
+        self.call(|c| c.fetch_metadata(None, timeout).map(|_| ()))
+            .is_ok()
+    }
+
+    /// Runs `f` with the client (created if there is none); a failure drops the client, so
+    /// the next call starts with a fresh one.
+    fn call<T>(
+        &self,
+        f: impl FnOnce(&rdkafka::consumer::BaseConsumer) -> Result<T, KafkaError>,
+    ) -> Result<T, KafkaError> {
         let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
         if client.is_none() {
             *client = Some(self.config.create()?);
         }
-        let result = client
-            .as_ref()
-            .ok_or(KafkaError::Canceled)?
-            .fetch_watermarks(topic, partition, Duration::from_secs(10));
+        let result = f(client.as_ref().ok_or(KafkaError::Canceled)?);
         if result.is_err() {
             *client = None;
         }

@@ -11,6 +11,8 @@
 //! - [`rebalance`]: rebalance events recorded for a stage loop to act on between polls;
 //! - [`liveness`]: the watchdog on progress every long-running stage reports to, and which
 //!   client errors are a broker outage rather than a failure;
+//! - [`metrics`]: every exported metric, declared once; [`http`]: `/metrics`, `/livez`,
+//!   `/readyz` of a long-running process (`--http-addr`);
 //! - [`inspect`]: `tally inspect`, any pipeline topic as text or JSON lines;
 //! - [`telemetry`]: tracing set-up; [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
 //!
@@ -20,11 +22,13 @@
 pub mod args;
 pub mod backoff;
 pub mod codec;
+pub mod http;
 pub mod identity;
 pub mod inspect;
 pub mod kafka;
 pub mod liveness;
 pub mod messages;
+pub mod metrics;
 pub mod ranges;
 pub mod rebalance;
 pub mod shutdown;

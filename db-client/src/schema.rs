@@ -13,12 +13,27 @@ pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// Whether a connection error will not go away by retrying: a bad URL or settings, a database
+/// that does not exist, a rejected password or TLS set-up. A server that is down or restarting
+/// heals.
+pub fn will_not_heal(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Configuration(_) | sqlx::Error::Tls(_) => true,
+        // invalid_catalog_name (no such database), invalid_authorization_specification,
+        // invalid_password.
+        sqlx::Error::Database(e) => {
+            matches!(e.code().as_deref(), Some("3D000" | "28000" | "28P01"))
+        }
+        _ => false,
+    }
+}
+
 /// Connects to the configured database and applies the migrations.
 pub async fn migrate_url(database: &tally_core::DatabaseArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
-        .connect(&database.database_url)
+        .connect_with(database.connect_options()?)
         .await
         .with_context(|| format!("cannot connect to {}", database.redacted_url()))?;
     migrate(&pool).await.context("cannot apply migrations")?;

@@ -59,10 +59,10 @@ pub struct DbClientArgs {
     #[arg(long)]
     pub switch_input: bool,
     /// Most Kafka records per database transaction.
-    #[arg(long, env = "TALLY_BATCH_RECORDS_MAX", default_value_t = 500)]
+    #[arg(long, env = "TALLY_BATCH_RECORDS_MAX", default_value_t = 500, value_parser = tally_core::args::positive_usize)]
     pub batch_records_max: usize,
     /// Most payload bytes per database transaction (a sums record holds up to 20,000 pairs).
-    #[arg(long, env = "TALLY_BATCH_BYTES_MAX", default_value_t = 16 << 20)]
+    #[arg(long, env = "TALLY_BATCH_BYTES_MAX", default_value_t = 16 << 20, value_parser = tally_core::args::positive_usize)]
     pub batch_bytes_max: usize,
     /// How often the applied offsets are also committed to Kafka, for lag tools. The database
     /// is the checkpoint: after a crash, records up to this old are read again and skipped.
@@ -84,8 +84,9 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
     let liveness = Liveness::start(
         "db-client",
         &args.kafka,
-        args.liveness.limit(BATCH_TIMEOUT + Duration::from_secs(30)),
-    );
+        &args.liveness,
+        BATCH_TIMEOUT + Duration::from_secs(30),
+    )?;
     let pool = connect(
         &args.database,
         usize::from(args.writers),
@@ -106,7 +107,11 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
     let mut config = kafka::consumer_config(&args.kafka, &topics.db_client_group);
     kafka::static_membership(&mut config, args.instance_id.as_deref());
     kafka::apply_overrides(&mut config, &args.kafka);
-    let rebalances = RebalanceLog::default();
+    config.set(
+        "statistics.interval.ms",
+        tally_core::rebalance::STATISTICS_INTERVAL_MS,
+    );
+    let rebalances = RebalanceLog::for_stage(&liveness);
     let consumer: StreamConsumer<RebalanceLog> = config
         .create_with_context(rebalances.clone())
         .context("cannot create the Kafka consumer")?;
@@ -116,7 +121,7 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
     let accepted: HashSet<(i32, i64)> = args.accept_gaps.iter().copied().collect();
     // Log starts are asked of a client of their own: the group consumer answers such calls
     // only between its fetches, which costs a batch up to a second per partition.
-    let probe = kafka::WatermarkProbe::new(&args.kafka);
+    let probe = kafka::BrokerProbe::new(&args.kafka);
     let log_start =
         |partition: i32| -> anyhow::Result<i64> { Ok(probe.watermarks(&topic, partition)?.0) };
     let checks = Checks {
@@ -199,6 +204,8 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
         // A database outage is retried, never skipped: the batch stays in hand until it lands.
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut database_down = None;
+        let stage_metrics = tally_core::metrics::stage("db-client");
+        let started = std::time::Instant::now();
         let applied = loop {
             // Bounded: a connection that hangs (a half-open socket after a server crash) counts
             // as a failure; dropping the transaction rolls it back.
@@ -218,6 +225,7 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
                 Err(error) => {
                     // Kafka is not what holds this stage up: no restart would help.
                     database_down.get_or_insert_with(|| liveness.waiting_on("PostgreSQL"));
+                    metrics::counter!(stage_metrics.retries).increment(1);
                     let delay = backoff.next_delay();
                     tracing::warn!(
                         error = format!("{error:#}"),
@@ -233,6 +241,10 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
         };
         drop(database_down);
         liveness.progress();
+        metrics::histogram!(stage_metrics.batch_seconds).record(started.elapsed());
+        metrics::counter!(tally_core::metrics::DB_CLIENT_RECORDS).increment(applied.records as u64);
+        metrics::counter!(tally_core::metrics::DB_CLIENT_ROWS_UPSERTED)
+            .increment(applied.consumers as u64);
         totals.records += applied.records;
         totals.skipped += applied.skipped;
         tracing::debug!(?applied, "batch committed");
@@ -288,10 +300,14 @@ async fn connect(
             // The writers, and one for resuming and start-up checks.
             .max_connections(writers as u32 + 1)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(&database.database_url)
+            .connect_with(database.connect_options()?)
             .await
         {
             Ok(pool) => return Ok(pool),
+            Err(error) if schema::will_not_heal(&error) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("cannot connect to {}", database.redacted_url())));
+            }
             Err(error) => {
                 tracing::warn!(%error, database = %database.redacted_url(), "cannot connect, retrying");
                 tokio::select! {

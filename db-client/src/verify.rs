@@ -52,12 +52,12 @@ pub fn read_expected(path: &std::path::Path) -> anyhow::Result<HashMap<i64, i128
 
 /// Compares the totals in the database with `expected`.
 pub async fn compare(
-    database_url: &str,
+    database: &tally_core::DatabaseArgs,
     expected: &HashMap<i64, i128>,
 ) -> anyhow::Result<Differences> {
     let pool = PgPoolOptions::new()
         .max_connections(1)
-        .connect(database_url)
+        .connect_with(database.connect_options()?)
         .await?;
     let rows: Vec<(i64, String)> =
         sqlx::query_as("SELECT consumer_id, total::text FROM consumer_totals")
@@ -92,7 +92,7 @@ pub async fn compare(
 /// Runs `tally verify`: prints differences, fails if there are any.
 pub async fn run(args: &VerifyArgs) -> anyhow::Result<()> {
     let expected = read_expected(&args.expect)?;
-    let diff = compare(&args.database.database_url, &expected)
+    let diff = compare(&args.database, &expected)
         .await
         .with_context(|| format!("cannot read totals from {}", args.database.redacted_url()))?;
     for (id, want, got) in diff.wrong.iter().take(20) {

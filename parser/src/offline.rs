@@ -35,10 +35,10 @@ pub struct SumArgs {
 pub struct EngineArgs {
     /// Most distinct consumer ids held in memory before partial sums are flushed. `tally
     /// parser` holds up to this many again while it merges a transaction's units.
-    #[arg(long, env = "TALLY_KEYS_MAX", default_value_t = 1_000_000)]
+    #[arg(long, env = "TALLY_KEYS_MAX", default_value_t = 1_000_000, value_parser = tally_core::args::positive_usize)]
     pub keys_max: usize,
     /// Parse threads (default: all cores).
-    #[arg(long, env = "TALLY_THREADS")]
+    #[arg(long, env = "TALLY_THREADS", value_parser = tally_core::args::positive_usize)]
     pub threads: Option<usize>,
     /// What to do with a bad line; it is always counted.
     #[arg(long, env = "TALLY_BAD_LINES", value_enum, default_value_t = BadLinePolicy::DeadLetter)]
@@ -48,7 +48,7 @@ pub struct EngineArgs {
           value_parser = clap::value_parser!(u32).range(EngineConfig::LINE_BYTES_MIN as i64..))]
     pub line_bytes_max: u32,
     /// Bytes per parallel chunk.
-    #[arg(long, env = "TALLY_CHUNK_BYTES", default_value_t = 8 << 20)]
+    #[arg(long, env = "TALLY_CHUNK_BYTES", default_value_t = 8 << 20, value_parser = tally_core::args::positive_usize)]
     pub chunk_bytes: usize,
 }
 

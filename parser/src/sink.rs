@@ -74,6 +74,10 @@ impl Sink for KafkaSink<'_> {
     }
 
     fn bad_line(&self, bad: BadLine) -> Result<(), Stopped> {
+        // Per bad line, not per line: good lines cost nothing here.
+        use tally_core::metrics as m;
+        metrics::counter!(m::PARSER_BAD_LINES, "reason" => bad.reason.as_str()).increment(1);
+        metrics::counter!(m::PARSER_DEAD_LETTERS, "kind" => "line").increment(1);
         let record = DeadLetter::BadLine {
             unit_id: self.unit.unit_id.clone(),
             path: self.unit.path.clone(),

@@ -18,7 +18,7 @@ pub struct ProducerArgs {
     pub kafka: KafkaArgs,
     /// Largest work unit, in bytes. 64 MiB parses in about 25 ms on two cores (docs/benchmarks.md),
     /// short next to a transaction commit, while a 1 GB file still spreads over 16 units.
-    #[arg(long, env = "TALLY_UNIT_BYTES", default_value_t = 64 << 20, global = true)]
+    #[arg(long, env = "TALLY_UNIT_BYTES", default_value_t = 64 << 20, global = true, value_parser = tally_core::args::positive_u64)]
     pub unit_bytes: u64,
     /// What to do.
     #[command(subcommand)]

@@ -15,11 +15,7 @@ use tally_core::KafkaArgs;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn kafka_args(prefix: &str) -> KafkaArgs {
-    KafkaArgs {
-        bootstrap_servers: tally_testkit::services().kafka_bootstrap,
-        topic_prefix: prefix.to_owned(),
-        options: vec![],
-    }
+    KafkaArgs::plaintext(&tally_testkit::services().kafka_bootstrap, prefix)
 }
 
 /// Reads `topic` partition 0 from the beginning up to its high watermark.

@@ -13,11 +13,7 @@ use tally_core::liveness::Liveness;
 use tally_core::KafkaArgs;
 
 fn kafka_args(bootstrap: &str) -> KafkaArgs {
-    KafkaArgs {
-        bootstrap_servers: bootstrap.to_owned(),
-        topic_prefix: tally_testkit::unique("liveness"),
-        options: vec![],
-    }
+    KafkaArgs::plaintext(bootstrap, &tally_testkit::unique("liveness"))
 }
 
 /// A watchdog with a 2 s limit whose action records the reasons.

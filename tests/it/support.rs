@@ -23,6 +23,8 @@ pub struct Pipeline {
     pub dir: PathBuf,
     pub data: PathBuf,
     pub pool: PgPool,
+    /// Extra environment of every command this pipeline runs (secure-connection settings).
+    pub envs: Vec<(String, String)>,
     log_seq: u32,
 }
 
@@ -44,11 +46,7 @@ impl Pipeline {
             .connect(&database_url)
             .await
             .unwrap();
-        let kafka = KafkaArgs {
-            bootstrap_servers: services.kafka_bootstrap,
-            topic_prefix: prefix.clone(),
-            options: vec![],
-        };
+        let kafka = KafkaArgs::plaintext(&services.kafka_bootstrap, &prefix);
         let pipeline = Self {
             topics: Topics::new(&prefix),
             prefix,
@@ -57,6 +55,7 @@ impl Pipeline {
             dir,
             data,
             pool,
+            envs: Vec::new(),
             log_seq: 0,
         };
         let mut init = vec!["init"];
@@ -76,6 +75,7 @@ impl Pipeline {
                 std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdin(Stdio::null());
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -100,6 +100,36 @@ impl Pipeline {
         let mut args = vec!["producer", "--unit-bytes", unit_bytes, "publish"];
         args.extend(paths.iter().map(AsRef::as_ref));
         self.tally(&args).await;
+    }
+
+    /// Runs `tally` with `args` and extra env vars to completion (at most `within`); its output.
+    pub async fn output(
+        &self,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        within: Duration,
+    ) -> std::process::Output {
+        let mut cmd = self.command(args);
+        cmd.envs(envs.iter().copied());
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let waited = tokio::time::timeout(
+            within,
+            tokio::task::spawn_blocking(move || child.wait_with_output()),
+        )
+        .await;
+        match waited {
+            Ok(output) => output.unwrap().unwrap(),
+            Err(_) => {
+                // SAFETY-free: a plain kill(2) of our own child.
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                panic!("tally {args:?} did not exit within {within:?}");
+            }
+        }
     }
 
     /// Runs `tally` with `args`; whether it succeeded.

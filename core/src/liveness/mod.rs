@@ -35,7 +35,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::Offset;
 
-use crate::args::KafkaArgs;
+use crate::args::{KafkaArgs, LivenessArgs};
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -59,6 +59,8 @@ struct Shared {
     input: Mutex<Input>,
     /// Something other than Kafka the stage waits for, if any.
     waiting_on: Mutex<Option<&'static str>>,
+    /// Why the stage is not ready, per condition (`/readyz`); absent: ready on that count.
+    not_ready: Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
 
 /// A stage's liveness handle; cheap to clone, shared with the watchdog thread.
@@ -115,10 +117,23 @@ impl Liveness {
         Self { stage, shared }
     }
 
-    /// Starts the watchdog thread of `stage`: stalled longer than `limit` while the broker
-    /// answers means a restart in place.
-    pub fn start(stage: &'static str, kafka: &KafkaArgs, limit: Duration) -> Self {
-        Self::start_with(stage, kafka, limit, |_| restart_in_place())
+    /// Starts the watchdog thread of `stage`: stalled longer than its limit (`args`, never
+    /// below `floor`) while the broker answers means a restart in place. With `--http-addr`,
+    /// also serves the stage's metrics and health there (an address that cannot be bound is
+    /// an error: it will not heal).
+    pub fn start(
+        stage: &'static str,
+        kafka: &KafkaArgs,
+        args: &LivenessArgs,
+        floor: Duration,
+    ) -> anyhow::Result<Self> {
+        kafka.security_settings()?;
+        let limit = args.limit(floor);
+        let liveness = Self::start_with(stage, kafka, limit, |_| restart_in_place());
+        if let Some(addr) = args.http_addr {
+            crate::http::serve(addr, &liveness, kafka, limit)?;
+        }
+        Ok(liveness)
     }
 
     /// [`Liveness::start`] with another action than the restart (called with the reason, again
@@ -171,6 +186,55 @@ impl Liveness {
         Waiting {
             shared: self.shared.clone(),
         }
+    }
+
+    /// The stage is not ready on account of `condition` (e.g. `assignment`), for `reason`,
+    /// until [`Liveness::ready`] of the same condition.
+    pub fn not_ready(&self, condition: &'static str, reason: impl Into<String>) {
+        self.shared
+            .not_ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(condition, reason.into());
+    }
+
+    /// `condition` is met.
+    pub fn ready(&self, condition: &'static str) {
+        self.shared
+            .not_ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(condition);
+    }
+
+    /// Why the stage is not ready (the first unmet condition, or what it waits for), if it is
+    /// not; the broker's reachability is the HTTP server's own check.
+    pub fn unready_reason(&self) -> Option<String> {
+        if let Some(what) = *self
+            .shared
+            .waiting_on
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            return Some(format!("{what} is not reachable"));
+        }
+        self.shared
+            .not_ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .next()
+            .cloned()
+    }
+
+    /// Why the stage is not alive (a call into a service open longer than `limit`), if it is not.
+    pub fn dead_reason(&self, limit: Duration) -> Option<String> {
+        self.stalled_step(limit)
+    }
+
+    /// The stage's name.
+    pub fn stage(&self) -> &'static str {
+        self.stage
     }
 
     /// Records the input the stage holds: its assigned partitions of `topic` and its position

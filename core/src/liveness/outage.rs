@@ -53,6 +53,9 @@ pub fn retry<T>(
             Ok(v) => return Ok(v),
             Err(error) => error,
         };
+        if will_not_heal(&error) {
+            return Err(error.context(format!("cannot {what}")));
+        }
         if shutdown.is_cancelled() {
             return Err(error.context(format!("cannot {what}")));
         }
@@ -67,6 +70,17 @@ pub fn retry<T>(
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Whether `error` is a configuration that no retry can fix: librdkafka refused to create a
+/// client (an unknown or invalid setting, a feature it was built without).
+pub fn will_not_heal(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| {
+        matches!(
+            e.downcast_ref::<KafkaError>(),
+            Some(KafkaError::ClientCreation(_) | KafkaError::ClientConfig(..))
+        )
+    })
 }
 
 /// Handles a consumer error that librdkafka marks fatal (the consumer is unusable from then on,

@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 
 use super::{Input, Liveness, Throttle};
 use crate::args::KafkaArgs;
+use crate::kafka::BrokerProbe;
 
 /// How often the watchdog looks.
 const TICK: Duration = Duration::from_secs(1);
@@ -21,7 +21,7 @@ pub(super) fn watch(
     limit: Duration,
     on_stall: &dyn Fn(&str),
 ) {
-    let mut probe: Option<BaseConsumer> = None;
+    let probe = BrokerProbe::new(kafka);
     // The last lag probe of a quiet stage: when, and the stall it found.
     let mut lag: Option<(Instant, Option<String>)> = None;
     // Since when the broker answers while the stage is stalled.
@@ -54,7 +54,7 @@ pub(super) fn watch(
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .clone();
-                    let found = match waiting_records(&mut probe, kafka, &input) {
+                    let found = match waiting_records(&probe, &input) {
                         Ok(0) => {
                             // Idle, not stuck: nothing waits for this stage.
                             liveness.progress();
@@ -81,7 +81,7 @@ pub(super) fn watch(
             answering_since = None;
             continue;
         };
-        if !broker_answers(&mut probe, kafka) {
+        if !probe.answers(Duration::from_secs(10)) {
             answering_since = None;
             if let Some(skipped) = waiting_log.allow() {
                 tracing::warn!(
@@ -106,37 +106,11 @@ pub(super) fn watch(
     }
 }
 
-fn probe_client<'a>(
-    probe: &'a mut Option<BaseConsumer>,
-    kafka: &KafkaArgs,
-) -> Result<&'a BaseConsumer, KafkaError> {
-    if probe.is_none() {
-        let mut config = crate::kafka::base_config(kafka);
-        config.remove("acks");
-        config.set("client.id", "tally-liveness-probe");
-        crate::kafka::apply_overrides(&mut config, kafka);
-        *probe = Some(config.create()?);
-    }
-    probe.as_ref().ok_or(KafkaError::Canceled)
-}
-
-fn broker_answers(probe: &mut Option<BaseConsumer>, kafka: &KafkaArgs) -> bool {
-    probe_client(probe, kafka)
-        .and_then(|c| c.fetch_metadata(None, Duration::from_secs(10)))
-        .is_ok()
-}
-
 /// Records past the stage's positions, from the broker's high watermarks.
-fn waiting_records(
-    probe: &mut Option<BaseConsumer>,
-    kafka: &KafkaArgs,
-    input: &Input,
-) -> Result<i64, KafkaError> {
-    let client = probe_client(probe, kafka)?;
+fn waiting_records(probe: &BrokerProbe, input: &Input) -> Result<i64, KafkaError> {
     let mut waiting = 0;
     for &(partition, position) in &input.positions {
-        let (_, high) =
-            client.fetch_watermarks(&input.topic, partition, Duration::from_secs(10))?;
+        let (_, high) = probe.watermarks(&input.topic, partition)?;
         waiting += (high - position).max(0);
     }
     Ok(waiting)

@@ -86,7 +86,12 @@ impl Group {
         liveness: Liveness,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let events = RebalanceLog::default();
+        let events = RebalanceLog::for_stage(&liveness);
+        let mut config = config.clone();
+        config.set(
+            "statistics.interval.ms",
+            crate::rebalance::STATISTICS_INTERVAL_MS,
+        );
         let consumer: BaseConsumer<RebalanceLog> = config
             .create_with_context(events.clone())
             .context("cannot create the Kafka consumer")?;

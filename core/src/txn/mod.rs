@@ -190,14 +190,18 @@ impl<H: Handler> TxnLoop<H> {
                 continue;
             }
             let step = self.liveness.step("a Kafka transaction");
+            let started = std::time::Instant::now();
+            let stage_metrics = crate::metrics::stage(self.settings.stage);
             match self.transact(&batch) {
                 Ok(output) => {
+                    metrics::histogram!(stage_metrics.batch_seconds).record(started.elapsed());
                     self.handler.committed(output);
                     self.liveness.progress();
                     backoff.reset();
                 }
                 Err(failure) => {
                     self.aborts += 1;
+                    metrics::counter!(stage_metrics.retries).increment(1);
                     self.recover(failure, &batch)?;
                     std::thread::sleep(backoff.next_delay());
                 }
@@ -281,8 +285,12 @@ pub fn run_stage<H: Handler>(
     start: impl Fn(Liveness) -> anyhow::Result<TxnLoop<H>>,
     stopped: impl FnOnce(&H, u64),
 ) -> anyhow::Result<()> {
-    let limit = liveness.limit(transaction_timeout + Duration::from_secs(30));
-    let liveness = Liveness::start(stage, kafka, limit);
+    let liveness = Liveness::start(
+        stage,
+        kafka,
+        liveness,
+        transaction_timeout + Duration::from_secs(30),
+    )?;
     let what = format!("start the {stage}");
     let step = liveness.step("start the stage");
     let mut stage_loop = liveness::retry(shutdown, &what, || start(liveness.clone()))?;

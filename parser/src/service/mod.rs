@@ -55,13 +55,13 @@ pub struct ParserArgs {
     #[arg(long, env = "TALLY_DATA_ROOT")]
     pub data_root: PathBuf,
     /// Most units per transaction.
-    #[arg(long, env = "TALLY_UNITS_PER_TXN_MAX", default_value_t = 8)]
+    #[arg(long, env = "TALLY_UNITS_PER_TXN_MAX", default_value_t = 8, value_parser = tally_core::args::positive_usize)]
     pub units_per_txn_max: usize,
     /// Most unit bytes per transaction: bounds the time a transaction stays open.
-    #[arg(long, env = "TALLY_TXN_BYTES_MAX", default_value_t = 1 << 30)]
+    #[arg(long, env = "TALLY_TXN_BYTES_MAX", default_value_t = 1 << 30, value_parser = tally_core::args::positive_u64)]
     pub txn_bytes_max: u64,
     /// Kafka transaction timeout; a transaction must end well inside it.
-    #[arg(long, env = "TALLY_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000)]
+    #[arg(long, env = "TALLY_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000, value_parser = tally_core::args::positive_u64)]
     pub transaction_timeout_ms: u64,
     /// Stable instance name: part of the transactional.id, and the consumer's static group
     /// membership (`group.instance.id`). A restarted instance with the same name aborts its
@@ -88,6 +88,33 @@ struct Counters {
     units_rejected: u64,
 }
 
+/// What a transaction did, for the metrics once it is committed (an aborted transaction's
+/// work is redone, and counted then).
+#[derive(Debug, Default)]
+struct Pending {
+    lines: u64,
+    bytes: u64,
+    summed: u64,
+    skipped: u64,
+    rejected: u64,
+    unit_dead_letters: u64,
+    sums_records: u64,
+}
+
+impl Pending {
+    fn record(self) {
+        use tally_core::metrics as m;
+        metrics::counter!(m::PARSER_LINES).increment(self.lines);
+        metrics::counter!(m::PARSER_BYTES).increment(self.bytes);
+        metrics::counter!(m::PARSER_UNITS, "outcome" => "summed").increment(self.summed);
+        metrics::counter!(m::PARSER_UNITS, "outcome" => "skipped").increment(self.skipped);
+        metrics::counter!(m::PARSER_UNITS, "outcome" => "rejected").increment(self.rejected);
+        metrics::counter!(m::PARSER_DEAD_LETTERS, "kind" => "unit")
+            .increment(self.unit_dead_letters);
+        metrics::counter!(m::PARSER_SUMS_RECORDS).increment(self.sums_records);
+    }
+}
+
 /// The parser's handler: its done-set, engine and counters.
 struct Parser<'a> {
     args: &'a ParserArgs,
@@ -100,6 +127,7 @@ struct Parser<'a> {
     /// Units that failed in a way that needs an abort; rejected when seen again.
     forced_reject: HashMap<String, String>,
     counters: Counters,
+    pending: Pending,
     liveness: Liveness,
     /// When the done-set was last pruned.
     last_prune: Instant,
@@ -107,6 +135,13 @@ struct Parser<'a> {
 
 /// Runs a parser instance until `shutdown` is cancelled. Blocking: call it on its own thread.
 pub fn run(args: &ParserArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    // Will not heal by waiting: say so at once.
+    if !args.data_root.is_dir() {
+        anyhow::bail!(
+            "--data-root {} is not a directory",
+            args.data_root.display()
+        );
+    }
     tally_core::txn::run_stage(
         "parser",
         &args.kafka,
@@ -181,6 +216,7 @@ fn start_loop<'a>(
             sums_partitions,
             forced_reject: HashMap::new(),
             counters: Counters::default(),
+            pending: Pending::default(),
             liveness: handler_liveness,
             last_prune: Instant::now(),
         })
@@ -220,6 +256,7 @@ impl Handler for Parser<'_> {
         producer: &TxnProducer,
         batch: &[OwnedMessage],
     ) -> Result<States, Failure> {
+        self.pending = Pending::default();
         let mut states = States::new();
         let mut txn = Txn {
             producer,
@@ -242,6 +279,7 @@ impl Handler for Parser<'_> {
                         reason,
                         "bad notification"
                     );
+                    self.pending.unit_dead_letters += 1;
                     self.dead_letter(
                         producer,
                         None,
@@ -269,6 +307,7 @@ impl Handler for Parser<'_> {
     }
 
     fn committed(&mut self, states: States) {
+        std::mem::take(&mut self.pending).record();
         for ((partition, _), state) in states {
             self.done.insert(partition, state);
         }

@@ -89,11 +89,15 @@ impl Parser<'_> {
         txn.ends.push(done);
         self.send_done(txn.producer, partition, &state)?;
         self.counters.units_summed += 1;
+        self.pending.summed += 1;
+        self.pending.lines += stats.lines;
+        self.pending.bytes += stats.bytes;
         Ok(Some(state))
     }
 
     fn skip(&mut self, unit: &WorkUnit) -> Option<StreamDone> {
         self.counters.units_skipped += 1;
+        self.pending.skipped += 1;
         tracing::debug!(unit = unit.unit_id, "bytes already done, skipping");
         None
     }
@@ -153,11 +157,16 @@ impl Parser<'_> {
     /// The transaction's output before its offsets: the merged sums of all its units, then
     /// one end marker per unit and sums partition, each after every sum of the unit there, so
     /// the db-client knows a unit is in the totals once it applied all of its markers.
-    pub(super) fn end_transaction(&self, txn: Txn<'_>) -> Result<(), KafkaError> {
+    pub(super) fn end_transaction(&mut self, txn: Txn<'_>) -> Result<(), KafkaError> {
         let producer = txn.producer;
+        let mut records = 0;
         txn.merger.drain(|partition, sums| {
+            records +=
+                sums.len()
+                    .div_ceil(tally_core::txn::producer::PAIRS_PER_RECORD) as u64;
             send_sums(producer, &self.topics.sums, partition as i32, &sums)
         })?;
+        self.pending.sums_records += records;
         for unit in txn.ends {
             let key = unit.unit_id.clone();
             let end = serde_json::to_vec(&SumsRecord::UnitEnd {
@@ -204,6 +213,8 @@ impl Parser<'_> {
             },
         )?;
         self.counters.units_rejected += 1;
+        self.pending.rejected += 1;
+        self.pending.unit_dead_letters += 1;
         let next = streams::rejected(state, unit);
         if let Some(next) = &next {
             self.send_done(producer, partition, next)?;

@@ -143,7 +143,7 @@ pub fn run(
     let topics = Topics::new(&kafka.topic_prefix);
     let mut state = State::load(&dir)?;
     let transactional_id = format!("{}.producer.{}", kafka.topic_prefix, dir.display());
-    let liveness = Liveness::start("watch", kafka, args.liveness.limit(Duration::ZERO));
+    let liveness = Liveness::start("watch", kafka, &args.liveness, Duration::ZERO)?;
     // Started (or restarted) during a broker outage: wait for the broker, as every stage does.
     let start = liveness.step("start the watcher");
     let connect = || -> anyhow::Result<_> {
@@ -197,11 +197,16 @@ pub fn run(
                 } else {
                     "a new file"
                 };
-                if let Err(error) = announcer.announce(&units) {
+                let started = Instant::now();
+                let announced = announcer.announce(&units);
+                metrics::histogram!(tally_core::metrics::stage("watch").batch_seconds)
+                    .record(started.elapsed());
+                if let Err(error) = announced {
                     if args.once {
                         return Err(error);
                     }
                     failing.get_or_insert_with(|| liveness.step("announce a file"));
+                    metrics::counter!(tally_core::metrics::stage("watch").retries).increment(1);
                     // Not recorded as announced: the next scan tries again.
                     tracing::error!(
                         error = format!("{error:#}"),
@@ -213,6 +218,13 @@ pub fn run(
                 }
                 state.record(&format!("announced {id} {} {path}", format_inode(inode)))?;
                 failing = None;
+                {
+                    use tally_core::metrics as m;
+                    metrics::counter!(m::PRODUCER_FILES).increment(1);
+                    metrics::counter!(m::PRODUCER_UNITS).increment(units.len() as u64);
+                    let bytes: u64 = units.iter().map(|u| u.end - u.start).sum();
+                    metrics::counter!(m::PRODUCER_BYTES).increment(bytes);
+                }
                 liveness.progress();
                 state.announced.insert(id.clone());
                 state.inodes.extend(inode);
