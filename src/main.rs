@@ -1,6 +1,8 @@
 //! `tally`: one binary, one subcommand per stage. Thin: parse arguments, set up logging, call
 //! the stage crate. The logic lives in the libraries so tests can run stages in-process.
 
+mod config;
+
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -14,6 +16,10 @@ use tally_core::{DatabaseArgs, KafkaArgs, TelemetryArgs};
 struct Cli {
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    /// A TOML file with the same keys as the flags (top level, or in a `[subcommand]`
+    /// section); a flag or env var wins over it (docs/operations.md "Configuration file").
+    #[arg(long, env = "TALLY_CONFIG", global = true)]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +41,11 @@ enum Command {
     Verify(tally_db_client::verify::VerifyArgs),
     /// Print a pipeline topic's records as text (or JSON lines), binary sums decoded.
     Inspect(tally_core::inspect::InspectArgs),
+    /// Configuration files: `tally config check`.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Apply the database migrations (idempotent).
     Migrate {
         #[command(flatten)]
@@ -65,8 +76,26 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration (`--config FILE`, env, defaults) and print the effective
+    /// values of each long-running stage and where each comes from, secrets redacted.
+    /// Non-zero exit if a stage would not start with it.
+    Check {
+        /// Only this subcommand (e.g. `parser`, `producer watch`).
+        stage: Vec<String>,
+    },
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let argv = match config::merge_args::<Cli>(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(error) => {
+            tally_core::telemetry::report_error(json_asked().into(), &format!("{error:#}"));
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
         Err(error) => return argument_error(&error),
     };
@@ -86,12 +115,6 @@ fn main() -> ExitCode {
 /// `TALLY_LOG_FORMAT=json`).
 fn argument_error(error: &clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
-    let json_asked = std::env::var("TALLY_LOG_FORMAT").is_ok_and(|v| v == "json")
-        || std::env::args()
-            .collect::<Vec<_>>()
-            .windows(2)
-            .any(|w| w[0] == "--log-format" && w[1] == "json")
-        || std::env::args().any(|a| a == "--log-format=json");
     if !error.use_stderr()
         || matches!(
             error.kind(),
@@ -105,13 +128,32 @@ fn argument_error(error: &clap::Error) -> ExitCode {
     let text = error.render().to_string();
     let first = text.lines().next().unwrap_or_default();
     let message = first.strip_prefix("error: ").unwrap_or(first);
-    let format = if json_asked {
-        tally_core::args::LogFormat::Json
-    } else {
-        tally_core::args::LogFormat::Text
-    };
-    tally_core::telemetry::report_error(format, message);
+    tally_core::telemetry::report_error(json_asked().into(), message);
     ExitCode::from(2)
+}
+
+/// Whether JSON logs were asked for, before the arguments are parsed.
+fn json_asked() -> JsonAsked {
+    let args: Vec<String> = std::env::args().collect();
+    JsonAsked(
+        std::env::var("TALLY_LOG_FORMAT").is_ok_and(|v| v == "json")
+            || args
+                .windows(2)
+                .any(|w| w[0] == "--log-format" && w[1] == "json")
+            || args.iter().any(|a| a == "--log-format=json"),
+    )
+}
+
+struct JsonAsked(bool);
+
+impl From<JsonAsked> for tally_core::args::LogFormat {
+    fn from(asked: JsonAsked) -> Self {
+        if asked.0 {
+            Self::Json
+        } else {
+            Self::Text
+        }
+    }
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -132,6 +174,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         }),
         Command::Verify(args) => runtime()?.block_on(tally_db_client::verify::run(&args)),
         Command::Inspect(args) => tally_core::inspect::run(&args),
+        Command::Config {
+            command: ConfigCommand::Check { stage },
+        } => config::check::<Cli>(&stage),
         Command::Migrate { database } => {
             runtime()?.block_on(tally_db_client::schema::migrate_url(&database))
         }

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod broker;
+mod config;
 mod crash;
 mod edges;
 mod files;
