@@ -37,6 +37,9 @@ enum Command {
     DbClient(tally_db_client::service::DbClientArgs),
     /// Sum `<consumer_id> <amount>` lines of local files (or stdin) and print the totals.
     Sum(tally_parser::offline::SumArgs),
+    /// The pipeline at a glance: files by state, lag per stage and partition, dead letters,
+    /// halted partitions. Exit status 1 when something needs an operator.
+    Status(tally_db_client::status::StatusArgs),
     /// Compare the totals in PostgreSQL with an expected-totals file (`tally sum` output).
     Verify(tally_db_client::verify::VerifyArgs),
     /// Print a pipeline topic's records as text (or JSON lines), binary sums decoded.
@@ -172,6 +175,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             let token = shutdown::on_signals();
             tally_db_client::service::run(&args, &token).await
         }),
+        Command::Status(args) => {
+            if runtime()?.block_on(tally_db_client::status::run(&args))? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         Command::Verify(args) => runtime()?.block_on(tally_db_client::verify::run(&args)),
         Command::Inspect(args) => tally_core::inspect::run(&args),
         Command::Config {

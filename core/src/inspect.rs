@@ -60,54 +60,79 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
         Which::Totals => topics.totals,
         Which::DeadLetter => topics.dead_letter,
     };
-    let consumer: BaseConsumer = kafka::consumer_config(&args.kafka, "tally-inspect")
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    let mut failed = Ok(());
+    read_topic(
+        &args.kafka,
+        &topic,
+        |p| args.partition.is_none_or(|only| only == p),
+        |low, high| args.from_end.map_or(low, |n| (high - n).max(low)),
+        |message| {
+            let key = message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned());
+            let record = render(args.topic, message.payload());
+            let (p, o) = (message.partition(), message.offset());
+            let written = if args.json {
+                let line = json!({"partition": p, "offset": o, "key": key, "record": record});
+                writeln!(out, "{line}")
+            } else {
+                writeln!(
+                    out,
+                    "{p}:{o} key={} {}",
+                    key.as_deref().unwrap_or("-"),
+                    text(&record)
+                )
+            };
+            if failed.is_ok() {
+                failed = written;
+            }
+        },
+    )?;
+    failed?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Reads the committed records of `topic` (the partitions `wanted`), each from
+/// `start(log start, high watermark)` up to the high watermark as it was when reading began,
+/// handing each to `each`. Gives up after 10 s without a record.
+pub fn read_topic(
+    kafka_args: &crate::KafkaArgs,
+    topic: &str,
+    wanted: impl Fn(i32) -> bool,
+    start: impl Fn(i64, i64) -> i64,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = kafka::consumer_config(kafka_args, "tally-inspect")
         .create()
         .context("cannot create a Kafka consumer")?;
-    let partitions = kafka::partition_count(&consumer, &topic).context("cannot reach Kafka")?;
+    let partitions = kafka::partition_count(&consumer, topic).context("cannot reach Kafka")?;
     anyhow::ensure!(partitions > 0, "topic {topic} does not exist");
     let mut tpl = TopicPartitionList::new();
     let mut ends = Vec::new();
-    for p in (0..partitions).filter(|p| args.partition.is_none_or(|only| only == *p)) {
-        let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
-        let start = args.from_end.map_or(low, |n| (high - n).max(low));
-        tpl.add_partition_offset(&topic, p, Offset::Offset(start))?;
+    for p in (0..partitions).filter(|p| wanted(*p)) {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(start(low, high)))?;
         ends.push((p, high));
     }
     consumer.assign(&tpl)?;
-    let out = std::io::stdout();
-    let mut out = std::io::BufWriter::new(out.lock());
     let mut idle = Instant::now();
     loop {
         let behind = ends.iter().any(|&(p, high)| {
-            kafka::position_of(&consumer, &topic, p).map_or(true, |pos| pos < high)
+            kafka::position_of(&consumer, topic, p).map_or(true, |pos| pos < high)
         });
         if !behind || idle.elapsed() > Duration::from_secs(10) {
-            break;
+            return Ok(());
         }
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
         let message = message?;
         idle = Instant::now();
-        let key = message
-            .key()
-            .map(|k| String::from_utf8_lossy(k).into_owned());
-        let record = render(args.topic, message.payload());
-        let (p, o) = (message.partition(), message.offset());
-        if args.json {
-            let line = json!({"partition": p, "offset": o, "key": key, "record": record});
-            writeln!(out, "{line}")?;
-        } else {
-            writeln!(
-                out,
-                "{p}:{o} key={} {}",
-                key.as_deref().unwrap_or("-"),
-                text(&record)
-            )?;
-        }
+        each(&message);
     }
-    out.flush()?;
-    Ok(())
 }
 
 /// The record as JSON: sums records decoded from their binary form; a tombstone is null; a

@@ -9,6 +9,7 @@
 //! - [`input`]: the totals follow one input topic; switching is on purpose only.
 //! - [`resume`]: where an assigned partition resumes: the offset stored with the totals.
 //! - [`schema`]: migrations (`migrations/`), applied at start-up and by `tally migrate`.
+//! - [`status`]: `tally status`, the pipeline at a glance from Kafka and PostgreSQL.
 //! - [`verify`]: `tally verify`, totals against an expected-totals file.
 
 pub mod batch;
@@ -17,4 +18,5 @@ pub mod input;
 pub mod resume;
 pub mod schema;
 pub mod service;
+pub mod status;
 pub mod verify;

@@ -187,6 +187,16 @@ async fn records_deleted_before_they_were_applied_stop_the_db_client() {
     // ...and a third file arrives after them.
     p.publish("100000", &last).await;
     p.wait_files_consumed(TIMEOUT).await;
+    // `tally status` names the halted partitions and exits 1.
+    let out = p
+        .output(&["status", "--json"], &[], Duration::from_secs(60))
+        .await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{report:#}");
+    let halted = report["halted"].as_array().unwrap();
+    assert!(!halted.is_empty(), "{report:#}");
+    assert!(halted.iter().all(|h| h["topic"] == p.topics.sums.as_str()
+        && h["next_offset"].as_i64() < h["log_start"].as_i64()));
 
     // The db-client refuses to write past the hole, says so, and exits non-zero; nothing of
     // the third file is in the totals. Accepting each reported gap (only that one) lets it on.
@@ -222,6 +232,12 @@ async fn records_deleted_before_they_were_applied_stop_the_db_client() {
     p.wait_ingested(2, TIMEOUT).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     p.assert_totals(&expected, "accepting the gaps").await;
+    let out = p
+        .output(&["status", "--json"], &[], Duration::from_secs(60))
+        .await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["halted"], serde_json::json!([]), "{report:#}");
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

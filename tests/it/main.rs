@@ -15,5 +15,6 @@ mod ops;
 mod pipeline;
 mod resume;
 mod secure;
+mod status;
 mod sum_cli;
 mod support;
