@@ -1,11 +1,46 @@
-# Builds the one `tally` binary. Used by docker-compose.yml for every stage.
-FROM rust:1-bookworm AS build
-WORKDIR /src
-COPY . .
-RUN cargo build --release --locked --bin tally
+# The one `tally` image: every stage of docker-compose.yml (init, producer, parser, aggregator,
+# db-client) runs it with another subcommand. Needs BuildKit (the default builder since Docker
+# 23; `DOCKER_BUILDKIT=1` before that) for the cache mounts.
+#
+#   docker build -t tally:local .          (docker compose builds it as tally:${TALLY_IMAGE_TAG:-local})
+#   docker run --rm tally:local --help
+#
+# Base images are pinned to exact tags (override with --build-arg for an upgrade). Builder and
+# runtime are both Debian 12 (bookworm): the binary links the glibc it was built against.
+ARG RUST_IMAGE=rust:1.95.0-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-20260824-slim
 
-FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+FROM ${RUST_IMAGE} AS build
+# The full rust image (buildpack-deps) has gcc, make and perl, which librdkafka's build and the
+# vendored OpenSSL need; cmake only in case rdkafka's `cmake-build` feature is switched on.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends cmake \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/tally /usr/local/bin/tally
+WORKDIR /src
+# .dockerignore keeps target/, .git/, the services' and benchmarks' data and ./data out of the
+# context; this copies the sources only.
+COPY . .
+# Cache mounts: the crate downloads and target/ (librdkafka, OpenSSL and every dependency
+# compiled) survive between builds, so a source change rebuilds only the changed crates. The
+# binary is copied out of the cached target/ within the same step.
+RUN --mount=type=cache,id=tally-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,id=tally-cargo-git,target=/usr/local/cargo/git,sharing=locked \
+    --mount=type=cache,id=tally-target,target=/src/target,sharing=locked \
+    cargo build --release --locked --bin tally \
+    && install -D -m 0755 target/release/tally /out/tally
+
+FROM ${RUNTIME_IMAGE}
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 tally \
+    && useradd --system --uid 10001 --gid tally --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin tally
+COPY --from=build /out/tally /usr/local/bin/tally
+# Fail the build, not the first start, if a shared library the binary needs is missing here.
+RUN ! ldd /usr/local/bin/tally | grep 'not found' && tally --version
+USER 10001:10001
+# TALLY_HTTP_ADDR=0.0.0.0:9100 (set by docker-compose.yml): /metrics, /livez, /readyz.
+EXPOSE 9100
 ENTRYPOINT ["tally"]
+CMD ["--help"]

@@ -7,7 +7,7 @@
 //! entry per distinct consumer (it is the output).
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -186,6 +186,64 @@ impl Sink for Collect {
     }
 }
 
+/// A progress bar in bytes on stderr when it is a terminal; nothing otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+/// On a terminal, a file is summed in pieces of this size, the bar moving after each (lines
+/// belong to the piece they start in, so pieces add up to the whole file exactly).
+const PROGRESS_PIECE: u64 = 256 << 20;
+
+impl Progress {
+    fn new(files: &[std::path::PathBuf]) -> Self {
+        if !io::stderr().is_terminal() {
+            return Self { bar: None };
+        }
+        let total: u64 = files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .filter(std::fs::Metadata::is_file)
+            .map(|m| m.len())
+            .sum();
+        let bar = indicatif::ProgressBar::new(total).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Self { bar: Some(bar) }
+    }
+
+    fn sum_file(
+        &self,
+        source: &FileSource,
+        config: &engine::EngineConfig,
+        pool: &rayon::ThreadPool,
+        sink: &Collect,
+    ) -> Result<Stats, EngineError> {
+        let len = source.len();
+        let Some(bar) = &self.bar else {
+            return engine::sum_range(source, 0..len, config, pool, sink);
+        };
+        let mut stats = Stats::default();
+        let mut start = 0;
+        while start < len {
+            let end = (start + PROGRESS_PIECE).min(len);
+            stats.merge(&engine::sum_range(source, start..end, config, pool, sink)?);
+            bar.inc(end - start);
+            start = end;
+        }
+        Ok(stats)
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 /// Runs `tally sum`: prints the totals on stdout, the summary on stderr.
 pub fn run(args: &SumArgs) -> anyhow::Result<()> {
     let config = args.engine.config();
@@ -193,6 +251,7 @@ pub fn run(args: &SumArgs) -> anyhow::Result<()> {
     let sink = Collect::new();
     let started = Instant::now();
     let mut stats = Stats::default();
+    let bar = Progress::new(&args.files);
     for path in &args.files {
         let name = path.display().to_string();
         sink.bad.lock().unwrap_or_else(|p| p.into_inner()).input = name.clone();
@@ -215,7 +274,7 @@ pub fn run(args: &SumArgs) -> anyhow::Result<()> {
             if meta.is_file() {
                 let source =
                     FileSource::new(file).with_context(|| format!("cannot read {name}"))?;
-                engine::sum_range(&source, 0..source.len(), &config, &pool, &sink)
+                bar.sum_file(&source, &config, &pool, &sink)
             } else {
                 // A pipe or FIFO (`tally sum <(zcat f.gz)`): no length to map, stream it.
                 sum_reader(file, &config, &pool, &sink, STREAM_BLOCK_BYTES)
@@ -232,6 +291,7 @@ pub fn run(args: &SumArgs) -> anyhow::Result<()> {
             Err(e) => return Err(e).with_context(|| format!("cannot sum {name}")),
         }
     }
+    bar.finish();
     let elapsed = started.elapsed();
 
     let bad = sink

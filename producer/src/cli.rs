@@ -83,13 +83,22 @@ pub fn run(args: &ProducerArgs, shutdown: &CancellationToken) -> anyhow::Result<
         }
         ProducerCommand::Publish { files } => {
             let mut announcer = Announcer::new(&args.kafka, &one_shot_id())?;
+            // Drawn only on a terminal (indicatif hides it otherwise).
+            let bar = indicatif::ProgressBar::new(files.len() as u64).with_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} files {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
             for path in files {
                 let units = announce::describe(path, args.unit_bytes)?;
                 announcer
                     .announce(&units)
                     .with_context(|| format!("cannot announce {}", path.display()))?;
-                tracing::info!(path = %path.display(), units = units.len(), "announced");
+                bar.suspend(|| {
+                    tracing::info!(path = %path.display(), units = units.len(), "announced");
+                });
+                bar.inc(1);
             }
+            bar.finish_and_clear();
             Ok(())
         }
         ProducerCommand::Watch(watch_args) => {

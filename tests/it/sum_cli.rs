@@ -141,3 +141,62 @@ fn bad_lines_are_counted_and_fail_policy_exits_non_zero() {
         .contains("cannot open /nonexistent/file"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Runs `tally ARGS` under a pseudo-terminal (`script`), as a user at a terminal would; the
+/// terminal's output.
+fn on_a_terminal(args: &[&str]) -> String {
+    let line = std::iter::once(env!("CARGO_BIN_EXE_tally"))
+        .chain(args.iter().copied())
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = Command::new("script")
+        .args(["-qefc", &line, "/dev/null"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script(1) from util-linux");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn sum_shows_progress_on_a_terminal_only() {
+    let dir = temp_dir("sum-progress");
+    // Big enough to be summed in more than one piece (256 MiB each).
+    let big = dir.join("big.txt");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+        let line = b"123456789 1000\n";
+        for _ in 0..(300u64 << 20) / line.len() as u64 {
+            f.write_all(line).unwrap();
+        }
+    }
+    let big = big.to_str().unwrap();
+    let tty = on_a_terminal(&["sum", big]);
+    assert!(
+        tty.contains("MiB/"),
+        "no progress bar on a terminal: {tty:?}"
+    );
+    let piped = tally().args(["sum", big]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        !stderr.contains("MiB/"),
+        "a progress bar on a pipe: {stderr:?}"
+    );
+    // The pieces add up to the same totals as one pass.
+    let lines = (300u64 << 20) / 15;
+    assert!(
+        tty.contains(&format!("123456789 {}", lines * 1000)),
+        "{tty}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&piped.stdout).trim(),
+        format!("123456789 {}", lines * 1000)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

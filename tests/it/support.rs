@@ -35,7 +35,20 @@ impl Pipeline {
 
     /// A pipeline whose `tally init` gets `init_args` too (partition counts).
     pub async fn with_init(what: &str, init_args: &[&str]) -> Self {
-        let services = tally_testkit::services();
+        Self::build(what, init_args, None).await
+    }
+
+    /// A pipeline on the Kafka cluster at `bootstrap` (PostgreSQL as usual).
+    #[allow(dead_code)] // for tests/cluster.rs
+    pub async fn on_kafka(what: &str, bootstrap: &str) -> Self {
+        Self::build(what, &[], Some(bootstrap)).await
+    }
+
+    async fn build(what: &str, init_args: &[&str], bootstrap: Option<&str>) -> Self {
+        let mut services = tally_testkit::services();
+        if let Some(bootstrap) = bootstrap {
+            services.kafka_bootstrap = bootstrap.to_owned();
+        }
         let prefix = tally_testkit::unique(what);
         let database_url = services.fresh_database(what).await;
         let dir = std::env::temp_dir().join(&prefix);
@@ -528,6 +541,15 @@ pub fn services(args: &[&str]) {
         .status()
         .unwrap();
     assert!(status.success(), "scripts/services {args:?} failed");
+}
+
+/// `scripts/services ARGS…`'s output (e.g. `env --brokers 3`).
+#[allow(dead_code)] // for tests/cluster.rs
+pub fn services_output(args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
+    let out = Command::new(script).args(args).output().unwrap();
+    assert!(out.status.success(), "scripts/services {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Asserts that the tests use the services of `scripts/services` (a test that stops, kills or
