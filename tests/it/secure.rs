@@ -15,6 +15,8 @@ struct Secure {
     ca_file: String,
     user: String,
     password: String,
+    client_cert: String,
+    client_key: String,
 }
 
 fn secure() -> Secure {
@@ -28,6 +30,8 @@ fn secure() -> Secure {
         ca_file: var("TALLY_TLS_CA_FILE"),
         user: var("TALLY_KAFKA_SASL_USERNAME"),
         password: var("TALLY_KAFKA_SASL_PASSWORD"),
+        client_cert: var("TALLY_TLS_CLIENT_CERT_FILE"),
+        client_key: var("TALLY_TLS_CLIENT_KEY_FILE"),
     }
 }
 
@@ -46,6 +50,9 @@ async fn the_pipeline_runs_over_tls_and_scram_to_kafka_and_verified_tls_to_postg
         ("TALLY_KAFKA_SSL_CA_FILE".into(), s.ca_file.clone()),
         ("TALLY_KAFKA_SASL_USERNAME".into(), s.user.clone()),
         ("TALLY_KAFKA_SASL_PASSWORD".into(), s.password.clone()),
+        // The broker asks for a client certificate (and accepts a connection without one).
+        ("TALLY_KAFKA_SSL_CERT_FILE".into(), s.client_cert.clone()),
+        ("TALLY_KAFKA_SSL_KEY_FILE".into(), s.client_key.clone()),
         ("DATABASE_URL".into(), verified_url.clone()),
         ("TALLY_DATABASE_SSL_MODE".into(), "verify-full".into()),
         ("TALLY_DATABASE_SSL_ROOT_CERT".into(), s.ca_file.clone()),
