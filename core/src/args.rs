@@ -151,11 +151,15 @@ impl KafkaArgs {
                 .map(|v| v.get_name().to_owned())
                 .unwrap_or_default();
             out.push(("sasl.mechanisms", mechanism));
-            let user = self.kafka_sasl_username.clone().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--kafka-sasl-username (TALLY_KAFKA_SASL_USERNAME) is required with SASL"
-                )
-            })?;
+            let user = self
+                .kafka_sasl_username
+                .clone()
+                .filter(|u| !u.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--kafka-sasl-username (TALLY_KAFKA_SASL_USERNAME) is required with SASL"
+                    )
+                })?;
             out.push(("sasl.username", user));
             let password = match &self.kafka_sasl_password_file {
                 Some(path) => Secret::from_file(path)?,
