@@ -3,7 +3,7 @@
 //!
 //! Each batch (up to `--flush-interval-ms` of records, bounded in count and bytes) is one
 //! Kafka transaction of tally-core's loop ([`tally_core::txn`]): its sums records are merged
-//! per partition in a [`Merger`] under `--keys-max` (what does not fit leaves early, within
+//! per partition and usage period in a [`Merger`] under `--keys-max` (what does not fit leaves early, within
 //! the same transaction), the merged sums are written to the *same partition number* of
 //! `tally.totals` (the consumer id picks the partition on both topics), then the batch's
 //! unit-end markers, unchanged, then the consumed offsets commit with them. So in every totals
@@ -20,7 +20,7 @@ use tally_core::liveness::Liveness;
 use tally_core::messages::SumsRecord;
 use tally_core::shutdown::CancellationToken;
 use tally_core::sums::Merger;
-use tally_core::txn::producer::{send, send_sums};
+use tally_core::txn::producer::{send, send_leaving, send_sums};
 use tally_core::txn::{
     BatchLimits, Failure, Handler, PartitionState, Settings, TxnLoop, TxnProducer,
 };
@@ -179,12 +179,11 @@ impl Handler for Aggregator {
             let partition = message.partition();
             self.counters.records_in += 1;
             match message.payload().map(codec::decode) {
-                Some(Ok(SumsRecord::Sums { sums })) if partition < self.partitions => {
+                Some(Ok(SumsRecord::Sums { period, sums })) if partition < self.partitions => {
                     self.counters.pairs_in += sums.len() as u64;
-                    let leave = merger.add(partition as usize, &sums);
-                    self.counters.pairs_out += leave.len() as u64;
-                    out += records_for(leave.len());
-                    send_sums(producer, totals, partition, &leave)?;
+                    let leave = merger.add(partition as usize, period, &sums);
+                    out += leave.iter().map(|(_, s)| records_for(s.len())).sum::<u64>();
+                    self.counters.pairs_out += send_leaving(producer, totals, partition, leave)?;
                 }
                 Some(Ok(SumsRecord::UnitEnd { .. })) if partition < self.partitions => {
                     markers[partition as usize].push(message);
@@ -208,10 +207,10 @@ impl Handler for Aggregator {
             }
         }
         let pairs_out = &mut self.counters.pairs_out;
-        merger.drain(|partition, sums| {
+        merger.drain(|partition, period, sums| {
             *pairs_out += sums.len() as u64;
             out += records_for(sums.len());
-            send_sums(producer, totals, partition as i32, &sums)
+            send_sums(producer, totals, partition as i32, period, &sums)
         })?;
         for (partition, ends) in markers.into_iter().enumerate() {
             for end in ends {

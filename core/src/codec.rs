@@ -1,7 +1,7 @@
 //! The bytes of a [`SumsRecord`] on `tally.sums` / `tally.totals`.
 //!
-//! Sums are most of the traffic, so they are binary (docs/messages.md): a version byte `0x01`,
-//! the pair count as an unsigned LEB128 varint, then the pairs sorted by consumer id, each as
+//! Sums are most of the traffic, so they are binary (docs/messages.md): a version byte `0x01`
+//! (or `0x02`, followed by the period start in Unix seconds as a zigzag varint), the pair count as an unsigned LEB128 varint, then the pairs sorted by consumer id, each as
 //! the id's difference from the previous id (the first from 0) as an unsigned varint and the
 //! sum as a zigzag varint. Sorted, dense ids take one or two bytes each, and small sums one to
 //! three, against about 20 bytes per pair in JSON. Unit-end markers are rare and stay JSON
@@ -10,8 +10,10 @@
 
 use crate::messages::SumsRecord;
 
-/// First byte of a binary sums record, version 1.
+/// First byte of a binary sums record, version 1 (no period).
 pub const SUMS_V1: u8 = 0x01;
+/// First byte of a binary sums record of one usage period, version 2.
+pub const SUMS_V2: u8 = 0x02;
 
 /// Why a record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,17 +35,24 @@ pub enum DecodeError {
 /// Encodes `record`: sums in binary (sorted by id), a unit-end as JSON.
 pub fn encode(record: &SumsRecord) -> Vec<u8> {
     match record {
-        SumsRecord::Sums { sums } => encode_sums(sums),
+        SumsRecord::Sums { period, sums } => encode_sums(*period, sums),
         SumsRecord::UnitEnd { .. } => serde_json::to_vec(record).expect("serialisable"),
     }
 }
 
-/// Encodes sums (any order; ids may repeat; ids must be non-negative) as a binary record.
-pub fn encode_sums(sums: &[(i64, i64)]) -> Vec<u8> {
+/// Encodes sums (any order; ids may repeat; ids must be non-negative) of `period` (its start,
+/// or `None` with periods off) as a binary record.
+pub fn encode_sums(period: Option<i64>, sums: &[(i64, i64)]) -> Vec<u8> {
     let mut sorted = sums.to_vec();
     sorted.sort_unstable_by_key(|&(id, _)| id);
-    let mut out = Vec::with_capacity(1 + 10 + sorted.len() * 4);
-    out.push(SUMS_V1);
+    let mut out = Vec::with_capacity(1 + 20 + sorted.len() * 4);
+    match period {
+        None => out.push(SUMS_V1),
+        Some(start) => {
+            out.push(SUMS_V2);
+            put_varint(&mut out, zigzag(start));
+        }
+    }
     put_varint(&mut out, sorted.len() as u64);
     let mut previous = 0u64;
     for (id, sum) in sorted {
@@ -59,11 +68,34 @@ pub fn encode_sums(sums: &[(i64, i64)]) -> Vec<u8> {
 pub fn decode(bytes: &[u8]) -> Result<SumsRecord, DecodeError> {
     match bytes.first() {
         None => Err(DecodeError::Empty),
-        Some(&SUMS_V1) => decode_sums(&bytes[1..]).map(|sums| SumsRecord::Sums { sums }),
+        Some(&SUMS_V1) => {
+            decode_sums(&bytes[1..]).map(|sums| SumsRecord::Sums { period: None, sums })
+        }
+        Some(&SUMS_V2) => {
+            let mut rest = &bytes[1..];
+            let period = unzigzag(take_varint(&mut rest)?);
+            decode_sums(rest).map(|sums| SumsRecord::Sums {
+                period: Some(period),
+                sums,
+            })
+        }
         Some(b'{') => {
             serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))
         }
         Some(&other) => Err(DecodeError::UnknownFormat(other)),
+    }
+}
+
+/// The period a sums record belongs to, read from its first bytes (without decoding its
+/// pairs); `None` for a record without one, a unit-end marker, or an undecodable record.
+pub fn period_of(bytes: &[u8]) -> Option<i64> {
+    match bytes.first()? {
+        &SUMS_V2 => take_varint(&mut &bytes[1..]).ok().map(unzigzag),
+        b'{' => match decode(bytes) {
+            Ok(SumsRecord::Sums { period, .. }) => period,
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -140,10 +172,14 @@ mod tests {
 
     proptest! {
         #[test]
-        fn sums_round_trip(sums in prop::collection::vec((0..=i64::MAX, any::<i64>()), 0..300)) {
-            let bytes = encode_sums(&sums);
+        fn sums_round_trip(
+            sums in prop::collection::vec((0..=i64::MAX, any::<i64>()), 0..300),
+            period in prop::option::of(any::<i64>()),
+        ) {
+            let bytes = encode_sums(period, &sums);
             match decode(&bytes).unwrap() {
-                SumsRecord::Sums { sums: back } => {
+                SumsRecord::Sums { period: back_period, sums: back } => {
+                    prop_assert_eq!(back_period, period);
                     // Sorted by id; pairs of one id keep their multiset of sums.
                     let mut a = sorted(sums.clone());
                     let mut b = back;
@@ -161,8 +197,8 @@ mod tests {
             sum in any::<i64>(),
         ) {
             let sums: Vec<(i64, i64)> = ids.iter().map(|&id| (id, sum)).collect();
-            let back = match decode(&encode_sums(&sums)).unwrap() {
-                SumsRecord::Sums { sums } => sums,
+            let back = match decode(&encode_sums(None, &sums)).unwrap() {
+                SumsRecord::Sums { sums, .. } => sums,
                 other => panic!("{other:?}"),
             };
             prop_assert_eq!(back, sorted(sums));
@@ -182,20 +218,32 @@ mod tests {
             vec![(i64::MAX, i64::MIN), (0, i64::MAX)],
         ] {
             assert_eq!(
-                decode(&encode_sums(&sums)).unwrap(),
+                decode(&encode_sums(None, &sums)).unwrap(),
                 SumsRecord::Sums {
+                    period: None,
                     sums: sorted(sums.clone())
                 }
             );
         }
         // Dense ids with small sums: about 2 bytes a pair.
         let dense: Vec<(i64, i64)> = (1_000_000..1_020_000).map(|id| (id, 5)).collect();
-        assert!(encode_sums(&dense).len() < 2 * dense.len() + 8);
+        assert!(encode_sums(None, &dense).len() < 2 * dense.len() + 8);
+        // A period costs a few bytes per record.
+        assert!(encode_sums(Some(1_795_651_200), &dense).len() < 2 * dense.len() + 14);
         // JSON records (unit ends, and sums from older parsers) still decode.
         let json = br#"{"type":"sums","sums":[[1,2]]}"#;
         assert_eq!(
             decode(json).unwrap(),
-            SumsRecord::Sums { sums: vec![(1, 2)] }
+            SumsRecord::Sums {
+                period: None,
+                sums: vec![(1, 2)]
+            }
+        );
+        assert_eq!(period_of(&encode_sums(Some(-7), &dense)), Some(-7));
+        assert_eq!(period_of(&encode_sums(None, &dense)), None);
+        assert_eq!(
+            period_of(br#"{"type":"sums","period":3600,"sums":[]}"#),
+            Some(3600)
         );
         assert_eq!(decode(&[]), Err(DecodeError::Empty));
         assert_eq!(decode(&[0x07]), Err(DecodeError::UnknownFormat(0x07)));

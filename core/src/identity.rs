@@ -34,6 +34,12 @@ pub fn file_id_size(file_id: &str) -> Option<u64> {
     u64::from_str_radix(file_id.rsplit('-').next()?, 16).ok()
 }
 
+/// The modification time (Unix seconds) a [`file_id`] names.
+pub fn file_id_mtime(file_id: &str) -> Option<i64> {
+    let ns = i128::from_str_radix(file_id.rsplit('-').nth(1)?, 16).ok()?;
+    i64::try_from(ns.div_euclid(1_000_000_000)).ok()
+}
+
 /// The stream of a file: device, inode and birth time (ns; 0 where the file system does not
 /// report one), in hex. Stable while the file is appended to or rewritten in place.
 pub fn stream_id(meta: &Metadata) -> String {
@@ -112,6 +118,8 @@ mod tests {
         let meta = std::fs::metadata(&path).unwrap();
         assert_ne!(first, file_id(&meta));
         assert_eq!(file_id_size(&first), Some(4));
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(file_id_mtime(&file_id(&meta)), Some(meta.mtime()));
         assert_eq!(kind(&meta), "regular file");
         // A stream survives appends, and its old prefix keeps its fingerprint.
         let stream = stream_id(&meta);

@@ -6,6 +6,7 @@
 //! - [`messages`]: the records on every topic (the contract between stages); [`codec`]: the
 //!   compact binary form of sums records;
 //! - [`identity`]: file identity, computed alike where files are announced and where they are read;
+//! - [`period`]: usage periods (`--period`) and where a file's time comes from;
 //! - [`ranges`]: sets of byte ranges, the done-state of a file however it was split;
 //! - [`kafka`]: librdkafka client configuration, topic creation, transaction error classes;
 //! - [`rebalance`]: rebalance events recorded for a stage loop to act on between polls;
@@ -29,6 +30,7 @@ pub mod kafka;
 pub mod liveness;
 pub mod messages;
 pub mod metrics;
+pub mod period;
 pub mod ranges;
 pub mod rebalance;
 pub mod shutdown;

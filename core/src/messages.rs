@@ -27,6 +27,11 @@ pub struct WorkUnit {
     pub start: u64,
     /// One past the last byte of the unit.
     pub end: u64,
+    /// The file's time (Unix seconds): its modification time at announcement, or a time read
+    /// from its name (`--file-time-from`). Its lines count in the period that holds it. Absent
+    /// from units of older producers: the parser then takes the mtime in `file_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_time: Option<i64>,
 }
 
 /// Longest id (stream, file or unit) a work unit may carry.
@@ -38,6 +43,13 @@ impl WorkUnit {
     /// The unit id for bytes `start..end` of `file_id`.
     pub fn unit_id(file_id: &str, start: u64, end: u64) -> String {
         format!("{file_id}/{start}-{end}")
+    }
+
+    /// The file's time (Unix seconds): `file_time`, or for units of older producers the
+    /// modification time in `file_id`.
+    pub fn time(&self) -> Option<i64> {
+        self.file_time
+            .or_else(|| crate::identity::file_id_mtime(&self.file_id))
     }
 
     /// Whether the unit is well-formed, before anything is opened: ids and path of sane length
@@ -138,6 +150,10 @@ pub enum SumsRecord {
     /// Partial sums `[consumer_id, sum]`; every id hashes to this record's partition
     /// ([`consumer_partition`]).
     Sums {
+        /// Start (Unix seconds) of the usage period the sums belong to; `None` with periods
+        /// off (running totals only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        period: Option<i64>,
         /// `(consumer_id, partial sum)`; an id may repeat (overflow splits).
         sums: Vec<(i64, i64)>,
     },
@@ -210,6 +226,7 @@ mod tests {
     #[test]
     fn records_round_trip_as_documented() {
         let record = SumsRecord::Sums {
+            period: None,
             sums: vec![(1, 2), (3, 4)],
         };
         let json = serde_json::to_string(&record).unwrap();
@@ -235,6 +252,7 @@ mod tests {
             fingerprint: 7,
             start: 0,
             end: 10,
+            file_time: None,
         };
         assert_eq!(good.check(), Ok(()));
         let bad = |edit: fn(&mut WorkUnit)| {

@@ -39,6 +39,8 @@ pub const PRODUCER_FILES: &str = "tally_producer_files_announced_total";
 pub const PRODUCER_UNITS: &str = "tally_producer_units_announced_total";
 /// Bytes announced.
 pub const PRODUCER_BYTES: &str = "tally_producer_bytes_announced_total";
+/// Files whose name held no time under `--file-time-from name:…` (their mtime counted).
+pub const PRODUCER_FILE_TIME_FALLBACKS: &str = "tally_producer_file_time_fallbacks_total";
 
 /// The metrics every long-running stage has, under its own prefix.
 #[derive(Debug)]
@@ -135,6 +137,10 @@ fn describe() {
     describe_counter!(PRODUCER_FILES, "Files announced.");
     describe_counter!(PRODUCER_UNITS, "Work units announced.");
     describe_counter!(PRODUCER_BYTES, Unit::Bytes, "Bytes announced.");
+    describe_counter!(
+        PRODUCER_FILE_TIME_FALLBACKS,
+        "Files whose name held no time under --file-time-from name:…; their mtime counted."
+    );
     for m in ALL {
         describe_histogram!(
             m.batch_seconds,
@@ -170,6 +176,7 @@ mod tests {
             PRODUCER_FILES,
             PRODUCER_UNITS,
             PRODUCER_BYTES,
+            PRODUCER_FILE_TIME_FALLBACKS,
         ];
         for m in ALL {
             names.extend([m.batch_seconds, m.rebalances, m.retries, m.lag]);

@@ -4,8 +4,10 @@
 //! wait on each other in a cycle), drop records below the stored offsets (a replay after a
 //! crash, a stale instance after a rebalance) and records delivered twice within the batch (a
 //! revoke and re-assign inside one collection window replays from Kafka's committed offsets),
-//! refuse a gap, pre-aggregate per consumer (one statement may not touch a key twice), upsert in
-//! key order, record the ledger, advance the offsets, commit. A connection lost during COMMIT is
+//! refuse a gap, pre-aggregate per consumer and per (consumer, period) (one statement may not
+//! touch a key twice), upsert both in key order, record the ledger, advance the offsets,
+//! commit. The monthly partitions of the periods are created before, in a transaction of their
+//! own. A connection lost during COMMIT is
 //! harmless: the retry finds the offsets already advanced (or not) and adds accordingly.
 //!
 //! A gap: the first record of a partition lies past its stored offset, and the records in
@@ -170,6 +172,12 @@ pub async fn apply(
     let started = std::time::Instant::now();
     let next = next_offsets(batch);
     let partitions: Vec<i32> = next.keys().copied().collect();
+    // The period partitions first, in a transaction of their own.
+    let starts: BTreeSet<i64> = batch
+        .iter()
+        .filter_map(|m| m.payload().and_then(codec::period_of))
+        .collect();
+    copy::ensure_partitions(pool, &starts.into_iter().collect::<Vec<_>>()).await?;
     let mut tx = pool.begin().await.context("begin")?;
     // Rows created now have no history: nothing can be missing before them.
     let created: BTreeSet<i32> = sqlx::query_scalar(
@@ -202,6 +210,7 @@ pub async fn apply(
 
     let mut applied = Applied::default();
     let mut sums: BTreeMap<i64, i128> = BTreeMap::new();
+    let mut period_sums: BTreeMap<(i64, i64), i128> = BTreeMap::new();
     // Unit end markers in this batch: unit id → (counts, partitions total, markers seen).
     let mut units: BTreeMap<String, (UnitDone, i32, i32)> = BTreeMap::new();
     // The next offset each partition may apply: from the stored one, rising through the batch,
@@ -215,9 +224,17 @@ pub async fn apply(
         }
         *next = m.offset() + 1;
         match m.payload().map(codec::decode) {
-            Some(Ok(SumsRecord::Sums { sums: pairs })) => {
-                for (id, sum) in pairs {
+            Some(Ok(SumsRecord::Sums {
+                period,
+                sums: pairs,
+            })) => {
+                for &(id, sum) in &pairs {
                     *sums.entry(id).or_default() += i128::from(sum);
+                }
+                if let Some(start) = period {
+                    for (id, sum) in pairs {
+                        *period_sums.entry((id, start)).or_default() += i128::from(sum);
+                    }
                 }
             }
             Some(Ok(SumsRecord::UnitEnd { unit, partitions })) => {
@@ -245,6 +262,10 @@ pub async fn apply(
         // Sorted keys (BTreeMap): concurrent instances lock rows in the same order.
         let rows: Vec<(i64, i128)> = sums.into_iter().collect();
         copy::upsert_totals(&mut tx, &rows).await?;
+    }
+    if !period_sums.is_empty() {
+        let rows: Vec<((i64, i64), i128)> = period_sums.into_iter().collect();
+        copy::upsert_period_totals(&mut tx, &rows).await?;
     }
     let upserted = started.elapsed();
     if !units.is_empty() {

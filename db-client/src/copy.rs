@@ -1,7 +1,8 @@
 //! The totals of one batch into PostgreSQL at COPY speed: the pre-aggregated `(consumer_id,
 //! total)` rows go into a session-local staging table with binary COPY, then one
 //! `INSERT … SELECT … ORDER BY consumer_id ON CONFLICT DO UPDATE` adds them to
-//! `consumer_totals`, inside the batch's transaction (with its offsets and ledger). Rows are
+//! `consumer_totals`, inside the batch's transaction (with its offsets and ledger); the
+//! `(consumer_id, period_start, total)` rows go the same way into `consumer_period_totals`. Rows are
 //! upserted in key order, so concurrent instances lock rows in the same order and never
 //! deadlock. The staging table is `ON COMMIT DELETE ROWS`: a rolled-back or committed batch
 //! leaves it empty.
@@ -13,18 +14,80 @@ use sqlx::PgConnection;
 pub const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS tally_staging \
      (consumer_id BIGINT NOT NULL, total NUMERIC NOT NULL) ON COMMIT DELETE ROWS";
 
-/// Adds `rows` (sorted by id, each id once) to `consumer_totals` in the open transaction.
-pub async fn upsert_totals(tx: &mut PgConnection, rows: &[(i64, i128)]) -> anyhow::Result<()> {
-    sqlx::query(CREATE_STAGING)
+/// Creates the session's staging table for period totals.
+pub const CREATE_PERIOD_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS tally_period_staging \
+     (consumer_id BIGINT NOT NULL, period_start TIMESTAMPTZ NOT NULL, total NUMERIC NOT NULL) \
+     ON COMMIT DELETE ROWS";
+
+/// Copies `data` (a binary COPY stream) into the staging table `table`, created first by
+/// `create`.
+async fn stage(
+    tx: &mut PgConnection,
+    create: &str,
+    copy_into: &str,
+    data: Vec<u8>,
+) -> anyhow::Result<()> {
+    sqlx::query(create)
         .execute(&mut *tx)
         .await
         .context("staging table")?;
-    let mut copy = tx
-        .copy_in_raw("COPY tally_staging (consumer_id, total) FROM STDIN (FORMAT binary)")
-        .await
-        .context("start COPY")?;
-    copy.send(encode(rows)).await.context("COPY data")?;
+    let mut copy = tx.copy_in_raw(copy_into).await.context("start COPY")?;
+    copy.send(data).await.context("COPY data")?;
     copy.finish().await.context("finish COPY")?;
+    Ok(())
+}
+
+/// Adds `rows` (sorted by (id, period start), each pair once; starts in Unix seconds) to
+/// `consumer_period_totals` in the open transaction. Their monthly partitions must exist
+/// ([`ensure_partitions`]).
+pub async fn upsert_period_totals(
+    tx: &mut PgConnection,
+    rows: &[((i64, i64), i128)],
+) -> anyhow::Result<()> {
+    stage(
+        tx,
+        CREATE_PERIOD_STAGING,
+        "COPY tally_period_staging (consumer_id, period_start, total) FROM STDIN (FORMAT binary)",
+        encode_periods(rows),
+    )
+    .await?;
+    sqlx::query(
+        "INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+         SELECT consumer_id, period_start, total FROM tally_period_staging
+         ORDER BY consumer_id, period_start
+         ON CONFLICT (consumer_id, period_start) DO UPDATE
+           SET total = consumer_period_totals.total + EXCLUDED.total, updated_at = now()",
+    )
+    .execute(&mut *tx)
+    .await
+    .context("upsert period totals")?;
+    Ok(())
+}
+
+/// Creates the monthly partitions of `consumer_period_totals` for periods starting at `starts`
+/// (Unix seconds), and the month after each, where missing. Run outside a batch's transaction:
+/// creating a partition locks the whole table for a moment.
+pub async fn ensure_partitions(pool: &sqlx::PgPool, starts: &[i64]) -> anyhow::Result<()> {
+    if starts.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT tally_ensure_period_partitions(ARRAY(SELECT to_timestamp(s) FROM UNNEST($1::bigint[]) AS s))")
+        .bind(starts)
+        .execute(pool)
+        .await
+        .context("create period partitions")?;
+    Ok(())
+}
+
+/// Adds `rows` (sorted by id, each id once) to `consumer_totals` in the open transaction.
+pub async fn upsert_totals(tx: &mut PgConnection, rows: &[(i64, i128)]) -> anyhow::Result<()> {
+    stage(
+        tx,
+        CREATE_STAGING,
+        "COPY tally_staging (consumer_id, total) FROM STDIN (FORMAT binary)",
+        encode(rows),
+    )
+    .await?;
     let copied = std::time::Instant::now();
     sqlx::query(
         "INSERT INTO consumer_totals (consumer_id, total)
@@ -45,31 +108,62 @@ pub async fn upsert_totals(tx: &mut PgConnection, rows: &[(i64, i128)]) -> anyho
 
 /// PostgreSQL's binary COPY stream of `(BIGINT, NUMERIC)` rows.
 pub fn encode(rows: &[(i64, i128)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(19 + rows.len() * 34 + 2);
-    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-    out.extend_from_slice(&0i32.to_be_bytes()); // flags
-    out.extend_from_slice(&0i32.to_be_bytes()); // header extension
+    let mut out = header(rows.len() * 34);
     let mut digits = Vec::with_capacity(10);
     for &(id, total) in rows {
         out.extend_from_slice(&2i16.to_be_bytes());
-        out.extend_from_slice(&8i32.to_be_bytes());
-        out.extend_from_slice(&id.to_be_bytes());
-        numeric(total, &mut digits);
-        // ndigits, weight, sign, dscale, then the base-10000 digits.
-        let len = 8 + 2 * digits.len();
-        out.extend_from_slice(&(len as i32).to_be_bytes());
-        out.extend_from_slice(&(digits.len() as i16).to_be_bytes());
-        let weight = digits.len() as i16 - 1;
-        out.extend_from_slice(&weight.max(0).to_be_bytes());
-        let sign: u16 = if total < 0 { 0x4000 } else { 0 };
-        out.extend_from_slice(&sign.to_be_bytes());
-        out.extend_from_slice(&0i16.to_be_bytes());
-        for d in &digits {
-            out.extend_from_slice(&d.to_be_bytes());
-        }
+        put_bigint(&mut out, id);
+        put_numeric(&mut out, total, &mut digits);
     }
     out.extend_from_slice(&(-1i16).to_be_bytes());
     out
+}
+
+/// PostgreSQL's binary COPY stream of `(BIGINT, TIMESTAMPTZ, NUMERIC)` rows (times in Unix
+/// seconds).
+pub fn encode_periods(rows: &[((i64, i64), i128)]) -> Vec<u8> {
+    /// Seconds from the Unix epoch to PostgreSQL's, 2000-01-01 UTC.
+    const PG_EPOCH: i64 = 946_684_800;
+    let mut out = header(rows.len() * 46);
+    let mut digits = Vec::with_capacity(10);
+    for &((id, start), total) in rows {
+        out.extend_from_slice(&3i16.to_be_bytes());
+        put_bigint(&mut out, id);
+        // Microseconds since PostgreSQL's epoch.
+        put_bigint(&mut out, (start - PG_EPOCH).saturating_mul(1_000_000));
+        put_numeric(&mut out, total, &mut digits);
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+    out
+}
+
+fn header(room: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(19 + room + 2);
+    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    out.extend_from_slice(&0i32.to_be_bytes()); // flags
+    out.extend_from_slice(&0i32.to_be_bytes()); // header extension
+    out
+}
+
+fn put_bigint(out: &mut Vec<u8>, v: i64) {
+    out.extend_from_slice(&8i32.to_be_bytes());
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_numeric(out: &mut Vec<u8>, v: i128, digits: &mut Vec<i16>) {
+    numeric(v, digits);
+    // ndigits, weight, sign, dscale, then the base-10000 digits.
+    let len = 8 + 2 * digits.len();
+    out.extend_from_slice(&(len as i32).to_be_bytes());
+    out.extend_from_slice(&(digits.len() as i16).to_be_bytes());
+    let weight = digits.len() as i16 - 1;
+    out.extend_from_slice(&weight.max(0).to_be_bytes());
+    let sign: u16 = if v < 0 { 0x4000 } else { 0 };
+    out.extend_from_slice(&sign.to_be_bytes());
+    out.extend_from_slice(&0i16.to_be_bytes());
+    for d in digits.iter() {
+        out.extend_from_slice(&d.to_be_bytes());
+    }
 }
 
 /// The base-10000 digits of |v|, most significant first (none for zero). Trailing zero

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use rdkafka::error::KafkaError;
 use tally_core::messages::{consumer_partition, DeadLetter, WorkUnit};
-use tally_core::txn::producer::{send_json, send_sums};
+use tally_core::txn::producer::{send_json, send_leaving};
 use tally_core::txn::TxnProducer;
 use tally_core::Topics;
 
@@ -20,19 +20,22 @@ pub struct KafkaSink<'a> {
     sums_partitions: i32,
     merger: &'a Merger,
     unit: &'a WorkUnit,
+    /// The unit's period (start), or `None` with periods off.
+    period: Option<i64>,
     /// The first send error; the engine is stopped and the transaction aborted.
     error: Mutex<Option<KafkaError>>,
 }
 
 impl<'a> KafkaSink<'a> {
     /// The output of `unit`, through `producer` (inside its open transaction), its sums merged
-    /// in `merger` (one per sums partition).
+    /// in `merger` (one per sums partition) under `period` (its start; `None` when off).
     pub fn new(
         producer: &'a TxnProducer,
         topics: &'a Topics,
         sums_partitions: i32,
         merger: &'a Merger,
         unit: &'a WorkUnit,
+        period: Option<i64>,
     ) -> Self {
         Self {
             producer,
@@ -40,6 +43,7 @@ impl<'a> KafkaSink<'a> {
             sums_partitions,
             merger,
             unit,
+            period,
             error: Mutex::new(None),
         }
     }
@@ -66,8 +70,8 @@ impl Sink for KafkaSink<'_> {
             by_partition[consumer_partition(id, self.sums_partitions) as usize].push((id, sum));
         }
         for (partition, sums) in by_partition.into_iter().enumerate() {
-            let leave = self.merger.add(partition, &sums);
-            send_sums(self.producer, &self.topics.sums, partition as i32, &leave)
+            let leave = self.merger.add(partition, self.period, &sums);
+            send_leaving(self.producer, &self.topics.sums, partition as i32, leave)
                 .map_err(|e| self.fail(e))?;
         }
         Ok(())

@@ -111,6 +111,7 @@ mod tests {
             fingerprint: identity::fingerprint(&file, meta.len()).unwrap(),
             start,
             end: end.min(meta.len()),
+            file_time: None,
         }
     }
 

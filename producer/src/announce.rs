@@ -17,18 +17,47 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use tally_core::backoff::Backoff;
 use tally_core::kafka::{self, TxnErrorKind};
 use tally_core::messages::WorkUnit;
+use tally_core::period::{mtime_seconds, FileTimeFrom};
 use tally_core::{KafkaArgs, Topics};
 
 pub use tally_core::identity::file_id;
 use tally_core::identity::{fingerprint, stream_id};
 
+/// How files become work units: the largest unit, and where a file's time comes from.
+#[derive(Debug, Clone)]
+pub struct Split {
+    /// Largest unit, in bytes.
+    pub unit_bytes: u64,
+    /// Where a file's time comes from.
+    pub time_from: FileTimeFrom,
+}
+
+impl Split {
+    /// The time of the file at `path`: from its name when so configured, or (and when its name
+    /// holds none, logged and counted) its modification time.
+    pub fn file_time(&self, path: &Path, meta: &Metadata) -> i64 {
+        self.time_from
+            .file_time(path, meta)
+            .unwrap_or_else(|reason| {
+                metrics::counter!(tally_core::metrics::PRODUCER_FILE_TIME_FALLBACKS).increment(1);
+                tracing::warn!(
+                    path = %path.display(),
+                    reason,
+                    "no time in the file name: its modification time counts"
+                );
+                mtime_seconds(meta)
+            })
+    }
+}
+
 /// The work units of the file at `path` (absolute) with metadata `meta` and fingerprint
 /// `print`. An empty file has one empty unit, so that it too is marked done and reaches its
 /// life-cycle action.
-pub fn work_units(path: &Path, meta: &Metadata, print: u64, unit_bytes: u64) -> Vec<WorkUnit> {
+pub fn work_units(path: &Path, meta: &Metadata, print: u64, split: &Split) -> Vec<WorkUnit> {
     let (stream, id) = (stream_id(meta), file_id(meta));
     let size = meta.size();
-    let unit_bytes = unit_bytes.max(1);
+    let unit_bytes = split.unit_bytes.max(1);
+    let file_time = Some(split.file_time(path, meta));
     let units = size.div_ceil(unit_bytes).max(1);
     (0..units)
         .map(|index| {
@@ -43,6 +72,7 @@ pub fn work_units(path: &Path, meta: &Metadata, print: u64, unit_bytes: u64) -> 
                 fingerprint: print,
                 start,
                 end,
+                file_time,
             }
         })
         .collect()
@@ -148,7 +178,7 @@ impl Announcer {
 }
 
 /// Validates and describes a file for announcement: absolute path, metadata, units.
-pub fn describe(path: &Path, unit_bytes: u64) -> anyhow::Result<Vec<WorkUnit>> {
+pub fn describe(path: &Path, split: &Split) -> anyhow::Result<Vec<WorkUnit>> {
     let absolute = std::fs::canonicalize(path)
         .with_context(|| format!("cannot resolve {}", path.display()))?;
     let meta = std::fs::metadata(&absolute)
@@ -174,7 +204,7 @@ pub fn describe(path: &Path, unit_bytes: u64) -> anyhow::Result<Vec<WorkUnit>> {
     }
     let print = fingerprint(&file, meta.size())
         .with_context(|| format!("cannot read {}", absolute.display()))?;
-    Ok(work_units(&absolute, &meta, print, unit_bytes))
+    Ok(work_units(&absolute, &meta, print, split))
 }
 
 #[cfg(test)]
@@ -187,7 +217,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");
         std::fs::write(&path, vec![b'x'; 1000]).unwrap();
-        let units = describe(&path, 300).unwrap();
+        let split = Split {
+            unit_bytes: 300,
+            time_from: FileTimeFrom::Mtime,
+        };
+        let units = describe(&path, &split).unwrap();
         assert_eq!(units.len(), 4);
         assert_eq!((units[0].start, units[3].end), (0, 1000));
         assert!(units.windows(2).all(|w| w[0].end == w[1].start));
@@ -195,14 +229,36 @@ mod tests {
             .iter()
             .all(|u| u.file_id == units[0].file_id && u.check().is_ok()));
         assert_eq!(units[1].unit_id, format!("{}/300-600", units[0].file_id));
+        let mtime = std::fs::metadata(&path).unwrap().mtime();
+        assert!(units.iter().all(|u| u.file_time == Some(mtime)));
+        // From the name, or the mtime when the name holds no time.
+        let by_name = |re: &str| Split {
+            unit_bytes: 300,
+            time_from: format!("name:{re}").parse().unwrap(),
+        };
+        let named = dir.join("26593136.dat");
+        std::fs::write(&named, b"1 1\n").unwrap();
+        let timed = describe(&named, &by_name(r"^(?P<epoch_min>\d+)")).unwrap();
+        assert_eq!(timed[0].file_time, Some(26_593_136 * 60));
+        let timed = describe(&named, &by_name(r"^x(?P<epoch_min>\d+)")).unwrap();
+        assert_eq!(
+            timed[0].file_time,
+            Some(std::fs::metadata(&named).unwrap().mtime())
+        );
         // Same file: same id. A new file under the same name: a new id.
-        assert_eq!(describe(&path, 300).unwrap()[0].file_id, units[0].file_id);
+        assert_eq!(
+            describe(&path, &split).unwrap()[0].file_id,
+            units[0].file_id
+        );
         std::fs::remove_file(&path).unwrap();
         std::fs::write(dir.join("g"), vec![b'y'; 1000]).unwrap();
         std::fs::rename(dir.join("g"), &path).unwrap();
-        assert_ne!(describe(&path, 300).unwrap()[0].file_id, units[0].file_id);
+        assert_ne!(
+            describe(&path, &split).unwrap()[0].file_id,
+            units[0].file_id
+        );
         std::fs::write(dir.join("empty"), b"").unwrap();
-        assert_eq!(describe(&dir.join("empty"), 300).unwrap().len(), 1);
+        assert_eq!(describe(&dir.join("empty"), &split).unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

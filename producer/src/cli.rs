@@ -6,9 +6,10 @@ use anyhow::Context;
 use tally_core::shutdown::CancellationToken;
 use tally_core::KafkaArgs;
 
-use crate::announce::{self, Announcer};
+use crate::announce::{self, Announcer, Split};
 use crate::generate::{self, GenerateArgs};
 use crate::watch::{self, WatchArgs};
+use tally_core::period::FileTimeFrom;
 
 /// Settings shared by the producer's subcommands.
 #[derive(Debug, Clone, clap::Args)]
@@ -20,6 +21,13 @@ pub struct ProducerArgs {
     /// short next to a transaction commit, while a 1 GB file still spreads over 16 units.
     #[arg(long, env = "TALLY_UNIT_BYTES", default_value_t = 64 << 20, global = true, value_parser = tally_core::args::positive_u64)]
     pub unit_bytes: u64,
+    /// Where a file's time (the usage period its lines count in) comes from: `mtime` (its
+    /// modification time at announcement), or `name:<regex>`: the named group `epoch_s`,
+    /// `epoch_min` or `epoch_ms`, or else the first group (or the match) as a UTC date-time
+    /// (`2026-11-26T10:15:00Z`, `20261126T1015`, …). A name without a time falls back to the
+    /// mtime, with a warning and `tally_producer_file_time_fallbacks_total`.
+    #[arg(long, env = "TALLY_FILE_TIME_FROM", default_value = "mtime", global = true, value_parser = tally_core::period::parse_file_time_from)]
+    pub file_time_from: FileTimeFrom,
     /// What to do.
     #[command(subcommand)]
     pub command: ProducerCommand,
@@ -49,6 +57,10 @@ pub enum ProducerCommand {
 
 /// Runs a producer subcommand (blocking; call on a blocking thread).
 pub fn run(args: &ProducerArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let split = Split {
+        unit_bytes: args.unit_bytes,
+        time_from: args.file_time_from.clone(),
+    };
     let one_shot_id = || {
         format!(
             "{}.producer.oneshot.{}",
@@ -73,7 +85,7 @@ pub fn run(args: &ProducerArgs, shutdown: &CancellationToken) -> anyhow::Result<
             if !no_announce {
                 let mut announcer = Announcer::new(&args.kafka, &one_shot_id())?;
                 for path in &paths {
-                    announcer.announce(&announce::describe(path, args.unit_bytes)?)?;
+                    announcer.announce(&announce::describe(path, &split)?)?;
                 }
             }
             for path in &paths {
@@ -89,7 +101,7 @@ pub fn run(args: &ProducerArgs, shutdown: &CancellationToken) -> anyhow::Result<
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             for path in files {
-                let units = announce::describe(path, args.unit_bytes)?;
+                let units = announce::describe(path, &split)?;
                 announcer
                     .announce(&units)
                     .with_context(|| format!("cannot announce {}", path.display()))?;
@@ -101,8 +113,6 @@ pub fn run(args: &ProducerArgs, shutdown: &CancellationToken) -> anyhow::Result<
             bar.finish_and_clear();
             Ok(())
         }
-        ProducerCommand::Watch(watch_args) => {
-            watch::run(&args.kafka, args.unit_bytes, watch_args, shutdown)
-        }
+        ProducerCommand::Watch(watch_args) => watch::run(&args.kafka, &split, watch_args, shutdown),
     }
 }

@@ -1,10 +1,11 @@
 //! Crashes: parsers, aggregators and the db-client are SIGKILLed at random moments, several
-//! times, and restarted; the totals must still equal the generator's, and no finished unit may
-//! be redone (nor forwarded twice by an aggregator).
+//! times, and restarted; the totals (running and per period) must still equal the generator's,
+//! and no finished unit may be redone (nor forwarded twice by an aggregator).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::periods;
 use crate::support::{Pipeline, Stage};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -24,6 +25,16 @@ async fn chaos(name: &str, aggregators: bool) {
     // 16 files of 1.2 MB in 256 KiB units: 80 units, two per transaction, so kills land inside
     // transactions, between them, and inside database batches.
     let (files, expected) = p.generate(16, 1_200_000, 5000, 9).await;
+    // File times 25 minutes apart across a month boundary: the hourly period totals must be
+    // as exact as the running totals.
+    let timed: Vec<(String, i64)> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.clone(), periods::OCT_31_22H + i as i64 * 1500))
+        .collect();
+    for (file, time) in &timed {
+        periods::set_mtime(std::path::Path::new(file), *time);
+    }
 
     let mut roles = vec![
         ("parser-a", p.parser_args("a")),
@@ -90,6 +101,12 @@ async fn chaos(name: &str, aggregators: bool) {
 
     p.wait_ingested(16, Duration::from_secs(240)).await;
     p.assert_totals(&expected, &format!("{kills} kills")).await;
+    periods::assert_periods(
+        &p,
+        &periods::expected_periods(&timed, 3600),
+        &format!("{kills} kills"),
+    )
+    .await;
 
     // The checkpoint: no unit was committed as summed twice, so no restarted parser redid
     // finished work (it resumed from the committed offsets and the done-set).

@@ -90,6 +90,7 @@ async fn hostile_notifications_are_dead_lettered_and_wedge_nothing() {
         fingerprint: 0,
         start,
         end,
+        file_time: None,
     };
     let long = "x".repeat(200_000);
     let hostile = [

@@ -12,6 +12,7 @@ mod edges;
 mod files;
 mod liveness;
 mod ops;
+mod periods;
 mod pipeline;
 mod resume;
 mod secure;

@@ -144,6 +144,7 @@ async fn end_to_end_exact_totals_with_duplicates_and_poison() {
         fingerprint: 0,
         start: 0,
         end: 10,
+        file_time: None,
     };
     p.announce_raw(&[
         ("x".to_owned(), "{not json".to_owned()),

@@ -121,6 +121,14 @@ impl Aggregator {
         }
     }
 
+    /// Number of keys held in the tables (pairs still buffered not counted).
+    pub fn len(&self) -> usize {
+        match self {
+            Aggregator::Direct(map) => map.len(),
+            Aggregator::Partitioned(parts) => parts.maps.iter().map(SumMap::len).sum(),
+        }
+    }
+
     /// True when nothing is held.
     pub fn is_empty(&self) -> bool {
         match self {

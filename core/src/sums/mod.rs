@@ -10,4 +10,4 @@ mod map;
 mod merge;
 
 pub use map::{Added, SumMap};
-pub use merge::Merger;
+pub use merge::{Leaving, Merger, LANES_MAX};

@@ -64,12 +64,13 @@ pub fn send_json(
     send(producer, topic, None, key, &payload)
 }
 
-/// Sends sums (all of `partition`) to `topic` as binary records of at most
-/// [`PAIRS_PER_RECORD`] pairs ([`crate::codec`]).
+/// Sends sums (all of `partition`) of `period` (its start; `None` with periods off) to
+/// `topic` as binary records of at most [`PAIRS_PER_RECORD`] pairs ([`crate::codec`]).
 pub fn send_sums(
     producer: &TxnProducer,
     topic: &str,
     partition: i32,
+    period: Option<i64>,
     sums: &[(i64, i64)],
 ) -> Result<(), KafkaError> {
     for chunk in sums.chunks(PAIRS_PER_RECORD) {
@@ -78,10 +79,25 @@ pub fn send_sums(
             topic,
             Some(partition),
             None,
-            &crate::codec::encode_sums(chunk),
+            &crate::codec::encode_sums(period, chunk),
         )?;
     }
     Ok(())
+}
+
+/// Sends what a [`crate::sums::Merger`] let leave, each batch with its period.
+pub fn send_leaving(
+    producer: &TxnProducer,
+    topic: &str,
+    partition: i32,
+    leaving: crate::sums::Leaving,
+) -> Result<u64, KafkaError> {
+    let mut pairs = 0;
+    for (period, sums) in leaving {
+        pairs += sums.len() as u64;
+        send_sums(producer, topic, partition, period, &sums)?;
+    }
+    Ok(pairs)
 }
 
 /// Pairs per sums record: at most ~20 bytes each (binary, usually 2 to 6), well under the

@@ -16,7 +16,7 @@ const TOPIC: &str = "t.sums";
 
 fn record(partition: i32, offset: i64, sums: Vec<(i64, i64)>) -> OwnedMessage {
     OwnedMessage::new(
-        Some(serde_json::to_vec(&SumsRecord::Sums { sums }).unwrap()),
+        Some(serde_json::to_vec(&SumsRecord::Sums { period: None, sums }).unwrap()),
         None,
         TOPIC.to_owned(),
         Timestamp::NotAvailable,

@@ -28,6 +28,7 @@ use crate::doneset::DoneSet;
 use crate::engine::{EngineConfig, Merger};
 use crate::offline::EngineArgs;
 use crate::sink::lossy;
+use tally_core::period::Period;
 
 mod prune;
 mod unit;
@@ -75,6 +76,11 @@ pub struct ParserArgs {
     /// A number with s, m, h or d, or `off` to keep every state forever.
     #[arg(long, env = "TALLY_DONE_RETENTION", default_value = "7d")]
     pub done_retention: Retention,
+    /// Usage period the sums are kept apart by (`consumer_period_totals`): a file's lines
+    /// count in the period holding its time (`producer --file-time-from`), epoch-aligned in
+    /// UTC. A whole number of m, h or d, or `off` for running totals only.
+    #[arg(long, env = "TALLY_PERIOD", default_value = "1h", value_parser = tally_core::period::parse_period)]
+    pub period: Period,
 }
 
 /// Counts since start, logged at exit.

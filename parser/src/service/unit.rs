@@ -112,12 +112,24 @@ impl Parser<'_> {
         ranges: &[(u64, u64)],
     ) -> Result<Stats, Failure> {
         let source = FileSource::with_len(file, unit.file_bytes);
+        let period = match (self.args.period.length(), unit.time()) {
+            (None, _) => None,
+            (Some(_), Some(time)) => self.args.period.start_of(time),
+            (Some(_), None) => {
+                tracing::warn!(
+                    unit = unit.unit_id,
+                    "the unit names no file time: its sums count in the running totals only"
+                );
+                None
+            }
+        };
         let sink = KafkaSink::new(
             txn.producer,
             &self.topics,
             self.sums_partitions,
             &txn.merger,
             unit,
+            period,
         );
         let started = Instant::now();
         let mut stats = Stats::default();
@@ -160,11 +172,11 @@ impl Parser<'_> {
     pub(super) fn end_transaction(&mut self, txn: Txn<'_>) -> Result<(), KafkaError> {
         let producer = txn.producer;
         let mut records = 0;
-        txn.merger.drain(|partition, sums| {
+        txn.merger.drain(|partition, period, sums| {
             records +=
                 sums.len()
                     .div_ceil(tally_core::txn::producer::PAIRS_PER_RECORD) as u64;
-            send_sums(producer, &self.topics.sums, partition as i32, &sums)
+            send_sums(producer, &self.topics.sums, partition as i32, period, &sums)
         })?;
         self.pending.sums_records += records;
         for unit in txn.ends {

@@ -30,7 +30,7 @@ use tally_core::liveness::{self, Liveness, Step};
 use tally_core::shutdown::CancellationToken;
 use tally_core::{KafkaArgs, LivenessArgs, Topics};
 
-use crate::announce::{self, Announcer};
+use crate::announce::{self, Announcer, Split};
 use done::DoneTracker;
 use lifecycle::{apply_after_done, list_rejected};
 pub use lifecycle::{AfterDone, REJECTED_FILE};
@@ -92,7 +92,7 @@ fn unsettled_for(meta: &fs::Metadata, settle: Duration) -> Duration {
     settle.saturating_sub(age)
 }
 
-fn scan(dir: &Path, state: &mut State, unit_bytes: u64, settle: Duration) -> anyhow::Result<Scan> {
+fn scan(dir: &Path, state: &mut State, split: &Split, settle: Duration) -> anyhow::Result<Scan> {
     let mut found = Vec::new();
     let mut next_settled: Option<Instant> = None;
     let mut entries: Vec<_> = fs::read_dir(dir)
@@ -119,7 +119,7 @@ fn scan(dir: &Path, state: &mut State, unit_bytes: u64, settle: Duration) -> any
             next_settled = Some(next_settled.map_or(at, |n| n.min(at)));
             continue;
         }
-        match announce::describe(&entry.path(), unit_bytes) {
+        match announce::describe(&entry.path(), split) {
             Ok(units) => found.push((units, inode)),
             // Vanished or replaced between listing and stat: the next scan sees what is there.
             Err(error) => tracing::debug!(%error, "skipping file for now"),
@@ -134,7 +134,7 @@ fn scan(dir: &Path, state: &mut State, unit_bytes: u64, settle: Duration) -> any
 /// Runs the watcher until `shutdown` is cancelled (or after one scan with `--once`).
 pub fn run(
     kafka: &KafkaArgs,
-    unit_bytes: u64,
+    split: &Split,
     args: &WatchArgs,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -186,7 +186,7 @@ pub fn run(
         }
         if triggered || Instant::now() >= next_scan {
             next_scan = Instant::now() + rescan;
-            let scanned = scan(&dir, &mut state, unit_bytes, settle)?;
+            let scanned = scan(&dir, &mut state, split, settle)?;
             if let Some(at) = scanned.next_settled {
                 next_scan = next_scan.min(at);
             }

@@ -1,0 +1,193 @@
+//! Usage per period: files with known times (set mtimes, and times in their names) across
+//! several periods and a month boundary, through the pipeline with and without the aggregator;
+//! every (consumer, period) total must equal an independent computation from the files, and per
+//! consumer the sum over its periods must equal `consumer_totals`. Also `tally rollup` while
+//! ingestion goes on, and `tally report`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::support::Pipeline;
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+/// 2026-10-31T22:00:00Z: files from here on cross into November.
+pub const OCT_31_22H: i64 = 1_793_484_000;
+
+/// Sets the modification time of `path` to `secs` (Unix seconds).
+pub fn set_mtime(path: &Path, secs: i64) {
+    let time = std::time::UNIX_EPOCH + Duration::from_secs(secs as u64);
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(time)
+        .unwrap();
+}
+
+/// Per (consumer, period start) sums of `files` (path, file time), computed here from the
+/// bytes: each good `<id> <amount>` line counts in the period of its file.
+pub fn expected_periods(files: &[(String, i64)], period: i64) -> HashMap<(i64, i64), i128> {
+    let mut out: HashMap<(i64, i64), i128> = HashMap::new();
+    for (path, time) in files {
+        let start = time.div_euclid(period) * period;
+        for line in std::fs::read_to_string(path).unwrap().lines() {
+            let mut fields = line.split(' ');
+            let (Some(id), Some(amount), None) = (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            if let (Ok(id), Ok(amount)) = (id.parse::<i64>(), amount.parse::<i64>()) {
+                *out.entry((id, start)).or_default() += i128::from(amount);
+            }
+        }
+    }
+    out.retain(|_, v| *v != 0);
+    out
+}
+
+/// What `consumer_period_totals` holds, by (consumer, period start in Unix seconds).
+pub async fn period_totals(p: &Pipeline) -> HashMap<(i64, i64), i128> {
+    let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+        "SELECT consumer_id, extract(epoch FROM period_start)::bigint, total::text
+         FROM consumer_period_totals",
+    )
+    .fetch_all(&p.pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(id, start, total)| ((id, start), total.parse().unwrap()))
+        .filter(|(_, v): &(_, i128)| *v != 0)
+        .collect()
+}
+
+/// Asserts the period totals equal `expected`, and per consumer the sum over its periods
+/// equals its running total.
+pub async fn assert_periods(p: &Pipeline, expected: &HashMap<(i64, i64), i128>, after: &str) {
+    let got = period_totals(p).await;
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| got.get(k) != Some(v))
+        .take(5)
+        .collect();
+    let extra = got.keys().filter(|k| !expected.contains_key(k)).count();
+    assert!(
+        wrong.is_empty() && extra == 0,
+        "period totals after {after}: {} expected rows, {} rows; wrong e.g. {wrong:?} (got {:?}); {extra} unexpected",
+        expected.len(),
+        got.len(),
+        wrong.iter().map(|(k, _)| got.get(k)).collect::<Vec<_>>()
+    );
+    let mismatched: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM consumer_totals t FULL JOIN
+           (SELECT consumer_id, sum(total) AS total FROM consumer_period_totals GROUP BY 1) s
+           USING (consumer_id)
+         WHERE coalesce(t.total, 0) <> coalesce(s.total, 0)",
+    )
+    .fetch_one(&p.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        mismatched, 0,
+        "consumers whose periods do not add up to their total"
+    );
+}
+
+/// Two pipelines (parsers → db-client, and parsers → aggregator → db-client), each with files
+/// whose times come from their mtime and files whose times come from their names.
+async fn through(name: &str, aggregator: bool, period: &str, period_secs: i64) {
+    let mut p = Pipeline::new(name).await;
+    let (generated, totals) = p.generate(6, 300_000, 2000, 31).await;
+    // Mtimes 40 minutes apart from Oct 31 22:00: several periods, two months.
+    let mut files: Vec<(String, i64)> = Vec::new();
+    for (i, path) in generated.iter().enumerate() {
+        let time = OCT_31_22H + i as i64 * 2400 + 17;
+        set_mtime(Path::new(path), time);
+        files.push((path.clone(), time));
+    }
+    // Files named by the minute since the epoch (mtime: now, which must not count).
+    let named_minutes = [29_891_400i64, 29_891_401, 29_893_000];
+    let (more, more_totals) = p.generate(3, 200_000, 2500, 32).await;
+    let mut named = Vec::new();
+    for (path, minute) in more.iter().zip(named_minutes) {
+        let to = p.data.join(format!("{minute}.dat"));
+        std::fs::rename(path, &to).unwrap();
+        named.push(to.to_str().unwrap().to_owned());
+        files.push((to.to_str().unwrap().to_owned(), minute * 60));
+    }
+    let expected = expected_periods(&files, period_secs);
+
+    let mut parser_args = p.parser_args("a");
+    parser_args.extend(["--period".to_owned(), period.to_owned()]);
+    let mut parser = p.spawn("parser", &parser_args);
+    let mut stages = vec![];
+    if aggregator {
+        stages.push(p.spawn("aggregator", &p.aggregator_args("agg")));
+        stages.push(p.spawn("db-client", &["db-client", "--from-totals"]));
+    } else {
+        stages.push(p.spawn("db-client", &["db-client"]));
+    }
+    p.publish("100000", &generated).await;
+    let mut publish = vec![
+        "producer",
+        "--unit-bytes",
+        "70000",
+        "--file-time-from",
+        r"name:^(?P<epoch_min>\d+)\.dat$",
+        "publish",
+    ];
+    publish.extend(named.iter().map(String::as_str));
+    p.tally(&publish).await;
+    p.wait_ingested(9, TIMEOUT).await;
+
+    let mut all = totals;
+    for (k, v) in more_totals {
+        *all.entry(k).or_default() += v;
+    }
+    p.assert_totals(&all, "ingestion").await;
+    assert_periods(&p, &expected, "ingestion").await;
+    // The months got their partitions (and the next month's, ahead).
+    let partitions: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'consumer_period_totals'::regclass ORDER BY 1",
+    )
+    .fetch_all(&p.pool)
+    .await
+    .unwrap();
+    for month in ["2026_10", "2026_11", "2026_12"] {
+        assert!(
+            partitions.contains(&format!("consumer_period_totals_{month}")),
+            "{partitions:?}"
+        );
+    }
+    parser.kill9();
+    for mut stage in stages {
+        stage.kill9();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hourly_periods_without_the_aggregator() {
+    through("periods", false, "1h", 3600).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quarter_hour_periods_through_the_aggregator() {
+    through("periods-agg", true, "15m", 900).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn periods_off_write_no_period_rows() {
+    let mut p = Pipeline::new("periods-off").await;
+    let (files, totals) = p.generate(2, 100_000, 500, 33).await;
+    let mut parser_args = p.parser_args("a");
+    parser_args.extend(["--period".to_owned(), "off".to_owned()]);
+    let mut parser = p.spawn("parser", &parser_args);
+    let mut db = p.spawn("db-client", &["db-client"]);
+    p.publish("1000000", &files).await;
+    p.wait_ingested(2, TIMEOUT).await;
+    p.assert_totals(&totals, "ingestion").await;
+    assert!(period_totals(&p).await.is_empty());
+    parser.kill9();
+    db.kill9();
+}
