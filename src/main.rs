@@ -40,6 +40,11 @@ enum Command {
     /// The pipeline at a glance: files by state, lag per stage and partition, dead letters,
     /// halted partitions. Exit status 1 when something needs an operator.
     Status(tally_db_client::status::StatusArgs),
+    /// Usage per consumer and period (`consumer_period_totals`), as text or CSV.
+    Report(tally_db_client::report::ReportArgs),
+    /// Fold the fine periods of old usage into coarse ones (sums kept exactly), so that
+    /// `consumer_period_totals` stays bounded.
+    Rollup(tally_db_client::rollup::RollupArgs),
     /// Compare the totals in PostgreSQL with an expected-totals file (`tally sum` output).
     Verify(tally_db_client::verify::VerifyArgs),
     /// Print a pipeline topic's records as text (or JSON lines), binary sums decoded.
@@ -182,6 +187,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 std::process::exit(1)
             }
         }
+        Command::Report(args) => runtime()?.block_on(tally_db_client::report::run(&args)),
+        Command::Rollup(args) => runtime()?.block_on(tally_db_client::rollup::run(&args)),
         Command::Verify(args) => runtime()?.block_on(tally_db_client::verify::run(&args)),
         Command::Inspect(args) => tally_core::inspect::run(&args),
         Command::Config {

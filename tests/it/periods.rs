@@ -191,3 +191,130 @@ async fn periods_off_write_no_period_rows() {
     parser.kill9();
     db.kill9();
 }
+
+/// 2026-10-05T00:00:00Z.
+const OCT_5: i64 = 1_791_158_400;
+
+/// Old hourly periods are folded into days by `tally rollup`, run again and again while late
+/// files of those periods keep being ingested: every consumer's sum stays exact, and in the
+/// end each old day is one row per consumer holding exactly that day's usage. Then `tally
+/// report` prints the same figures.
+#[tokio::test(flavor = "multi_thread")]
+async fn rollup_while_ingesting_keeps_every_sum_and_report_prints_them() {
+    let mut p = Pipeline::new("rollup").await;
+    let (generated, totals) = p.generate(10, 120_000, 300, 41).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // Eight old files, 5 h apart over two days (Oct 5 and 6), and two from the last hour.
+    let mut files: Vec<(String, i64)> = Vec::new();
+    for (i, path) in generated.iter().enumerate() {
+        let time = if i < 8 {
+            OCT_5 + i as i64 * 18_000 + 600
+        } else {
+            now - 1800 - i as i64
+        };
+        set_mtime(Path::new(path), time);
+        files.push((path.clone(), time));
+    }
+    let mut parser = p.spawn("parser", &p.parser_args("a"));
+    let mut db = p.spawn("db-client", &["db-client"]);
+    p.publish("50000", &generated[..4]).await;
+    p.wait_ingested(4, TIMEOUT).await;
+    let rollup = ["rollup", "--older-than", "1d", "--to", "1d"];
+    // The rest arrives while rollups run.
+    for file in &generated[4..] {
+        p.publish("50000", std::slice::from_ref(file)).await;
+        let out = p.tally(&rollup).await;
+        assert!(out.starts_with("folded "), "{out}");
+    }
+    p.wait_ingested(10, TIMEOUT).await;
+    p.assert_totals(&totals, "ingestion with rollups").await;
+    p.tally(&rollup).await;
+    // Old files by day, recent ones by hour.
+    let mut expected = expected_periods(&files[..8], 86_400);
+    for (k, v) in expected_periods(&files[8..], 3600) {
+        *expected.entry(k).or_default() += v;
+    }
+    assert_periods(&p, &expected, "rollups").await;
+    // Again: nothing left to fold.
+    let out = p.tally(&rollup).await;
+    assert!(out.starts_with("folded 0 rows"), "{out}");
+
+    // The report: per day for October, one consumer, as CSV.
+    let (consumer, _) = *expected.keys().find(|(_, start)| *start == OCT_5).unwrap();
+    let csv = p
+        .tally(&[
+            "report",
+            "--from",
+            "2026-10-05",
+            "--to",
+            "2026-10-07T00:00:00Z",
+            "--consumer",
+            &consumer.to_string(),
+            "--csv",
+        ])
+        .await;
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("consumer_id,period_start,total,open"));
+    let rows: Vec<&str> = lines.collect();
+    let day = |start: i64| expected.get(&(consumer, start)).copied().unwrap_or(0);
+    let want: Vec<String> = [(OCT_5, "2026-10-05"), (OCT_5 + 86_400, "2026-10-06")]
+        .iter()
+        .filter(|(start, _)| day(*start) != 0)
+        .map(|(start, date)| format!("{consumer},{date}T00:00Z,{},false", day(*start)))
+        .collect();
+    assert_eq!(rows, want);
+    // By month, all consumers: the month's total per consumer; the current hour is open.
+    let text = p
+        .tally(&[
+            "report",
+            "--from",
+            "2026-10-01",
+            "--to",
+            "2026-11-01",
+            "--by",
+            "month",
+        ])
+        .await;
+    let october: i128 = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split_whitespace()
+                .nth(2)
+                .unwrap()
+                .parse::<i128>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        october,
+        expected
+            .iter()
+            .filter(|((_, s), _)| *s < now - 86_400)
+            .map(|(_, v)| v)
+            .sum::<i128>()
+    );
+    let recent = p
+        .tally(&[
+            "report", "--from", "today", "--to", "tomorrow", "--by", "hour",
+        ])
+        .await;
+    assert!(
+        recent.lines().skip(1).any(|l| l.ends_with("open")) || now % 3600 < 1900,
+        "{recent}"
+    );
+    let bad = p
+        .output(
+            &["report", "--from", "yesterday-ish", "--to", "now"],
+            &[],
+            TIMEOUT,
+        )
+        .await;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--from"));
+    parser.kill9();
+    db.kill9();
+}

@@ -1,0 +1,144 @@
+//! `tally rollup --older-than 30d --to 1d`: folds the fine rows of old periods in
+//! `consumer_period_totals` into coarse ones, in one transaction, so that the table stays
+//! bounded while every sum is kept exactly.
+//!
+//! Only whole coarse periods are folded: those that end before the cutoff (now minus
+//! `--older-than`, floored to `--to`). Rows already aligned to `--to` stay and receive the
+//! sums of the rows folded into them; every other row there is deleted and its total added to
+//! its coarse row, in one statement (a data-modifying `DELETE … RETURNING` feeding an upsert).
+//! Safe while ingestion goes on: a db-client adding to a row being folded waits for the
+//! rollup's commit and then adds to a new row, or the rollup waits and folds the new total
+//! (PostgreSQL re-reads a row changed by a concurrent commit before deleting it). Either way
+//! nothing is lost or counted twice; a late row is folded by the next rollup. A deadlock with a
+//! db-client batch is retried (PostgreSQL aborts one of the two; the db-client retries too).
+
+use anyhow::{bail, Context};
+use sqlx::postgres::PgPoolOptions;
+use tally_core::period::Period;
+use tally_core::DatabaseArgs;
+
+/// Arguments of `tally rollup`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RollupArgs {
+    /// PostgreSQL.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Fold periods that ended at least this long ago (a whole number of m, h or d).
+    #[arg(long, value_parser = tally_core::period::parse_period)]
+    pub older_than: Period,
+    /// The coarse period they are folded into (a whole number of m, h or d; epoch-aligned in
+    /// UTC, like `--period`).
+    #[arg(long, value_parser = tally_core::period::parse_period)]
+    pub to: Period,
+}
+
+/// What a rollup did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rolled {
+    /// The cutoff (Unix seconds): coarse periods starting before it were folded.
+    pub cutoff: i64,
+    /// Fine rows deleted.
+    pub folded: u64,
+    /// Coarse rows they were added to (created or updated).
+    pub into: u64,
+}
+
+/// Folds old periods older than `older_than` seconds into periods of `to` seconds, at
+/// `now` (Unix seconds).
+pub async fn rollup(
+    pool: &sqlx::PgPool,
+    older_than: i64,
+    to: i64,
+    now: i64,
+) -> anyhow::Result<Rolled> {
+    let cutoff = (now - older_than).div_euclid(to) * to;
+    // The coarse rows' partitions first (a coarse period may start in an earlier month).
+    sqlx::query(
+        "SELECT tally_ensure_period_partitions(ARRAY(
+           SELECT DISTINCT to_timestamp(floor(extract(epoch FROM period_start)::bigint / $2::float8) * $2)
+           FROM consumer_period_totals WHERE period_start < to_timestamp($1)))",
+    )
+    .bind(cutoff)
+    .bind(to)
+    .execute(pool)
+    .await
+    .context("create the coarse periods' partitions")?;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match fold(pool, cutoff, to).await {
+            Ok((folded, into)) => {
+                return Ok(Rolled {
+                    cutoff,
+                    folded,
+                    into,
+                })
+            }
+            // deadlock_detected, serialization_failure: a concurrent db-client batch.
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("40P01" | "40001")) && attempts < 5 =>
+            {
+                tracing::warn!(error = %e, attempts, "rollup met a concurrent batch; retrying");
+            }
+            Err(e) => return Err(e).context("fold old periods"),
+        }
+    }
+}
+
+async fn fold(pool: &sqlx::PgPool, cutoff: i64, to: i64) -> Result<(u64, u64), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let (folded, into): (i64, i64) = sqlx::query_as(
+        "WITH gone AS (
+           DELETE FROM consumer_period_totals
+           WHERE period_start < to_timestamp($1)
+             AND extract(epoch FROM period_start)::bigint % $2 <> 0
+           RETURNING consumer_id, period_start, total
+         ), coarse AS (
+           INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+           SELECT consumer_id,
+                  to_timestamp(floor(extract(epoch FROM period_start)::bigint / $2::float8) * $2),
+                  sum(total)
+           FROM gone GROUP BY 1, 2 ORDER BY 1, 2
+           ON CONFLICT (consumer_id, period_start) DO UPDATE
+             SET total = consumer_period_totals.total + EXCLUDED.total, updated_at = now()
+           RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM coarse)",
+    )
+    .bind(cutoff)
+    .bind(to)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((folded as u64, into as u64))
+}
+
+/// Runs `tally rollup`.
+pub async fn run(args: &RollupArgs) -> anyhow::Result<()> {
+    let (Some(older_than), Some(to)) = (args.older_than.length(), args.to.length()) else {
+        bail!("--older-than and --to take a period (a whole number of m, h or d), not off");
+    };
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(args.database.connect_options()?)
+        .await
+        .with_context(|| format!("cannot connect to {}", args.database.redacted_url()))?;
+    crate::schema::migrate(&pool)
+        .await
+        .context("cannot apply migrations")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let rolled = rollup(&pool, older_than, to, now).await?;
+    let cutoff: String = sqlx::query_scalar(
+        "SELECT to_char(to_timestamp($1) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+    )
+    .bind(rolled.cutoff)
+    .fetch_one(&pool)
+    .await?;
+    println!(
+        "folded {} rows of periods before {cutoff} into {} rows of {}",
+        rolled.folded, rolled.into, args.to
+    );
+    Ok(())
+}
