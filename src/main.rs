@@ -35,6 +35,9 @@ enum Command {
     Aggregator(tally_aggregator::service::AggregatorArgs),
     /// DB-client stage: add sums to the totals in PostgreSQL, exactly once (a consumer group).
     DbClient(tally_db_client::service::DbClientArgs),
+    /// One process, PostgreSQL only (no Kafka): count a folder's files into the totals (and
+    /// period totals), exactly once, as they appear.
+    Standalone(Box<tally_standalone::StandaloneArgs>),
     /// Sum `<consumer_id> <amount>` lines of local files (or stdin) and print the totals.
     Sum(tally_parser::offline::SumArgs),
     /// The pipeline at a glance: files by state, lag per stage and partition, dead letters,
@@ -179,6 +182,10 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::DbClient(args) => runtime()?.block_on(async move {
             let token = shutdown::on_signals();
             tally_db_client::service::run(&args, &token).await
+        }),
+        Command::Standalone(args) => runtime()?.block_on(async move {
+            let token = shutdown::on_signals();
+            tally_standalone::run(&args, &token).await
         }),
         Command::Status(args) => {
             if runtime()?.block_on(tally_db_client::status::run(&args))? {

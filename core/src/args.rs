@@ -249,7 +249,9 @@ impl DatabaseArgs {
     pub fn connect_options(&self) -> anyhow::Result<sqlx::postgres::PgConnectOptions> {
         use std::str::FromStr;
         let mut options = sqlx::postgres::PgConnectOptions::from_str(&self.database_url)
-            .map_err(|e| anyhow::anyhow!("bad database URL {}: {e}", self.redacted_url()))?;
+            .map_err(|e| anyhow::anyhow!("bad database URL {}: {e}", self.redacted_url()))?
+            // No NOTICEs ("relation … already exists, skipping" for every batch's staging).
+            .options([("client_min_messages", "warning")]);
         if let Some(path) = &self.database_password_file {
             options = options.password(Secret::from_file(path)?.expose());
         }

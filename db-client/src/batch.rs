@@ -356,7 +356,7 @@ fn check_gaps(
 /// The ingested-files ledger: counts each unit's end markers (in unit-id order: rows are
 /// locked in the same order by every instance); a unit whose last marker lands here is
 /// rolled up into its file.
-async fn record_units(
+pub async fn record_units(
     tx: &mut sqlx::PgConnection,
     units: &BTreeMap<String, (UnitDone, i32, i32)>,
 ) -> anyhow::Result<()> {

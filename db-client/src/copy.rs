@@ -79,6 +79,60 @@ pub async fn ensure_partitions(pool: &sqlx::PgPool, starts: &[i64]) -> anyhow::R
     Ok(())
 }
 
+/// Creates the session's staging table for sums that arrive in pieces, with their period.
+pub const CREATE_SUMS_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS tally_sums_staging \
+     (consumer_id BIGINT NOT NULL, period_start TIMESTAMPTZ, total NUMERIC NOT NULL) \
+     ON COMMIT DELETE ROWS";
+
+/// Appends `sums` (ids may repeat) of `period` (its start, Unix seconds; `None`: running
+/// totals only) to the session's staging table, in the open transaction: for a writer whose
+/// sums arrive in pieces (`tally standalone`), added by [`upsert_staged`].
+pub async fn stage_sums(
+    tx: &mut PgConnection,
+    period: Option<i64>,
+    sums: &[(i64, i64)],
+) -> anyhow::Result<()> {
+    stage(
+        tx,
+        CREATE_SUMS_STAGING,
+        "COPY tally_sums_staging (consumer_id, period_start, total) FROM STDIN (FORMAT binary)",
+        encode_staged(period, sums),
+    )
+    .await
+}
+
+/// Adds what [`stage_sums`] staged, summed per consumer, to `consumer_totals`, and what has
+/// a period, summed per consumer and period, to `consumer_period_totals` (their partitions
+/// must exist, [`ensure_partitions`]), in key order, in the open transaction.
+pub async fn upsert_staged(tx: &mut PgConnection) -> anyhow::Result<()> {
+    sqlx::query(CREATE_SUMS_STAGING)
+        .execute(&mut *tx)
+        .await
+        .context("staging table")?;
+    sqlx::query(
+        "INSERT INTO consumer_totals (consumer_id, total)
+         SELECT consumer_id, sum(total) FROM tally_sums_staging
+         GROUP BY consumer_id ORDER BY consumer_id
+         ON CONFLICT (consumer_id) DO UPDATE
+           SET total = consumer_totals.total + EXCLUDED.total, updated_at = now()",
+    )
+    .execute(&mut *tx)
+    .await
+    .context("upsert totals")?;
+    sqlx::query(
+        "INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+         SELECT consumer_id, period_start, sum(total) FROM tally_sums_staging
+         WHERE period_start IS NOT NULL
+         GROUP BY consumer_id, period_start ORDER BY consumer_id, period_start
+         ON CONFLICT (consumer_id, period_start) DO UPDATE
+           SET total = consumer_period_totals.total + EXCLUDED.total, updated_at = now()",
+    )
+    .execute(&mut *tx)
+    .await
+    .context("upsert period totals")?;
+    Ok(())
+}
+
 /// Adds `rows` (sorted by id, each id once) to `consumer_totals` in the open transaction.
 pub async fn upsert_totals(tx: &mut PgConnection, rows: &[(i64, i128)]) -> anyhow::Result<()> {
     stage(
@@ -122,19 +176,40 @@ pub fn encode(rows: &[(i64, i128)]) -> Vec<u8> {
 /// PostgreSQL's binary COPY stream of `(BIGINT, TIMESTAMPTZ, NUMERIC)` rows (times in Unix
 /// seconds).
 pub fn encode_periods(rows: &[((i64, i64), i128)]) -> Vec<u8> {
-    /// Seconds from the Unix epoch to PostgreSQL's, 2000-01-01 UTC.
-    const PG_EPOCH: i64 = 946_684_800;
     let mut out = header(rows.len() * 46);
     let mut digits = Vec::with_capacity(10);
     for &((id, start), total) in rows {
         out.extend_from_slice(&3i16.to_be_bytes());
         put_bigint(&mut out, id);
-        // Microseconds since PostgreSQL's epoch.
-        put_bigint(&mut out, (start - PG_EPOCH).saturating_mul(1_000_000));
+        put_bigint(&mut out, pg_time(start));
         put_numeric(&mut out, total, &mut digits);
     }
     out.extend_from_slice(&(-1i16).to_be_bytes());
     out
+}
+
+/// PostgreSQL's binary COPY stream of `(BIGINT, TIMESTAMPTZ or NULL, NUMERIC)` rows: `sums`
+/// all of `period`.
+pub fn encode_staged(period: Option<i64>, sums: &[(i64, i64)]) -> Vec<u8> {
+    let mut out = header(sums.len() * 46);
+    let mut digits = Vec::with_capacity(10);
+    for &(id, total) in sums {
+        out.extend_from_slice(&3i16.to_be_bytes());
+        put_bigint(&mut out, id);
+        match period {
+            Some(start) => put_bigint(&mut out, pg_time(start)),
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+        put_numeric(&mut out, i128::from(total), &mut digits);
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+    out
+}
+
+/// A Unix time in seconds as PostgreSQL's binary timestamp: microseconds since 2000-01-01 UTC.
+fn pg_time(unix_seconds: i64) -> i64 {
+    const PG_EPOCH: i64 = 946_684_800;
+    (unix_seconds - PG_EPOCH).saturating_mul(1_000_000)
 }
 
 fn header(room: usize) -> Vec<u8> {

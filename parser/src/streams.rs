@@ -79,6 +79,77 @@ pub fn plan(state: Option<&StreamDone>, unit: &WorkUnit, file: &File) -> io::Res
     })
 }
 
+/// What to do with a unit, against its stream's state.
+#[derive(Debug)]
+pub enum Step {
+    /// Its bytes are all summed or rejected already.
+    Skip,
+    /// It cannot be read as announced; the reason.
+    Reject(String),
+    /// Sum `plan.missing` of `file`.
+    Count {
+        /// The unit's file, opened and verified.
+        file: File,
+        /// The state to count it against, and the bytes still to sum.
+        plan: Plan,
+    },
+}
+
+/// Decides what to do with `unit` against its stream's `state`: skip it when its bytes are
+/// done, reject it when its file is not the announced one ([`crate::open::open_unit`], inside
+/// `data_root`), count the bytes still missing otherwise. An empty file's one empty unit is
+/// counted the first time it is seen, so that the file completes.
+pub fn prepare(state: Option<&StreamDone>, unit: &WorkUnit, data_root: &std::path::Path) -> Step {
+    let done_already =
+        state.is_some_and(|s| s.file_id == unit.file_id && missing(s, unit).is_empty());
+    if done_already {
+        return Step::Skip;
+    }
+    let file = match crate::open::open_unit(unit, data_root) {
+        Ok(file) => file,
+        Err(reason) => return Step::Reject(reason),
+    };
+    let plan = match plan(state, unit, &file) {
+        Ok(plan) => plan,
+        Err(e) => return Step::Reject(format!("cannot read: {e}")),
+    };
+    if plan.rewritten {
+        tracing::warn!(
+            path = unit.path,
+            "file rewritten in place since its last count: counted as a new version"
+        );
+    }
+    let empty_first = state.is_none() && unit.start == unit.end;
+    if plan.missing.is_empty() && !empty_first {
+        return Step::Skip;
+    }
+    Step::Count { file, plan }
+}
+
+/// The stream's state once `plan`'s bytes of `unit` are summed, and the unit's summary for
+/// the ledger (`stats`: what summing them counted).
+pub fn counted(
+    plan: Plan,
+    unit: &WorkUnit,
+    stats: &crate::engine::Stats,
+) -> (StreamDone, tally_core::messages::UnitDone) {
+    let mut state = plan.state;
+    for &(start, end) in &plan.missing {
+        state.summed.insert(start, end);
+    }
+    let done = tally_core::messages::UnitDone {
+        unit_id: unit.unit_id.clone(),
+        file_id: unit.file_id.clone(),
+        path: unit.path.clone(),
+        file_bytes: unit.file_bytes,
+        lines: stats.lines,
+        bad_lines: stats.bad_lines,
+        bytes: stats.bytes,
+        completes_file: state.summed.covers(0, unit.file_bytes),
+    };
+    (state, done)
+}
+
 /// The state after rejecting `unit`, if it is to be recorded: when the stream has no state yet
 /// or the state describes the unit's version. A unit of another version is rejected because
 /// the file changed; the state of the current version must not learn of it.

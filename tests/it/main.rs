@@ -16,6 +16,7 @@ mod periods;
 mod pipeline;
 mod resume;
 mod secure;
+mod standalone;
 mod status;
 mod sum_cli;
 mod support;

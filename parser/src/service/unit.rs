@@ -12,10 +12,9 @@ use tally_core::txn::{Failure, TxnProducer};
 
 use super::Parser;
 use crate::engine::{self, EngineError, Merger, Stats};
-use crate::open::open_unit;
 use crate::sink::KafkaSink;
 use crate::source::FileSource;
-use crate::streams;
+use crate::streams::{self, Step};
 
 /// What one transaction gathers until it ends: its units' merged sums, and their end markers.
 pub(super) struct Txn<'p> {
@@ -38,53 +37,20 @@ impl Parser<'_> {
         unit: &WorkUnit,
         state: Option<&StreamDone>,
     ) -> Result<Option<StreamDone>, Failure> {
-        let done_already = state
-            .is_some_and(|s| s.file_id == unit.file_id && streams::missing(s, unit).is_empty());
-        if done_already {
-            return Ok(self.skip(unit));
-        }
         let _span = tracing::info_span!("unit", unit = %unit.unit_id).entered();
-        let opened = match self.forced_reject.get(&unit.unit_id).cloned() {
-            Some(reason) => Err(reason),
-            None => open_unit(unit, &self.data_root),
+        let step = match self.forced_reject.get(&unit.unit_id).cloned() {
+            Some(reason) => Step::Reject(reason),
+            None => streams::prepare(state, unit, &self.data_root),
         };
-        let file = match opened {
-            Ok(file) => file,
-            Err(reason) => return self.reject(txn.producer, partition, unit, state, &reason),
-        };
-        let plan = match streams::plan(state, unit, &file) {
-            Ok(plan) => plan,
-            Err(e) => {
-                let reason = format!("cannot read: {e}");
-                return self.reject(txn.producer, partition, unit, state, &reason);
+        let (file, plan) = match step {
+            Step::Skip => return Ok(self.skip(unit)),
+            Step::Reject(reason) => {
+                return self.reject(txn.producer, partition, unit, state, &reason)
             }
+            Step::Count { file, plan } => (file, plan),
         };
-        if plan.rewritten {
-            tracing::warn!(
-                path = unit.path,
-                "file rewritten in place since its last count: counted as a new version"
-            );
-        }
-        // An empty file's one empty unit completes it the first time it is seen.
-        let empty_first = state.is_none() && unit.start == unit.end;
-        if plan.missing.is_empty() && !empty_first {
-            return Ok(self.skip(unit));
-        }
         let stats = self.sum_ranges(txn, unit, file, &plan.missing)?;
-        let mut state = plan.state;
-        for &(start, end) in &plan.missing {
-            state.summed.insert(start, end);
-        }
-        let done = UnitDone {
-            unit_id: unit.unit_id.clone(),
-            file_id: unit.file_id.clone(),
-            path: unit.path.clone(),
-            file_bytes: unit.file_bytes,
-            lines: stats.lines,
-            bad_lines: stats.bad_lines,
-            bytes: stats.bytes,
-            completes_file: state.summed.covers(0, unit.file_bytes),
-        };
+        let (state, done) = streams::counted(plan, unit, &stats);
         // Its end markers follow the transaction's merged sums (see `end_transaction`).
         txn.ends.push(done);
         self.send_done(txn.producer, partition, &state)?;

@@ -9,7 +9,6 @@ use std::str::FromStr;
 
 use anyhow::Context;
 
-use super::done::FileDone;
 use crate::announce;
 
 /// What to do with a file once every unit of it is done.
@@ -44,7 +43,12 @@ pub const REJECTED_FILE: &str = ".tally-rejected";
 
 /// Lists a file not (fully) counted in `<dir>/.tally-rejected`, one line each:
 /// `<unix time> <rejected bytes>/<file bytes> <path>`.
-pub(super) fn list_rejected(dir: &Path, file: &FileDone, path: &Path) -> anyhow::Result<()> {
+pub fn list_rejected(
+    dir: &Path,
+    rejected_bytes: u64,
+    file_bytes: u64,
+    path: &Path,
+) -> anyhow::Result<()> {
     let when = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -56,9 +60,7 @@ pub(super) fn list_rejected(dir: &Path, file: &FileDone, path: &Path) -> anyhow:
         .with_context(|| format!("cannot open {}", list.display()))?;
     writeln!(
         out,
-        "{when} {}/{} {}",
-        file.rejected_bytes,
-        file.file_bytes,
+        "{when} {rejected_bytes}/{file_bytes} {}",
         path.display()
     )?;
     out.sync_data()?;
@@ -66,7 +68,7 @@ pub(super) fn list_rejected(dir: &Path, file: &FileDone, path: &Path) -> anyhow:
 }
 
 /// Applies `action` to the file `id` at `path`, if the file there is still that file.
-pub(super) fn apply_after_done(action: &AfterDone, id: &str, path: &Path) -> anyhow::Result<()> {
+pub fn apply_after_done(action: &AfterDone, id: &str, path: &Path) -> anyhow::Result<()> {
     let current = fs::metadata(path).ok().map(|m| announce::file_id(&m));
     if current.as_deref() != Some(id) {
         tracing::info!(path = %path.display(), "file done; a different file (or none) is there now, leaving it");

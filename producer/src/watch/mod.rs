@@ -32,8 +32,7 @@ use tally_core::{KafkaArgs, LivenessArgs, Topics};
 
 use crate::announce::{self, Announcer, Split};
 use done::DoneTracker;
-use lifecycle::{apply_after_done, list_rejected};
-pub use lifecycle::{AfterDone, REJECTED_FILE};
+pub use lifecycle::{apply_after_done, list_rejected, AfterDone, REJECTED_FILE};
 use state::{format_inode, inode_of, stream_of, Inode, State};
 
 /// Arguments of `tally producer watch`.
@@ -82,6 +81,22 @@ struct Scan {
     next_settled: Option<Instant>,
 }
 
+/// Whether the entry `name` of `dir` (with metadata `meta`) is a complete file by the rules
+/// above: `Some(Duration::ZERO)` if it is, `Some(wait)` if it may be once unmodified for `wait`
+/// more, `None` if it is no data file (a hidden, temporary, partial or lock file, one with a
+/// `.lock` beside it, not a regular file).
+pub fn completeness(
+    dir: &Path,
+    name: &str,
+    meta: &fs::Metadata,
+    settle: Duration,
+) -> Option<Duration> {
+    if !is_candidate_name(name) || !meta.is_file() || dir.join(format!("{name}.lock")).exists() {
+        return None;
+    }
+    Some(unsettled_for(meta, settle))
+}
+
 /// How long `meta`'s file must still stay unmodified to count as complete (zero: it is).
 fn unsettled_for(meta: &fs::Metadata, settle: Duration) -> Duration {
     let age = meta
@@ -103,16 +118,15 @@ fn scan(dir: &Path, state: &mut State, split: &Split, settle: Duration) -> anyho
     for entry in entries {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if !is_candidate_name(name) || dir.join(format!("{name}.lock")).exists() {
-            continue;
-        }
         let Ok(meta) = entry.metadata() else { continue };
+        let Some(wait) = completeness(dir, name, &meta, settle) else {
+            continue;
+        };
         let id = announce::file_id(&meta);
-        if !meta.is_file() || state.announced.contains(&id) {
+        if state.announced.contains(&id) {
             continue;
         }
         let inode = inode_of(&meta);
-        let wait = unsettled_for(&meta, settle);
         if !wait.is_zero() {
             // Still being written, perhaps: look again once it may have settled.
             let at = Instant::now() + wait;
@@ -251,7 +265,7 @@ pub fn run(
                         "file not fully counted (units rejected, reasons on the dead-letter \
                          topic); left in place and listed in {REJECTED_FILE}"
                     );
-                    list_rejected(&dir, &file, &path)?;
+                    list_rejected(&dir, file.rejected_bytes, file.file_bytes, &path)?;
                 } else if let Err(error) = apply_after_done(&args.after_done, id, &path) {
                     tracing::error!(%error, "life-cycle action failed; file left in place");
                 }

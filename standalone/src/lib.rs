@@ -1,0 +1,291 @@
+//! tally-standalone: `tally standalone --dir D`, one process and PostgreSQL, no Kafka.
+//!
+//! The lightest way to run tally, and the first design option of the brief (direct reading,
+//! one host): it watches D with `producer watch`'s completion rules
+//! ([`tally_producer::watch::completeness`]), cuts each complete file into the same work units
+//! ([`tally_producer::announce::describe`], file time and all), and counts them in groups of
+//! up to `--units-per-txn-max` units, one PostgreSQL transaction each ([`txn::count`]): the
+//! parser's done-state rules and engine, the db-client's COPY upsert and ledger. Exactly once
+//! without a broker: a unit's sums, its ledger rows and its file's done-state commit together, so after kill -9 it resumes where it
+//! stopped and a byte already counted is never counted again, whatever the unit size, however
+//! often a file is seen, appended to, rewritten or replaced. Memory is bounded by the engine's
+//! key cap. Once a file's bytes are all summed, `--after-done` applies as in `watch`.
+//!
+//! - [`txn`]: a group of units → one transaction.
+
+pub mod txn;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use notify::Watcher;
+use sqlx::postgres::PgPoolOptions;
+use tally_core::backoff::Backoff;
+use tally_core::identity::file_id;
+use tally_core::messages::WorkUnit;
+use tally_core::period::{FileTimeFrom, Period};
+use tally_core::shutdown::CancellationToken;
+use tally_core::DatabaseArgs;
+use tally_parser::offline::EngineArgs;
+use tally_producer::announce::{self, Split};
+use tally_producer::watch::{self, AfterDone};
+
+use txn::Engine;
+
+/// Arguments of `tally standalone`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StandaloneArgs {
+    /// PostgreSQL.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Parse engine.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Directory to watch (not recursive); files are complete by `producer watch`'s rules.
+    #[arg(long, env = "TALLY_STANDALONE_DIR")]
+    pub dir: PathBuf,
+    /// Largest work unit, in bytes: one database transaction each.
+    #[arg(long, env = "TALLY_UNIT_BYTES", default_value_t = 64 << 20, value_parser = tally_core::args::positive_u64)]
+    pub unit_bytes: u64,
+    /// Where a file's time comes from: `mtime` or `name:<regex>` (as `producer
+    /// --file-time-from`).
+    #[arg(long, env = "TALLY_FILE_TIME_FROM", default_value = "mtime", value_parser = tally_core::period::parse_file_time_from)]
+    pub file_time_from: FileTimeFrom,
+    /// Usage period (as `parser --period`): a whole number of m, h or d, or `off`.
+    #[arg(long, env = "TALLY_PERIOD", default_value = "1h", value_parser = tally_core::period::parse_period)]
+    pub period: Period,
+    /// Full rescan interval, the fallback when inotify misses events.
+    #[arg(long, env = "TALLY_RESCAN_INTERVAL_MS", default_value_t = 5_000)]
+    pub rescan_interval_ms: u64,
+    /// A file without rename or `.lock` is complete once unmodified this long.
+    #[arg(long, env = "TALLY_SETTLE_MS", default_value_t = 2_000)]
+    pub settle_ms: u64,
+    /// Once every byte of a file is summed: keep, delete, or archive:DIR.
+    #[arg(long = "after-done", env = "TALLY_AFTER_DONE", default_value = "keep")]
+    pub after_done: AfterDone,
+    /// Most units per database transaction (their sums are merged before PostgreSQL).
+    #[arg(long, env = "TALLY_UNITS_PER_TXN_MAX", default_value_t = 8, value_parser = tally_core::args::positive_usize)]
+    pub units_per_txn_max: usize,
+    /// Most unit bytes per database transaction.
+    #[arg(long, env = "TALLY_TXN_BYTES_MAX", default_value_t = 1 << 30, value_parser = tally_core::args::positive_u64)]
+    pub txn_bytes_max: u64,
+    /// Count what is complete now, then exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// Runs `tally standalone` until `shutdown` is cancelled (or after one pass with `--once`).
+pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let dir = std::fs::canonicalize(&args.dir)
+        .with_context(|| format!("cannot resolve {}", args.dir.display()))?;
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(args.database.connect_options()?)
+        .await
+        .with_context(|| format!("cannot connect to {}", args.database.redacted_url()))?;
+    tally_db_client::schema::migrate(&pool)
+        .await
+        .context("cannot apply migrations")?;
+    let engine = Engine {
+        config: args.engine.config(),
+        pool: Arc::new(args.engine.pool()?),
+        period: args.period,
+    };
+    let split = Split {
+        unit_bytes: args.unit_bytes,
+        time_from: args.file_time_from.clone(),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |_event| {
+        let _ = tx.send(());
+    })
+    .context("cannot start inotify")?;
+    if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        tracing::warn!(%error, "inotify unavailable, relying on periodic rescans");
+    }
+    tracing::info!(dir = %dir.display(), period = %args.period, "standalone started");
+    let mut pass = Pass {
+        args,
+        dir: &dir,
+        pool: &pool,
+        engine: &engine,
+        split: &split,
+        done: HashSet::new(),
+        forced: HashMap::new(),
+    };
+    let rescan = Duration::from_millis(args.rescan_interval_ms.max(10));
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    while !shutdown.is_cancelled() {
+        let next = match pass.scan(shutdown).await {
+            Ok(next) => {
+                backoff.reset();
+                next.map_or(rescan, |n| n.min(rescan))
+            }
+            Err(error) if args.once => return Err(error),
+            // PostgreSQL down or restarting, a file system hiccup: nothing half-done stays.
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "pass failed, retrying");
+                backoff.next_delay()
+            }
+        };
+        if args.once {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = rx.recv() => {}
+            _ = tokio::time::sleep(next) => {}
+        }
+        while rx.try_recv().is_ok() {}
+    }
+    tracing::info!("standalone stopped");
+    Ok(())
+}
+
+/// One scan of the folder and what it found.
+struct Pass<'a> {
+    args: &'a StandaloneArgs,
+    dir: &'a Path,
+    pool: &'a sqlx::PgPool,
+    engine: &'a Engine,
+    split: &'a Split,
+    /// File versions whose bytes are all done (summed or rejected): not looked at again.
+    done: HashSet<String>,
+    /// Units that failed while parsed: rejected when seen again (unit id → reason).
+    forced: HashMap<String, String>,
+}
+
+impl Pass<'_> {
+    /// Counts every complete file not done yet; returns when the next unsettled file may be
+    /// complete.
+    async fn scan(&mut self, shutdown: &CancellationToken) -> anyhow::Result<Option<Duration>> {
+        let settle = Duration::from_millis(self.args.settle_ms);
+        let mut entries: Vec<_> = std::fs::read_dir(self.dir)
+            .with_context(|| format!("cannot list {}", self.dir.display()))?
+            .filter_map(Result::ok)
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        let mut next: Option<Duration> = None;
+        let mut files: Vec<Vec<WorkUnit>> = Vec::new();
+        for entry in entries {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Ok(meta) = entry.metadata() else { continue };
+            let Some(wait) = watch::completeness(self.dir, name, &meta, settle) else {
+                continue;
+            };
+            if !wait.is_zero() {
+                next = Some(next.map_or(wait, |n| n.min(wait)));
+                continue;
+            }
+            if self.done.contains(&file_id(&meta)) {
+                continue;
+            }
+            match announce::describe(&entry.path(), self.split) {
+                Ok(units) => files.push(units),
+                // Vanished or replaced since the listing: the next scan sees what is there.
+                Err(error) => tracing::debug!(%error, "skipping file for now"),
+            }
+        }
+        let units: Vec<WorkUnit> = files.iter().flatten().cloned().collect();
+        for group in groups(&units, self.args.units_per_txn_max, self.args.txn_bytes_max) {
+            if shutdown.is_cancelled() {
+                return Ok(next);
+            }
+            let counted =
+                txn::count(self.pool, self.engine, self.dir, group, &mut self.forced).await?;
+            for (unit, reason) in counted.rejected {
+                tracing::error!(unit, reason, "unit rejected");
+            }
+            for done in counted.summed {
+                tracing::debug!(unit = done.unit_id, lines = done.lines, "unit counted");
+            }
+        }
+        for units in &files {
+            self.finish(units).await?;
+        }
+        Ok(next)
+    }
+
+    /// Once all bytes of a file version are done: remembers it, and applies the life-cycle
+    /// action (or lists it, if some were rejected).
+    async fn finish(&mut self, units: &[WorkUnit]) -> anyhow::Result<()> {
+        let Some(first) = units.first() else {
+            return Ok(());
+        };
+        let path = PathBuf::from(&first.path);
+        let mut conn = self.pool.acquire().await.context("connect")?;
+        let Some(state) = txn::load_state(&mut conn, &first.stream).await? else {
+            return Ok(());
+        };
+        if state.file_id != first.file_id || !state.finished(first.file_bytes) {
+            // Another version is what the state describes now (the file changed meanwhile):
+            // the next scan counts that one.
+            return Ok(());
+        }
+        self.done.insert(first.file_id.clone());
+        let rejected = state.rejected.bytes();
+        if rejected > 0 {
+            tracing::error!(
+                path = %path.display(),
+                rejected_bytes = rejected,
+                "file not fully counted (units rejected); left in place and listed in {}",
+                watch::REJECTED_FILE
+            );
+            watch::list_rejected(self.dir, rejected, first.file_bytes, &path)?;
+        } else if let Err(error) =
+            watch::apply_after_done(&self.args.after_done, &first.file_id, &path)
+        {
+            tracing::error!(%error, "life-cycle action failed; file left in place");
+        }
+        Ok(())
+    }
+}
+
+/// `units` cut into runs of at most `units_max` units and `bytes_max` unit bytes (at least
+/// one unit each).
+fn groups(units: &[WorkUnit], units_max: usize, bytes_max: u64) -> Vec<&[WorkUnit]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, unit) in units.iter().enumerate() {
+        let len = unit.end - unit.start;
+        if i > start && (i - start >= units_max || bytes + len > bytes_max) {
+            out.push(&units[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += len;
+    }
+    if start < units.len() {
+        out.push(&units[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_stay_within_their_limits() {
+        let unit = |start: u64, end: u64| WorkUnit {
+            stream: "s".into(),
+            file_id: "f".into(),
+            unit_id: format!("f/{start}-{end}"),
+            path: "/x".into(),
+            file_bytes: 100,
+            fingerprint: 0,
+            start,
+            end,
+            file_time: None,
+        };
+        let units: Vec<_> = (0..10).map(|i| unit(i * 10, i * 10 + 10)).collect();
+        let sizes = |g: Vec<&[WorkUnit]>| g.iter().map(|g| g.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(groups(&units, 4, 1000)), vec![4, 4, 2]);
+        assert_eq!(sizes(groups(&units, 8, 25)), vec![2, 2, 2, 2, 2]);
+        assert_eq!(sizes(groups(&units, 8, 5)), vec![1; 10]);
+        assert!(groups(&[], 8, 5).is_empty());
+    }
+}
