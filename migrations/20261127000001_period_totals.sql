@@ -26,7 +26,14 @@ BEGIN
         FROM unnest(times) AS t, generate_series(0, 1) AS ahead
     LOOP
         name := 'consumer_period_totals_' || to_char(month, 'YYYY_MM');
-        CONTINUE WHEN to_regclass(name) IS NOT NULL;
+        IF to_regclass(name) IS NOT NULL THEN
+            CONTINUE WHEN EXISTS (SELECT 1 FROM pg_inherits
+                                  WHERE inhrelid = to_regclass(name)
+                                    AND inhparent = 'consumer_period_totals'::regclass);
+            -- A month detached to be archived: its rows are not in the table, and a new
+            -- partition cannot take its name. Adding to it must wait for an operator.
+            RAISE EXCEPTION 'table % exists but is no partition of consumer_period_totals (detached?): attach it again, or rename or drop it, to take usage for that month', name;
+        END IF;
         BEGIN
             EXECUTE format(
                 'CREATE TABLE IF NOT EXISTS %I PARTITION OF consumer_period_totals

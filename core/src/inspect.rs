@@ -152,7 +152,8 @@ fn render(which: Which, payload: Option<&[u8]>) -> serde_json::Value {
     })
 }
 
-/// A record on one line: sums as `sums N: id=sum id=sum …`, anything else as compact JSON.
+/// A record on one line: sums as `sums N: id=sum id=sum …` (`sums N period=START: …` with a
+/// period, its start in Unix seconds), anything else as compact JSON.
 fn text(record: &serde_json::Value) -> String {
     if record.is_null() {
         return "tombstone".to_owned();
@@ -160,7 +161,11 @@ fn text(record: &serde_json::Value) -> String {
     if record["type"] == "sums" {
         if let Some(pairs) = record["sums"].as_array() {
             let each: Vec<String> = pairs.iter().map(|p| format!("{}={}", p[0], p[1])).collect();
-            return format!("sums {}: {}", pairs.len(), each.join(" "));
+            let period = match record["period"].as_i64() {
+                Some(start) => format!(" period={start}"),
+                None => String::new(),
+            };
+            return format!("sums {}{period}: {}", pairs.len(), each.join(" "));
         }
     }
     record.to_string()

@@ -46,10 +46,12 @@ impl WorkUnit {
     }
 
     /// The file's time (Unix seconds): `file_time`, or for units of older producers the
-    /// modification time in `file_id`.
+    /// modification time in `file_id`; `None` when neither is a plausible time
+    /// ([`crate::period::plausible`]).
     pub fn time(&self) -> Option<i64> {
         self.file_time
             .or_else(|| crate::identity::file_id_mtime(&self.file_id))
+            .filter(|&t| crate::period::plausible(t))
     }
 
     /// Whether the unit is well-formed, before anything is opened: ids and path of sane length

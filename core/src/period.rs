@@ -78,6 +78,17 @@ impl fmt::Display for Period {
     }
 }
 
+/// Earliest file time taken (1900-01-01 UTC): anything before is a misread name.
+pub const TIME_MIN: i64 = -2_208_988_800;
+/// Latest file time taken (9999-12-31 23:59:59 UTC).
+pub const TIME_MAX: i64 = 253_402_300_799;
+
+/// Whether `time` (Unix seconds) is a plausible file time, [`TIME_MIN`] to [`TIME_MAX`]:
+/// PostgreSQL and the partitions by month need a real calendar date.
+pub fn plausible(time: i64) -> bool {
+    (TIME_MIN..=TIME_MAX).contains(&time)
+}
+
 /// A clap value parser for [`Period`].
 pub fn parse_period(s: &str) -> Result<Period, String> {
     s.parse()
@@ -150,6 +161,17 @@ impl FileTimeFrom {
 
 /// The time in `name` by `re` (see [`FileTimeFrom::Name`]).
 pub fn time_in_name(re: &regex::Regex, name: &str) -> Result<i64, String> {
+    let time = time_in_name_unchecked(re, name)?;
+    if plausible(time) {
+        Ok(time)
+    } else {
+        Err(format!(
+            "the time in `{name}` ({time} s since the epoch) is not between the years 1900 and 9999"
+        ))
+    }
+}
+
+fn time_in_name_unchecked(re: &regex::Regex, name: &str) -> Result<i64, String> {
     let caps = re
         .captures(name)
         .ok_or_else(|| format!("name `{name}` does not match /{re}/"))?;
@@ -269,6 +291,8 @@ mod tests {
         );
         assert_eq!(time_in_name(&iso, "usage-20261126.txt"), Ok(1_795_651_200));
         assert!(time_in_name(&iso, "other.txt").is_err());
+        // Nanoseconds read as seconds: no year 9999 or later.
+        assert!(time_in_name(&re(r"(?P<epoch_s>\d+)"), "1795688100000000000").is_err());
         assert!(time_in_name(&iso, "usage-yesterday.txt").is_err());
         assert!("name:(".parse::<FileTimeFrom>().is_err());
         assert!("ctime".parse::<FileTimeFrom>().is_err());

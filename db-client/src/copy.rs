@@ -209,7 +209,9 @@ pub fn encode_staged(period: Option<i64>, sums: &[(i64, i64)]) -> Vec<u8> {
 /// A Unix time in seconds as PostgreSQL's binary timestamp: microseconds since 2000-01-01 UTC.
 fn pg_time(unix_seconds: i64) -> i64 {
     const PG_EPOCH: i64 = 946_684_800;
-    (unix_seconds - PG_EPOCH).saturating_mul(1_000_000)
+    unix_seconds
+        .saturating_sub(PG_EPOCH)
+        .saturating_mul(1_000_000)
 }
 
 fn header(room: usize) -> Vec<u8> {

@@ -26,8 +26,8 @@ pub struct RollupArgs {
     /// Fold periods that ended at least this long ago (a whole number of m, h or d).
     #[arg(long, value_parser = tally_core::period::parse_period)]
     pub older_than: Period,
-    /// The coarse period they are folded into (a whole number of m, h or d; epoch-aligned in
-    /// UTC, like `--period`).
+    /// The coarse period they are folded into: one that divides a day (`1h`, `6h`, `1d`, …;
+    /// epoch-aligned in UTC, like `--period`), so no folded row crosses into another month.
     #[arg(long, value_parser = tally_core::period::parse_period)]
     pub to: Period,
 }
@@ -118,6 +118,14 @@ pub async fn run(args: &RollupArgs) -> anyhow::Result<()> {
     let (Some(older_than), Some(to)) = (args.older_than.length(), args.to.length()) else {
         bail!("--older-than and --to take a period (a whole number of m, h or d), not off");
     };
+    if 86_400 % to != 0 {
+        // A coarse period that does not divide a day would straddle midnight, and some month
+        // boundaries: its usage would move into the month it starts in.
+        bail!(
+            "--to {} does not divide a day: use one that does (1h, 6h, 1d, …)",
+            args.to
+        );
+    }
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .connect_with(args.database.connect_options()?)

@@ -95,14 +95,17 @@ pub enum Step {
     },
 }
 
+/// Whether every byte of `unit` is summed or rejected in `state` (of its version already).
+pub fn done_already(state: Option<&StreamDone>, unit: &WorkUnit) -> bool {
+    state.is_some_and(|s| s.file_id == unit.file_id && missing(s, unit).is_empty())
+}
+
 /// Decides what to do with `unit` against its stream's `state`: skip it when its bytes are
 /// done, reject it when its file is not the announced one ([`crate::open::open_unit`], inside
 /// `data_root`), count the bytes still missing otherwise. An empty file's one empty unit is
 /// counted the first time it is seen, so that the file completes.
 pub fn prepare(state: Option<&StreamDone>, unit: &WorkUnit, data_root: &std::path::Path) -> Step {
-    let done_already =
-        state.is_some_and(|s| s.file_id == unit.file_id && missing(s, unit).is_empty());
-    if done_already {
+    if done_already(state, unit) {
         return Step::Skip;
     }
     let file = match crate::open::open_unit(unit, data_root) {

@@ -47,7 +47,8 @@ pub struct StandaloneArgs {
     /// Directory to watch (not recursive); files are complete by `producer watch`'s rules.
     #[arg(long, env = "TALLY_STANDALONE_DIR")]
     pub dir: PathBuf,
-    /// Largest work unit, in bytes: one database transaction each.
+    /// Largest work unit, in bytes (up to `--units-per-txn-max` of them per database
+    /// transaction).
     #[arg(long, env = "TALLY_UNIT_BYTES", default_value_t = 64 << 20, value_parser = tally_core::args::positive_u64)]
     pub unit_bytes: u64,
     /// Where a file's time comes from: `mtime` or `name:<regex>` (as `producer
@@ -170,6 +171,7 @@ impl Pass<'_> {
         entries.sort_by_key(|e| e.file_name());
         let mut next: Option<Duration> = None;
         let mut files: Vec<Vec<WorkUnit>> = Vec::new();
+        let mut present: HashSet<String> = HashSet::new();
         for entry in entries {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
@@ -181,7 +183,9 @@ impl Pass<'_> {
                 next = Some(next.map_or(wait, |n| n.min(wait)));
                 continue;
             }
-            if self.done.contains(&file_id(&meta)) {
+            let id = file_id(&meta);
+            present.insert(id.clone());
+            if self.done.contains(&id) {
                 continue;
             }
             match announce::describe(&entry.path(), self.split) {
@@ -190,6 +194,13 @@ impl Pass<'_> {
                 Err(error) => tracing::debug!(%error, "skipping file for now"),
             }
         }
+        // Memory stays with the files still there.
+        self.done.retain(|id| present.contains(id));
+        self.forced.retain(|unit, _| {
+            unit.split('/')
+                .next()
+                .is_some_and(|id| present.contains(id))
+        });
         let units: Vec<WorkUnit> = files.iter().flatten().cloned().collect();
         for group in groups(&units, self.args.units_per_txn_max, self.args.txn_bytes_max) {
             if shutdown.is_cancelled() {

@@ -103,8 +103,10 @@ async fn try_count(
     for unit in units {
         let state = states.get(&unit.stream).cloned().flatten();
         let step = match forced.get(&unit.unit_id) {
-            Some(reason) => Step::Reject(reason.clone()),
-            None => streams::prepare(state.as_ref(), unit, data_root),
+            Some(reason) if !streams::done_already(state.as_ref(), unit) => {
+                Step::Reject(reason.clone())
+            }
+            _ => streams::prepare(state.as_ref(), unit, data_root),
         };
         match step {
             Step::Skip => {}

@@ -44,7 +44,8 @@ impl Lane {
 }
 
 /// Per-partition, per-period merged sums, at most `keys_max` keys in all (plus a small
-/// table's worth per extra period: a period's keys count against what the others leave).
+/// table's worth per extra period): a period's keys count against what the others leave, and
+/// when the periods together hold more, the others leave early.
 pub struct Merger {
     parts: Vec<Mutex<Vec<Lane>>>,
     keys_each: usize,
@@ -101,6 +102,21 @@ impl Merger {
         }
         if lane.out.len() >= EMIT_AT {
             leave.push((period, std::mem::take(&mut lane.out)));
+        }
+        // One cap for all periods: past it, the other periods leave (the oldest first) and
+        // their tables are freed.
+        if lanes.len() > 1 {
+            let mut at = at;
+            let mut held: usize = lanes.iter().map(|l| l.agg.len()).sum();
+            while held > self.keys_each && lanes.len() > 1 {
+                let victim = usize::from(at == 0);
+                let mut gone = lanes.remove(victim);
+                held -= gone.agg.len();
+                gone.drain_into(&mut leave);
+                if victim < at {
+                    at -= 1;
+                }
+            }
         }
         leave
     }
@@ -227,5 +243,25 @@ mod tests {
         sent.retain(|_, v| *v != 0);
         added.retain(|_, v| *v != 0);
         assert_eq!(sent, added);
+
+        // Periods that each outgrow their small table while the others are still small, then
+        // all grow: never more than the cap held at once (plus a small table per extra lane).
+        let merger = Merger::new(1, 200_000);
+        let held = || -> usize {
+            merger.parts[0]
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|l| l.agg.len())
+                .sum()
+        };
+        for (round, count) in [(0i64, 33_000i64), (1, 150_000)] {
+            for period in 0..3 {
+                let base = round * 1_000_000 + period * 10_000_000;
+                let pairs: Vec<(i64, i64)> = (base..base + count).map(|id| (id, 1)).collect();
+                let _ = merger.add(0, Some(period), &pairs);
+                assert!(held() <= 200_000 + 3 * 32 * 1024, "{} keys held", held());
+            }
+        }
     }
 }

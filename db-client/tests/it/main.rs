@@ -5,3 +5,4 @@
 
 mod batch;
 mod migrations;
+mod partitions;

@@ -39,8 +39,8 @@ impl Parser<'_> {
     ) -> Result<Option<StreamDone>, Failure> {
         let _span = tracing::info_span!("unit", unit = %unit.unit_id).entered();
         let step = match self.forced_reject.get(&unit.unit_id).cloned() {
-            Some(reason) => Step::Reject(reason),
-            None => streams::prepare(state, unit, &self.data_root),
+            Some(reason) if !streams::done_already(state, unit) => Step::Reject(reason),
+            _ => streams::prepare(state, unit, &self.data_root),
         };
         let (file, plan) = match step {
             Step::Skip => return Ok(self.skip(unit)),
