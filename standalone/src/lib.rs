@@ -202,7 +202,9 @@ impl Pass<'_> {
                 .is_some_and(|id| present.contains(id))
         });
         let units: Vec<WorkUnit> = files.iter().flatten().cloned().collect();
-        for group in groups(&units, self.args.units_per_txn_max, self.args.txn_bytes_max) {
+        let period = |u: &WorkUnit| u.time().and_then(|t| self.engine.period.start_of(t));
+        let limits = (self.args.units_per_txn_max, self.args.txn_bytes_max);
+        for group in groups(&units, limits, period) {
             if shutdown.is_cancelled() {
                 return Ok(next);
             }
@@ -257,13 +259,19 @@ impl Pass<'_> {
 }
 
 /// `units` cut into runs of at most `units_max` units and `bytes_max` unit bytes (at least
-/// one unit each).
-fn groups(units: &[WorkUnit], units_max: usize, bytes_max: u64) -> Vec<&[WorkUnit]> {
+/// one unit each), each of one period (`period_of`): a group's sums then merge in one table,
+/// and periods never push each other out of it.
+fn groups(
+    units: &[WorkUnit],
+    (units_max, bytes_max): (usize, u64),
+    period_of: impl Fn(&WorkUnit) -> Option<i64>,
+) -> Vec<&[WorkUnit]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0u64);
     for (i, unit) in units.iter().enumerate() {
         let len = unit.end - unit.start;
-        if i > start && (i - start >= units_max || bytes + len > bytes_max) {
+        let full = i - start >= units_max || bytes + len > bytes_max;
+        if i > start && (full || period_of(unit) != period_of(&units[start])) {
             out.push(&units[start..i]);
             (start, bytes) = (i, 0);
         }
@@ -294,9 +302,16 @@ mod tests {
         };
         let units: Vec<_> = (0..10).map(|i| unit(i * 10, i * 10 + 10)).collect();
         let sizes = |g: Vec<&[WorkUnit]>| g.iter().map(|g| g.len()).collect::<Vec<_>>();
-        assert_eq!(sizes(groups(&units, 4, 1000)), vec![4, 4, 2]);
-        assert_eq!(sizes(groups(&units, 8, 25)), vec![2, 2, 2, 2, 2]);
-        assert_eq!(sizes(groups(&units, 8, 5)), vec![1; 10]);
-        assert!(groups(&[], 8, 5).is_empty());
+        let one = |_: &WorkUnit| Some(0);
+        assert_eq!(sizes(groups(&units, (4, 1000), one)), vec![4, 4, 2]);
+        assert_eq!(sizes(groups(&units, (8, 25), one)), vec![2, 2, 2, 2, 2]);
+        assert_eq!(sizes(groups(&units, (8, 5), one)), vec![1; 10]);
+        assert!(groups(&[], (8, 5), one).is_empty());
+        // A new period starts a new group.
+        let by_thirds = |u: &WorkUnit| Some(u.start as i64 / 30);
+        assert_eq!(
+            sizes(groups(&units, (8, 1000), by_thirds)),
+            vec![3, 3, 3, 1]
+        );
     }
 }
