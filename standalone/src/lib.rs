@@ -73,7 +73,8 @@ pub struct StandaloneArgs {
     /// Most unit bytes per database transaction.
     #[arg(long, env = "TALLY_TXN_BYTES_MAX", default_value_t = 1 << 30, value_parser = tally_core::args::positive_u64)]
     pub txn_bytes_max: u64,
-    /// Count what is complete now, then exit.
+    /// Count what is complete, then exit (after waiting for files still settling; not for
+    /// locked ones).
     #[arg(long)]
     pub once: bool,
 }
@@ -121,6 +122,9 @@ pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow:
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     while !shutdown.is_cancelled() {
         let next = match pass.scan(shutdown).await {
+            // --once: done when no file is still settling (a file just written or renamed
+            // in waits out --settle-ms first; locked files are not waited for).
+            Ok(None) if args.once => break,
             Ok(next) => {
                 backoff.reset();
                 next.map_or(rescan, |n| n.min(rescan))
@@ -132,9 +136,6 @@ pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow:
                 backoff.next_delay()
             }
         };
-        if args.once {
-            break;
-        }
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = rx.recv() => {}
