@@ -51,13 +51,36 @@ pub async fn upsert_period_totals(
         encode_periods(rows),
     )
     .await?;
-    sqlx::query(
-        "INSERT INTO consumer_period_totals (consumer_id, period_start, total)
-         SELECT consumer_id, period_start, total FROM tally_period_staging
-         ORDER BY consumer_id, period_start
-         ON CONFLICT (consumer_id, period_start) DO UPDATE
-           SET total = consumer_period_totals.total + EXCLUDED.total, updated_at = now()",
+    add_period_totals(
+        tx,
+        "SELECT consumer_id, period_start, total FROM tally_period_staging
+         ORDER BY consumer_id, period_start",
     )
+    .await
+}
+
+/// Adds the `(consumer_id, total)` rows `select` yields (each id once, in id order) to
+/// `consumer_totals`.
+async fn add_totals(tx: &mut PgConnection, select: &str) -> anyhow::Result<()> {
+    sqlx::query(&format!(
+        "INSERT INTO consumer_totals (consumer_id, total) {select}
+         ON CONFLICT (consumer_id) DO UPDATE
+           SET total = consumer_totals.total + EXCLUDED.total, updated_at = now()"
+    ))
+    .execute(&mut *tx)
+    .await
+    .context("upsert totals")?;
+    Ok(())
+}
+
+/// Adds the `(consumer_id, period_start, total)` rows `select` yields (each pair once, in key
+/// order) to `consumer_period_totals`.
+async fn add_period_totals(tx: &mut PgConnection, select: &str) -> anyhow::Result<()> {
+    sqlx::query(&format!(
+        "INSERT INTO consumer_period_totals (consumer_id, period_start, total) {select}
+         ON CONFLICT (consumer_id, period_start) DO UPDATE
+           SET total = consumer_period_totals.total + EXCLUDED.total, updated_at = now()"
+    ))
     .execute(&mut *tx)
     .await
     .context("upsert period totals")?;
@@ -109,28 +132,19 @@ pub async fn upsert_staged(tx: &mut PgConnection) -> anyhow::Result<()> {
         .execute(&mut *tx)
         .await
         .context("staging table")?;
-    sqlx::query(
-        "INSERT INTO consumer_totals (consumer_id, total)
-         SELECT consumer_id, sum(total) FROM tally_sums_staging
-         GROUP BY consumer_id ORDER BY consumer_id
-         ON CONFLICT (consumer_id) DO UPDATE
-           SET total = consumer_totals.total + EXCLUDED.total, updated_at = now()",
+    add_totals(
+        tx,
+        "SELECT consumer_id, sum(total) FROM tally_sums_staging
+         GROUP BY consumer_id ORDER BY consumer_id",
     )
-    .execute(&mut *tx)
-    .await
-    .context("upsert totals")?;
-    sqlx::query(
-        "INSERT INTO consumer_period_totals (consumer_id, period_start, total)
-         SELECT consumer_id, period_start, sum(total) FROM tally_sums_staging
+    .await?;
+    add_period_totals(
+        tx,
+        "SELECT consumer_id, period_start, sum(total) FROM tally_sums_staging
          WHERE period_start IS NOT NULL
-         GROUP BY consumer_id, period_start ORDER BY consumer_id, period_start
-         ON CONFLICT (consumer_id, period_start) DO UPDATE
-           SET total = consumer_period_totals.total + EXCLUDED.total, updated_at = now()",
+         GROUP BY consumer_id, period_start ORDER BY consumer_id, period_start",
     )
-    .execute(&mut *tx)
     .await
-    .context("upsert period totals")?;
-    Ok(())
 }
 
 /// Adds `rows` (sorted by id, each id once) to `consumer_totals` in the open transaction.
@@ -143,15 +157,11 @@ pub async fn upsert_totals(tx: &mut PgConnection, rows: &[(i64, i128)]) -> anyho
     )
     .await?;
     let copied = std::time::Instant::now();
-    sqlx::query(
-        "INSERT INTO consumer_totals (consumer_id, total)
-         SELECT consumer_id, total FROM tally_staging ORDER BY consumer_id
-         ON CONFLICT (consumer_id) DO UPDATE
-           SET total = consumer_totals.total + EXCLUDED.total, updated_at = now()",
+    add_totals(
+        tx,
+        "SELECT consumer_id, total FROM tally_staging ORDER BY consumer_id",
     )
-    .execute(&mut *tx)
-    .await
-    .context("upsert totals")?;
+    .await?;
     tracing::debug!(
         rows = rows.len(),
         statement_ms = copied.elapsed().as_millis() as u64,

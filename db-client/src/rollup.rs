@@ -13,7 +13,6 @@
 //! db-client batch is retried (PostgreSQL aborts one of the two; the db-client retries too).
 
 use anyhow::{bail, Context};
-use sqlx::postgres::PgPoolOptions;
 use tally_core::period::Period;
 use tally_core::DatabaseArgs;
 
@@ -126,14 +125,7 @@ pub async fn run(args: &RollupArgs) -> anyhow::Result<()> {
             args.to
         );
     }
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(args.database.connect_options()?)
-        .await
-        .with_context(|| format!("cannot connect to {}", args.database.redacted_url()))?;
-    crate::schema::migrate(&pool)
-        .await
-        .context("cannot apply migrations")?;
+    let pool = crate::schema::connect_migrated(&args.database, 1).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);

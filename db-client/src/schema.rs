@@ -28,15 +28,24 @@ pub fn will_not_heal(error: &sqlx::Error) -> bool {
     }
 }
 
-/// Connects to the configured database and applies the migrations.
-pub async fn migrate_url(database: &tally_core::DatabaseArgs) -> anyhow::Result<()> {
+/// A pool of at most `connections` on the configured database, its migrations applied.
+pub async fn connect_migrated(
+    database: &tally_core::DatabaseArgs,
+    connections: u32,
+) -> anyhow::Result<PgPool> {
     use anyhow::Context;
     let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
+        .max_connections(connections)
         .connect_with(database.connect_options()?)
         .await
         .with_context(|| format!("cannot connect to {}", database.redacted_url()))?;
     migrate(&pool).await.context("cannot apply migrations")?;
+    Ok(pool)
+}
+
+/// Connects to the configured database and applies the migrations.
+pub async fn migrate_url(database: &tally_core::DatabaseArgs) -> anyhow::Result<()> {
+    connect_migrated(database, 1).await?;
     tracing::info!(database = %database.redacted_url(), "migrations applied");
     Ok(())
 }

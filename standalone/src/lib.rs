@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use notify::Watcher;
-use sqlx::postgres::PgPoolOptions;
 use tally_core::backoff::Backoff;
 use tally_core::identity::file_id;
 use tally_core::messages::WorkUnit;
@@ -83,14 +82,7 @@ pub struct StandaloneArgs {
 pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let dir = std::fs::canonicalize(&args.dir)
         .with_context(|| format!("cannot resolve {}", args.dir.display()))?;
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(args.database.connect_options()?)
-        .await
-        .with_context(|| format!("cannot connect to {}", args.database.redacted_url()))?;
-    tally_db_client::schema::migrate(&pool)
-        .await
-        .context("cannot apply migrations")?;
+    let pool = tally_db_client::schema::connect_migrated(&args.database, 2).await?;
     let engine = Engine {
         config: args.engine.config(),
         pool: Arc::new(args.engine.pool()?),

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::periods;
-use crate::support::{Pipeline, Stage};
+use crate::support::{clock_rng, Pipeline, Stage};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_parsers_and_db_client_at_random_moments() {
@@ -56,18 +56,7 @@ async fn chaos(name: &str, aggregators: bool) {
         stages.push((name.to_owned(), args, stage));
     }
 
-    // A seed from the clock, printed so that a failure can be replayed.
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("crash test seed {seed}");
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = clock_rng("crash test");
     // Files keep arriving while the stages crash: one file announced per round.
     let mut kills = 0;
     let chaos_until = Instant::now() + Duration::from_secs(60);
@@ -88,7 +77,7 @@ async fn chaos(name: &str, aggregators: bool) {
         kills += 1;
         // Sometimes come back at once (same transactional id: fences the dead one), sometimes
         // after a pause (the group rebalances to the survivor first).
-        if next() % 2 == 0 {
+        if matches!(next() % 2, 0) {
             tokio::time::sleep(Duration::from_millis(next() % 3000)).await;
         }
         *stage = p.spawn(name, args);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::periods::{self, set_mtime};
-use crate::support::{read_expected, Pipeline};
+use crate::support::{clock_rng, Pipeline};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -31,7 +31,7 @@ fn standalone_args(p: &Pipeline, unit_bytes: &str, extra: &[&str]) -> Vec<String
     args
 }
 
-/// Writes `files` generated files into `p.dir/incoming` (not yet in the watched folder).
+/// Writes `files` generated files into `p.dir/incoming-SEED` (not yet in the watched folder).
 async fn generate_outside(
     p: &Pipeline,
     files: u32,
@@ -39,32 +39,8 @@ async fn generate_outside(
     seed: u64,
 ) -> (Vec<PathBuf>, HashMap<i64, i128>) {
     let incoming = p.dir.join(format!("incoming-{seed}"));
-    let expect = p.dir.join(format!("expected-{seed}.txt"));
-    let out = p
-        .tally(&[
-            "producer",
-            "generate",
-            "--no-announce",
-            "--dir",
-            incoming.to_str().unwrap(),
-            "--files",
-            &files.to_string(),
-            "--size",
-            &size.to_string(),
-            "--consumers",
-            "4000",
-            "--seed",
-            &seed.to_string(),
-            "--prefix",
-            &format!("sa{seed}"),
-            "--expect",
-            expect.to_str().unwrap(),
-        ])
-        .await;
-    (
-        out.lines().map(PathBuf::from).collect(),
-        read_expected(&expect),
-    )
+    let (paths, expected) = p.generate_in(&incoming, files, size, 4000, seed).await;
+    (paths.into_iter().map(PathBuf::from).collect(), expected)
 }
 
 async fn units_applied(p: &Pipeline) -> Vec<(String, i32)> {
@@ -80,17 +56,7 @@ async fn standalone_is_exact_after_repeated_kill_9_while_files_arrive() {
     let (files, expected) = generate_outside(&p, 12, 1_000_000, 51).await;
     let args = standalone_args(&p, "262144", &[]);
     let mut stage = p.spawn("standalone", &args);
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("standalone crash seed {seed}");
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = clock_rng("standalone crash");
     // Each file lands by rename (with a time 35 minutes after the previous one), then the
     // process is killed at a random moment and restarted.
     let mut timed = Vec::new();
@@ -104,7 +70,7 @@ async fn standalone_is_exact_after_repeated_kill_9_while_files_arrive() {
         tokio::time::sleep(Duration::from_millis(100 + next() % 1500)).await;
         stage.kill9();
         kills += 1;
-        if next() % 3 == 0 {
+        if matches!(next() % 3, 0) {
             tokio::time::sleep(Duration::from_millis(next() % 1000)).await;
         }
         stage = p.spawn("standalone", &args);

@@ -1,0 +1,187 @@
+//! Reading a pipeline's topics back: committed records, unit-end markers, a group's lag.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tally_core::messages::{SumsRecord, UnitDone};
+use tally_core::KafkaArgs;
+
+use super::Pipeline;
+
+impl Pipeline {
+    /// Sends `(key, payload)` records to the files topic in one transaction, as a producer
+    /// would (transactional, so that "consumed up to the last marker" means "consumed every
+    /// record" when a test waits for the parser group).
+    pub fn announce_raw(&self, records: &[(String, String)]) {
+        let producer: BaseProducer = tally_core::kafka::transactional_producer_config(
+            &self.kafka,
+            &tally_testkit::unique("raw"),
+            Duration::from_secs(60),
+        )
+        .create()
+        .unwrap();
+        producer.init_transactions(Duration::from_secs(30)).unwrap();
+        producer.begin_transaction().unwrap();
+        for (key, payload) in records {
+            producer
+                .send(
+                    BaseRecord::<str, str>::to(&self.topics.files)
+                        .key(key)
+                        .payload(payload),
+                )
+                .unwrap();
+        }
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .unwrap();
+    }
+
+    /// Every committed record of `topic`, as `(partition, payload)`.
+    pub fn read_topic(&self, topic: &str) -> Vec<(i32, Vec<u8>)> {
+        read_committed(&self.kafka, topic)
+    }
+
+    /// The committed unit-end markers (one per unit and transaction; from sums partition 0,
+    /// as every unit ends in every partition).
+    pub fn unit_ends(&self) -> Vec<UnitDone> {
+        self.unit_ends_in(&self.topics.sums)
+    }
+
+    /// [`Pipeline::unit_ends`] of `topic` (`tally.sums`, or the aggregators' `tally.totals`).
+    pub fn unit_ends_in(&self, topic: &str) -> Vec<UnitDone> {
+        self.read_topic(topic)
+            .into_iter()
+            .filter(|(partition, v)| *partition == 0 && v.starts_with(br#"{"type":"unit-end""#))
+            .map(|(_, v)| match tally_core::codec::decode(&v).unwrap() {
+                SumsRecord::UnitEnd { unit, .. } => unit,
+                SumsRecord::Sums { .. } => unreachable!(),
+            })
+            .collect()
+    }
+
+    /// How many times each unit was committed as summed (must be once).
+    pub fn summed_units(&self) -> HashMap<String, usize> {
+        let mut summed = HashMap::new();
+        for unit in self.unit_ends() {
+            *summed.entry(unit.unit_id).or_default() += 1;
+        }
+        summed
+    }
+
+    /// Bytes summed per file version, over every committed unit.
+    pub fn summed_bytes(&self) -> HashMap<String, u64> {
+        let mut bytes = HashMap::new();
+        for unit in self.unit_ends() {
+            *bytes.entry(unit.file_id).or_default() += unit.bytes;
+        }
+        bytes
+    }
+
+    /// Waits until the parser group has committed every announced unit.
+    pub async fn wait_files_consumed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let kafka = self.kafka.clone();
+        let topics = self.topics.clone();
+        loop {
+            let (k, t) = (kafka.clone(), topics.clone());
+            let lag = tokio::task::spawn_blocking(move || group_lag(&k, &t.parser_group, &t.files))
+                .await
+                .unwrap();
+            if lag == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "parser group still lags by {lag}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+/// Reads every committed record of `topic` (all partitions) up to the high watermarks.
+pub fn read_committed(kafka: &KafkaArgs, topic: &str) -> Vec<(i32, Vec<u8>)> {
+    read_records(kafka, topic)
+        .into_iter()
+        .map(|(p, _, v)| (p, v.unwrap_or_default()))
+        .collect()
+}
+
+/// A record as read: partition, key, payload (none: a tombstone).
+pub type Record = (i32, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Reads every committed record of `topic` with its key, tombstones included.
+pub fn read_records(kafka: &KafkaArgs, topic: &str) -> Vec<Record> {
+    let consumer: BaseConsumer =
+        tally_core::kafka::consumer_config(kafka, &tally_testkit::unique("reader"))
+            .create()
+            .unwrap();
+    let partitions = tally_core::kafka::partition_count(&consumer, topic).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut high = HashMap::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+        high.insert(
+            p,
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1,
+        );
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut records = Vec::new();
+    loop {
+        let behind = (0..partitions)
+            .any(|p| tally_core::kafka::position_of(&consumer, topic, p).unwrap() < high[&p]);
+        if !behind {
+            return records;
+        }
+        assert!(Instant::now() < deadline, "timed out reading {topic}");
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.unwrap();
+            records.push((
+                m.partition(),
+                m.key().map(<[u8]>::to_vec),
+                m.payload().map(<[u8]>::to_vec),
+            ));
+        }
+    }
+}
+
+/// Unconsumed records of `topic` for `group` (high watermark minus committed offset, summed).
+/// Transaction markers count as one each, so "0 or 1 per partition" means caught up too; a
+/// committed offset at or past `high - 1` counts as caught up.
+pub fn group_lag(kafka: &KafkaArgs, group: &str, topic: &str) -> i64 {
+    let consumer: BaseConsumer = tally_core::kafka::consumer_config(kafka, group)
+        .create()
+        .unwrap();
+    let partitions = tally_core::kafka::partition_count(&consumer, topic).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let mut lag = 0;
+    for p in 0..partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
+        let at = match committed.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => 0,
+        };
+        if at < high - 1 || (high > 0 && at == 0) {
+            lag += high - at;
+        }
+    }
+    lag
+}
