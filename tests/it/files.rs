@@ -210,9 +210,24 @@ async fn done_states_of_files_gone_are_pruned_and_of_files_there_kept() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
-    for (_, key, payload) in read_records(&p.kafka, &p.topics.done) {
-        latest.insert(key.expect("done records are keyed by stream"), payload);
+    // The log line comes as the tombstones are sent; they are read once their transaction
+    // commits.
+    let latest_states = || {
+        let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+        for (_, key, payload) in read_records(&p.kafka, &p.topics.done) {
+            latest.insert(key.expect("done records are keyed by stream"), payload);
+        }
+        latest
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut latest = latest_states();
+    while streams[..2]
+        .iter()
+        .any(|s| latest.get(s.as_bytes()).is_some_and(Option::is_some))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        latest = latest_states();
     }
     assert_eq!(latest.len(), 3, "one key per file, however many units");
     assert!(latest[streams[0].as_bytes()].is_none(), "a pruned");
