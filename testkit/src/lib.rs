@@ -133,6 +133,55 @@ impl Services {
             .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
         with_database(&self.database_url, &name)
     }
+
+    /// Drops what a passed test made: its database (connections closed by force) and its
+    /// Kafka topics. Blocking, for `Drop`; errors are ignored (what stays is cleaned with the
+    /// services). Keeps a CI run's disk use to what the running tests hold.
+    pub fn forget(&self, database_url: &str, topics: &[String]) {
+        let admin_url = self.database_url.clone();
+        let bootstrap = self.kafka_bootstrap.clone();
+        let database = database_url
+            .split('?')
+            .next()
+            .and_then(|u| u.rsplit('/').next())
+            .map(str::to_owned);
+        let topics = topics.to_vec();
+        let work = move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Some(database) = database {
+                    if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                        let drop = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
+                        let _ = admin.execute(drop.as_str()).await;
+                    }
+                }
+                if !topics.is_empty() {
+                    delete_topics(&bootstrap, &topics).await;
+                }
+            });
+        };
+        // Its own thread: `Drop` may run inside a runtime, where blocking on another is refused.
+        let _ = std::thread::spawn(work).join();
+    }
+}
+
+async fn delete_topics(bootstrap: &str, topics: &[String]) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: Result<AdminClient<DefaultClientContext>, _> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create();
+    if let Ok(admin) = admin {
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let options =
+            AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(10)));
+        let _ = admin.delete_topics(&names, &options).await;
+    }
 }
 
 /// `url` with its database name replaced by `name`.

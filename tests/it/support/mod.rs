@@ -45,6 +45,7 @@ pub struct Pipeline {
     /// Extra environment of every command this pipeline runs (secure-connection settings).
     pub envs: Vec<(String, String)>,
     log_seq: u32,
+    services: tally_testkit::Services,
 }
 
 impl Pipeline {
@@ -89,6 +90,7 @@ impl Pipeline {
             pool,
             envs: Vec::new(),
             log_seq: 0,
+            services,
         };
         let mut init = vec!["init"];
         init.extend(init_args);
@@ -335,6 +337,9 @@ impl Drop for Pipeline {
         // Logs stay for a failed test, or when asked (TALLY_TEST_KEEP_LOGS=1).
         if !std::thread::panicking() && std::env::var_os("TALLY_TEST_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
+            let t = &self.topics;
+            let topics = [&t.files, &t.done, &t.sums, &t.totals, &t.dead_letter].map(|s| s.clone());
+            self.services.forget(&self.database_url, &topics);
         }
     }
 }
