@@ -14,6 +14,7 @@
 //!   client errors are a broker outage rather than a failure;
 //! - [`metrics`]: every exported metric, declared once; [`http`]: `/metrics`, `/livez`,
 //!   `/readyz` of a long-running process (`--http-addr`);
+//! - [`backlog`]: what a consumer group has not finished on a topic (lag, in records or bytes);
 //! - [`inspect`]: `tally inspect`, any pipeline topic as text or JSON lines;
 //! - [`telemetry`]: tracing set-up; [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
 //!
@@ -21,6 +22,7 @@
 //! on each other: Kafka topics are their only coupling.
 
 pub mod args;
+pub mod backlog;
 pub mod backoff;
 pub mod codec;
 pub mod http;

@@ -41,6 +41,12 @@ pub const PRODUCER_UNITS: &str = "tally_producer_units_announced_total";
 pub const PRODUCER_BYTES: &str = "tally_producer_bytes_announced_total";
 /// Files whose name held no time under `--file-time-from name:…` (their mtime counted).
 pub const PRODUCER_FILE_TIME_FALLBACKS: &str = "tally_producer_file_time_fallbacks_total";
+/// Uploads finished by `producer serve`, by `token` name and `outcome` (announced, repeated).
+pub const PRODUCER_INGEST_UPLOADS: &str = "tally_producer_ingest_uploads_total";
+/// Bytes received by `producer serve`, by `token` name.
+pub const PRODUCER_INGEST_BYTES: &str = "tally_producer_ingest_bytes_total";
+/// Requests `producer serve` refused, by `status` code.
+pub const PRODUCER_INGEST_REFUSED: &str = "tally_producer_ingest_refused_total";
 
 /// The metrics every long-running stage has, under its own prefix.
 #[derive(Debug)]
@@ -141,6 +147,19 @@ fn describe() {
         PRODUCER_FILE_TIME_FALLBACKS,
         "Files whose name held no time under --file-time-from name:…; their mtime counted."
     );
+    describe_counter!(
+        PRODUCER_INGEST_UPLOADS,
+        "Uploads finished by producer serve, by token name and outcome."
+    );
+    describe_counter!(
+        PRODUCER_INGEST_BYTES,
+        Unit::Bytes,
+        "Bytes received by producer serve, by token name."
+    );
+    describe_counter!(
+        PRODUCER_INGEST_REFUSED,
+        "Requests producer serve refused, by status code."
+    );
     for m in ALL {
         describe_histogram!(
             m.batch_seconds,
@@ -177,6 +196,9 @@ mod tests {
             PRODUCER_UNITS,
             PRODUCER_BYTES,
             PRODUCER_FILE_TIME_FALLBACKS,
+            PRODUCER_INGEST_UPLOADS,
+            PRODUCER_INGEST_BYTES,
+            PRODUCER_INGEST_REFUSED,
         ];
         for m in ALL {
             names.extend([m.batch_seconds, m.rebalances, m.retries, m.lag]);

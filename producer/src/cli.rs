@@ -47,6 +47,11 @@ pub enum ProducerCommand {
     },
     /// Announce complete files written into a directory by any program, as they appear.
     Watch(WatchArgs),
+    /// Take files pushed over HTTP into a folder, and announce them (`producer push` is the
+    /// client).
+    Serve(crate::ingest::ServeArgs),
+    /// Push files to a `producer serve`, resuming and retrying until each is in.
+    Push(crate::push::PushArgs),
     /// Announce the given files once.
     Publish {
         /// Files to announce.
@@ -114,5 +119,7 @@ pub fn run(args: &ProducerArgs, shutdown: &CancellationToken) -> anyhow::Result<
             Ok(())
         }
         ProducerCommand::Watch(watch_args) => watch::run(&args.kafka, &split, watch_args, shutdown),
+        ProducerCommand::Serve(serve) => crate::ingest::run(&args.kafka, &split, serve, shutdown),
+        ProducerCommand::Push(push) => crate::push::run(push, shutdown),
     }
 }

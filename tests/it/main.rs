@@ -10,6 +10,7 @@ mod config;
 mod crash;
 mod edges;
 mod files;
+mod ingest;
 mod liveness;
 mod ops;
 mod periods;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use tally_core::backlog::{committed_offsets, records_between};
 use tally_core::inspect::read_topic;
 use tally_core::messages::{DeadLetter, WorkUnit};
 use tally_core::{kafka, KafkaArgs, Topics};
@@ -145,74 +145,4 @@ pub(super) fn read_kafka(
         watermarks,
         db_lag,
     })
-}
-
-/// The committed offsets of `group` on `topic` (none where it never committed).
-fn committed_offsets(
-    args: &KafkaArgs,
-    group: &str,
-    topic: &str,
-    partitions: i32,
-) -> anyhow::Result<BTreeMap<i32, Option<i64>>> {
-    let consumer: BaseConsumer = kafka::consumer_config(args, group).create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
-    Ok(committed
-        .elements()
-        .iter()
-        .map(|e| {
-            let offset = match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            };
-            (e.partition(), offset)
-        })
-        .collect())
-}
-
-/// Records up to this many are counted one by one (transaction markers are not records);
-/// a longer lag is the offset difference.
-const COUNT_UP_TO: i64 = 10_000;
-
-/// Committed records in `[from, end)` of the partition: counted by reading when there are at
-/// most [`COUNT_UP_TO`] offsets (with `read_committed`, markers and aborted records are never
-/// delivered), else `end - from`.
-fn records_between(
-    consumer: &BaseConsumer,
-    topic: &str,
-    partition: i32,
-    from: i64,
-    end: i64,
-) -> anyhow::Result<i64> {
-    if from >= end {
-        return Ok(0);
-    }
-    if end - from > COUNT_UP_TO {
-        return Ok(end - from);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
-    consumer.assign(&tpl)?;
-    let mut count = 0;
-    let mut idle = std::time::Instant::now();
-    while idle.elapsed() < Duration::from_secs(5) {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) if m.offset() < end => {
-                count += 1;
-                idle = std::time::Instant::now();
-            }
-            Some(Ok(_)) => return Ok(count),
-            Some(Err(e)) => return Err(e.into()),
-            None => {
-                if kafka::position_of(consumer, topic, partition)? >= end {
-                    return Ok(count);
-                }
-            }
-        }
-    }
-    // Could not read to the end in time: the offsets are the best answer.
-    Ok(end - from)
 }
