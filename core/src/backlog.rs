@@ -64,6 +64,8 @@ pub fn records_between(
 
 /// Hands each committed record of `[from, end)` to `each`; `false` when it did not read them
 /// all (more than [`READ_UP_TO`] offsets, or the end not reached within 5 s without a record).
+/// A consumer with `enable.partition.eof` knows the end at once even when a transaction
+/// marker is the last offset; without it, that case waits the 5 s.
 pub fn read_between(
     consumer: &BaseConsumer,
     topic: &str,
@@ -89,6 +91,8 @@ pub fn read_between(
                 idle = Instant::now();
             }
             Some(Ok(_)) => return Ok(true),
+            // With `enable.partition.eof`: the end, past any trailing transaction marker.
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(true),
             Some(Err(e)) => return Err(e.into()),
             None => {
                 if kafka::position_of(consumer, topic, partition)? >= end {

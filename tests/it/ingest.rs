@@ -61,18 +61,18 @@ async fn serve(p: &mut Pipeline, dir: &Path, extra: &[&str]) -> (Stage, u16) {
 }
 
 /// A TCP proxy on loopback to `upstream` that cuts each connection (both ways) once it has
-/// forwarded a random number of request bytes (one connection in four is left whole).
+/// forwarded a random number of request bytes (every fourth connection is left whole).
 async fn cutting_proxy(upstream: u16, cuts: Arc<AtomicUsize>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut next = clock_rng("cutting proxy");
     tokio::spawn(async move {
-        loop {
+        for n in 0u64.. {
             let Ok((mut inbound, _)) = listener.accept().await else {
                 return;
             };
-            let limit = match next() % 4 {
-                0 => u64::MAX,
+            let limit = match n % 4 {
+                3 => u64::MAX,
                 _ => 16_384 + next() % 3_000_000,
             };
             let cuts = cuts.clone();
@@ -471,6 +471,8 @@ async fn with_parsers_stopped_the_server_throttles_and_pushers_finish_when_they_
     let (files, expected) = p.generate_in(&outgoing, 6, 200_000, 500, 62).await;
     let files: Vec<PathBuf> = files.into_iter().map(PathBuf::from).collect();
     let data = p.data.clone();
+    let http = free_port().to_string();
+    let http_addr = format!("127.0.0.1:{http}");
     let (server, port) = serve(
         &mut p,
         &data,
@@ -481,6 +483,8 @@ async fn with_parsers_stopped_the_server_throttles_and_pushers_finish_when_they_
             "200",
             "--retry-after-s",
             "1",
+            "--http-addr",
+            &http_addr,
         ],
     )
     .await;
@@ -518,6 +522,14 @@ async fn with_parsers_stopped_the_server_throttles_and_pushers_finish_when_they_
         "the pusher gave up"
     );
     assert!(server.log_text().contains("refusing new uploads"));
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    let http: u16 = http.parse().unwrap();
+    assert_eq!(
+        raw(http, get("/readyz").as_bytes(), None).await,
+        503,
+        "ready while throttled"
+    );
+    assert_eq!(raw(http, get("/metrics").as_bytes(), None).await, 200);
 
     let _parser = p.spawn("parser", &p.parser_args("p1"));
     let _db = p.spawn("db-client", &["db-client"]);
@@ -590,4 +602,80 @@ async fn the_server_killed_mid_upload_loses_nothing_and_counts_each_file_once() 
         .filter(|n| !n.starts_with('.'))
         .collect();
     assert_eq!(landed.len(), files.len(), "{landed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_watch_clears_local_files_only_once_the_server_took_them() {
+    let mut p = Pipeline::new("ingest-watch").await;
+    let staging = p.dir.join("staging");
+    let (files, expected) = p.generate_in(&staging, 4, 300_000, 700, 64).await;
+    let outbox = p.dir.join("outbox");
+    std::fs::create_dir_all(&outbox).unwrap();
+    let archive = p.dir.join("sent");
+    // The server is not there yet: nothing may be cleared.
+    let port = free_port();
+    p.envs.push(("TALLY_INGEST_TOKEN".into(), TOKEN.into()));
+    let args: Vec<String> = [
+        "producer",
+        "push",
+        "--to",
+        &format!("http://127.0.0.1:{port}"),
+        "--watch",
+        outbox.to_str().unwrap(),
+        "--settle-ms",
+        "300",
+        "--after-push",
+        &format!("archive:{}", archive.display()),
+    ]
+    .map(String::from)
+    .to_vec();
+    let _pusher = p.spawn("push-watch", &args);
+    for file in &files {
+        let file = Path::new(file);
+        std::fs::rename(file, outbox.join(file.file_name().unwrap())).unwrap();
+    }
+    // One more, still being written behind a lock file.
+    std::fs::write(outbox.join("late.txt.lock"), b"").unwrap();
+    std::fs::write(outbox.join("late.txt"), b"1 5\n2 7\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        names_in(&outbox).len(),
+        6,
+        "cleared before the server confirmed"
+    );
+
+    let data = p.data.clone();
+    let tokens = p.dir.join("tokens");
+    std::fs::write(&tokens, format!("site-a {TOKEN}\n")).unwrap();
+    let serve_args: Vec<String> = [
+        "producer",
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--dir",
+        data.to_str().unwrap(),
+        "--tokens-file",
+        tokens.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let _server = p.spawn("serve", &serve_args);
+    let _parser = p.spawn("parser", &p.parser_args("p1"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    p.wait_ingested(4, TIMEOUT).await;
+    p.assert_totals(&expected, "pushed by push --watch").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while names_in(&outbox).len() > 2 {
+        assert!(Instant::now() < deadline, "outbox: {:?}", names_in(&outbox));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(names_in(&archive).len(), 4, "{:?}", names_in(&archive));
+    assert!(!data.join("late.txt").exists(), "a locked file was pushed");
+    // The lock goes: the last file follows.
+    std::fs::remove_file(outbox.join("late.txt.lock")).unwrap();
+    p.wait_ingested(5, TIMEOUT).await;
+    let mut with_late = expected.clone();
+    *with_late.entry(1).or_default() += 5;
+    *with_late.entry(2).or_default() += 7;
+    p.assert_totals(&with_late, "the unlocked file").await;
 }

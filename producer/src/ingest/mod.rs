@@ -128,6 +128,7 @@ pub fn run(
         dir.clone(),
         bounds,
         Duration::from_millis(args.throttle_every_ms),
+        liveness.clone(),
         shutdown.clone(),
     );
     let ingest = Arc::new(Ingest {

@@ -1,8 +1,8 @@
 //! Backpressure: whether the server takes new uploads now. A thread looks every
 //! `--throttle-every` at what the parsers have not finished (the parser group's backlog on the
 //! files topic, in records and in bytes of work units) and at the folder's free space; past a
-//! bound, new uploads get 503 with `Retry-After` until it is back under. `GET /v1/throttle`
-//! shows the state.
+//! bound, new uploads get 503 with `Retry-After` until it is back under, and `/readyz` says
+//! not ready. `GET /v1/throttle` shows the state.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tally_core::backlog;
+use tally_core::liveness::Liveness;
 use tally_core::messages::WorkUnit;
 use tally_core::shutdown::CancellationToken;
 use tally_core::{kafka, KafkaArgs, Topics};
@@ -155,6 +156,7 @@ pub fn start(
     dir: PathBuf,
     bounds: Bounds,
     every: Duration,
+    liveness: Liveness,
     shutdown: CancellationToken,
 ) -> Shared {
     let shared: Shared = Arc::new(Gate::new(bounds));
@@ -184,8 +186,11 @@ pub fn start(
                     was = state.throttled;
                     if was {
                         tracing::warn!(reasons = ?state.reasons, "refusing new uploads");
+                        // `/readyz` says so too: a load balancer can send pushers elsewhere.
+                        liveness.not_ready("throttle", state.reasons.join("; "));
                     } else {
                         tracing::info!("taking new uploads again");
+                        liveness.ready("throttle");
                     }
                 }
                 sleep_unless(&shutdown, every);
@@ -205,6 +210,7 @@ fn look(
         Some(c) => c,
         None => consumer.insert(
             kafka::consumer_config(kafka, "tally-throttle")
+                .set("enable.partition.eof", "true")
                 .create()
                 .map_err(|e| e.to_string())?,
         ),
