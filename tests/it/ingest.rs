@@ -368,6 +368,14 @@ async fn refusals_get_their_status_and_leave_nothing_behind() {
             "{name}"
         );
     }
+    // Headers that trickle in are cut too (no status: the request never began).
+    let slow = raw(
+        port,
+        b"PUT /v1/files/slow.dat HTTP/1.1\r\nhost: x\r\n",
+        Some(Duration::from_secs(3)),
+    )
+    .await;
+    assert!(slow == 0 || slow == 408, "slow headers answered {slow}");
     // Nothing in the folder, nothing announced, and the stalled bytes gone after the TTL.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

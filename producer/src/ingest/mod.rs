@@ -92,8 +92,11 @@ pub struct ServeArgs {
     pub liveness: LivenessArgs,
 }
 
-/// How often finished and abandoned uploads are looked after.
-const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How often finished and abandoned uploads are looked after: every 30 s, or more often for a
+/// short `--partial-ttl-s`.
+fn sweep_every(partial_ttl: Duration) -> Duration {
+    (partial_ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
 
 /// Serves until `shutdown` (blocking; call on a blocking thread).
 pub fn run(
@@ -175,7 +178,7 @@ pub fn run(
             while !token.is_cancelled() {
                 tokio::select! {
                     () = token.cancelled() => break,
-                    () = tokio::time::sleep(SWEEP_EVERY) => {}
+                    () = tokio::time::sleep(sweep_every(ttl.0)) => {}
                 }
                 let s = swept.clone();
                 let _ = tokio::task::spawn_blocking(move || sweep(&s, ttl.0, ttl.1)).await;
@@ -183,18 +186,24 @@ pub fn run(
         });
         tracing::info!(addr = %bound, tls = tls.is_some(), dir = %dir.display(), "serving uploads");
         let service = app.into_make_service();
+        // Headers that trickle in are cut like a stalled body (hyper's default is 30 s).
+        let headers_within = Duration::from_millis(args.idle_timeout_ms);
         match tls {
             Some(config) => {
-                axum_server::from_tcp_rustls(listener, config)?
-                    .handle(handle)
-                    .serve(service)
-                    .await
+                let mut server = axum_server::from_tcp_rustls(listener, config)?.handle(handle);
+                server
+                    .http_builder()
+                    .http1()
+                    .header_read_timeout(headers_within);
+                server.serve(service).await
             }
             None => {
-                axum_server::from_tcp(listener)?
-                    .handle(handle)
-                    .serve(service)
-                    .await
+                let mut server = axum_server::from_tcp(listener)?.handle(handle);
+                server
+                    .http_builder()
+                    .http1()
+                    .header_read_timeout(headers_within);
+                server.serve(service).await
             }
         }
         .context("the ingest server stopped")
