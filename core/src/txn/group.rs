@@ -75,7 +75,14 @@ pub struct Group {
     errors: Throttle,
     liveness: Liveness,
     shutdown: CancellationToken,
+    /// When the assignment was last resumed (see [`Group::collect`]).
+    resumed_at: Instant,
 }
+
+/// How often the whole assignment is resumed again while nothing loads: a resume that did not
+/// take (it is never retried otherwise) would leave a partition paused for good, its records
+/// never read while the others' progress hides it from the watchdog.
+const RESUME_EVERY: Duration = Duration::from_secs(10);
 
 impl Group {
     /// A group consumer of `stage` from `config` for `topic` (not subscribed yet).
@@ -106,6 +113,7 @@ impl Group {
             errors: Throttle::new(Duration::from_secs(10)),
             liveness,
             shutdown,
+            resumed_at: Instant::now(),
         })
     }
 
@@ -208,6 +216,9 @@ impl Group {
                 break;
             }
         }
+        if self.loading.is_empty() && self.resumed_at.elapsed() >= RESUME_EVERY {
+            self.pause_assignment(false);
+        }
         self.liveness.positions(&self.consumer, &self.topic);
         Ok(batch)
     }
@@ -288,7 +299,10 @@ impl Group {
     }
 
     /// Pauses (or resumes) every partition assigned to this instance.
-    fn pause_assignment(&self, pause: bool) {
+    fn pause_assignment(&mut self, pause: bool) {
+        if !pause {
+            self.resumed_at = Instant::now();
+        }
         let result = self.consumer.assignment().and_then(|tpl| {
             if pause {
                 self.consumer.pause(&tpl)
@@ -296,9 +310,10 @@ impl Group {
                 self.consumer.resume(&tpl)
             }
         });
-        // Harmless: whatever is polled meanwhile is stashed, not lost.
+        // A failed pause is harmless: whatever is polled meanwhile is stashed, not lost. A
+        // failed resume is tried again within RESUME_EVERY.
         if let Err(error) = result {
-            tracing::debug!(%error, pause, "cannot pause or resume the assignment");
+            tracing::warn!(%error, pause, "cannot pause or resume the assignment");
         }
     }
 
