@@ -92,7 +92,10 @@ pub fn read_between(
             }
             Some(Ok(_)) => return Ok(true),
             // With `enable.partition.eof`: the end, past any trailing transaction marker.
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(true),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) if p == partition => {
+                return Ok(true)
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => return Err(e.into()),
             None => {
                 if kafka::position_of(consumer, topic, partition)? >= end {

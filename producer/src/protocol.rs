@@ -13,6 +13,9 @@ use sha2::Digest;
 pub const UPLOAD_ID: &str = "tally-upload-id";
 /// Request header: the whole file's checksum, `xxh3:<32 hex>` or `sha256:<64 hex>`.
 pub const CHECKSUM: &str = "tally-checksum";
+/// Request header: the file's modification time at the generator, in unix seconds; the
+/// server gives the file that time (it decides the file's usage period).
+pub const FILE_TIME: &str = "tally-file-time";
 /// Response header: how many bytes of the upload the server holds.
 pub const UPLOAD_OFFSET: &str = "upload-offset";
 /// Response header of `HEAD /v1/uploads/{id}`: `receiving` or `complete`.
@@ -195,6 +198,13 @@ impl FromStr for ContentRange {
             end: Some(end),
             total,
         })
+    }
+}
+
+impl ContentRange {
+    /// How many bytes a body with this range carries.
+    pub fn carried(&self) -> u64 {
+        self.start.zip(self.end).map_or(0, |(s, e)| e - s + 1)
     }
 }
 

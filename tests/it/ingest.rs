@@ -159,6 +159,10 @@ async fn pushes_cut_at_random_offsets_resume_over_tls_and_count_once() {
     let outgoing = p.dir.join("outgoing");
     let (files, expected) = p.generate_in(&outgoing, 4, 3_000_000, 4000, 61).await;
     let files: Vec<PathBuf> = files.into_iter().map(PathBuf::from).collect();
+    // The generator's times travel with the files (they decide the usage period).
+    for (i, file) in files.iter().enumerate() {
+        crate::periods::set_mtime(file, crate::periods::OCT_31_22H + i as i64 * 3600);
+    }
     let (ca, cert, key) = tls_files();
     let data = p.data.clone();
     let (_server, port) = serve(
@@ -208,10 +212,10 @@ async fn pushes_cut_at_random_offsets_resume_over_tls_and_count_once() {
         .collect();
     assert_eq!(landed.len(), 4, "{landed:?}");
     for (file, name) in files.iter().zip(&landed) {
-        assert_eq!(
-            std::fs::read(file).unwrap(),
-            std::fs::read(p.data.join(name)).unwrap()
-        );
+        let there = p.data.join(name);
+        assert_eq!(std::fs::read(file).unwrap(), std::fs::read(&there).unwrap());
+        let mtime = |f: &Path| std::fs::metadata(f).unwrap().modified().unwrap();
+        assert_eq!(mtime(file), mtime(&there), "{name} did not keep its time");
     }
     assert!(
         names_in(&p.data.join(".tmp"))

@@ -146,7 +146,7 @@ pub fn run(
             retry_after: Duration::from_secs(args.retry_after_s),
         },
         slots: tokio::sync::Semaphore::new(args.max_uploads.max(1)),
-        busy: Mutex::new(Default::default()),
+        busy: Arc::new(Mutex::new(Default::default())),
         liveness,
     });
     let ttl = (
@@ -221,9 +221,10 @@ pub fn sweep(ingest: &Ingest, partial_ttl: Duration, completed_ttl: Duration) {
         }
     };
     for (mut record, age) in records {
-        if ingest.is_busy(&record.id) {
+        // Held while it acts: a request for the same upload waits (423) instead of racing it.
+        let Some(_busy) = ingest.claim(&record.id) else {
             continue;
-        }
+        };
         match record.state {
             State::Receiving if store.link_done(&record.id, &record.name) => {
                 // A crash between linking and recording it.

@@ -47,8 +47,8 @@ pub struct Ingest {
     pub limits: Limits,
     /// Uploads receiving bytes at once.
     pub slots: tokio::sync::Semaphore,
-    /// Upload ids a request is working on.
-    pub busy: Mutex<HashSet<String>>,
+    /// Upload ids a request (or the sweep) is working on.
+    pub busy: Arc<Mutex<HashSet<String>>>,
     /// The watchdog.
     pub liveness: Liveness,
 }
@@ -86,16 +86,15 @@ pub(super) fn retry_after(response: Response, after: Duration) -> Response {
     with_header(response, "retry-after", after.as_secs().max(1))
 }
 
-/// Marks an upload id busy for the life of the guard.
-pub(super) struct Busy<'a> {
-    ingest: &'a Ingest,
+/// Holds an upload id for one piece of work (a request, or the sweep) until dropped.
+pub struct Busy {
+    ids: Arc<Mutex<HashSet<String>>>,
     id: String,
 }
 
-impl Drop for Busy<'_> {
+impl Drop for Busy {
     fn drop(&mut self) {
-        self.ingest
-            .busy
+        self.ids
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.id);
@@ -103,26 +102,31 @@ impl Drop for Busy<'_> {
 }
 
 impl Ingest {
-    pub(super) fn claim(&self, id: &str) -> Option<Busy<'_>> {
+    /// Holds upload `id`, unless something else holds it.
+    pub fn claim(&self, id: &str) -> Option<Busy> {
         let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         busy.insert(id.to_owned()).then(|| Busy {
-            ingest: self,
+            ids: self.busy.clone(),
             id: id.to_owned(),
         })
     }
 
-    /// Whether upload `id` is being worked on by a request.
-    pub fn is_busy(&self, id: &str) -> bool {
-        self.busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
-    }
-
-    /// Announces the linked file of `record` and records it announced (blocking).
+    /// Announces the linked file of `record` and records it announced (blocking). A file no
+    /// longer in the folder as linked (another inode, or none) was taken by something else
+    /// that announces files there (`producer watch`, whose life cycle runs only once a file
+    /// is done): recorded as announced, with a warning, rather than retried for ever.
     pub fn announce(&self, record: &mut Record) -> anyhow::Result<usize> {
         let path = self.store.dir().join(&record.name);
-        let units = announce::describe(&path, &self.split)?;
+        let units = match announce::describe(&path, &self.split) {
+            Ok(units) => units,
+            Err(error) if !self.store.holds_linked(record) => {
+                tracing::warn!(name = %record.name, error = format!("{error:#}"), "the file left the folder before it was announced here; taking it as announced by another producer");
+                record.state = Stage::Announced;
+                self.store.save(record)?;
+                return Ok(0);
+            }
+            Err(error) => return Err(error),
+        };
         {
             let _step = self.liveness.step("announce");
             self.announcer
@@ -136,6 +140,8 @@ impl Ingest {
         metrics::counter!(m::PRODUCER_FILES).increment(1);
         metrics::counter!(m::PRODUCER_UNITS).increment(units.len() as u64);
         metrics::counter!(m::PRODUCER_BYTES).increment(bytes);
+        metrics::counter!(m::PRODUCER_INGEST_UPLOADS, "token" => record.token.clone(), "outcome" => "announced").increment(1);
+        tracing::info!(name = %record.name, token = %record.token, units = units.len(), "announced");
         record.state = Stage::Announced;
         self.store.save(record)?;
         Ok(units.len())

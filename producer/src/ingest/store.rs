@@ -44,6 +44,12 @@ pub struct Record {
     pub state: State,
     /// Whether it can resume (it came with an upload id).
     pub resumable: bool,
+    /// The generator's modification time of the file, unix seconds, if it said.
+    #[serde(default)]
+    pub file_time: Option<i64>,
+    /// The file's inode once linked into the folder.
+    #[serde(default)]
+    pub inode: Option<u64>,
 }
 
 /// The uploads of one folder.
@@ -91,10 +97,14 @@ impl Store {
     pub fn save(&self, record: &Record) -> io::Result<()> {
         let path = self.record_path(&record.id);
         let new = path.with_extension("json.new");
-        let mut file = File::create(&new)?;
-        file.write_all(&serde_json::to_vec(record).map_err(io::Error::other)?)?;
-        file.sync_all()?;
-        fs::rename(&new, &path)?;
+        let written = File::create(&new).and_then(|mut file| {
+            file.write_all(&serde_json::to_vec(record).map_err(io::Error::other)?)?;
+            file.sync_all()
+        });
+        if let Err(e) = written.and_then(|()| fs::rename(&new, &path)) {
+            let _ = fs::remove_file(&new);
+            return Err(e);
+        }
         sync_dir(&self.tmp)
     }
 
@@ -122,10 +132,28 @@ impl Store {
         let _ = fs::remove_file(self.part(id));
     }
 
-    /// Puts the verified bytes of `id` into the folder as `name`, never over an existing file:
-    /// syncs them, hard-links them in, syncs the folder. `Ok(false)`: the name is taken.
-    pub fn link(&self, id: &str, name: &str) -> io::Result<bool> {
-        File::open(self.part(id))?.sync_all()?;
+    /// Gives the bytes of `id` the modification time `unix_s`.
+    pub fn set_file_time(&self, id: &str, unix_s: i64) -> io::Result<()> {
+        let when = if unix_s >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(unix_s as u64)
+        } else {
+            SystemTime::UNIX_EPOCH - Duration::from_secs(unix_s.unsigned_abs())
+        };
+        OpenOptions::new()
+            .write(true)
+            .open(self.part(id))?
+            .set_modified(when)
+    }
+
+    /// Puts the verified bytes of `record` into the folder under its name, never over an
+    /// existing file: syncs them, hard-links them in, syncs the folder, notes the inode in the
+    /// record. `Ok(false)`: the name is taken.
+    pub fn link(&self, record: &mut Record) -> io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let (id, name) = (&record.id, &record.name);
+        let part = File::open(self.part(id))?;
+        part.sync_all()?;
+        record.inode = Some(part.metadata()?.ino());
         let target = self.dir.join(name);
         match fs::hard_link(self.part(id), &target) {
             Ok(()) => {}
@@ -145,6 +173,16 @@ impl Store {
     /// crash that came before the record said so).
     pub fn link_done(&self, id: &str, name: &str) -> bool {
         same_file(&self.part(id), &self.dir.join(name))
+    }
+
+    /// Whether the folder holds the file `record` linked (an announcement can still find it).
+    pub fn holds_linked(&self, record: &Record) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (record.inode, fs::metadata(self.dir.join(&record.name))) {
+            (Some(inode), Ok(meta)) => meta.ino() == inode,
+            (None, Ok(_)) => true,
+            (_, Err(_)) => false,
+        }
     }
 
     /// All records (for recovery and cleaning), with the age of their last change.
@@ -222,6 +260,8 @@ mod tests {
             token: "t".into(),
             state: State::Receiving,
             resumable: true,
+            file_time: None,
+            inode: None,
         }
     }
 
@@ -234,14 +274,19 @@ mod tests {
         assert_eq!(store.load("upload01").unwrap(), Some(record("upload01")));
         store.append("upload01").unwrap().write_all(b"abc").unwrap();
         assert_eq!(store.held("upload01"), 3);
-        assert!(store.link("upload01", "a.dat").unwrap());
+        let mut first = record("upload01");
+        assert!(store.link(&mut first).unwrap());
+        assert!(store.holds_linked(&first));
         // Linking again after a crash is the same file; another upload's bytes are refused.
-        assert!(store.link("upload01", "a.dat").unwrap());
+        assert!(store.link(&mut first).unwrap());
         store.append("upload02").unwrap().write_all(b"xyz").unwrap();
-        assert!(!store.link("upload02", "a.dat").unwrap());
+        assert!(!store.link(&mut record("upload02")).unwrap());
         assert_eq!(fs::read(dir.join("a.dat")).unwrap(), b"abc");
         store.remove("upload01");
         assert_eq!(store.load("upload01").unwrap(), None);
+        assert!(store.holds_linked(&first), "the folder's file stays");
+        fs::remove_file(dir.join("a.dat")).unwrap();
+        assert!(!store.holds_linked(&first));
         assert_eq!(store.remove_orphan_parts(Duration::ZERO).unwrap(), 1);
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -1,7 +1,8 @@
 //! Who may upload: bearer tokens from `--tokens-file`, one `name token` per line (`#` starts a
 //! comment). The file is read again whenever its size or modification time changes, so tokens
-//! are added and revoked without a restart; a file that no longer parses keeps the tokens
-//! read before it, with an error in the log.
+//! are added and revoked without a restart; a file that no longer parses, or holds no token
+//! (replace it by a rename, not in place), keeps the tokens read before it, with an error in
+//! the log.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -69,7 +70,11 @@ impl Tokens {
 
     /// The name of the token in `authorization` (`Bearer <token>`), if it is one of ours.
     pub fn check(&self, authorization: Option<&str>) -> Option<String> {
-        let presented = authorization?.strip_prefix("Bearer ")?.trim();
+        let (scheme, presented) = authorization?.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let presented = presented.trim();
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         let now = stamp(&self.path);
         if now != loaded.stamp {
@@ -78,6 +83,9 @@ impl Tokens {
                 .map_err(anyhow::Error::from)
                 .and_then(|t| parse(&t))
             {
+                Ok(tokens) if tokens.is_empty() => {
+                    tracing::error!(path = %self.path.display(), "the tokens file holds no token now (caught mid-write?); the tokens read before stay");
+                }
                 Ok(tokens) => {
                     tracing::info!(path = %self.path.display(), tokens = tokens.len(), "tokens reloaded");
                     loaded.tokens = tokens;

@@ -1,6 +1,11 @@
 //! `PUT /v1/files/{name}`: an upload's way from bytes to announcement. Check who and what,
 //! find or start the upload's record, stream the body onto its part file, and once all bytes
 //! are in: verify the checksum, link the file into the folder, announce it.
+//!
+//! After the checks, the work runs in a task of its own that holds the upload id until it is
+//! finished: a client that goes away drops the handler, never a write or a link in flight, so
+//! a resumed request never meets the bytes of the one before it. Disk calls that sync run on
+//! blocking threads.
 // The `Err` of these steps is the HTTP answer itself, built once per request.
 #![allow(clippy::result_large_err)]
 
@@ -13,7 +18,6 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use tally_core::metrics as m;
 use tokio::io::AsyncWriteExt;
 
 use super::server::{header, refuse, retry_after, with_header, Ingest};
@@ -28,6 +32,7 @@ struct Put {
     checksum: Option<Checksum>,
     range: Option<ContentRange>,
     total: Option<u64>,
+    file_time: Option<i64>,
 }
 
 fn read_put(headers: &HeaderMap) -> Result<Put, Response> {
@@ -37,7 +42,7 @@ fn read_put(headers: &HeaderMap) -> Result<Put, Response> {
             protocol::check_upload_id(id).map_err(|r| bad(r.to_owned()))?;
             (id.to_owned(), true)
         }
-        None => (format!("once-{}", uuid_like()), false),
+        None => (format!("once-{}", unique_suffix()), false),
     };
     let checksum = header(headers, protocol::CHECKSUM)
         .map(str::parse::<Checksum>)
@@ -47,6 +52,12 @@ fn read_put(headers: &HeaderMap) -> Result<Put, Response> {
         .map(str::parse::<ContentRange>)
         .transpose()
         .map_err(bad)?;
+    if range.is_some() && !resumable {
+        return Err(bad(format!(
+            "Content-Range needs a {} header",
+            protocol::UPLOAD_ID
+        )));
+    }
     let length = header(headers, header::CONTENT_LENGTH.as_str())
         .map(|l| {
             l.parse::<u64>()
@@ -54,13 +65,19 @@ fn read_put(headers: &HeaderMap) -> Result<Put, Response> {
         })
         .transpose()?;
     if let (Some(r), Some(l)) = (range, length) {
-        let carried = r.start.zip(r.end).map_or(0, |(s, e)| e - s + 1);
-        if carried != l {
+        if r.carried() != l {
             return Err(bad(format!(
                 "Content-Range {r} does not match Content-Length {l}"
             )));
         }
     }
+    let file_time = header(headers, protocol::FILE_TIME)
+        .map(|t| {
+            t.trim()
+                .parse::<i64>()
+                .map_err(|_| bad(format!("{}: unix seconds", protocol::FILE_TIME)))
+        })
+        .transpose()?;
     let total = range.map(|r| r.total).or(length);
     Ok(Put {
         id,
@@ -68,10 +85,11 @@ fn read_put(headers: &HeaderMap) -> Result<Put, Response> {
         checksum,
         range,
         total,
+        file_time,
     })
 }
 
-fn uuid_like() -> String {
+fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
@@ -118,53 +136,84 @@ pub(super) async fn put_file(
             ),
         );
     }
+    tokio::spawn(upload(ingest, name, put, token, body))
+        .await
+        .unwrap_or_else(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// Runs `f` on a blocking thread; a panic there is a 500.
+async fn blocking<T: Send + 'static>(
+    ingest: &Arc<Ingest>,
+    f: impl FnOnce(&Ingest) -> Result<T, Response> + Send + 'static,
+) -> Result<T, Response> {
+    let ingest = ingest.clone();
+    tokio::task::spawn_blocking(move || f(&ingest))
+        .await
+        .unwrap_or_else(|e| Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))
+}
+
+/// Forgets upload `id` (its bytes and record), on a blocking thread.
+async fn forget(ingest: &Arc<Ingest>, id: String) {
+    let ingest = ingest.clone();
+    let _ = tokio::task::spawn_blocking(move || ingest.store.remove(&id)).await;
+}
+
+/// The upload, holding its id from the first look at its record to the answer.
+async fn upload(
+    ingest: Arc<Ingest>,
+    name: String,
+    put: Put,
+    token: String,
+    body: Body,
+) -> Response {
     let Some(_busy) = ingest.claim(&put.id) else {
         return retry_after(
             refuse(StatusCode::LOCKED, "another request is writing this upload"),
             Duration::from_secs(1),
         );
     };
-    let record = match ingest.store.load(&put.id) {
-        Ok(r) => r,
-        Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}")),
-    };
-    let mut record = match record {
-        Some(r) => match resume(&ingest, r, &name, &put).await {
-            Ok(r) => r,
-            Err(response) => return response,
-        },
-        None => match begin(&ingest, &name, &put, &token) {
-            Ok(r) => r,
-            Err(response) => return response,
-        },
-    };
-    let held = ingest.store.held(&put.id);
-    let start = put.range.and_then(|r| r.start);
-    if start.unwrap_or(held) != held || (start.is_none() && put.range.is_none() && held > 0) {
-        return with_header(
-            refuse(
-                StatusCode::CONFLICT,
-                format!("the server holds {held} bytes of this upload"),
-            ),
-            protocol::UPLOAD_OFFSET,
-            held,
-        );
-    }
     let Ok(_slot) = ingest.slots.try_acquire() else {
         return retry_after(
             refuse(StatusCode::TOO_MANY_REQUESTS, "too many uploads at once"),
             Duration::from_secs(1),
         );
     };
-    let held = match receive(&ingest, &record, held, body).await {
-        Ok(h) => h,
-        Err(response) => return response,
+    let put = Arc::new(put);
+    let (p, n, t) = (put.clone(), name.clone(), token.clone());
+    let (mut record, held) = match blocking(&ingest, move |i| prepare(i, &n, &p, &t)).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
     };
-    if record.total.is_none() {
-        // A body of unknown length that ended normally is the whole file.
-        record.total = Some(held);
+    // Where this body goes: it must start where the held bytes end, and carry no more than
+    // its range says (none for `bytes */TOTAL`), the total, or the limit.
+    if let Some(start) = put.range.map(|r| r.start.unwrap_or(held)) {
+        if start != held {
+            return with_header(
+                refuse(
+                    StatusCode::CONFLICT,
+                    format!("the server holds {held} bytes of this upload, not {start}"),
+                ),
+                protocol::UPLOAD_OFFSET,
+                held,
+            );
+        }
     }
-    let total = record.total.unwrap_or(held);
+    let limit = match put.range {
+        Some(range) => range.end.map_or(held, |end| end + 1),
+        None => record.total.unwrap_or(ingest.limits.max_file_bytes),
+    };
+    let held = match receive(&ingest, &record, held, limit, body).await {
+        Ok(held) => held,
+        Err(answer) => {
+            if !record.resumable {
+                let id = record.id.clone();
+                forget(&ingest, id).await;
+            }
+            return answer;
+        }
+    };
+    // A body without a length that ended cleanly is the whole file.
+    let total = *record.total.get_or_insert(held);
     if held < total {
         return with_header(
             (
@@ -176,11 +225,21 @@ pub(super) async fn put_file(
             held,
         );
     }
-    let done = ingest.clone();
-    match tokio::task::spawn_blocking(move || complete(&done, &mut record, &token)).await {
-        Ok(response) => response,
-        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    blocking(&ingest, move |i| Ok(complete(i, &mut record, &token)))
+        .await
+        .unwrap_or_else(|answer| answer)
+}
+
+/// Finds the upload's record, or starts one (blocking): `Err` is the answer when there is
+/// nothing to receive (refused, or finished already).
+fn prepare(ingest: &Ingest, name: &str, put: &Put, token: &str) -> Result<(Record, u64), Response> {
+    let record = match ingest.store.load(&put.id) {
+        Ok(Some(record)) => resume(ingest, record, name, put)?,
+        Ok(None) => begin(ingest, name, put, token)?,
+        Err(e) => return Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    };
+    let held = ingest.store.held(&put.id);
+    Ok((record, held))
 }
 
 /// A new upload: throttle, name and space checks, then its record.
@@ -214,6 +273,8 @@ fn begin(ingest: &Ingest, name: &str, put: &Put, token: &str) -> Result<Record, 
         token: token.to_owned(),
         state: Stage::Receiving,
         resumable: put.resumable,
+        file_time: put.file_time,
+        inode: None,
     };
     ingest
         .store
@@ -223,12 +284,7 @@ fn begin(ingest: &Ingest, name: &str, put: &Put, token: &str) -> Result<Record, 
 }
 
 /// A known upload: the same file? Finished already? Announce a linked one.
-async fn resume(
-    ingest: &Arc<Ingest>,
-    mut record: Record,
-    name: &str,
-    put: &Put,
-) -> Result<Record, Response> {
+fn resume(ingest: &Ingest, mut record: Record, name: &str, put: &Put) -> Result<Record, Response> {
     let same_checksum = match (&record.checksum, &put.checksum) {
         (Some(a), Some(b)) => *a == b.to_string(),
         _ => true,
@@ -252,35 +308,37 @@ async fn resume(
     if record.checksum.is_none() {
         record.checksum = put.checksum.as_ref().map(ToString::to_string);
     }
+    record.file_time = record.file_time.or(put.file_time);
     match record.state {
         Stage::Receiving => Ok(record),
         Stage::Announced => {
-            metrics::counter!(m::PRODUCER_INGEST_UPLOADS, "token" => record.token.clone(), "outcome" => "repeated").increment(1);
+            metrics::counter!(tally_core::metrics::PRODUCER_INGEST_UPLOADS, "token" => record.token.clone(), "outcome" => "repeated").increment(1);
             Err(with_header(
                 (StatusCode::OK, format!("{} is in already\n", record.name)).into_response(),
                 protocol::UPLOAD_OFFSET,
                 record.total.unwrap_or(0),
             ))
         }
-        Stage::Linked => {
-            let done = ingest.clone();
-            let response = tokio::task::spawn_blocking(move || announce_linked(&done, &mut record))
-                .await
-                .unwrap_or_else(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
-            Err(response)
-        }
+        Stage::Linked => Err(announce_linked(ingest, &mut record)),
     }
 }
 
-/// Streams `body` onto the upload's part file; the bytes held after it.
-async fn receive(ingest: &Ingest, record: &Record, held: u64, body: Body) -> Result<u64, Response> {
-    let file = match ingest.store.append(&record.id) {
-        Ok(f) => tokio::fs::File::from_std(f),
-        Err(e) => return Err(io_refusal(ingest, &record.id, &e)),
-    };
-    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
+/// Streams `body` onto the upload's part file, up to `limit` bytes in all; the bytes held
+/// after it.
+async fn receive(
+    ingest: &Arc<Ingest>,
+    record: &Record,
+    held: u64,
+    limit: u64,
+    body: Body,
+) -> Result<u64, Response> {
+    let id = record.id.clone();
+    let file = blocking(ingest, move |i| {
+        i.store.append(&id).map_err(|e| io_refusal(i, &id, &e))
+    })
+    .await?;
+    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
     let mut stream = body.into_data_stream();
-    let limit = record.total.unwrap_or(ingest.limits.max_file_bytes);
     let mut held = held;
     let mut received = 0u64;
     let failure = loop {
@@ -300,14 +358,27 @@ async fn receive(ingest: &Ingest, record: &Record, held: u64, body: Body) -> Res
             Ok(Some(Ok(bytes))) => {
                 if held + bytes.len() as u64 > limit {
                     let _ = out.flush().await;
-                    ingest.store.remove(&record.id);
-                    return Err(refuse(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!("more than {limit} bytes"),
-                    ));
+                    let over = limit == ingest.limits.max_file_bytes
+                        || record.total.is_some_and(|t| t == limit);
+                    let id = record.id.clone();
+                    forget(ingest, id).await;
+                    return Err(if over {
+                        refuse(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!("more than {limit} bytes"),
+                        )
+                    } else {
+                        refuse(
+                            StatusCode::BAD_REQUEST,
+                            "the body is longer than its Content-Range",
+                        )
+                    });
                 }
                 if let Err(e) = out.write_all(&bytes).await {
-                    return Err(io_refusal(ingest, &record.id, &e));
+                    let id = record.id.clone();
+                    return Err(blocking(ingest, move |i| Ok(io_refusal(i, &id, &e)))
+                        .await
+                        .unwrap_or_else(|a| a));
                 }
                 held += bytes.len() as u64;
                 received += bytes.len() as u64;
@@ -315,19 +386,17 @@ async fn receive(ingest: &Ingest, record: &Record, held: u64, body: Body) -> Res
         }
     };
     let flushed = out.flush().await;
-    metrics::counter!(m::PRODUCER_INGEST_BYTES, "token" => record.token.clone())
+    metrics::counter!(tally_core::metrics::PRODUCER_INGEST_BYTES, "token" => record.token.clone())
         .increment(received);
     if let Err(e) = flushed {
-        return Err(io_refusal(ingest, &record.id, &e));
+        let id = record.id.clone();
+        return Err(blocking(ingest, move |i| Ok(io_refusal(i, &id, &e)))
+            .await
+            .unwrap_or_else(|a| a));
     }
     match failure {
         None => Ok(held),
-        Some(response) => {
-            if !record.resumable {
-                ingest.store.remove(&record.id);
-            }
-            Err(response)
-        }
+        Some(answer) => Err(answer),
     }
 }
 
@@ -345,16 +414,16 @@ fn io_refusal(ingest: &Ingest, id: &str, error: &io::Error) -> Response {
 
 /// All bytes are in: verify, link into the folder, announce (blocking).
 fn complete(ingest: &Ingest, record: &mut Record, token: &str) -> Response {
+    let part = ingest.store.part(&record.id);
     if let Some(expected) = record
         .checksum
         .as_ref()
         .and_then(|c| c.parse::<Checksum>().ok())
     {
-        let actual =
-            match protocol::checksum_file(expected.algorithm, &ingest.store.part(&record.id)) {
-                Ok(c) => c,
-                Err(e) => return io_refusal(ingest, &record.id, &e),
-            };
+        let actual = match protocol::checksum_file(expected.algorithm, &part) {
+            Ok(c) => c,
+            Err(e) => return io_refusal(ingest, &record.id, &e),
+        };
         if actual != expected {
             ingest.store.remove(&record.id);
             return refuse(
@@ -363,7 +432,13 @@ fn complete(ingest: &Ingest, record: &mut Record, token: &str) -> Response {
             );
         }
     }
-    match ingest.store.link(&record.id, &record.name) {
+    if let Some(time) = record.file_time {
+        // The generator's time, not the arrival's: the file's usage period.
+        if let Err(error) = ingest.store.set_file_time(&record.id, time) {
+            tracing::warn!(%error, name = %record.name, "cannot set the file's time; it keeps its arrival time");
+        }
+    }
+    match ingest.store.link(record) {
         Ok(true) => {}
         Ok(false) => {
             ingest.store.remove(&record.id);
@@ -374,6 +449,11 @@ fn complete(ingest: &Ingest, record: &mut Record, token: &str) -> Response {
                     record.name
                 ),
             );
+        }
+        // Linked but not synced, perhaps: never forget an upload that may be in the folder
+        // (the client's retry or the sweep finishes it).
+        Err(e) if ingest.store.link_done(&record.id, &record.name) => {
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}"));
         }
         Err(e) => return io_refusal(ingest, &record.id, &e),
     }
@@ -390,19 +470,15 @@ fn complete(ingest: &Ingest, record: &mut Record, token: &str) -> Response {
 /// sweep retries too).
 fn announce_linked(ingest: &Ingest, record: &mut Record) -> Response {
     match ingest.announce(record) {
-        Ok(units) => {
-            metrics::counter!(m::PRODUCER_INGEST_UPLOADS, "token" => record.token.clone(), "outcome" => "announced").increment(1);
-            tracing::info!(name = %record.name, token = %record.token, units, "announced");
-            with_header(
-                (
-                    StatusCode::CREATED,
-                    format!("{} is in ({units} units)\n", record.name),
-                )
-                    .into_response(),
-                protocol::UPLOAD_OFFSET,
-                record.total.unwrap_or(0),
+        Ok(units) => with_header(
+            (
+                StatusCode::CREATED,
+                format!("{} is in ({units} units)\n", record.name),
             )
-        }
+                .into_response(),
+            protocol::UPLOAD_OFFSET,
+            record.total.unwrap_or(0),
+        ),
         Err(error) => retry_after(
             refuse(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -6,9 +6,9 @@
 
 pub mod upload;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tally_core::shutdown::CancellationToken;
@@ -60,6 +60,9 @@ pub struct PushArgs {
     #[arg(long, env = "TALLY_SETTLE_MS", default_value_t = 2_000)]
     pub settle_ms: u64,
 }
+
+/// How long `--watch` waits before it tries a failed file again.
+const RETRY_FAILED_AFTER: Duration = Duration::from_secs(60);
 
 /// Runs `push` (blocking; call on a blocking thread).
 pub fn run(args: &PushArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
@@ -154,8 +157,11 @@ async fn watch_dir(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let settle = Duration::from_millis(args.settle_ms);
-    // Files pushed and kept (`--after-push keep`) or refused for good, by identity: not again.
+    // Files pushed and kept (`--after-push keep`), by identity: not again. Files that failed,
+    // with when: tried again a minute later (a server down, a token not yet allowed, …).
     let mut done: HashSet<String> = HashSet::new();
+    let mut failed: HashMap<String, Instant> = HashMap::new();
+    let mut failures = 0usize;
     loop {
         let mut waiting = false;
         let mut entries: Vec<_> = std::fs::read_dir(dir)
@@ -174,7 +180,11 @@ async fn watch_dir(
                 continue;
             };
             let id = announce::file_id(&meta);
-            if done.contains(&id) {
+            if done.contains(&id)
+                || failed
+                    .get(&id)
+                    .is_some_and(|at| at.elapsed() < RETRY_FAILED_AFTER || args.once)
+            {
                 continue;
             }
             if !wait.is_zero() {
@@ -188,16 +198,22 @@ async fn watch_dir(
                 () = shutdown.cancelled() => return Ok(()),
             };
             progress.finish_and_clear();
-            let failed = report(&path, &outcome);
-            if !failed {
-                // Only now, with the server's word that the file is in.
-                if let Err(error) = watch::apply_after_done(&args.after_push, &id, &path) {
-                    tracing::error!(error = format!("{error:#}"), "cannot clear a pushed file");
-                }
+            if report(&path, &outcome) {
+                failures += 1;
+                failed.insert(id, Instant::now());
+                continue;
+            }
+            failed.remove(&id);
+            // Only now, with the server's word that the file is in.
+            if let Err(error) = watch::apply_after_done(&args.after_push, &id, &path) {
+                tracing::error!(error = format!("{error:#}"), "cannot clear a pushed file");
             }
             done.insert(id);
         }
         if args.once && !waiting {
+            if failures > 0 {
+                bail!("{failures} files are not in");
+            }
             return Ok(());
         }
         tokio::select! {

@@ -49,13 +49,22 @@ pub async fn push(
         .with_context(|| format!("{} has no file name", path.display()))?
         .to_owned();
     protocol::check_name(&name).map_err(|r| anyhow::anyhow!("{name:?}: {r}"))?;
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("cannot stat {}", path.display()))?
-        .len();
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    let size = meta.len();
+    let file_time = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
     let (algorithm, owned) = (target.algorithm, path.to_owned());
-    let checksum = tokio::task::spawn_blocking(move || protocol::checksum_file(algorithm, &owned))
-        .await?
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    // The first `size` bytes only: what is sent is what is checksummed.
+    let checksum = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        protocol::checksum_of(algorithm, std::fs::File::open(owned)?.take(size))
+    })
+    .await?
+    .with_context(|| format!("cannot read {}", path.display()))?;
     let id = protocol::upload_id(&name, size, &checksum);
     let files = target.base.join(&format!("v1/files/{name}"))?;
     let uploads = target.base.join(&format!("v1/uploads/{id}"))?;
@@ -70,25 +79,24 @@ pub async fn push(
         }
         let offset = match held(target, &uploads).await {
             Ok(offset) => offset.min(size),
-            Err(error) => {
+            Err(Held::Refused(status)) => bail!("HEAD {uploads}: {status}"),
+            Err(Held::Failed(error)) => {
                 last = format!("{error:#}");
                 tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
         };
         progress.set_position(offset);
-        let response = match send(
-            target,
-            &files,
-            &id,
-            &checksum.to_string(),
+        let what = Upload {
+            files: &files,
+            id: &id,
+            checksum: &checksum.to_string(),
+            file_time,
             path,
             offset,
             size,
-            progress,
-        )
-        .await
-        {
+        };
+        let response = match send(target, &what, progress).await {
             Ok(r) => r,
             Err(error) => {
                 last = format!("{error:#}");
@@ -105,21 +113,18 @@ pub async fn push(
         match status {
             StatusCode::CREATED => return Ok(In::Announced),
             StatusCode::OK => return Ok(In::Already),
-            StatusCode::ACCEPTED => backoff.reset(),
-            // The server holds another offset than we thought: ask again.
-            StatusCode::CONFLICT if offset_header => {}
+            // Part of it is held, or another offset than we thought: ask again, after a pause
+            // (a proxy that shortens every body must not make this spin).
+            StatusCode::ACCEPTED => tokio::time::sleep(Duration::from_millis(100)).await,
+            StatusCode::CONFLICT if offset_header => {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
             StatusCode::UNPROCESSABLE_ENTITY if bad_checksums < 2 => {
                 // The server dropped what it had; once more from the start.
                 bad_checksums += 1;
                 tracing::warn!(file = %name, "{last}; sending again");
             }
-            StatusCode::REQUEST_TIMEOUT
-            | StatusCode::LOCKED
-            | StatusCode::TOO_MANY_REQUESTS
-            | StatusCode::INTERNAL_SERVER_ERROR
-            | StatusCode::BAD_GATEWAY
-            | StatusCode::SERVICE_UNAVAILABLE
-            | StatusCode::GATEWAY_TIMEOUT => {
+            status if retried(status) => {
                 let delay = wait.unwrap_or_else(|| backoff.next_delay());
                 tracing::info!(file = %name, status = status.as_u16(), ?delay, "server busy, waiting");
                 tokio::time::sleep(delay).await;
@@ -130,14 +135,23 @@ pub async fn push(
     }
 }
 
+/// Why `HEAD` gave no offset.
+enum Held {
+    /// The server said no for good (401, 403, 400, …).
+    Refused(StatusCode),
+    /// A network error or a busy server: try again.
+    Failed(anyhow::Error),
+}
+
 /// How many bytes of the upload the server holds (0 for one it does not know).
-async fn held(target: &Target, uploads: &reqwest::Url) -> anyhow::Result<u64> {
+async fn held(target: &Target, uploads: &reqwest::Url) -> Result<u64, Held> {
     let response = target
         .client
         .head(uploads.clone())
         .bearer_auth(&target.token)
         .send()
-        .await?;
+        .await
+        .map_err(|e| Held::Failed(e.into()))?;
     match response.status() {
         StatusCode::NOT_FOUND => Ok(0),
         StatusCode::OK => response
@@ -145,26 +159,49 @@ async fn held(target: &Target, uploads: &reqwest::Url) -> anyhow::Result<u64> {
             .get(protocol::UPLOAD_OFFSET)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
-            .context("the server did not say how much it holds"),
-        status if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS => {
-            bail!("HEAD: {status}")
-        }
-        status => Err(anyhow::anyhow!("HEAD: {status}")).context("the server refuses"),
+            .ok_or_else(|| {
+                Held::Failed(anyhow::anyhow!("the server did not say how much it holds"))
+            }),
+        status if retried(status) => Err(Held::Failed(anyhow::anyhow!("HEAD: {status}"))),
+        status => Err(Held::Refused(status)),
     }
 }
 
-/// `PUT`s the bytes from `offset` to the end.
-#[allow(clippy::too_many_arguments)]
-async fn send(
-    target: &Target,
-    files: &reqwest::Url,
-    id: &str,
-    checksum: &str,
-    path: &Path,
+/// Statuses worth trying again (507, a full disk, is not: the server forgot the upload).
+fn retried(status: StatusCode) -> bool {
+    (status.is_server_error() && status != StatusCode::INSUFFICIENT_STORAGE)
+        || matches!(
+            status,
+            StatusCode::REQUEST_TIMEOUT | StatusCode::LOCKED | StatusCode::TOO_MANY_REQUESTS
+        )
+}
+
+/// One `PUT`: the bytes of `path` from `offset` to `size`.
+struct Upload<'a> {
+    files: &'a reqwest::Url,
+    id: &'a str,
+    checksum: &'a str,
+    file_time: Option<u64>,
+    path: &'a Path,
     offset: u64,
     size: u64,
+}
+
+/// `PUT`s the bytes from `offset` to the end.
+async fn send(
+    target: &Target,
+    upload: &Upload<'_>,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Response> {
+    let Upload {
+        files,
+        id,
+        checksum,
+        file_time,
+        path,
+        offset,
+        size,
+    } = *upload;
     let mut file = tokio::fs::File::open(path).await?;
     file.seek(std::io::SeekFrom::Start(offset)).await?;
     let range = ContentRange {
@@ -179,14 +216,18 @@ async fn send(
                 bar.inc(bytes.len() as u64);
             }
         });
-    Ok(target
+    let mut request = target
         .client
         .put(files.clone())
         .bearer_auth(&target.token)
         .header(protocol::UPLOAD_ID, id)
         .header(protocol::CHECKSUM, checksum)
         .header(header::CONTENT_RANGE, range.to_string())
-        .header(header::CONTENT_LENGTH, size - offset)
+        .header(header::CONTENT_LENGTH, size - offset);
+    if let Some(time) = file_time {
+        request = request.header(protocol::FILE_TIME, time);
+    }
+    Ok(request
         .body(reqwest::Body::wrap_stream(stream))
         .send()
         .await?)
