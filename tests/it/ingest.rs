@@ -417,6 +417,53 @@ async fn refusals_get_their_status_and_leave_nothing_behind() {
     );
     assert_eq!(std::fs::read(data.join("a.dat")).unwrap(), body);
     assert_eq!(announcements(&p).len(), 1);
+
+    // push says which files are not in, and exits 1: a wrong token, a name taken.
+    let other = p.dir.join("b.dat");
+    std::fs::write(&other, body).unwrap();
+    let taken = p.dir.join("a.dat");
+    std::fs::write(&taken, b"4 40\n").unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let args = push_args(&url, None, &[other.clone(), taken.clone()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let wrong = "site-a-0123456789abcdeX";
+    let out = p
+        .output(&args, &[("TALLY_INGEST_TOKEN", wrong)], TIMEOUT)
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("NOT in\t")).count(),
+        2,
+        "{stdout}"
+    );
+    assert!(stdout.contains("401"), "{stdout}");
+
+    // Tokens are read again when the file changes: a new one lets its holder in.
+    let tokens = p.dir.join("tokens");
+    let next = p.dir.join("tokens.new");
+    std::fs::write(&next, format!("site-a {TOKEN}\nsite-b {wrong}\n")).unwrap();
+    std::fs::rename(&next, &tokens).unwrap();
+    let out = p
+        .output(&args, &[("TALLY_INGEST_TOKEN", wrong)], TIMEOUT)
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "the taken name must fail: {stdout}");
+    assert!(
+        stdout.contains(&format!("in\t{}", other.display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("NOT in\t{}", taken.display())) && stdout.contains("409"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read(data.join("a.dat")).unwrap(),
+        body,
+        "a taken name was overwritten"
+    );
+    assert_eq!(announcements(&p).len(), 2);
+    assert!(server.log_text().contains("tokens reloaded"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
