@@ -738,3 +738,64 @@ async fn push_watch_clears_local_files_only_once_the_server_took_them() {
     *with_late.entry(2).or_default() += 7;
     p.assert_totals(&with_late, "the unlocked file").await;
 }
+
+/// docs/operations.md: `producer watch --after-done delete` beside `serve` clears the pushed
+/// files once counted; its second announcement of each is skipped by the parsers.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_beside_serve_clears_counted_files_without_counting_twice() {
+    let mut p = Pipeline::new("ingest-lifecycle").await;
+    let outgoing = p.dir.join("outgoing");
+    let (files, expected) = p.generate_in(&outgoing, 3, 400_000, 900, 65).await;
+    let files: Vec<PathBuf> = files.into_iter().map(PathBuf::from).collect();
+    let data = p.data.clone();
+    let (_server, port) = serve(&mut p, &data, &[]).await;
+    let watch = p.watch_args(&["--after-done", "delete", "--settle-ms", "200"]);
+    let _watch = p.spawn("watch", &watch);
+    let _parser = p.spawn("parser", &p.parser_args("p1"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    let args = push_args(&format!("http://127.0.0.1:{port}"), None, &files);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = p
+        .output(&args, &[("TALLY_INGEST_TOKEN", TOKEN)], TIMEOUT)
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    p.wait_ingested(3, TIMEOUT).await;
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let left: Vec<String> = names_in(&data)
+            .into_iter()
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not cleared: {left:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    p.assert_totals(&expected, "pushed, counted, cleared").await;
+    let summed = p.summed_units();
+    assert!(
+        summed.values().all(|n| *n == 1),
+        "a unit summed twice: {summed:?}"
+    );
+    // Pushed again while the record is kept: in already, nothing counted again.
+    let out = p
+        .output(&args, &[("TALLY_INGEST_TOKEN", TOKEN)], TIMEOUT)
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("in already\t"))
+            .count(),
+        3,
+        "{stdout}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p.assert_totals(&expected, "pushed again after clearing")
+        .await;
+}
