@@ -2,7 +2,7 @@
 //!
 //! The lightest way to run tally, and the first design option of the brief (direct reading,
 //! one host): it watches D with `producer watch`'s completion rules
-//! ([`tally_producer::watch::completeness`]), cuts each complete file into the same work units
+//! ([`tally_producer::watch::candidates`]), cuts each complete file into the same work units
 //! ([`tally_producer::announce::describe`], file time and all), and counts them in groups of
 //! up to `--units-per-txn-max` units, one PostgreSQL transaction each ([`txn::count`]): the
 //! parser's done-state rules and engine, the db-client's COPY upsert and ledger. Exactly once
@@ -157,21 +157,10 @@ impl Pass<'_> {
     /// complete.
     async fn scan(&mut self, shutdown: &CancellationToken) -> anyhow::Result<Option<Duration>> {
         let settle = Duration::from_millis(self.args.settle_ms);
-        let mut entries: Vec<_> = std::fs::read_dir(self.dir)
-            .with_context(|| format!("cannot list {}", self.dir.display()))?
-            .filter_map(Result::ok)
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
         let mut next: Option<Duration> = None;
         let mut files: Vec<Vec<WorkUnit>> = Vec::new();
         let mut present: HashSet<String> = HashSet::new();
-        for entry in entries {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Ok(meta) = entry.metadata() else { continue };
-            let Some(wait) = watch::completeness(self.dir, name, &meta, settle) else {
-                continue;
-            };
+        for watch::Candidate { path, meta, wait } in watch::candidates(self.dir, settle)? {
             if !wait.is_zero() {
                 next = Some(next.map_or(wait, |n| n.min(wait)));
                 continue;
@@ -181,7 +170,7 @@ impl Pass<'_> {
             if self.done.contains(&id) {
                 continue;
             }
-            match announce::describe(&entry.path(), self.split) {
+            match announce::describe(&path, self.split) {
                 Ok(units) => files.push(units),
                 // Vanished or replaced since the listing: the next scan sees what is there.
                 Err(error) => tracing::debug!(%error, "skipping file for now"),

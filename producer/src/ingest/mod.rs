@@ -28,7 +28,7 @@ use tally_core::{KafkaArgs, LivenessArgs};
 
 use crate::announce::{Announcer, Split};
 use server::{Ingest, Limits};
-use store::{State, Store};
+use store::{Record, State, Store};
 
 /// Arguments of `tally producer serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -258,5 +258,3 @@ fn announce_now(ingest: &Ingest, record: &mut Record) {
         tracing::warn!(name = %record.name, error = format!("{error:#}"), "a received file is not announced yet; retrying later");
     }
 }
-
-use store::Record;

@@ -164,21 +164,10 @@ async fn watch_dir(
     let mut failures = 0usize;
     loop {
         let mut waiting = false;
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot list {}", dir.display()))?
-            .filter_map(Result::ok)
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
+        for watch::Candidate { path, meta, wait } in watch::candidates(dir, settle)? {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Ok(meta) = entry.metadata() else { continue };
-            let Some(wait) = watch::completeness(dir, name, &meta, settle) else {
-                continue;
-            };
             let id = announce::file_id(&meta);
             if done.contains(&id)
                 || failed
@@ -191,8 +180,8 @@ async fn watch_dir(
                 waiting = true;
                 continue;
             }
-            let path = entry.path();
-            let progress = bar().with_message(name.to_owned());
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let progress = bar().with_message(name.unwrap_or_default());
             let outcome = tokio::select! {
                 r = upload::push(target, &path, &progress) => r,
                 () = shutdown.cancelled() => return Ok(()),

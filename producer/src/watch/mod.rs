@@ -107,21 +107,43 @@ fn unsettled_for(meta: &fs::Metadata, settle: Duration) -> Duration {
     settle.saturating_sub(age)
 }
 
-fn scan(dir: &Path, state: &mut State, split: &Split, settle: Duration) -> anyhow::Result<Scan> {
-    let mut found = Vec::new();
-    let mut next_settled: Option<Instant> = None;
+/// A data file of a folder by the rules above: its path, metadata, and how long it must stay
+/// unmodified still to count as complete (zero: it is).
+pub struct Candidate {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its metadata when listed.
+    pub meta: fs::Metadata,
+    /// What [`completeness`] said.
+    pub wait: Duration,
+}
+
+/// The data files of `dir` (complete or still settling), in name order.
+pub fn candidates(dir: &Path, settle: Duration) -> anyhow::Result<Vec<Candidate>> {
     let mut entries: Vec<_> = fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(Result::ok)
         .collect();
     entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Ok(meta) = entry.metadata() else { continue };
-        let Some(wait) = completeness(dir, name, &meta, settle) else {
-            continue;
-        };
+    Ok(entries
+        .into_iter()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let meta = entry.metadata().ok()?;
+            let wait = completeness(dir, name.to_str()?, &meta, settle)?;
+            Some(Candidate {
+                path: entry.path(),
+                meta,
+                wait,
+            })
+        })
+        .collect())
+}
+
+fn scan(dir: &Path, state: &mut State, split: &Split, settle: Duration) -> anyhow::Result<Scan> {
+    let mut found = Vec::new();
+    let mut next_settled: Option<Instant> = None;
+    for Candidate { path, meta, wait } in candidates(dir, settle)? {
         let id = announce::file_id(&meta);
         if state.announced.contains(&id) {
             continue;
@@ -133,7 +155,7 @@ fn scan(dir: &Path, state: &mut State, split: &Split, settle: Duration) -> anyho
             next_settled = Some(next_settled.map_or(at, |n| n.min(at)));
             continue;
         }
-        match announce::describe(&entry.path(), split) {
+        match announce::describe(&path, split) {
             Ok(units) => found.push((units, inode)),
             // Vanished or replaced between listing and stat: the next scan sees what is there.
             Err(error) => tracing::debug!(%error, "skipping file for now"),
