@@ -5,6 +5,13 @@
 #   docker build -t tally:local .          (docker compose builds it as tally:${TALLY_IMAGE_TAG:-local})
 #   docker run --rm tally:local --help
 #
+# Two ways to the same runtime image (user, entrypoint, health check):
+#   - the default target compiles the sources in the Rust image (RUST_IMAGE);
+#   - the `prebuilt` target packs a binary built on the host, for machines that cannot pull a
+#     Rust image. Its context is a folder holding only that binary (the main context leaves
+#     target/ out): scripts/images does
+#       docker build --target prebuilt -f Dockerfile -t tally:local <folder with `tally`>
+#
 # Base images are pinned to exact tags (override with --build-arg for an upgrade). Builder and
 # runtime are both Debian 12 (bookworm): the binary links the glibc it was built against.
 ARG RUST_IMAGE=rust:1.95.0-bookworm
@@ -29,18 +36,32 @@ RUN --mount=type=cache,id=tally-cargo-registry,target=/usr/local/cargo/registry,
     cargo build --release --locked --bin tally \
     && install -D -m 0755 target/release/tally /out/tally
 
-FROM ${RUNTIME_IMAGE}
+# The runtime, shared by both targets.
+FROM ${RUNTIME_IMAGE} AS runtime
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 tally \
     && useradd --system --uid 10001 --gid tally --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin tally
-COPY --from=build /out/tally /usr/local/bin/tally
-# Fail the build, not the first start, if a shared library the binary needs is missing here.
-RUN ! ldd /usr/local/bin/tally | grep 'not found' && tally --version
-USER 10001:10001
-# TALLY_HTTP_ADDR=0.0.0.0:9100 (set by docker-compose.yml): /metrics, /livez, /readyz.
+# /metrics, /livez, /readyz of the long-running stages (docker-compose.yml sets it too).
+ENV TALLY_HTTP_ADDR=0.0.0.0:9100
 EXPOSE 9100
+# The slim image has no curl: bash's /dev/tcp asks /livez (200 while the stage's loop moves; not
+# /readyz, which an idle surplus replica never passes) on TALLY_HTTP_ADDR's port.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${TALLY_HTTP_ADDR##*:} && printf 'GET /livez HTTP/1.0\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '"]
+USER 10001:10001
 ENTRYPOINT ["tally"]
 CMD ["--help"]
+
+# A binary built on the host (scripts/images): the context holds `tally` only.
+FROM runtime AS prebuilt
+COPY --chmod=0755 tally /usr/local/bin/tally
+# Fail the build, not the first start, if a shared library the binary needs is missing here.
+RUN ! ldd /usr/local/bin/tally | grep 'not found' && tally --version
+
+# The default: compiled from the sources above.
+FROM runtime
+COPY --from=build /out/tally /usr/local/bin/tally
+RUN ! ldd /usr/local/bin/tally | grep 'not found' && tally --version

@@ -301,7 +301,8 @@ pub fn check<C: CommandFactory>(only: &[String]) -> anyhow::Result<()> {
             Ok(matches) => {
                 let mut m = &matches;
                 let mut cmd = C::command();
-                for name in &stage {
+                // The subcommand words only: flags after them are not subcommand names.
+                for name in stage.iter().take_while(|word| !word.starts_with('-')) {
                     let (Some(sub_m), Some(sub)) = (
                         m.subcommand_matches(name),
                         cmd.find_subcommand(name).cloned(),

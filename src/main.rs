@@ -93,7 +93,9 @@ enum ConfigCommand {
     /// values of each long-running stage and where each comes from, secrets redacted.
     /// Non-zero exit if a stage would not start with it.
     Check {
-        /// Only this subcommand (e.g. `parser`, `producer watch`).
+        /// Only this subcommand (e.g. `parser`, `producer watch`), with its flags if any
+        /// (`parser --data-root /data`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         stage: Vec<String>,
     },
 }

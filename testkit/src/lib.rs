@@ -3,8 +3,8 @@
 //! Services come from, in this order:
 //! 1. `KAFKA_BOOTSTRAP_SERVERS` and `DATABASE_URL` (set by `scripts/test` from
 //!    `scripts/services env`);
-//! 2. testcontainers, when a Docker engine answers (apache/kafka with the single-node transaction
-//!    settings, a current postgres image), started once per test binary;
+//! 2. testcontainers, when a Docker engine answers: the repository's own Kafka and PostgreSQL
+//!    images (`scripts/images`), started once per test binary ([`containers`]);
 //! 3. otherwise the test fails and says how to start the services. A test that silently skips
 //!    proves nothing.
 //!
@@ -14,10 +14,9 @@
 use std::sync::OnceLock;
 
 use sqlx::{Connection, Executor, PgConnection};
-use testcontainers_modules::testcontainers::core::{IntoContainerPort, WaitFor};
-use testcontainers_modules::testcontainers::runners::SyncRunner;
-use testcontainers_modules::testcontainers::{Container, ImageExt};
-use testcontainers_modules::{kafka::apache::Kafka, postgres::Postgres};
+
+pub mod containers;
+mod docker_api;
 
 /// Where the services of this test run are.
 #[derive(Debug, Clone)]
@@ -28,18 +27,14 @@ pub struct Services {
     pub database_url: String,
 }
 
-/// Containers live as long as the test binary.
-struct Containers {
-    _kafka: Container<Kafka>,
-    _postgres: Container<Postgres>,
-}
-
-static SERVICES: OnceLock<Result<(Services, Option<Containers>), String>> = OnceLock::new();
+static SERVICES: OnceLock<Result<(Services, Option<containers::Containers>), String>> =
+    OnceLock::new();
 
 const HOW_TO: &str =
     "tests need a real Kafka broker and PostgreSQL: run `scripts/services up` and \
 export the variables printed by `scripts/services env` (scripts/test does both), or make a \
-Docker engine available for testcontainers";
+Docker engine available (`scripts/docker up`) with the images of `scripts/images` for \
+testcontainers (scripts/test-containers does all of it)";
 
 /// The services for this test run. Panics with instructions when there are none.
 pub fn services() -> Services {
@@ -49,7 +44,15 @@ pub fn services() -> Services {
     }
 }
 
-fn locate() -> Result<(Services, Option<Containers>), String> {
+/// The containers of this test run, when the services are containers started here.
+pub fn containers() -> Option<&'static containers::Containers> {
+    match SERVICES.get_or_init(locate) {
+        Ok((_, containers)) => containers.as_ref(),
+        Err(message) => panic!("{message}"),
+    }
+}
+
+fn locate() -> Result<(Services, Option<containers::Containers>), String> {
     let kafka = std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok();
     let database = std::env::var("DATABASE_URL").ok();
     if let (Some(kafka_bootstrap), Some(database_url)) = (kafka, database) {
@@ -66,7 +69,15 @@ fn locate() -> Result<(Services, Option<Containers>), String> {
             "KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are not set and no Docker engine answers; {HOW_TO}"
         ));
     }
-    start_containers().map(|(s, c)| (s, Some(c)))
+    let started = containers::Containers::start()
+        .map_err(|e| format!("testcontainers failed: {e}; {HOW_TO}"))?;
+    Ok((
+        Services {
+            kafka_bootstrap: started.kafka_bootstrap.clone(),
+            database_url: started.database_url.clone(),
+        },
+        Some(started),
+    ))
 }
 
 fn docker_available() -> bool {
@@ -77,40 +88,6 @@ fn docker_available() -> bool {
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
-}
-
-fn start_containers() -> Result<(Services, Containers), String> {
-    let err = |e: &dyn std::fmt::Display| format!("testcontainers failed: {e}; {HOW_TO}");
-    // The image defaults are for three brokers; transactions need the state log at one replica.
-    let kafka = Kafka::default()
-        .with_env_var("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1")
-        .with_env_var("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1")
-        .with_env_var("KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS", "0")
-        .with_env_var("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false")
-        .start()
-        .map_err(|e| err(&e))?;
-    let kafka_port = kafka.get_host_port_ipv4(9092.tcp()).map_err(|e| err(&e))?;
-    let postgres = Postgres::default()
-        .with_host_auth()
-        .with_tag("17-alpine")
-        .with_ready_conditions(vec![WaitFor::message_on_stderr(
-            "database system is ready to accept connections",
-        )])
-        .start()
-        .map_err(|e| err(&e))?;
-    let pg_port = postgres
-        .get_host_port_ipv4(5432.tcp())
-        .map_err(|e| err(&e))?;
-    Ok((
-        Services {
-            kafka_bootstrap: format!("127.0.0.1:{kafka_port}"),
-            database_url: format!("postgres://postgres@127.0.0.1:{pg_port}/postgres"),
-        },
-        Containers {
-            _kafka: kafka,
-            _postgres: postgres,
-        },
-    ))
 }
 
 /// A name nobody else uses: `<what>-<random>`, valid as a topic prefix, group id and database

@@ -1,0 +1,45 @@
+# Shared by the shell test scripts (scripts/test-compose): named checks, waits with a deadline,
+# free ports, and the closing `N passed, N failed` line. Sourced, not run.
+
+passed=0
+failed=0
+
+# check NAME CMD…: runs CMD; counts and prints the outcome. A failed check does not stop the
+# script (later checks may still tell something), but the script's summary fails.
+check() {
+  local name=$1 started=$SECONDS
+  shift
+  if "$@"; then
+    passed=$((passed + 1))
+    printf 'ok - %s (%d s)\n' "$name" $((SECONDS - started))
+  else
+    failed=$((failed + 1))
+    printf 'FAILED - %s (%d s)\n' "$name" $((SECONDS - started))
+  fi
+}
+
+# eventually SECONDS CMD…: true as soon as CMD is, false if it never is within SECONDS.
+eventually() {
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 1
+  done
+}
+
+# A TCP port nothing listens on now (from the ephemeral range's low end, skipping a random stretch).
+free_port() {
+  local port
+  for _ in $(seq 1 200); do
+    port=$((20000 + RANDOM % 20000))
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
+  done
+  return 1
+}
+
+# The closing line; exit status 1 if anything failed.
+summary() {
+  printf '%d passed, %d failed\n' "$passed" "$failed"
+  ((failed == 0))
+}
