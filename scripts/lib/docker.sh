@@ -59,3 +59,11 @@ compose() {
     return 1
   fi
 }
+
+# The Dockerfile's Rust image, and whether the engine has it or can pull it (no registry: no).
+rust_image() { sed -n 's/^ARG RUST_IMAGE=//p' "$ROOT/Dockerfile"; }
+rust_image_available() {
+  local image
+  image=$(rust_image)
+  dkr image inspect "$image" >/dev/null 2>&1 || timeout 120 "$(docker_cli)" pull -q "$image" >/dev/null 2>&1
+}

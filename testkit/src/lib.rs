@@ -4,7 +4,7 @@
 //! 1. `KAFKA_BOOTSTRAP_SERVERS` and `DATABASE_URL` (set by `scripts/test` from
 //!    `scripts/services env`);
 //! 2. testcontainers, when a Docker engine answers: the repository's own Kafka and PostgreSQL
-//!    images (`scripts/images`), started once per test binary ([`containers`]);
+//!    images (`scripts/images`), started once per test binary ([`mod@containers`]);
 //! 3. otherwise the test fails and says how to start the services. A test that silently skips
 //!    proves nothing.
 //!
