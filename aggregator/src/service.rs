@@ -15,16 +15,16 @@ use std::time::Duration;
 
 use anyhow::bail;
 use rdkafka::message::{Message, OwnedMessage};
-use tally_core::codec;
 use tally_core::liveness::Liveness;
-use tally_core::messages::SumsRecord;
 use tally_core::shutdown::CancellationToken;
-use tally_core::sums::Merger;
 use tally_core::txn::producer::{send, send_leaving, send_sums};
 use tally_core::txn::{
     BatchLimits, Failure, Handler, PartitionState, Settings, TxnLoop, TxnProducer,
 };
 use tally_core::{KafkaArgs, LivenessArgs, Topics};
+use tally_model::codec;
+use tally_model::messages::SumsRecord;
+use tally_model::sums::Merger;
 
 /// Arguments of `tally aggregator`.
 #[derive(Debug, Clone, clap::Args)]

@@ -12,8 +12,9 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
-use crate::messages::SumsRecord;
-use crate::{codec, kafka, KafkaArgs, Topics};
+use crate::{kafka, KafkaArgs, Topics};
+use tally_model::codec;
+use tally_model::messages::SumsRecord;
 
 /// Which topic to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -1,13 +1,9 @@
-//! tally-core: what every stage shares, and nothing stage-specific.
+//! tally-core: the IO machinery every stage shares, and nothing stage-specific. The model
+//! (records, identity, ranges, periods, sums) is in tally-model, free of IO clients.
 //!
 //! - [`args`]: clap argument groups (Kafka, database, telemetry) flattened into every subcommand,
 //!   so that an env var means the same thing everywhere;
 //! - [`topics`]: topic names and consumer-group ids, derived from one prefix;
-//! - [`messages`]: the records on every topic (the contract between stages); [`codec`]: the
-//!   compact binary form of sums records;
-//! - [`identity`]: file identity, computed alike where files are announced and where they are read;
-//! - [`period`]: usage periods (`--period`) and where a file's time comes from;
-//! - [`ranges`]: sets of byte ranges, the done-state of a file however it was split;
 //! - [`kafka`]: librdkafka client configuration, topic creation, transaction error classes;
 //! - [`rebalance`]: rebalance events recorded for a stage loop to act on between polls;
 //! - [`liveness`]: the watchdog on progress every long-running stage reports to, and which
@@ -24,19 +20,13 @@
 pub mod args;
 pub mod backlog;
 pub mod backoff;
-pub mod codec;
 pub mod http;
-pub mod identity;
 pub mod inspect;
 pub mod kafka;
 pub mod liveness;
-pub mod messages;
 pub mod metrics;
-pub mod period;
-pub mod ranges;
 pub mod rebalance;
 pub mod shutdown;
-pub mod sums;
 pub mod telemetry;
 pub mod topics;
 pub mod txn;

@@ -25,8 +25,8 @@ use rdkafka::message::{Message, OwnedMessage};
 use sqlx::PgPool;
 
 use crate::copy;
-use tally_core::codec;
-use tally_core::messages::{SumsRecord, UnitDone};
+use tally_model::codec;
+use tally_model::messages::{SumsRecord, UnitDone};
 
 /// What one batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

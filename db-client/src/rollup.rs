@@ -13,8 +13,8 @@
 //! db-client batch is retried (PostgreSQL aborts one of the two; the db-client retries too).
 
 use anyhow::{bail, Context};
-use tally_core::period::Period;
 use tally_core::DatabaseArgs;
+use tally_model::period::Period;
 
 /// Arguments of `tally rollup`.
 #[derive(Debug, Clone, clap::Args)]
@@ -23,11 +23,11 @@ pub struct RollupArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// Fold periods that ended at least this long ago (a whole number of m, h or d).
-    #[arg(long, value_parser = tally_core::period::parse_period)]
+    #[arg(long, value_parser = tally_model::period::parse_period)]
     pub older_than: Period,
     /// The coarse period they are folded into: one that divides a day (`1h`, `6h`, `1d`, …;
     /// epoch-aligned in UTC, like `--period`), so no folded row crosses into another month.
-    #[arg(long, value_parser = tally_core::period::parse_period)]
+    #[arg(long, value_parser = tally_model::period::parse_period)]
     pub to: Period,
 }
 

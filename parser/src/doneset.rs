@@ -17,8 +17,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_core::liveness::{self, Throttle};
-use tally_core::messages::StreamDone;
 use tally_core::KafkaArgs;
+use tally_model::messages::StreamDone;
 
 /// A stream's done-state and when it was last written (ms since the epoch).
 #[derive(Debug, Clone)]

@@ -1,8 +1,6 @@
-//! tally-parser: the parser stage (`tally.files` → `tally.sums`) and its engine.
+//! tally-parser: the parser stage (`tally.files` → `tally.sums`) on the parse engine
+//! (tally-engine: bytes → per-consumer sums, bounded memory, every bad line accounted for).
 //!
-//! - [`engine`]: pure bytes → per-consumer sums, bounded memory, every bad line accounted for.
-//!   Start reading here.
-//! - [`source`]: files as byte windows (mmap, with a read() fallback); the crate's only `unsafe`.
 //! - [`offline`]: `tally sum`, the engine on local files or stdin, without Kafka.
 //! - [`service`]: `tally parser`, the handler of tally-core's consume-transform-produce loop
 //!   (`tally_core::txn`) on `tally.files`; [`sink`]: its output into the open transaction; [`open`]: a unit's file, only if it is the
@@ -12,10 +10,8 @@
 //!   `tally_core::liveness`.
 
 pub mod doneset;
-pub mod engine;
 pub mod offline;
 pub mod open;
 pub mod service;
 pub mod sink;
-pub mod source;
 pub mod streams;

@@ -6,8 +6,8 @@
 use std::fs::File;
 use std::path::Path;
 
-use tally_core::identity;
-use tally_core::messages::WorkUnit;
+use tally_model::identity;
+use tally_model::messages::WorkUnit;
 
 /// Opens a unit's file, or says why not (the dead-letter reason). The path must resolve inside
 /// the data root; the open neither follows a final symbolic link nor blocks (a FIFO or device

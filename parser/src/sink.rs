@@ -5,12 +5,12 @@
 use std::sync::Mutex;
 
 use rdkafka::error::KafkaError;
-use tally_core::messages::{consumer_partition, DeadLetter, WorkUnit};
 use tally_core::txn::producer::{send_json, send_leaving};
 use tally_core::txn::TxnProducer;
 use tally_core::Topics;
+use tally_model::messages::{consumer_partition, DeadLetter, WorkUnit};
 
-use crate::engine::{BadLine, EngineConfig, Merger, Sink, Stopped};
+use tally_engine::{BadLine, EngineConfig, Merger, Sink, Stopped};
 
 /// The engine's output, into the open transaction: sums into the transaction's merger (what
 /// must leave early is sent at once), bad lines to the dead-letter topic.

@@ -14,9 +14,9 @@
 use std::fs::File;
 use std::io;
 
-use tally_core::identity::fingerprint;
-use tally_core::messages::{StreamDone, WorkUnit};
-use tally_core::ranges::Ranges;
+use tally_model::identity::fingerprint;
+use tally_model::messages::{StreamDone, WorkUnit};
+use tally_model::ranges::Ranges;
 
 /// How to count one unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,13 +134,13 @@ pub fn prepare(state: Option<&StreamDone>, unit: &WorkUnit, data_root: &std::pat
 pub fn counted(
     plan: Plan,
     unit: &WorkUnit,
-    stats: &crate::engine::Stats,
-) -> (StreamDone, tally_core::messages::UnitDone) {
+    stats: &tally_engine::Stats,
+) -> (StreamDone, tally_model::messages::UnitDone) {
     let mut state = plan.state;
     for &(start, end) in &plan.missing {
         state.summed.insert(start, end);
     }
-    let done = tally_core::messages::UnitDone {
+    let done = tally_model::messages::UnitDone {
         unit_id: unit.unit_id.clone(),
         file_id: unit.file_id.clone(),
         path: unit.path.clone(),
@@ -170,7 +170,7 @@ pub fn rejected(state: Option<&StreamDone>, unit: &WorkUnit) -> Option<StreamDon
 mod tests {
     use super::*;
     use std::io::Write;
-    use tally_core::identity;
+    use tally_model::identity;
 
     fn unit_of(path: &std::path::Path, start: u64, end: u64) -> WorkUnit {
         let file = File::open(path).unwrap();

@@ -16,12 +16,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use tally_core::backoff::Backoff;
 use tally_core::kafka::{self, TxnErrorKind};
-use tally_core::messages::WorkUnit;
-use tally_core::period::{mtime_seconds, FileTimeFrom};
 use tally_core::{KafkaArgs, Topics};
+use tally_model::messages::WorkUnit;
+use tally_model::period::{mtime_seconds, FileTimeFrom};
 
-pub use tally_core::identity::file_id;
-use tally_core::identity::{fingerprint, stream_id};
+pub use tally_model::identity::file_id;
+use tally_model::identity::{fingerprint, stream_id};
 
 /// How files become work units: the largest unit, and where a file's time comes from.
 #[derive(Debug, Clone)]

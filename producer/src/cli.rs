@@ -9,7 +9,7 @@ use tally_core::KafkaArgs;
 use crate::announce::{self, Announcer, Split};
 use crate::generate::{self, GenerateArgs};
 use crate::watch::{self, WatchArgs};
-use tally_core::period::FileTimeFrom;
+use tally_model::period::FileTimeFrom;
 
 /// Settings shared by the producer's subcommands.
 #[derive(Debug, Clone, clap::Args)]
@@ -26,7 +26,7 @@ pub struct ProducerArgs {
     /// `epoch_min` or `epoch_ms`, or else the first group (or the match) as a UTC date-time
     /// (`2026-11-26T10:15:00Z`, `20261126T1015`, …). A name without a time falls back to the
     /// mtime, with a warning and `tally_producer_file_time_fallbacks_total`.
-    #[arg(long, env = "TALLY_FILE_TIME_FROM", default_value = "mtime", global = true, value_parser = tally_core::period::parse_file_time_from)]
+    #[arg(long, env = "TALLY_FILE_TIME_FROM", default_value = "mtime", global = true, value_parser = tally_model::period::parse_file_time_from)]
     pub file_time_from: FileTimeFrom,
     /// What to do.
     #[command(subcommand)]

@@ -23,11 +23,11 @@ use std::time::Duration;
 use anyhow::Context;
 use notify::Watcher;
 use tally_core::backoff::Backoff;
-use tally_core::identity::file_id;
-use tally_core::messages::WorkUnit;
-use tally_core::period::{FileTimeFrom, Period};
 use tally_core::shutdown::CancellationToken;
 use tally_core::DatabaseArgs;
+use tally_model::identity::file_id;
+use tally_model::messages::WorkUnit;
+use tally_model::period::{FileTimeFrom, Period};
 use tally_parser::offline::EngineArgs;
 use tally_producer::announce::{self, Split};
 use tally_producer::watch::{self, AfterDone};
@@ -52,10 +52,10 @@ pub struct StandaloneArgs {
     pub unit_bytes: u64,
     /// Where a file's time comes from: `mtime` or `name:<regex>` (as `producer
     /// --file-time-from`).
-    #[arg(long, env = "TALLY_FILE_TIME_FROM", default_value = "mtime", value_parser = tally_core::period::parse_file_time_from)]
+    #[arg(long, env = "TALLY_FILE_TIME_FROM", default_value = "mtime", value_parser = tally_model::period::parse_file_time_from)]
     pub file_time_from: FileTimeFrom,
     /// Usage period (as `parser --period`): a whole number of m, h or d, or `off`.
-    #[arg(long, env = "TALLY_PERIOD", default_value = "1h", value_parser = tally_core::period::parse_period)]
+    #[arg(long, env = "TALLY_PERIOD", default_value = "1h", value_parser = tally_model::period::parse_period)]
     pub period: Period,
     /// Full rescan interval, the fallback when inotify misses events.
     #[arg(long, env = "TALLY_RESCAN_INTERVAL_MS", default_value_t = 5_000)]

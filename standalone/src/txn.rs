@@ -20,12 +20,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use sqlx::PgConnection;
-use tally_core::messages::{StreamDone, UnitDone, WorkUnit};
-use tally_core::period::Period;
-use tally_core::sums::Merger;
 use tally_db_client::{batch, copy};
-use tally_parser::engine::{self, BadLine, EngineConfig, EngineError, Sink, Stats, Stopped};
-use tally_parser::source::FileSource;
+use tally_engine::source::FileSource;
+use tally_engine::{self as engine, BadLine, EngineConfig, EngineError, Sink, Stats, Stopped};
+use tally_model::messages::{StreamDone, UnitDone, WorkUnit};
+use tally_model::period::Period;
+use tally_model::sums::Merger;
 use tally_parser::streams::{self, Step};
 use tokio::sync::mpsc;
 

@@ -178,6 +178,23 @@ pub fn with_database(url: &str, name: &str) -> String {
     }
 }
 
+/// Polls `check` every 200 ms until it holds; panics with `what` once `within` has passed
+/// without it holding. The one deadline loop of the tests.
+pub async fn eventually<F, Fut>(within: std::time::Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::{Offset, TopicPartitionList};
-use tally_core::messages::{DeadLetter, WorkUnit};
+use tally_model::messages::{DeadLetter, WorkUnit};
 
 use crate::support::{accept_gap_flags, Pipeline, Stage};
 
@@ -80,7 +80,7 @@ async fn hostile_notifications_are_dead_lettered_and_wedge_nothing() {
     let real = p.data.join("real.txt");
     std::fs::write(&real, "5 50\n").unwrap();
     let meta = std::fs::metadata(&real).unwrap();
-    let real_id = tally_core::identity::file_id(&meta);
+    let real_id = tally_model::identity::file_id(&meta);
     let unit = |file_id: &str, path: &std::path::Path, start, end, bytes| WorkUnit {
         stream: file_id.into(),
         file_id: file_id.into(),

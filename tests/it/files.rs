@@ -7,8 +7,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tally_core::identity;
-use tally_core::messages::DeadLetter;
+use tally_model::identity;
+use tally_model::messages::DeadLetter;
 
 use crate::support::{read_records, Pipeline};
 

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
-use tally_core::messages::{DeadLetter, WorkUnit};
+use tally_model::messages::{DeadLetter, WorkUnit};
 
 use crate::support::{read_expected, Pipeline};
 

@@ -65,7 +65,7 @@ pub fn send_json(
 }
 
 /// Sends sums (all of `partition`) of `period` (its start; `None` with periods off) to
-/// `topic` as binary records of at most [`PAIRS_PER_RECORD`] pairs ([`crate::codec`]).
+/// `topic` as binary records of at most [`PAIRS_PER_RECORD`] pairs ([`tally_model::codec`]).
 pub fn send_sums(
     producer: &TxnProducer,
     topic: &str,
@@ -79,18 +79,18 @@ pub fn send_sums(
             topic,
             Some(partition),
             None,
-            &crate::codec::encode_sums(period, chunk),
+            &tally_model::codec::encode_sums(period, chunk),
         )?;
     }
     Ok(())
 }
 
-/// Sends what a [`crate::sums::Merger`] let leave, each batch with its period.
+/// Sends what a [`tally_model::sums::Merger`] let leave, each batch with its period.
 pub fn send_leaving(
     producer: &TxnProducer,
     topic: &str,
     partition: i32,
-    leaving: crate::sums::Leaving,
+    leaving: tally_model::sums::Leaving,
 ) -> Result<u64, KafkaError> {
     let mut pairs = 0;
     for (period, sums) in leaving {

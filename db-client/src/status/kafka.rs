@@ -10,8 +10,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use tally_core::backlog::{committed_offsets, records_between};
 use tally_core::inspect::read_topic;
-use tally_core::messages::{DeadLetter, WorkUnit};
 use tally_core::{kafka, KafkaArgs, Topics};
+use tally_model::messages::{DeadLetter, WorkUnit};
 
 use super::{Lag, Rejected};
 

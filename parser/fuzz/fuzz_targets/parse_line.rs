@@ -3,5 +3,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    tally_parser::engine::check_line_parsers(data);
+    tally_engine::check_line_parsers(data);
 });

@@ -17,18 +17,18 @@ use anyhow::{bail, Context};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use tally_core::liveness::Liveness;
-use tally_core::messages::{DeadLetter, StreamDone, WorkUnit};
 use tally_core::shutdown::CancellationToken;
 use tally_core::txn::{
     producer, BatchLimits, Failure, Group, Handler, PartitionState, Settings, TxnLoop, TxnProducer,
 };
 use tally_core::{KafkaArgs, LivenessArgs, Topics};
+use tally_model::messages::{DeadLetter, StreamDone, WorkUnit};
 
 use crate::doneset::DoneSet;
-use crate::engine::{EngineConfig, Merger};
 use crate::offline::EngineArgs;
 use crate::sink::lossy;
-use tally_core::period::Period;
+use tally_engine::{EngineConfig, Merger};
+use tally_model::period::Period;
 
 mod prune;
 mod unit;
@@ -79,7 +79,7 @@ pub struct ParserArgs {
     /// Usage period the sums are kept apart by (`consumer_period_totals`): a file's lines
     /// count in the period holding its time (`producer --file-time-from`), epoch-aligned in
     /// UTC. A whole number of m, h or d, or `off` for running totals only.
-    #[arg(long, env = "TALLY_PERIOD", default_value = "1h", value_parser = tally_core::period::parse_period)]
+    #[arg(long, env = "TALLY_PERIOD", default_value = "1h", value_parser = tally_model::period::parse_period)]
     pub period: Period,
 }
 

@@ -16,10 +16,10 @@ use anyhow::Context;
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
-use tally_core::identity::stream_id;
 use tally_core::kafka;
-use tally_core::messages::StreamDone;
 use tally_core::txn::{Group, TxnProducer};
+use tally_model::identity::stream_id;
+use tally_model::messages::StreamDone;
 
 use super::Parser;
 use crate::doneset::now_ms;

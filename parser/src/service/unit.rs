@@ -6,15 +6,15 @@ use std::fs::File;
 use std::time::Instant;
 
 use rdkafka::error::KafkaError;
-use tally_core::messages::{DeadLetter, StreamDone, SumsRecord, UnitDone, WorkUnit};
 use tally_core::txn::producer::{send, send_sums};
 use tally_core::txn::{Failure, TxnProducer};
+use tally_model::messages::{DeadLetter, StreamDone, SumsRecord, UnitDone, WorkUnit};
 
 use super::Parser;
-use crate::engine::{self, EngineError, Merger, Stats};
 use crate::sink::KafkaSink;
-use crate::source::FileSource;
 use crate::streams::{self, Step};
+use tally_engine::source::FileSource;
+use tally_engine::{self as engine, EngineError, Merger, Stats};
 
 /// What one transaction gathers until it ends: its units' merged sums, and their end markers.
 pub(super) struct Txn<'p> {

@@ -12,9 +12,9 @@ use std::time::Duration;
 use serde::Serialize;
 use tally_core::backlog;
 use tally_core::liveness::Liveness;
-use tally_core::messages::WorkUnit;
 use tally_core::shutdown::CancellationToken;
 use tally_core::{kafka, KafkaArgs, Topics};
+use tally_model::messages::WorkUnit;
 
 /// The bounds past which new uploads wait.
 #[derive(Debug, Clone)]

@@ -9,10 +9,10 @@ use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use tally_core::identity;
 use tally_core::liveness::{Liveness, Throttle};
-use tally_core::messages::StreamDone;
 use tally_core::{KafkaArgs, Topics};
+use tally_model::identity;
+use tally_model::messages::StreamDone;
 
 /// Tracks `tally.done` to learn when every byte of a pending file version is done.
 pub(super) struct DoneTracker {

@@ -77,7 +77,7 @@ pub fn is_candidate_name(name: &str) -> bool {
 /// What a scan found: complete files to announce (with their physical identity), and when the
 /// next file still being written settles, if any.
 struct Scan {
-    found: Vec<(Vec<tally_core::messages::WorkUnit>, Option<Inode>)>,
+    found: Vec<(Vec<tally_model::messages::WorkUnit>, Option<Inode>)>,
     next_settled: Option<Instant>,
 }
 

@@ -79,7 +79,7 @@ impl State {
     }
 }
 
-/// The stream id (`tally_core::identity::stream_id`) of a physical file.
+/// The stream id (`tally_model::identity::stream_id`) of a physical file.
 pub(super) fn stream_of(inode: Option<Inode>) -> Option<String> {
     inode.map(|(dev, ino, born)| format!("{dev:x}-{ino:x}-{:x}", born as u128))
 }

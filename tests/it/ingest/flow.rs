@@ -60,7 +60,13 @@ async fn with_parsers_stopped_the_server_throttles_and_pushers_finish_when_they_
         pusher.exit_within(Duration::ZERO).await.is_none(),
         "the pusher gave up"
     );
-    assert!(server.log_text().contains("refusing new uploads"));
+    // The throttle thread logs the change at its next look, after requests already saw it.
+    tally_testkit::eventually(
+        Duration::from_secs(30),
+        "the server logs that it refuses new uploads",
+        || async { server.log_text().contains("refusing new uploads") },
+    )
+    .await;
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
     let http: u16 = http.parse().unwrap();
     assert_eq!(

@@ -334,12 +334,37 @@ impl Pipeline {
 
 impl Drop for Pipeline {
     fn drop(&mut self) {
-        // Logs stay for a failed test, or when asked (TALLY_TEST_KEEP_LOGS=1).
-        if !std::thread::panicking() && std::env::var_os("TALLY_TEST_KEEP_LOGS").is_none() {
+        // Logs stay for a failed test, or when asked (TALLY_TEST_KEEP_LOGS=1); a failed
+        // test also prints their ends, so that a CI log says what the stages were doing.
+        if std::thread::panicking() {
+            print_log_ends(&self.dir);
+        } else if std::env::var_os("TALLY_TEST_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
             let t = &self.topics;
             let topics = [&t.files, &t.done, &t.sums, &t.totals, &t.dead_letter].map(|s| s.clone());
             self.services.forget(&self.database_url, &topics);
+        }
+    }
+}
+
+/// Prints the last lines of every stage log in `dir` to stderr.
+fn print_log_ends(dir: &Path) {
+    const LINES: usize = 25;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut logs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LINES)..];
+        eprintln!("---- the last {} lines of {}", tail.len(), log.display());
+        for line in tail {
+            eprintln!("{line}");
         }
     }
 }

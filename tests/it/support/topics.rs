@@ -7,15 +7,14 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use tally_core::messages::{SumsRecord, UnitDone};
 use tally_core::KafkaArgs;
+use tally_model::messages::{SumsRecord, UnitDone};
 
 use super::Pipeline;
 
 impl Pipeline {
     /// Sends `(key, payload)` records to the files topic in one transaction, as a producer
-    /// would (transactional, so that "consumed up to the last marker" means "consumed every
-    /// record" when a test waits for the parser group).
+    /// would.
     pub fn announce_raw(&self, records: &[(String, String)]) {
         let producer: BaseProducer = tally_core::kafka::transactional_producer_config(
             &self.kafka,
@@ -56,7 +55,7 @@ impl Pipeline {
         self.read_topic(topic)
             .into_iter()
             .filter(|(partition, v)| *partition == 0 && v.starts_with(br#"{"type":"unit-end""#))
-            .map(|(_, v)| match tally_core::codec::decode(&v).unwrap() {
+            .map(|(_, v)| match tally_model::codec::decode(&v).unwrap() {
                 SumsRecord::UnitEnd { unit, .. } => unit,
                 SumsRecord::Sums { .. } => unreachable!(),
             })
@@ -155,33 +154,15 @@ pub fn read_records(kafka: &KafkaArgs, topic: &str) -> Vec<Record> {
     }
 }
 
-/// Unconsumed records of `topic` for `group` (high watermark minus committed offset, summed).
-/// Transaction markers count as one each, so "0 or 1 per partition" means caught up too; a
-/// committed offset at or past `high - 1` counts as caught up.
+/// Committed records of `topic` that `group` has not consumed: read from its committed
+/// offsets to the ends, so that transaction markers (one per transaction, and several
+/// producers' transactions interleave) never count as lag.
 pub fn group_lag(kafka: &KafkaArgs, group: &str, topic: &str) -> i64 {
-    let consumer: BaseConsumer = tally_core::kafka::consumer_config(kafka, group)
-        .create()
-        .unwrap();
-    let partitions = tally_core::kafka::partition_count(&consumer, topic).unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    let mut lag = 0;
-    for p in 0..partitions {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
+    let consumer: BaseConsumer =
+        tally_core::kafka::consumer_config(kafka, &tally_testkit::unique("lag"))
+            .set("enable.partition.eof", "true")
+            .create()
             .unwrap();
-        let at = match committed.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => 0,
-        };
-        if at < high - 1 || (high > 0 && at == 0) {
-            lag += high - at;
-        }
-    }
-    lag
+    let backlog = tally_core::backlog::backlog(kafka, &consumer, group, topic, |_| 0).unwrap();
+    i64::try_from(backlog.records).unwrap()
 }

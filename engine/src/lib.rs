@@ -1,5 +1,6 @@
-//! The parse engine: bytes in, per-consumer sums out. Pure: no Kafka, no SQL, no mmap (a
-//! [`Source`] hands it windows of bytes; parser/src/source.rs maps files).
+//! tally-engine, the parse engine: bytes in, per-consumer sums out. No Kafka, no SQL: a
+//! [`Source`] hands it windows of bytes ([`source::FileSource`] maps files; [`stream`] feeds
+//! it a pipe block by block). Built on tally-model's bounded sums.
 //!
 //! A work unit is a byte range `[start, end)` of a file and owns exactly the lines that *start*
 //! inside it, so any split of a file into units counts every line once. [`sum_range`] cuts the
@@ -8,6 +9,8 @@
 //! [`Sink`] and the map starts over, so memory does not grow with the input.
 
 mod line;
+pub mod source;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -16,8 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 pub use line::{check_line_parsers, parse_line, Reason};
-use tally_core::sums::agg;
-pub use tally_core::sums::{Added, Merger, SumMap};
+use tally_model::sums::agg;
+pub use tally_model::sums::{Added, Merger, SumMap};
 
 use line::{parse_fast, FAST_LOOKAHEAD};
 

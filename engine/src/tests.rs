@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use proptest::prelude::*;
 
 use super::*;
-use crate::offline::sum_reader;
+use crate::stream::sum_reader;
 
 /// What the reference and the engine must agree on.
 #[derive(Debug, Default, PartialEq, Eq)]

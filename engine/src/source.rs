@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 
 use memmap2::{Advice, Mmap, MmapOptions};
 
-use crate::engine::Source;
+use crate::Source;
 
 /// A regular file, read through per-window mappings.
 #[derive(Debug)]
