@@ -243,3 +243,53 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Flags without an env var, on purpose: the arguments of one-off commands (an operator
+    /// types them once), the decisions an operator must make out loud (`--accept-gap`,
+    /// `--switch-input`), and what names a single run (`--once`, `-X` which is repeatable
+    /// `key=value`). docs/operations.md says the same.
+    const NO_ENV: &[&str] = &[
+        "generate", "report", "rollup", "verify", "inspect", "status", "sum", "config",
+        "push", // its files; --watch and --once below
+    ];
+
+    fn walk(command: &clap::Command, path: &mut Vec<String>, missing: &mut Vec<String>) {
+        let one_off = path.iter().any(|p| NO_ENV.contains(&p.as_str()));
+        for arg in command.get_arguments() {
+            let long = arg.get_long().unwrap_or_default();
+            let exempt = one_off
+                || arg.is_positional()
+                || matches!(
+                    long,
+                    "once"
+                        | "kafka-option"
+                        | "accept-gap"
+                        | "switch-input"
+                        | "help"
+                        | "version"
+                        | "config"
+                        | "no-announce"
+                );
+            if arg.get_env().is_none() && !exempt {
+                missing.push(format!("tally {} --{long}", path.join(" ")));
+            }
+        }
+        for sub in command.get_subcommands() {
+            path.push(sub.get_name().to_owned());
+            walk(sub, path, missing);
+            path.pop();
+        }
+    }
+
+    #[test]
+    fn every_setting_of_a_running_stage_has_an_env_var() {
+        let mut missing = Vec::new();
+        walk(&Cli::command(), &mut Vec::new(), &mut missing);
+        assert!(missing.is_empty(), "flags without an env var: {missing:#?}");
+    }
+}

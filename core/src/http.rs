@@ -24,13 +24,21 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::args::KafkaArgs;
 use crate::kafka::BrokerProbe;
-use crate::liveness::Liveness;
+
+/// What the endpoints report on: the stage's health, as its watchdog sees it
+/// ([`crate::liveness::Liveness`]).
+pub trait Health: Send + Sync + 'static {
+    /// Why the stage counts as dead (a call open longer than `limit`), if it does.
+    fn dead_reason(&self, limit: Duration) -> Option<String>;
+    /// Why the stage is not ready, if it is not (Kafka's reachability is checked here).
+    fn unready_reason(&self) -> Option<String>;
+}
 
 /// How long one broker check is reused (a scrape every second must not flood the broker).
 const BROKER_CHECK_TTL: Duration = Duration::from_secs(2);
 
 struct Served {
-    liveness: Liveness,
+    health: Box<dyn Health>,
     limit: Duration,
     metrics: PrometheusHandle,
     probe: BrokerProbe,
@@ -52,11 +60,11 @@ impl Served {
     }
 }
 
-/// Binds `addr` now (an error if it cannot be bound) and serves the endpoints of `liveness`'s
-/// stage on a thread of their own, for the life of the process.
+/// Binds `addr` now (an error if it cannot be bound) and serves the endpoints of a stage whose
+/// health is `health` on a thread of their own, for the life of the process.
 pub fn serve(
     addr: SocketAddr,
-    liveness: &Liveness,
+    health: impl Health,
     kafka: &KafkaArgs,
     limit: Duration,
 ) -> anyhow::Result<SocketAddr> {
@@ -66,7 +74,7 @@ pub fn serve(
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
     let served = Arc::new(Served {
-        liveness: liveness.clone(),
+        health: Box::new(health),
         limit,
         metrics,
         probe: BrokerProbe::new(kafka),
@@ -109,7 +117,7 @@ async fn metrics_text(State(served): State<Arc<Served>>) -> impl IntoResponse {
 }
 
 async fn livez(State(served): State<Arc<Served>>) -> (StatusCode, String) {
-    match served.liveness.dead_reason(served.limit) {
+    match served.health.dead_reason(served.limit) {
         None => (StatusCode::OK, "ok\n".into()),
         Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     }
@@ -121,7 +129,7 @@ async fn readyz(State(served): State<Arc<Served>>) -> (StatusCode, String) {
         .await
         .unwrap_or(false);
     let reason = if answers {
-        served.liveness.unready_reason()
+        served.health.unready_reason()
     } else {
         Some("Kafka is not reachable".to_owned())
     };

@@ -179,29 +179,29 @@ fn describe() {
 mod tests {
     use super::*;
 
+    /// Every metric name in this file: the test reads the source, so a metric added here
+    /// is checked whether or not anyone remembers to list it.
+    fn declared() -> Vec<&'static str> {
+        let source = include_str!("metrics.rs");
+        let mut names: Vec<&str> = source
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| s.starts_with("tally_") && !s.contains(' '))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
     #[test]
     fn names_follow_the_convention() {
-        let mut names = vec![
-            PARSER_LINES,
-            PARSER_BAD_LINES,
-            PARSER_UNITS,
-            PARSER_BYTES,
-            PARSER_SUMS_RECORDS,
-            PARSER_DEAD_LETTERS,
-            AGGREGATOR_RECORDS_IN,
-            AGGREGATOR_RECORDS_OUT,
-            DB_CLIENT_RECORDS,
-            DB_CLIENT_ROWS_UPSERTED,
-            PRODUCER_FILES,
-            PRODUCER_UNITS,
-            PRODUCER_BYTES,
-            PRODUCER_FILE_TIME_FALLBACKS,
-            PRODUCER_INGEST_UPLOADS,
-            PRODUCER_INGEST_BYTES,
-            PRODUCER_INGEST_REFUSED,
-        ];
+        let names = declared();
+        assert!(names.len() >= 30, "{names:?}");
         for m in ALL {
-            names.extend([m.batch_seconds, m.rebalances, m.retries, m.lag]);
+            for name in [m.batch_seconds, m.rebalances, m.retries, m.lag] {
+                assert!(names.contains(&name), "{name}");
+            }
         }
         for name in names {
             let rest = name.strip_prefix("tally_").expect(name);
@@ -219,6 +219,24 @@ mod tests {
                 .iter()
                 .any(|u| name.ends_with(u));
             assert!(counter || unit, "{name}: no unit or _total");
+        }
+    }
+
+    #[test]
+    fn every_metric_is_in_the_operations_guide() {
+        let guide = include_str!("../../docs/operations.md");
+        for name in declared() {
+            let shared = ALL
+                .iter()
+                .flat_map(|m| [m.batch_seconds, m.rebalances, m.retries, m.lag])
+                .any(|n| n == name);
+            let generic = ["parser_", "aggregator_", "db_client_", "producer_"]
+                .iter()
+                .find_map(|stage| name.strip_prefix("tally_")?.strip_prefix(stage))
+                .map(|rest| format!("`tally_<stage>_{rest}`"));
+            let listed = guide.contains(&format!("`{name}`"))
+                || (shared && generic.is_some_and(|g| guide.contains(&g)));
+            assert!(listed, "{name} is not in docs/operations.md");
         }
     }
 }

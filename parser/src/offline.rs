@@ -1,7 +1,7 @@
 //! `tally sum`: the engine on local files (or stdin), without Kafka. Prints `consumer_id total`
 //! lines sorted by id, so the output diffs against
-//! `awk '{s[$1]+=$2} END {for (k in s) print k, s[k]}' | sort -n` on well-formed input, and a
-//! summary on stderr.
+//! `awk '{s[$1]+=$2} END {for (k in s) printf "%s %.0f\n", k, s[k]}' | sort -n` on well-formed
+//! input (awk sums in doubles: exact below 2^53), and a summary on stderr.
 //!
 //! Memory: the engine holds at most `--keys-max` keys; the printed result itself holds one
 //! entry per distinct consumer (it is the output).

@@ -1,7 +1,7 @@
 //! tally-standalone: `tally standalone --dir D`, one process and PostgreSQL, no Kafka.
 //!
-//! The lightest way to run tally, and the first design option of the brief (direct reading,
-//! one host): it watches D with `producer watch`'s completion rules
+//! The lightest way to run tally (direct reading on one host, for when one machine is enough and
+//! Kafka is not wanted): it watches D with `producer watch`'s completion rules
 //! ([`tally_producer::watch::candidates`]), cuts each complete file into the same work units
 //! ([`tally_producer::announce::describe`], file time and all), and counts them in groups of
 //! up to `--units-per-txn-max` units, one PostgreSQL transaction each ([`txn::count`]): the

@@ -131,7 +131,7 @@ impl Liveness {
         let limit = args.limit(floor);
         let liveness = Self::start_with(stage, kafka, limit, |_| restart_in_place());
         if let Some(addr) = args.http_addr {
-            crate::http::serve(addr, &liveness, kafka, limit)?;
+            crate::http::serve(addr, liveness.clone(), kafka, limit)?;
         }
         Ok(liveness)
     }
@@ -296,6 +296,16 @@ impl Liveness {
         Duration::from_millis(
             now_ms().saturating_sub(self.shared.last_progress_ms.load(Ordering::Relaxed)),
         )
+    }
+}
+
+impl crate::http::Health for Liveness {
+    fn dead_reason(&self, limit: Duration) -> Option<String> {
+        Liveness::dead_reason(self, limit)
+    }
+
+    fn unready_reason(&self) -> Option<String> {
+        Liveness::unready_reason(self)
     }
 }
 

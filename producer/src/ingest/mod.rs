@@ -2,14 +2,18 @@
 //! announced, each exactly once or not at all with a clear status (docs/messages.md, "Ingest
 //! over HTTP"; docs/operations.md, "Remote generators").
 //!
-//! - [`server`]: the routes, tokens checked, refusals answered; [`upload`]: an upload's way
-//!   from bytes to announcement.
+//! - [`server`]: the routes; [`upload`]: an upload's way from bytes to announcement (its
+//!   headers read in `put.rs`, refusals answered by `reply.rs`); [`shared`]: what the handlers
+//!   share.
 //! - [`store`]: uploads on disk (`<dir>/.tmp`), their records and life.
 //! - [`throttle`]: backpressure from the parsers' backlog and the folder's free space.
 //! - [`tokens`]: who may write.
 //! - [`tls`]: the certificate and key, for HTTPS.
 
+mod put;
+mod reply;
 pub mod server;
+pub mod shared;
 pub mod store;
 pub mod throttle;
 pub mod tls;
@@ -27,7 +31,7 @@ use tally_core::shutdown::CancellationToken;
 use tally_core::{KafkaArgs, LivenessArgs};
 
 use crate::announce::{Announcer, Split};
-use server::{Ingest, Limits};
+use shared::{Ingest, Limits};
 use store::{Record, State, Store};
 
 /// Arguments of `tally producer serve`.

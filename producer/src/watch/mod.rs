@@ -39,7 +39,7 @@ use state::{format_inode, inode_of, stream_of, Inode, State};
 #[derive(Debug, Clone, clap::Args)]
 pub struct WatchArgs {
     /// Directory to watch (not recursive).
-    #[arg(long)]
+    #[arg(long, env = "TALLY_WATCH_DIR")]
     pub dir: PathBuf,
     /// Full rescan interval, the fallback when inotify misses events (e.g. on NFS).
     #[arg(long, env = "TALLY_RESCAN_INTERVAL_MS", default_value_t = 5_000)]

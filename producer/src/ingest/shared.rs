@@ -1,0 +1,110 @@
+//! What the ingest server's handlers share ([`Ingest`]: the store, tokens, throttle,
+//! announcer, limits, upload slots) and the claim on an upload id that keeps two pieces of work
+//! off the same upload ([`Busy`]).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tally_core::liveness::Liveness;
+use tally_core::metrics as m;
+
+use super::store::{Record, State as Stage, Store};
+use super::throttle;
+use super::tokens::Tokens;
+use crate::announce::{self, Announcer, Split};
+
+/// The limits of one server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest file accepted.
+    pub max_file_bytes: u64,
+    /// Longest wait for the next bytes of a body.
+    pub idle_timeout: Duration,
+    /// `Retry-After` of a refusal for load.
+    pub retry_after: Duration,
+}
+
+/// What the handlers share.
+pub struct Ingest {
+    /// Uploads on disk.
+    pub store: Store,
+    /// Who may write.
+    pub tokens: Tokens,
+    /// Whether new uploads wait.
+    pub throttle: throttle::Shared,
+    /// Announces finished files (one Kafka transaction each).
+    pub announcer: Mutex<Announcer>,
+    /// How files split into units.
+    pub split: Split,
+    /// Limits.
+    pub limits: Limits,
+    /// Uploads receiving bytes at once.
+    pub slots: tokio::sync::Semaphore,
+    /// Upload ids a request (or the sweep) is working on.
+    pub busy: Arc<Mutex<HashSet<String>>>,
+    /// The watchdog.
+    pub liveness: Liveness,
+}
+
+/// Holds an upload id for one piece of work (a request, or the sweep) until dropped.
+pub struct Busy {
+    ids: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl Ingest {
+    /// Holds upload `id`, unless something else holds it.
+    pub fn claim(&self, id: &str) -> Option<Busy> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        busy.insert(id.to_owned()).then(|| Busy {
+            ids: self.busy.clone(),
+            id: id.to_owned(),
+        })
+    }
+
+    /// Announces the linked file of `record` and records it announced (blocking). A file no
+    /// longer in the folder as linked (another inode, or none) was taken by something else
+    /// that announces files there (`producer watch`, whose life cycle runs only once a file
+    /// is done): recorded as announced, with a warning, rather than retried for ever.
+    pub fn announce(&self, record: &mut Record) -> anyhow::Result<usize> {
+        let path = self.store.dir().join(&record.name);
+        let units = match announce::describe(&path, &self.split) {
+            Ok(units) => units,
+            Err(error) if !self.store.holds_linked(record) => {
+                tracing::warn!(name = %record.name, error = format!("{error:#}"), "the file left the folder before it was announced here; taking it as announced by another producer");
+                record.state = Stage::Announced;
+                self.store.save(record)?;
+                return Ok(0);
+            }
+            Err(error) => return Err(error),
+        };
+        {
+            let _step = self.liveness.step("announce");
+            self.announcer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .announce(&units)?;
+        }
+        self.liveness.progress();
+        let bytes: u64 = units.iter().map(|u| u.end - u.start).sum();
+        self.throttle.announced(units.len(), bytes);
+        metrics::counter!(m::PRODUCER_FILES).increment(1);
+        metrics::counter!(m::PRODUCER_UNITS).increment(units.len() as u64);
+        metrics::counter!(m::PRODUCER_BYTES).increment(bytes);
+        metrics::counter!(m::PRODUCER_INGEST_UPLOADS, "token" => record.token.clone(), "outcome" => "announced").increment(1);
+        tracing::info!(name = %record.name, token = %record.token, units = units.len(), "announced");
+        record.state = Stage::Announced;
+        self.store.save(record)?;
+        Ok(units.len())
+    }
+}
