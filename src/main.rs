@@ -42,16 +42,16 @@ enum Command {
     Sum(tally_parser::offline::SumArgs),
     /// The pipeline at a glance: files by state, lag per stage and partition, dead letters,
     /// halted partitions. Exit status 1 when something needs an operator.
-    Status(tally_db_client::status::StatusArgs),
+    Status(tally_operator::status::StatusArgs),
     /// Usage per consumer and period (`consumer_period_totals`), as text or CSV.
-    Report(tally_db_client::report::ReportArgs),
+    Report(tally_operator::report::ReportArgs),
     /// Fold the fine periods of old usage into coarse ones (sums kept exactly), so that
     /// `consumer_period_totals` stays bounded.
-    Rollup(tally_db_client::rollup::RollupArgs),
+    Rollup(tally_operator::rollup::RollupArgs),
     /// Compare the totals in PostgreSQL with an expected-totals file (`tally sum` output).
-    Verify(tally_db_client::verify::VerifyArgs),
+    Verify(tally_operator::verify::VerifyArgs),
     /// Print a pipeline topic's records as text (or JSON lines), binary sums decoded.
-    Inspect(tally_core::inspect::InspectArgs),
+    Inspect(tally_operator::inspect::InspectArgs),
     /// Configuration files: `tally config check`.
     Config {
         #[command(subcommand)]
@@ -190,21 +190,21 @@ fn run(command: Command) -> anyhow::Result<()> {
             tally_standalone::run(&args, &token).await
         }),
         Command::Status(args) => {
-            if runtime()?.block_on(tally_db_client::status::run(&args))? {
+            if runtime()?.block_on(tally_operator::status::run(&args))? {
                 Ok(())
             } else {
                 std::process::exit(1)
             }
         }
-        Command::Report(args) => runtime()?.block_on(tally_db_client::report::run(&args)),
-        Command::Rollup(args) => runtime()?.block_on(tally_db_client::rollup::run(&args)),
-        Command::Verify(args) => runtime()?.block_on(tally_db_client::verify::run(&args)),
-        Command::Inspect(args) => tally_core::inspect::run(&args),
+        Command::Report(args) => runtime()?.block_on(tally_operator::report::run(&args)),
+        Command::Rollup(args) => runtime()?.block_on(tally_operator::rollup::run(&args)),
+        Command::Verify(args) => runtime()?.block_on(tally_operator::verify::run(&args)),
+        Command::Inspect(args) => tally_operator::inspect::run(&args),
         Command::Config {
             command: ConfigCommand::Check { stage },
         } => config::check::<Cli>(&stage),
         Command::Migrate { database } => {
-            runtime()?.block_on(tally_db_client::schema::migrate_url(&database))
+            runtime()?.block_on(tally_core::schema::migrate_url(&database))
         }
         Command::Init {
             kafka,
@@ -213,7 +213,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             files_partitions,
             sums_partitions,
         } => runtime()?.block_on(async move {
-            tally_db_client::schema::migrate_url(&database).await?;
+            tally_core::schema::migrate_url(&database).await?;
             let layout = tally_core::kafka::PipelineLayout {
                 files_partitions,
                 sums_partitions,

@@ -8,9 +8,7 @@
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
 
-#[allow(dead_code)]
-#[path = "it/support/mod.rs"]
-mod support;
+use tally_testkit::pipeline as support;
 
 use std::time::Duration;
 

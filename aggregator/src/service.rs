@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use anyhow::bail;
 use rdkafka::message::{Message, OwnedMessage};
+use tally_core::args::{InstanceArgs, TransactionArgs};
 use tally_core::liveness::Liveness;
 use tally_core::shutdown::CancellationToken;
 use tally_core::txn::producer::{send, send_leaving, send_sums};
 use tally_core::txn::{
-    BatchLimits, Failure, Handler, PartitionState, Settings, TxnLoop, TxnProducer,
+    BatchLimits, Failure, Handler, PartitionState, Settings, Transactions, TxnLoop, TxnProducer,
 };
 use tally_core::{KafkaArgs, LivenessArgs, Topics};
 use tally_model::codec;
@@ -35,6 +36,12 @@ pub struct AggregatorArgs {
     /// Liveness watchdog.
     #[command(flatten)]
     pub liveness: LivenessArgs,
+    /// The transaction timeout.
+    #[command(flatten)]
+    pub transactions: TransactionArgs,
+    /// The instance name.
+    #[command(flatten)]
+    pub instance: InstanceArgs,
     /// Most distinct consumer ids merged in memory per transaction (over all partitions);
     /// past it, sums leave early (still merged as far as they fit), so memory stays bounded:
     /// about 32 bytes per key.
@@ -54,13 +61,6 @@ pub struct AggregatorArgs {
     /// Most payload bytes per transaction (held in memory until the transaction ends).
     #[arg(long, env = "TALLY_AGGREGATOR_BATCH_BYTES_MAX", default_value_t = 64 << 20, value_parser = tally_core::args::positive_u64)]
     pub batch_bytes_max: u64,
-    /// Kafka transaction timeout.
-    #[arg(long, env = "TALLY_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000, value_parser = tally_core::args::positive_u64)]
-    pub transaction_timeout_ms: u64,
-    /// Stable instance name: the transactional.id suffix and static group membership (see
-    /// `tally parser --instance-id`). Default: a random name.
-    #[arg(long, env = "TALLY_INSTANCE_ID")]
-    pub instance_id: Option<String>,
 }
 
 /// Counts since start (of transactions that may still abort), logged at exit.
@@ -88,7 +88,7 @@ pub fn run(args: &AggregatorArgs, shutdown: &CancellationToken) -> anyhow::Resul
         "aggregator",
         &args.kafka,
         &args.liveness,
-        Duration::from_millis(args.transaction_timeout_ms),
+        Duration::from_millis(args.transactions.transaction_timeout_ms),
         shutdown,
         |liveness| start_loop(args, shutdown.clone(), liveness),
         |aggregator: &Aggregator, aborts| {
@@ -117,9 +117,7 @@ fn start_loop(
         stage: "aggregator",
         input: topics.sums.clone(),
         group: topics.aggregator_group.clone(),
-        instance_id: args.instance_id.clone(),
-        transactional_prefix: format!("{}.aggregator", args.kafka.topic_prefix),
-        transaction_timeout: Duration::from_millis(args.transaction_timeout_ms),
+        instance_id: args.instance.instance_id.clone(),
         limits: BatchLimits {
             records: args.batch_records_max.max(1),
             weight: args.batch_bytes_max.max(1),
@@ -128,29 +126,40 @@ fn start_loop(
         },
         consumer_options: vec![("max.poll.interval.ms", "300000".to_owned())],
     };
-    TxnLoop::new(&args.kafka, settings, liveness, shutdown, |group| {
-        let sums = group.partition_count(&topics.sums)?;
-        let totals = group.partition_count(&topics.totals)?;
-        if sums == 0 || sums != totals {
-            bail!(
+    let transactions = Transactions {
+        prefix: format!("{}.aggregator", args.kafka.topic_prefix),
+        timeout: Duration::from_millis(args.transactions.transaction_timeout_ms),
+    };
+    tally_core::txn::start(
+        &args.kafka,
+        settings,
+        transactions,
+        liveness,
+        shutdown,
+        |group| {
+            let sums = group.partition_count(&topics.sums)?;
+            let totals = group.partition_count(&topics.totals)?;
+            if sums == 0 || sums != totals {
+                bail!(
                 "topics not set up: {} has {sums} partitions, {} has {totals} (they must match: \
                  a consumer's sums and totals share a partition number; run `tally init`)",
                 topics.sums,
                 topics.totals
             );
-        }
-        tracing::info!(
-            partitions = sums,
-            keys_max = args.keys_max,
-            "aggregator started"
-        );
-        Ok(Aggregator {
-            topics: topics.clone(),
-            partitions: sums,
-            keys_max: args.keys_max.max(1),
-            counters: Counters::default(),
-        })
-    })
+            }
+            tracing::info!(
+                partitions = sums,
+                keys_max = args.keys_max,
+                "aggregator started"
+            );
+            Ok(Aggregator {
+                topics: topics.clone(),
+                partitions: sums,
+                keys_max: args.keys_max.max(1),
+                counters: Counters::default(),
+            })
+        },
+    )
 }
 
 impl PartitionState for Aggregator {}

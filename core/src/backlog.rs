@@ -25,7 +25,7 @@ pub fn committed_offsets(
     topic: &str,
     partitions: i32,
 ) -> anyhow::Result<BTreeMap<i32, Option<i64>>> {
-    let consumer: BaseConsumer = kafka::consumer_config(args, group).create()?;
+    let consumer = kafka::reader(args, group, kafka::Ends::Silent)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition(topic, p);

@@ -5,13 +5,16 @@
 //!   so that an env var means the same thing everywhere;
 //! - [`topics`]: topic names and consumer-group ids, derived from one prefix;
 //! - [`kafka`]: librdkafka client configuration, topic creation, transaction error classes;
+//! - [`consume`]: the one consume loop of every consuming stage, with a pluggable commit;
+//!   [`txn`]: Kafka transactions as that commit (parser, aggregator);
 //! - [`rebalance`]: rebalance events recorded for a stage loop to act on between polls;
 //! - [`liveness`]: the watchdog on progress every long-running stage reports to, and which
 //!   client errors are a broker outage rather than a failure;
 //! - [`metrics`]: every exported metric, declared once; [`http`]: `/metrics`, `/livez`,
 //!   `/readyz` of a long-running process (`--http-addr`);
 //! - [`backlog`]: what a consumer group has not finished on a topic (lag, in records or bytes);
-//! - [`inspect`]: `tally inspect`, any pipeline topic as text or JSON lines;
+//! - [`schema`]: the database migrations (`migrations/`), applied by the db-client and
+//!   standalone at start-up and by `tally migrate`/`init`;
 //! - [`telemetry`]: tracing set-up; [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
 //!
 //! Stage crates (`producer`, `parser`, `aggregator`, `db-client`) depend on this crate and never
@@ -20,12 +23,13 @@
 pub mod args;
 pub mod backlog;
 pub mod backoff;
+pub mod consume;
 pub mod http;
-pub mod inspect;
 pub mod kafka;
 pub mod liveness;
 pub mod metrics;
 pub mod rebalance;
+pub mod schema;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topics;

@@ -38,3 +38,16 @@ async fn wait_for_signal() {
 async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
+
+/// Sleeps `d` on this thread, or less if `shutdown` comes first; whether it came.
+pub fn sleep(shutdown: &CancellationToken, d: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + d;
+    while !shutdown.is_cancelled() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_millis(100)));
+    }
+    true
+}

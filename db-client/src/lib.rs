@@ -4,24 +4,16 @@
 //! exactly once: each batch's upserts and the consumed offsets commit in one database
 //! transaction.
 //!
-//! - [`service`]: the consumer loop. Start reading here.
+//! - [`service`]: the stage's start and its loop (tally-core's consume loop). Start reading
+//!   here; [`writer`]: its commit, PostgreSQL transactions that carry the offsets.
 //! - [`batch`]: one batch → one database transaction (offsets, gaps, upserts, ledger).
 //! - [`copy`]: a batch's totals upserted through binary COPY into a staging table.
 //! - [`input`]: the totals follow one input topic; switching is on purpose only.
-//! - [`rollup`]: `tally rollup`, old fine periods folded into coarse ones.
-//! - [`report`]: `tally report`, usage per consumer and period.
 //! - [`resume`]: where an assigned partition resumes: the offset stored with the totals.
-//! - [`schema`]: migrations (`migrations/`), applied at start-up and by `tally migrate`.
-//! - [`status`]: `tally status`, the pipeline at a glance from Kafka and PostgreSQL.
-//! - [`verify`]: `tally verify`, totals against an expected-totals file.
 
 pub mod batch;
 pub mod copy;
 pub mod input;
-pub mod report;
 pub mod resume;
-pub mod rollup;
-pub mod schema;
 pub mod service;
-pub mod status;
-pub mod verify;
+pub mod writer;

@@ -5,20 +5,19 @@
 //! replaced, they point anywhere, and starting there would skip records (or rely on the batch
 //! check alone to skip what was applied).
 //!
-//! Until a partition is sought, its records are dropped from batches (they are read again
-//! from the stored offset). A stored offset past the end of the log means the topic was
+//! The consume loop moves the partition there before any of its records is written, and drops
+//! what it polled of it before ([`tally_core::consume::Loaded::ReadyAt`]). A stored offset past
+//! the end of the log means the topic was
 //! recreated or truncated: the records it counts are not these. The stage stops with an error,
 //! like at a gap, until an operator accepts it (`--accept-gap PARTITION:OFFSET`), which moves
 //! the stored offset to the new log's start.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::time::Duration;
+use std::collections::HashSet;
 
 use anyhow::Context;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::Offset;
 use sqlx::PgPool;
-use tally_core::rebalance::{RebalanceEvent, RebalanceLog};
+use tally_core::kafka::BrokerProbe;
 
 /// A stored offset past the end of its partition's log: the topic was recreated (or
 /// truncated) under the db-client.
@@ -63,108 +62,82 @@ fn describe(topic: &str, resets: &[Reset]) -> String {
     )
 }
 
-/// Assigned partitions not yet sought to their stored offsets.
-#[derive(Debug, Default)]
-pub struct Resume {
-    waiting: BTreeSet<i32>,
-}
-
-impl Resume {
-    /// Takes the rebalance events recorded so far: assigned partitions wait for their seek.
-    pub fn update(&mut self, log: &RebalanceLog) {
-        for event in log.take() {
-            match event {
-                RebalanceEvent::Assigned(parts) => self.waiting.extend(parts),
-                RebalanceEvent::Revoked(parts) => {
-                    for p in parts {
-                        self.waiting.remove(&p);
-                    }
-                }
+/// Where `partition` of `topic` resumes: its stored offset (the log's start without one). A
+/// stored offset past the log's end fails with [`TopicReset`], unless `accepted`: then the
+/// stored offset moves to the new log's start, and reading starts there.
+pub async fn resume_at(
+    pool: &PgPool,
+    probe: &BrokerProbe,
+    topic: &str,
+    partition: i32,
+    accepted: &HashSet<(i32, i64)>,
+) -> anyhow::Result<Offset> {
+    let stored: Option<i64> = sqlx::query_scalar(
+        "SELECT next_offset FROM kafka_offsets WHERE topic = $1 AND partition = $2",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(pool)
+    .await
+    .context("read the stored offsets")?;
+    let Some(stored) = stored else {
+        return Ok(Offset::Beginning);
+    };
+    let (low, high) = probe
+        .watermarks(topic, partition)
+        .context("read the watermarks")?;
+    if stored <= high {
+        return Ok(Offset::Offset(stored));
+    }
+    if accepted.contains(&(partition, stored)) {
+        reset_stored(pool, topic, partition, low).await?;
+        tracing::warn!(
+            topic,
+            partition,
+            stored,
+            low,
+            high,
+            "accepted a recreated topic: reading it from its start"
+        );
+        return Ok(Offset::Offset(low));
+    }
+    // Name every partition the operator must accept, not only this one: one restart then
+    // takes them all.
+    let mut resets = vec![Reset {
+        partition,
+        stored,
+        low,
+        high,
+    }];
+    let others: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM kafka_offsets WHERE topic = $1 AND partition <> $2
+         ORDER BY partition",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_all(pool)
+    .await
+    .context("read the stored offsets")?;
+    for (other, stored) in others {
+        if accepted.contains(&(other, stored)) {
+            continue;
+        }
+        if let Ok((low, high)) = probe.watermarks(topic, other) {
+            if stored > high {
+                resets.push(Reset {
+                    partition: other,
+                    stored,
+                    low,
+                    high,
+                });
             }
         }
     }
-
-    /// Whether records of `partition` must wait for its seek (and are to be dropped).
-    pub fn waits(&self, partition: i32) -> bool {
-        self.waiting.contains(&partition)
+    Err(TopicReset {
+        topic: topic.to_owned(),
+        resets,
     }
-
-    /// Seeks every waiting partition to its stored offset (the log's start without one). A
-    /// partition whose seek fails keeps waiting (retried at the next turn); a recreated topic
-    /// fails with [`TopicReset`] unless `accepted`.
-    pub async fn seek(
-        &mut self,
-        consumer: &StreamConsumer<RebalanceLog>,
-        pool: &PgPool,
-        topic: &str,
-        accepted: &HashSet<(i32, i64)>,
-    ) -> anyhow::Result<()> {
-        if self.waiting.is_empty() {
-            return Ok(());
-        }
-        let partitions: Vec<i32> = self.waiting.iter().copied().collect();
-        let stored: HashMap<i32, i64> = sqlx::query_as::<_, (i32, i64)>(
-            "SELECT partition, next_offset FROM kafka_offsets WHERE topic = $1 AND partition = ANY($2)",
-        )
-        .bind(topic)
-        .bind(&partitions)
-        .fetch_all(pool)
-        .await
-        .context("read the stored offsets")?
-        .into_iter()
-        .collect();
-        let mut seeks = Vec::new();
-        let mut resets = Vec::new();
-        for partition in partitions {
-            let offset = match stored.get(&partition) {
-                None => Offset::Beginning,
-                Some(&stored) => {
-                    let (low, high) = consumer
-                        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-                        .context("read the watermarks")?;
-                    if stored <= high {
-                        Offset::Offset(stored)
-                    } else if accepted.contains(&(partition, stored)) {
-                        reset_stored(pool, topic, partition, low).await?;
-                        tracing::warn!(
-                            topic,
-                            partition,
-                            stored,
-                            low,
-                            high,
-                            "accepted a recreated topic: reading it from its start"
-                        );
-                        Offset::Offset(low)
-                    } else {
-                        resets.push(Reset {
-                            partition,
-                            stored,
-                            low,
-                            high,
-                        });
-                        continue;
-                    }
-                }
-            };
-            seeks.push((partition, offset));
-        }
-        if !resets.is_empty() {
-            let topic = topic.to_owned();
-            return Err(TopicReset { topic, resets }.into());
-        }
-        for (partition, offset) in seeks {
-            match consumer.seek(topic, partition, offset, Duration::from_secs(5)) {
-                Ok(()) => {
-                    tracing::info!(partition, ?offset, "resuming at the stored offset");
-                    self.waiting.remove(&partition);
-                }
-                Err(error) => {
-                    tracing::debug!(%error, partition, "seek not possible yet, retrying");
-                }
-            }
-        }
-        Ok(())
-    }
+    .into())
 }
 
 async fn reset_stored(pool: &PgPool, topic: &str, partition: i32, to: i64) -> anyhow::Result<()> {

@@ -16,6 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use tally_core::backoff::Backoff;
 use tally_core::liveness::{self, Throttle};
 use tally_core::KafkaArgs;
 use tally_model::messages::StreamDone;
@@ -43,9 +44,7 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(180);
 impl DoneSet {
     /// A done-set reading `topic`.
     pub fn new(kafka: &KafkaArgs, topic: &str, group: &str) -> anyhow::Result<Self> {
-        let reader: BaseConsumer = tally_core::kafka::consumer_config(kafka, group)
-            .create()
-            .context("cannot create the done-topic reader")?;
+        let reader = tally_core::kafka::reader(kafka, group, tally_core::kafka::Ends::Silent)?;
         Ok(Self {
             reader,
             topic: topic.to_owned(),
@@ -120,6 +119,7 @@ impl DoneSet {
             }
             Ok(())
         };
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         let high = loop {
             match self
                 .reader
@@ -131,7 +131,7 @@ impl DoneSet {
             if !keep_alive() {
                 return Ok(false);
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(backoff.next_delay());
         };
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, partition, Offset::Beginning)?;

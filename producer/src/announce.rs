@@ -92,10 +92,7 @@ impl Announcer {
     /// Connects and initialises transactions (fencing an earlier producer with the same id).
     pub fn new(kafka: &KafkaArgs, transactional_id: &str) -> anyhow::Result<Self> {
         let topic = Topics::new(&kafka.topic_prefix).files;
-        let probe: rdkafka::consumer::BaseConsumer =
-            kafka::consumer_config(kafka, &format!("{topic}.probe"))
-                .create()
-                .context("cannot create a Kafka client")?;
+        let probe = kafka::reader(kafka, &format!("{topic}.probe"), kafka::Ends::Silent)?;
         if kafka::partition_count(&probe, &topic).context("cannot reach Kafka")? == 0 {
             bail!("topic {topic} does not exist: run `tally init` first");
         }

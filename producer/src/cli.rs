@@ -3,13 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use tally_core::args::UnitArgs;
 use tally_core::shutdown::CancellationToken;
 use tally_core::KafkaArgs;
 
 use crate::announce::{self, Announcer, Split};
 use crate::generate::{self, GenerateArgs};
 use crate::watch::{self, WatchArgs};
-use tally_model::period::FileTimeFrom;
 
 /// Settings shared by the producer's subcommands.
 #[derive(Debug, Clone, clap::Args)]
@@ -17,17 +17,9 @@ pub struct ProducerArgs {
     /// Kafka.
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// Largest work unit, in bytes. 64 MiB parses in about 25 ms on two cores (docs/benchmarks.md),
-    /// short next to a transaction commit, while a 1 GB file still spreads over 16 units.
-    #[arg(long, env = "TALLY_UNIT_BYTES", default_value_t = 64 << 20, global = true, value_parser = tally_core::args::positive_u64)]
-    pub unit_bytes: u64,
-    /// Where a file's time (the usage period its lines count in) comes from: `mtime` (its
-    /// modification time at announcement), or `name:<regex>`: the named group `epoch_s`,
-    /// `epoch_min` or `epoch_ms`, or else the first group (or the match) as a UTC date-time
-    /// (`2026-11-26T10:15:00Z`, `20261126T1015`, …). A name without a time falls back to the
-    /// mtime, with a warning and `tally_producer_file_time_fallbacks_total`.
-    #[arg(long, env = "TALLY_FILE_TIME_FROM", default_value = "mtime", global = true, value_parser = tally_model::period::parse_file_time_from)]
-    pub file_time_from: FileTimeFrom,
+    /// Work units and file times.
+    #[command(flatten)]
+    pub units: UnitArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: ProducerCommand,
@@ -63,8 +55,8 @@ pub enum ProducerCommand {
 /// Runs a producer subcommand (blocking; call on a blocking thread).
 pub fn run(args: &ProducerArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let split = Split {
-        unit_bytes: args.unit_bytes,
-        time_from: args.file_time_from.clone(),
+        unit_bytes: args.units.unit_bytes,
+        time_from: args.units.file_time_from.clone(),
     };
     let one_shot_id = || {
         format!(

@@ -22,15 +22,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use notify::Watcher;
+use tally_core::args::{PeriodArgs, RescanArgs, SettleArgs, UnitArgs, UnitBatchArgs};
 use tally_core::backoff::Backoff;
 use tally_core::shutdown::CancellationToken;
 use tally_core::DatabaseArgs;
 use tally_model::identity::file_id;
 use tally_model::messages::WorkUnit;
-use tally_model::period::{FileTimeFrom, Period};
+
 use tally_parser::offline::EngineArgs;
 use tally_producer::announce::{self, Split};
-use tally_producer::watch::{self, AfterDone};
+use tally_producer::watch::{self, AfterDoneArgs};
 
 use txn::Engine;
 
@@ -46,32 +47,24 @@ pub struct StandaloneArgs {
     /// Directory to watch (not recursive); files are complete by `producer watch`'s rules.
     #[arg(long, env = "TALLY_STANDALONE_DIR")]
     pub dir: PathBuf,
-    /// Largest work unit, in bytes (up to `--units-per-txn-max` of them per database
-    /// transaction).
-    #[arg(long, env = "TALLY_UNIT_BYTES", default_value_t = 64 << 20, value_parser = tally_core::args::positive_u64)]
-    pub unit_bytes: u64,
-    /// Where a file's time comes from: `mtime` or `name:<regex>` (as `producer
-    /// --file-time-from`).
-    #[arg(long, env = "TALLY_FILE_TIME_FROM", default_value = "mtime", value_parser = tally_model::period::parse_file_time_from)]
-    pub file_time_from: FileTimeFrom,
-    /// Usage period (as `parser --period`): a whole number of m, h or d, or `off`.
-    #[arg(long, env = "TALLY_PERIOD", default_value = "1h", value_parser = tally_model::period::parse_period)]
-    pub period: Period,
-    /// Full rescan interval, the fallback when inotify misses events.
-    #[arg(long, env = "TALLY_RESCAN_INTERVAL_MS", default_value_t = 5_000)]
-    pub rescan_interval_ms: u64,
-    /// A file without rename or `.lock` is complete once unmodified this long.
-    #[arg(long, env = "TALLY_SETTLE_MS", default_value_t = 2_000)]
-    pub settle_ms: u64,
-    /// Once every byte of a file is summed: keep, delete, or archive:DIR.
-    #[arg(long = "after-done", env = "TALLY_AFTER_DONE", default_value = "keep")]
-    pub after_done: AfterDone,
-    /// Most units per database transaction (their sums are merged before PostgreSQL).
-    #[arg(long, env = "TALLY_UNITS_PER_TXN_MAX", default_value_t = 8, value_parser = tally_core::args::positive_usize)]
-    pub units_per_txn_max: usize,
-    /// Most unit bytes per database transaction.
-    #[arg(long, env = "TALLY_TXN_BYTES_MAX", default_value_t = 1 << 30, value_parser = tally_core::args::positive_u64)]
-    pub txn_bytes_max: u64,
+    /// Work units and file times.
+    #[command(flatten)]
+    pub units: UnitArgs,
+    /// The usage period.
+    #[command(flatten)]
+    pub period: PeriodArgs,
+    /// The full rescans.
+    #[command(flatten)]
+    pub rescan: RescanArgs,
+    /// When a file is complete.
+    #[command(flatten)]
+    pub settle: SettleArgs,
+    /// What happens to a file once it is done.
+    #[command(flatten)]
+    pub after: AfterDoneArgs,
+    /// Units per database transaction (their sums are merged before PostgreSQL).
+    #[command(flatten)]
+    pub batch: UnitBatchArgs,
     /// Count what is complete, then exit (after waiting for files still settling; not for
     /// locked ones).
     #[arg(long)]
@@ -82,15 +75,15 @@ pub struct StandaloneArgs {
 pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let dir = std::fs::canonicalize(&args.dir)
         .with_context(|| format!("cannot resolve {}", args.dir.display()))?;
-    let pool = tally_db_client::schema::connect_migrated(&args.database, 2).await?;
+    let pool = tally_core::schema::connect_migrated(&args.database, 2).await?;
     let engine = Engine {
         config: args.engine.config(),
         pool: Arc::new(args.engine.pool()?),
-        period: args.period,
+        period: args.period.period,
     };
     let split = Split {
-        unit_bytes: args.unit_bytes,
-        time_from: args.file_time_from.clone(),
+        unit_bytes: args.units.unit_bytes,
+        time_from: args.units.file_time_from.clone(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |_event| {
@@ -100,7 +93,7 @@ pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow:
     if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
         tracing::warn!(%error, "inotify unavailable, relying on periodic rescans");
     }
-    tracing::info!(dir = %dir.display(), period = %args.period, "standalone started");
+    tracing::info!(dir = %dir.display(), period = %args.period.period, "standalone started");
     let mut pass = Pass {
         args,
         dir: &dir,
@@ -110,7 +103,7 @@ pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow:
         done: HashSet::new(),
         forced: HashMap::new(),
     };
-    let rescan = Duration::from_millis(args.rescan_interval_ms.max(10));
+    let rescan = Duration::from_millis(args.rescan.rescan_interval_ms.max(10));
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     while !shutdown.is_cancelled() {
         let next = match pass.scan(shutdown).await {
@@ -156,7 +149,7 @@ impl Pass<'_> {
     /// Counts every complete file not done yet; returns when the next unsettled file may be
     /// complete.
     async fn scan(&mut self, shutdown: &CancellationToken) -> anyhow::Result<Option<Duration>> {
-        let settle = Duration::from_millis(self.args.settle_ms);
+        let settle = Duration::from_millis(self.args.settle.settle_ms);
         let mut next: Option<Duration> = None;
         let mut files: Vec<Vec<WorkUnit>> = Vec::new();
         let mut present: HashSet<String> = HashSet::new();
@@ -185,7 +178,10 @@ impl Pass<'_> {
         });
         let units: Vec<WorkUnit> = files.iter().flatten().cloned().collect();
         let period = |u: &WorkUnit| u.time().and_then(|t| self.engine.period.start_of(t));
-        let limits = (self.args.units_per_txn_max, self.args.txn_bytes_max);
+        let limits = (
+            self.args.batch.units_per_txn_max,
+            self.args.batch.txn_bytes_max,
+        );
         for group in groups(&units, limits, period) {
             if shutdown.is_cancelled() {
                 return Ok(next);
@@ -232,7 +228,7 @@ impl Pass<'_> {
             );
             watch::list_rejected(self.dir, rejected, first.file_bytes, &path)?;
         } else if let Err(error) =
-            watch::apply_after_done(&self.args.after_done, &first.file_id, &path)
+            watch::apply_after_done(&self.args.after.after_done, &first.file_id, &path)
         {
             tracing::error!(%error, "life-cycle action failed; file left in place");
         }

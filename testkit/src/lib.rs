@@ -17,6 +17,7 @@ use sqlx::{Connection, Executor, PgConnection};
 
 pub mod containers;
 mod docker_api;
+pub mod pipeline;
 
 /// Where the services of this test run are.
 #[derive(Debug, Clone)]
@@ -178,20 +179,33 @@ pub fn with_database(url: &str, name: &str) -> String {
     }
 }
 
-/// Polls `check` every 200 ms until it holds; panics with `what` once `within` has passed
-/// without it holding. The one deadline loop of the tests.
-pub async fn eventually<F, Fut>(within: std::time::Duration, what: &str, mut check: F)
+/// Polls `check` every 300 ms until it gives `Ok`, and returns that; panics with `what` and
+/// the last `Err` (what was seen instead) once `within` has passed. The one deadline loop of
+/// the tests.
+pub async fn eventually<T, F, Fut>(within: std::time::Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: std::future::Future<Output = Result<T, String>>,
 {
     let deadline = std::time::Instant::now() + within;
-    while !check().await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not within {within:?}: {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                std::time::Instant::now() < deadline,
+                "not within {within:?}: {what}; last seen: {seen}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
+/// `Ok(())` when `holds`, else `Err(seen)`: a check for [`eventually`].
+pub fn holds(holds: bool, seen: impl FnOnce() -> String) -> Result<(), String> {
+    if holds {
+        Ok(())
+    } else {
+        Err(seen())
     }
 }
 

@@ -1,16 +1,21 @@
 //! The broker set-up supports exactly-once: transactions commit and abort atomically, aborted
 //! records are invisible to `read_committed` readers, and offsets sent to a transaction become
 //! the group's committed offsets only when it commits. librdkafka's mock cluster fails this test
-//! (it shows aborted records and drops transactional offset commits).
+//! (it shows aborted records and drops transactional offset commits). `tally init` keeps records
+//! longer than the broker's default.
 
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tally_core::kafka::{self, TopicSpec};
 use tally_core::KafkaArgs;
+
+use crate::support::Pipeline;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -160,4 +165,52 @@ fn transactions_commit_and_abort_atomically_with_group_offsets() {
         .expect("partition")
         .offset();
     assert_eq!(offset, Offset::Offset(5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tally_init_keeps_records_longer_than_the_broker_default() {
+    use rdkafka::admin::ResourceSpecifier;
+    let p = Pipeline::new("retention").await;
+    let admin: AdminClient<DefaultClientContext> =
+        tally_core::kafka::base_config(&p.kafka).create().unwrap();
+    let topics = [
+        &p.topics.files,
+        &p.topics.sums,
+        &p.topics.totals,
+        &p.topics.dead_letter,
+    ];
+    let specifiers: Vec<ResourceSpecifier<'_>> = topics
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(t.as_str()))
+        .collect();
+    let described = admin
+        .describe_configs(&specifiers, &AdminOptions::new())
+        .await
+        .unwrap();
+    let thirty_days = (30u64 * 24 * 3600 * 1000).to_string();
+    for (topic, resource) in topics.iter().zip(described) {
+        let resource = resource.unwrap();
+        let retention = resource
+            .get("retention.ms")
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default();
+        assert_eq!(retention, thirty_days, "{topic}");
+    }
+    // The done topic: compacted, with segments that roll hourly so compaction can run.
+    let done = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(p.topics.done.as_str())],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let value = |key: &str| {
+        done.get(key)
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(value("cleanup.policy"), "compact");
+    assert_eq!(value("segment.ms"), "3600000");
 }

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use crate::ops::{free_port, wait_http};
 use crate::support::Pipeline;
+use crate::support::{free_port, wait_http};
 
 const WITHIN: Duration = Duration::from_secs(30);
 

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::periods;
+use crate::support::periods;
 use crate::support::{clock_rng, Pipeline, Stage};
 
 #[tokio::test(flavor = "multi_thread")]

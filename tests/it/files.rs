@@ -1,6 +1,8 @@
 //! File identity over time, against the real pipeline: a file announced again with other unit
 //! sizes, a file that grows, a file rewritten in place, each counted byte for byte once; and
-//! the done-set forgetting the files that are gone, never those still there.
+//! the done-set forgetting the files that are gone, never those still there; a name reused
+//! before parsing, a file written in place announced once it settled, files with rejected
+//! units kept and listed.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -257,4 +259,110 @@ async fn done_states_of_files_gone_are_pruned_and_of_files_there_kept() {
     assert_eq!(shown, expected, "tally inspect sums --json");
     let done = p.tally(&["inspect", "done"]).await;
     assert_eq!(done.matches("tombstone").count(), 2, "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_reused_before_parsing_counts_only_the_new_file() {
+    let mut p = Pipeline::new("reused").await;
+    // A is announced while no parser runs...
+    let path = p.data.join("usage.txt");
+    std::fs::write(&path, "1 100\n2 200\n").unwrap();
+    p.tally(&["producer", "publish", path.to_str().unwrap()])
+        .await;
+    // ...then B, of the same size, is renamed over A's name and announced too.
+    let tmp = p.data.join(".b.tmp");
+    std::fs::write(&tmp, "3 300\n4 400\n").unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    p.tally(&["producer", "publish", path.to_str().unwrap()])
+        .await;
+
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    p.wait_ingested(1, TIMEOUT).await;
+    let dead = p.dead_letters_until(TIMEOUT, |d| !d.is_empty()).await;
+    match &dead[..] {
+        [DeadLetter::RejectedUnit { reason, .. }] => {
+            assert!(reason.contains("not the announced file"), "{reason}")
+        }
+        other => panic!("A's unit must be rejected, once: {other:?}"),
+    }
+    p.wait_files_consumed(TIMEOUT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        p.totals().await,
+        HashMap::from([(3, 300), (4, 400)]),
+        "B counted once, nothing read as A"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_written_in_place_is_announced_once_it_settled() {
+    use std::io::Write;
+    let mut p = Pipeline::new("settle").await;
+    let _watch = p.spawn("watch", &p.watch_args(&["--settle-ms", "1500"]));
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    // No rename, no lock: the writer appends a line every 300 ms for three seconds.
+    let mut file = std::fs::File::create(p.data.join("inplace.txt")).unwrap();
+    for _ in 0..10 {
+        file.write_all(b"9 1\n").unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(file);
+    p.wait_ingested(1, TIMEOUT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        p.totals().await,
+        HashMap::from([(9, 10)]),
+        "all ten lines, once"
+    );
+    let dead = p.read_topic(&p.topics.dead_letter);
+    assert!(
+        dead.is_empty(),
+        "nothing rejected: {} dead letters",
+        dead.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_with_rejected_units_are_kept_and_listed_not_deleted() {
+    let mut p = Pipeline::new("lifecycle").await;
+    let _watch = p.spawn(
+        "watch",
+        &p.watch_args(&["--settle-ms", "0", "--after-done", "delete"]),
+    );
+    // Under --bad-lines=fail a unit with a bad line is rejected: not in the totals.
+    let mut parser_args = p.parser_args("a");
+    parser_args.extend(["--bad-lines".to_owned(), "fail".to_owned()]);
+    let _parser = p.spawn("parser", &parser_args);
+    let _db = p.spawn("db-client", &["db-client"]);
+    for (name, body) in [("good.txt", "1 1\n"), ("bad.txt", "2 2\nnot a line\n")] {
+        let tmp = p.data.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, p.data.join(name)).unwrap();
+    }
+    let listed = p.data.join(".tally-rejected");
+    let deadline = Instant::now() + TIMEOUT;
+    while p.data.join("good.txt").exists()
+        || !std::fs::read_to_string(&listed).is_ok_and(|l| l.contains("bad.txt"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "good.txt deleted: {}, rejected list: {:?}",
+            !p.data.join("good.txt").exists(),
+            std::fs::read_to_string(&listed)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        p.data.join("bad.txt").exists(),
+        "a file that is not in the totals must not be deleted"
+    );
+    let line = std::fs::read_to_string(&listed).unwrap();
+    // Rejected bytes of the file's bytes: all 15 of them.
+    assert!(line.contains(" 15/15 "), "{line}");
+    // Done (parsed, in Kafka) comes before "in the totals": wait for the db-client.
+    p.wait_ingested(1, TIMEOUT).await;
+    assert_eq!(p.totals().await, HashMap::from([(1, 1)]));
 }

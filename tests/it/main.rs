@@ -8,7 +8,6 @@
 mod broker;
 mod config;
 mod crash;
-mod edges;
 mod files;
 mod ingest;
 mod liveness;
@@ -20,4 +19,6 @@ mod secure;
 mod standalone;
 mod status;
 mod sum_cli;
-mod support;
+
+/// The pipeline harness (tally-testkit).
+use tally_testkit::pipeline as support;

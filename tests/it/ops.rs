@@ -2,85 +2,11 @@
 //! `/readyz`, read over plain HTTP from real processes.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::support::Pipeline;
+use crate::support::{free_port, http_get, sample, wait_http, Pipeline};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` from `127.0.0.1:port`: (status, body); `None` if nothing answers.
-pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
-
-/// Polls `GET path` until `accept` takes the answer; panics with the last answer otherwise.
-pub async fn wait_http(
-    port: u16,
-    path: &str,
-    within: Duration,
-    accept: impl Fn(u16, &str) -> bool,
-) -> (u16, String) {
-    let until = Instant::now() + within;
-    let mut last = None;
-    while Instant::now() < until {
-        let answer = tokio::task::spawn_blocking({
-            let path = path.to_owned();
-            move || http_get(port, &path)
-        })
-        .await
-        .unwrap();
-        if let Some((status, body)) = &answer {
-            if accept(*status, body) {
-                return (*status, body.clone());
-            }
-        }
-        last = answer;
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("GET :{port}{path} never answered as expected; last answer {last:?}");
-}
-
-/// The value of the sample `name{labels}` (labels as printed, `""` for none) in Prometheus
-/// text, summed over every sample whose labels contain `labels`.
-pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (series_name, series_labels) = match series.split_once('{') {
-            Some((n, l)) => (n, l),
-            None => (series, ""),
-        };
-        if series_name == name && series_labels.contains(labels) {
-            *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(f64::NAN);
-        }
-    }
-    found
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_stage_serves_metrics_liveness_and_readiness() {

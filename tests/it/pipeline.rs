@@ -1,4 +1,6 @@
-//! The pipeline end to end, as separate processes: producer → parsers → db-client → PostgreSQL.
+//! The pipeline end to end, as separate processes: producer → parsers → db-client → PostgreSQL;
+//! hostile notifications (a FIFO, ranges outside the file, absurd ids) dead-lettered with a
+//! reason, wedging nothing.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -389,4 +391,94 @@ async fn other_partition_counts_are_followed_by_every_stage() {
             .await
             .unwrap();
     assert_eq!(partitions, vec![4]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_notifications_are_dead_lettered_and_wedge_nothing() {
+    let mut p = Pipeline::new("hostile").await;
+    // A FIFO inside the data root: opening it for reading would block until a writer came.
+    let fifo = p.data.join("fifo.txt");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo");
+    let real = p.data.join("real.txt");
+    std::fs::write(&real, "5 50\n").unwrap();
+    let meta = std::fs::metadata(&real).unwrap();
+    let real_id = tally_model::identity::file_id(&meta);
+    let unit = |file_id: &str, path: &std::path::Path, start, end, bytes| WorkUnit {
+        stream: file_id.into(),
+        file_id: file_id.into(),
+        unit_id: WorkUnit::unit_id(file_id, start, end),
+        path: path.to_str().unwrap().into(),
+        file_bytes: bytes,
+        fingerprint: 0,
+        start,
+        end,
+        file_time: None,
+    };
+    let long = "x".repeat(200_000);
+    let hostile = [
+        unit("fifo", &fifo, 0, 0, 0),
+        unit("nul\0id", &real, 0, 5, 5),
+        unit(&long, &real, 0, 5, 5),
+        unit(&real_id, &real, 0, 50, 5),
+        unit(&real_id, &real, 4, 2, 5),
+    ];
+    let records: Vec<(String, String)> = hostile
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (format!("hostile-{i}"), serde_json::to_string(u).unwrap()))
+        .collect();
+    p.announce_raw(&records);
+    // Some of them land in every files partition's way: a real file announced after them.
+    let after = p.data.join("after.txt");
+    std::fs::write(&after, "6 60\n").unwrap();
+    p.tally(&[
+        "producer",
+        "publish",
+        after.to_str().unwrap(),
+        real.to_str().unwrap(),
+    ])
+    .await;
+
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    p.wait_ingested(2, TIMEOUT).await;
+    let dead = p
+        .dead_letters_until(TIMEOUT, |d| d.len() >= hostile.len())
+        .await;
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|d| match d {
+            DeadLetter::RejectedUnit { reason, .. }
+            | DeadLetter::BadNotification { reason, .. } => reason.as_str(),
+            DeadLetter::BadLine { reason, .. } => reason.as_str(),
+        })
+        .collect();
+    for expected in [
+        "is a FIFO",
+        "contains a control character",
+        "bytes long",
+        "byte range 0..50 is not inside",
+        "byte range 4..2 is not inside",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(expected)),
+            "no dead letter says `{expected}`: {reasons:?}"
+        );
+    }
+    assert_eq!(
+        dead.len(),
+        hostile.len(),
+        "each dead-lettered once: {reasons:?}"
+    );
+    // No dead letter echoes a 200 kB id.
+    assert!(p
+        .read_topic(&p.topics.dead_letter)
+        .iter()
+        .all(|(_, v)| v.len() < 10_000));
+    p.wait_files_consumed(TIMEOUT).await;
+    assert_eq!(p.totals().await, HashMap::from([(5, 50), (6, 60)]));
 }

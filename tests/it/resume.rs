@@ -1,6 +1,7 @@
 //! Where the db-client resumes: at the offsets stored with the totals, whatever Kafka's
 //! committed offsets say (an operator reset them to the end), and never past a recreated
-//! topic without an operator's word.
+//! topic without an operator's word; records deleted before they were applied stop it until an
+//! operator accepts the loss; db-clients under rebalances apply each record once.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::support::{accept_gap_flags, Pipeline};
+use crate::support::{accept_gap_flags, Pipeline, Stage};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -176,4 +177,122 @@ async fn switching_the_input_to_the_aggregator_needs_the_operators_word() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     p.assert_totals(&expected, "after switching to the aggregator")
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_deleted_before_they_were_applied_stop_the_db_client() {
+    let mut p = Pipeline::new("gap").await;
+    let (first, mut expected) = p.generate(1, 300_000, 500, 31).await;
+    let (lost, _) = p.generate(1, 300_000, 500, 32).await;
+    let (last, expected_last) = p.generate(1, 300_000, 500, 33).await;
+    let expected_first = expected.clone();
+    for (k, v) in expected_last {
+        *expected.entry(k).or_default() += v;
+    }
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let mut db = p.spawn("db-client", &["db-client"]);
+    p.publish("100000", &first).await;
+    p.wait_ingested(1, TIMEOUT).await;
+    assert!(db.terminate(Duration::from_secs(20)), "db-client stops");
+
+    // While the db-client is down, the second file's sums are deleted (as retention would)...
+    p.publish("100000", &lost).await;
+    p.wait_files_consumed(TIMEOUT).await;
+    let admin: AdminClient<DefaultClientContext> =
+        tally_core::kafka::base_config(&p.kafka).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for partition in 0..tally_core::kafka::SUMS_PARTITIONS {
+        tpl.add_partition_offset(&p.topics.sums, partition, Offset::End)
+            .unwrap();
+    }
+    admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .unwrap();
+    // ...and a third file arrives after them.
+    p.publish("100000", &last).await;
+    p.wait_files_consumed(TIMEOUT).await;
+    // `tally status` names the halted partitions and exits 1.
+    let out = p
+        .output(&["status", "--json"], &[], Duration::from_secs(60))
+        .await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{report:#}");
+    let halted = report["halted"].as_array().unwrap();
+    assert!(!halted.is_empty(), "{report:#}");
+    assert!(halted.iter().all(|h| h["topic"] == p.topics.sums.as_str()
+        && h["next_offset"].as_i64() < h["log_start"].as_i64()));
+
+    // The db-client refuses to write past the hole, says so, and exits non-zero; nothing of
+    // the third file is in the totals. Accepting each reported gap (only that one) lets it on.
+    let mut accepted: Vec<String> = Vec::new();
+    let mut stopped = 0;
+    loop {
+        let mut args = vec!["db-client".to_owned()];
+        for gap in &accepted {
+            args.extend(["--accept-gap".to_owned(), gap.clone()]);
+        }
+        let mut db = p.spawn("db-client", &args);
+        let Some(status) = db.exit_within(Duration::from_secs(20)).await else {
+            break; // running past every gap
+        };
+        assert!(!status.success(), "a gap is an error exit");
+        let log = db.log_text();
+        assert!(log.contains("NOT in the totals"), "{log}");
+        if stopped == 0 {
+            assert_eq!(p.files_ingested().await, 1, "nothing written past the gap");
+            p.assert_totals(&expected_first, "a gap (nothing past it)")
+                .await;
+        }
+        let new: Vec<String> = accept_gap_flags(&log)
+            .into_iter()
+            .filter(|gap| !accepted.contains(gap))
+            .collect();
+        assert!(!new.is_empty(), "no new gap named: {log}");
+        accepted.extend(new);
+        stopped += 1;
+        assert!(stopped <= 6, "more gaps than partitions: {accepted:?}");
+    }
+    assert!(stopped >= 1, "the gap went unnoticed");
+    p.wait_ingested(2, TIMEOUT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p.assert_totals(&expected, "accepting the gaps").await;
+    let out = p
+        .output(&["status", "--json"], &[], Duration::from_secs(60))
+        .await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["halted"], serde_json::json!([]), "{report:#}");
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn db_clients_under_rebalances_apply_each_record_once() {
+    let mut p = Pipeline::new("rebalance").await;
+    let (files, expected) = p.generate(16, 200_000, 2_000, 41).await;
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    // Three db-clients without instance ids: every SIGTERM is a leave, hence a rebalance of
+    // the others, often inside their batch collection window. (Without the in-batch dedupe this
+    // failed about one run in three; db-client/tests/it/batch.rs shows the rule itself.)
+    let db_args = ["db-client", "--batch-wait-ms", "500"];
+    let mut dbs: Vec<Stage> = (0..3)
+        .map(|i| p.spawn(&format!("db-client-{i}"), &db_args))
+        .collect();
+    for (round, file) in files.iter().enumerate() {
+        p.tally(&["producer", "--unit-bytes", "65536", "publish", file])
+            .await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let victim = round % dbs.len();
+        dbs[victim].terminate(Duration::from_secs(20));
+        dbs[victim] = p.spawn(&format!("db-client-{victim}"), &db_args);
+    }
+    p.wait_ingested(files.len() as i64, TIMEOUT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p.assert_totals(&expected, "db-client rebalances").await;
+    let overcounted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ingested_units WHERE partitions_seen > partitions_total",
+    )
+    .fetch_one(&p.pool)
+    .await
+    .unwrap();
+    assert_eq!(overcounted, 0, "an end marker applied twice");
 }

@@ -109,15 +109,15 @@ async fn the_pipeline_runs_over_tls_and_scram_to_kafka_and_verified_tls_to_postg
     p.envs.retain(|(k, _)| k != "TALLY_KAFKA_SASL_PASSWORD");
     p.envs
         .push(("TALLY_KAFKA_SASL_PASSWORD".into(), "wrong-password".into()));
-    let port = crate::ops::free_port();
+    let port = crate::support::free_port();
     let mut args = p.parser_args("p2");
     args.extend(["--http-addr".to_owned(), format!("127.0.0.1:{port}")]);
     let wrong = p.spawn("parser-wrong-password", &args);
     let (status, _) =
-        crate::ops::wait_http(port, "/readyz", TIMEOUT, |status, _| status == 503).await;
+        crate::support::wait_http(port, "/readyz", TIMEOUT, |status, _| status == 503).await;
     assert_eq!(status, 503);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(crate::ops::http_get(port, "/readyz").unwrap().0, 503);
+    assert_eq!(crate::support::http_get(port, "/readyz").unwrap().0, 503);
     assert!(!wrong.log_text().contains("wrong-password"));
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::periods::{self, set_mtime};
+use crate::support::periods::{self, set_mtime};
 use crate::support::{clock_rng, Pipeline};
 
 const TIMEOUT: Duration = Duration::from_secs(180);

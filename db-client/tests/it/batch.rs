@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use rdkafka::message::{OwnedHeaders, OwnedMessage, Timestamp};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+use tally_core::schema;
 use tally_db_client::batch::{self, Checks, Gaps};
-use tally_db_client::schema;
 use tally_model::messages::SumsRecord;
 
 const TOPIC: &str = "t.sums";

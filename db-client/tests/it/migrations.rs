@@ -1,5 +1,5 @@
 use sqlx::postgres::PgPoolOptions;
-use tally_db_client::schema;
+use tally_core::schema;
 
 #[tokio::test]
 async fn migrations_apply_to_an_empty_database_and_are_idempotent() {

@@ -3,7 +3,8 @@
 //! error while a month is detached.
 
 use sqlx::postgres::PgPoolOptions;
-use tally_db_client::{copy, schema};
+use tally_core::schema;
+use tally_db_client::copy;
 
 /// 2026-10-31T23:30:00Z and 2026-12-15T00:00:00Z.
 const OCT_31: i64 = 1_793_489_400;

@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
+use tally_core::args::{InstanceArgs, PeriodArgs, TransactionArgs, UnitBatchArgs};
 use tally_core::liveness::Liveness;
 use tally_core::shutdown::CancellationToken;
 use tally_core::txn::{
-    producer, BatchLimits, Failure, Group, Handler, PartitionState, Settings, TxnLoop, TxnProducer,
+    producer, BatchLimits, Failure, Group, Handler, Loaded, PartitionState, Settings, Transactions,
+    TxnLoop, TxnProducer,
 };
 use tally_core::{KafkaArgs, LivenessArgs, Topics};
 use tally_model::messages::{DeadLetter, StreamDone, WorkUnit};
@@ -28,7 +30,6 @@ use crate::doneset::DoneSet;
 use crate::offline::EngineArgs;
 use crate::sink::lossy;
 use tally_engine::{EngineConfig, Merger};
-use tally_model::period::Period;
 
 mod prune;
 mod unit;
@@ -55,32 +56,24 @@ pub struct ParserArgs {
     /// Only files that resolve inside this directory are parsed; others are dead-lettered.
     #[arg(long, env = "TALLY_DATA_ROOT")]
     pub data_root: PathBuf,
-    /// Most units per transaction.
-    #[arg(long, env = "TALLY_UNITS_PER_TXN_MAX", default_value_t = 8, value_parser = tally_core::args::positive_usize)]
-    pub units_per_txn_max: usize,
-    /// Most unit bytes per transaction: bounds the time a transaction stays open.
-    #[arg(long, env = "TALLY_TXN_BYTES_MAX", default_value_t = 1 << 30, value_parser = tally_core::args::positive_u64)]
-    pub txn_bytes_max: u64,
-    /// Kafka transaction timeout; a transaction must end well inside it.
-    #[arg(long, env = "TALLY_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000, value_parser = tally_core::args::positive_u64)]
-    pub transaction_timeout_ms: u64,
-    /// Stable instance name: part of the transactional.id, and the consumer's static group
-    /// membership (`group.instance.id`). A restarted instance with the same name aborts its
-    /// predecessor's open transaction at once instead of waiting for the transaction timeout,
-    /// and takes its partitions back without a rebalance. Default: a random name.
-    #[arg(long, env = "TALLY_INSTANCE_ID")]
-    pub instance_id: Option<String>,
+    /// Units per transaction.
+    #[command(flatten)]
+    pub units: UnitBatchArgs,
+    /// The transaction timeout.
+    #[command(flatten)]
+    pub transactions: TransactionArgs,
+    /// The instance name.
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// The usage period.
+    #[command(flatten)]
+    pub period: PeriodArgs,
     /// Forget a file's done-state once all of its bytes are done, its state is older than
     /// this, and the file is gone from its path (deleted, archived, replaced): such a file
     /// cannot be announced again, and the done-set stays as small as the files still there.
     /// A number with s, m, h or d, or `off` to keep every state forever.
     #[arg(long, env = "TALLY_DONE_RETENTION", default_value = "7d")]
     pub done_retention: Retention,
-    /// Usage period the sums are kept apart by (`consumer_period_totals`): a file's lines
-    /// count in the period holding its time (`producer --file-time-from`), epoch-aligned in
-    /// UTC. A whole number of m, h or d, or `off` for running totals only.
-    #[arg(long, env = "TALLY_PERIOD", default_value = "1h", value_parser = tally_model::period::parse_period)]
-    pub period: Period,
 }
 
 /// Counts since start, logged at exit.
@@ -152,7 +145,7 @@ pub fn run(args: &ParserArgs, shutdown: &CancellationToken) -> anyhow::Result<()
         "parser",
         &args.kafka,
         &args.liveness,
-        Duration::from_millis(args.transaction_timeout_ms),
+        Duration::from_millis(args.transactions.transaction_timeout_ms),
         shutdown,
         |liveness| start_loop(args, shutdown.clone(), liveness),
         |parser: &Parser<'_>, aborts| {
@@ -180,12 +173,10 @@ fn start_loop<'a>(
         stage: "parser",
         input: topics.files.clone(),
         group: topics.parser_group.clone(),
-        instance_id: args.instance_id.clone(),
-        transactional_prefix: format!("{}.parser", args.kafka.topic_prefix),
-        transaction_timeout: Duration::from_millis(args.transaction_timeout_ms),
+        instance_id: args.instance.instance_id.clone(),
         limits: BatchLimits {
-            records: args.units_per_txn_max,
-            weight: args.txn_bytes_max,
+            records: args.units.units_per_txn_max,
+            weight: args.units.txn_bytes_max,
             idle: Duration::from_millis(20),
             max_wait: Duration::from_secs(2),
         },
@@ -195,38 +186,49 @@ fn start_loop<'a>(
         ],
     };
     let handler_liveness = liveness.clone();
-    TxnLoop::new(&args.kafka, settings, liveness, shutdown, |group| {
-        let files = group.partition_count(&topics.files)?;
-        let done = group.partition_count(&topics.done)?;
-        let sums_partitions = group.partition_count(&topics.sums)?;
-        if files == 0 || files != done || sums_partitions == 0 {
-            bail!(
+    let transactions = Transactions {
+        prefix: format!("{}.parser", args.kafka.topic_prefix),
+        timeout: Duration::from_millis(args.transactions.transaction_timeout_ms),
+    };
+    tally_core::txn::start(
+        &args.kafka,
+        settings,
+        transactions,
+        liveness,
+        shutdown,
+        |group| {
+            let files = group.partition_count(&topics.files)?;
+            let done = group.partition_count(&topics.done)?;
+            let sums_partitions = group.partition_count(&topics.sums)?;
+            if files == 0 || files != done || sums_partitions == 0 {
+                bail!(
                 "topics not set up: {} has {files} partitions, {} has {done}, {} has {sums_partitions} \
                  (files and done must match; run `tally init`)",
                 topics.files, topics.done, topics.sums
             );
-        }
-        let done_set = DoneSet::new(
-            &args.kafka,
-            &topics.done,
-            &format!("{}.done-reader", topics.parser_group),
-        )?;
-        tracing::info!(data_root = %data_root.display(), "parser started");
-        Ok(Parser {
-            args,
-            topics: topics.clone(),
-            data_root,
-            config: args.engine.config(),
-            pool: args.engine.pool()?,
-            done: done_set,
-            sums_partitions,
-            forced_reject: HashMap::new(),
-            counters: Counters::default(),
-            pending: Pending::default(),
-            liveness: handler_liveness,
-            last_prune: Instant::now(),
-        })
-    })
+            }
+            let done_set = DoneSet::new(
+                &args.kafka,
+                &topics.done,
+                &format!("{}.done-reader", topics.parser_group),
+            )?;
+            tracing::info!(data_root = %data_root.display(), "parser started");
+            Ok(Parser {
+                args,
+                topics: topics.clone(),
+                data_root,
+                config: args.engine.config(),
+                pool: args.engine.pool()?,
+                done: done_set,
+                sums_partitions,
+                forced_reject: HashMap::new(),
+                counters: Counters::default(),
+                pending: Pending::default(),
+                liveness: handler_liveness,
+                last_prune: Instant::now(),
+            })
+        },
+    )
 }
 
 impl PartitionState for Parser<'_> {
@@ -234,8 +236,11 @@ impl PartitionState for Parser<'_> {
         &mut self,
         partition: i32,
         keep_alive: &mut dyn FnMut() -> bool,
-    ) -> anyhow::Result<bool> {
-        self.done.load(partition, keep_alive)
+    ) -> anyhow::Result<Loaded> {
+        Ok(match self.done.load(partition, keep_alive)? {
+            true => Loaded::Ready,
+            false => Loaded::Interrupted,
+        })
     }
 
     fn revoked(&mut self, partitions: &[i32]) {

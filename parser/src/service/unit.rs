@@ -78,9 +78,9 @@ impl Parser<'_> {
         ranges: &[(u64, u64)],
     ) -> Result<Stats, Failure> {
         let source = FileSource::with_len(file, unit.file_bytes);
-        let period = match (self.args.period.length(), unit.time()) {
+        let period = match (self.args.period.period.length(), unit.time()) {
             (None, _) => None,
-            (Some(_), Some(time)) => self.args.period.start_of(time),
+            (Some(_), Some(time)) => self.args.period.period.start_of(time),
             (Some(_), None) => {
                 tracing::warn!(
                     unit = unit.unit_id,

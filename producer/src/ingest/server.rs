@@ -1,6 +1,6 @@
 //! The HTTP side of `producer serve`: the routes, `HEAD /v1/uploads/{id}` and
 //! `GET /v1/throttle`. `PUT /v1/files/{name}` is in [`super::upload`], how refusals are
-//! answered in [`super::reply`]. What each status means is in docs/messages.md ("Ingest over HTTP").
+//! answered in `reply.rs`. What each status means is in docs/messages.md ("Ingest over HTTP").
 
 use std::sync::Arc;
 

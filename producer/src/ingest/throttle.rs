@@ -193,7 +193,7 @@ pub fn start(
                         liveness.ready("throttle");
                     }
                 }
-                sleep_unless(&shutdown, every);
+                tally_core::shutdown::sleep(&shutdown, every);
             }
         })
         .expect("cannot start the throttle thread");
@@ -209,28 +209,14 @@ fn look(
     let consumer = match consumer {
         Some(c) => c,
         None => consumer.insert(
-            kafka::consumer_config(kafka, "tally-throttle")
-                .set("enable.partition.eof", "true")
-                .create()
-                .map_err(|e| e.to_string())?,
+            kafka::reader(kafka, "tally-throttle", kafka::Ends::Reported)
+                .map_err(|e| format!("{e:#}"))?,
         ),
     };
     backlog::backlog(kafka, consumer, &topics.parser_group, &topics.files, |p| {
         serde_json::from_slice::<WorkUnit>(p).map_or(0, |u| u.end.saturating_sub(u.start))
     })
     .map_err(|e| format!("{e:#}"))
-}
-
-/// Sleeps `d`, or less if `shutdown` comes first.
-fn sleep_unless(shutdown: &CancellationToken, d: Duration) {
-    let deadline = std::time::Instant::now() + d;
-    while !shutdown.is_cancelled() {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        std::thread::sleep(left.min(Duration::from_millis(100)));
-    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use tally_core::args::SettleArgs;
 use tally_core::shutdown::CancellationToken;
 
 use crate::announce;
@@ -55,10 +56,9 @@ pub struct PushArgs {
     /// With `--watch`: push what is complete (waiting for files still settling), then exit.
     #[arg(long, requires = "watch")]
     pub once: bool,
-    /// With `--watch`: a file is complete once unmodified this long (or renamed in, or its
-    /// `.lock` gone), as in `producer watch`.
-    #[arg(long, env = "TALLY_SETTLE_MS", default_value_t = 2_000)]
-    pub settle_ms: u64,
+    /// With `--watch`: when a file is complete (as in `producer watch`).
+    #[command(flatten)]
+    pub settle: SettleArgs,
 }
 
 /// How long `--watch` waits before it tries a failed file again.
@@ -156,7 +156,7 @@ async fn watch_dir(
     args: &PushArgs,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let settle = Duration::from_millis(args.settle_ms);
+    let settle = Duration::from_millis(args.settle.settle_ms);
     // Files pushed and kept (`--after-push keep`), by identity: not again. Files that failed,
     // with when: tried again a minute later (a server down, a token not yet allowed, …).
     let mut done: HashSet<String> = HashSet::new();

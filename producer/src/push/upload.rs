@@ -71,6 +71,9 @@ pub async fn push(
     progress.set_length(size);
     let deadline = Instant::now() + target.give_up_after;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    // Asking again where an upload stands: short pauses, growing (a proxy that shortens every
+    // body must not make this spin).
+    let mut asked = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut bad_checksums = 0;
     let mut last = String::from("no answer yet");
     loop {
@@ -115,7 +118,7 @@ pub async fn push(
             StatusCode::OK => return Ok(In::Already),
             // Part of it is held, or another offset than we thought: ask again, after a pause
             // (a proxy that shortens every body must not make this spin).
-            StatusCode::ACCEPTED => tokio::time::sleep(Duration::from_millis(100)).await,
+            StatusCode::ACCEPTED => tokio::time::sleep(asked.next_delay()).await,
             StatusCode::CONFLICT if offset_header => {
                 tokio::time::sleep(backoff.next_delay()).await;
             }

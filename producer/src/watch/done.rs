@@ -25,9 +25,7 @@ pub(super) struct DoneTracker {
 impl DoneTracker {
     pub(super) fn new(kafka: &KafkaArgs, topics: &Topics) -> anyhow::Result<Self> {
         let group = format!("{}.producer-done-reader", topics.parser_group);
-        let consumer: BaseConsumer = tally_core::kafka::consumer_config(kafka, &group)
-            .create()
-            .context("cannot create the done-topic consumer")?;
+        let consumer = tally_core::kafka::reader(kafka, &group, tally_core::kafka::Ends::Silent)?;
         let metadata = consumer
             .fetch_metadata(Some(&topics.done), Duration::from_secs(30))
             .context("cannot read done-topic metadata")?;

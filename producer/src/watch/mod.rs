@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use notify::Watcher;
+use tally_core::args::{RescanArgs, SettleArgs};
 use tally_core::liveness::{self, Liveness, Step};
 use tally_core::shutdown::CancellationToken;
 use tally_core::{KafkaArgs, LivenessArgs, Topics};
@@ -35,15 +36,9 @@ use done::DoneTracker;
 pub use lifecycle::{apply_after_done, list_rejected, AfterDone, REJECTED_FILE};
 use state::{format_inode, inode_of, stream_of, Inode, State};
 
-/// Arguments of `tally producer watch`.
+/// What happens to a file once every byte of it is done (`producer watch`, `standalone`).
 #[derive(Debug, Clone, clap::Args)]
-pub struct WatchArgs {
-    /// Directory to watch (not recursive).
-    #[arg(long, env = "TALLY_WATCH_DIR")]
-    pub dir: PathBuf,
-    /// Full rescan interval, the fallback when inotify misses events (e.g. on NFS).
-    #[arg(long, env = "TALLY_RESCAN_INTERVAL_MS", default_value_t = 5_000)]
-    pub rescan_interval_ms: u64,
+pub struct AfterDoneArgs {
     /// Once every unit of a file is done: keep, delete, or archive:DIR
     /// (also spelled `--after done=delete`).
     #[arg(
@@ -53,14 +48,26 @@ pub struct WatchArgs {
         default_value = "keep"
     )]
     pub after_done: AfterDone,
+}
+
+/// Arguments of `tally producer watch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchArgs {
+    /// Directory to watch (not recursive).
+    #[arg(long, env = "TALLY_WATCH_DIR")]
+    pub dir: PathBuf,
+    /// The full rescans.
+    #[command(flatten)]
+    pub rescan: RescanArgs,
+    /// When a file is complete.
+    #[command(flatten)]
+    pub settle: SettleArgs,
+    /// What happens to a file once it is done.
+    #[command(flatten)]
+    pub after: AfterDoneArgs,
     /// Exit after the first scan (announce what is complete, then stop).
     #[arg(long)]
     pub once: bool,
-    /// For writers that use neither a rename nor a `.lock` file: a file is complete only once
-    /// it was not modified (size and mtime stable) for this long. A renamed-in file whose last
-    /// write is older than this is announced at once.
-    #[arg(long, env = "TALLY_SETTLE_MS", default_value_t = 2_000)]
-    pub settle_ms: u64,
     /// Liveness watchdog.
     #[command(flatten)]
     pub liveness: LivenessArgs,
@@ -212,8 +219,8 @@ pub fn run(
     }
     tracing::info!(dir = %dir.display(), pending = state.pending.len(), "watching");
 
-    let rescan = Duration::from_millis(args.rescan_interval_ms.max(10));
-    let settle = Duration::from_millis(args.settle_ms);
+    let rescan = Duration::from_millis(args.rescan.rescan_interval_ms.max(10));
+    let settle = Duration::from_millis(args.settle.settle_ms);
     let mut next_scan = Instant::now();
     while !shutdown.is_cancelled() {
         let mut triggered = false;
@@ -288,7 +295,7 @@ pub fn run(
                          topic); left in place and listed in {REJECTED_FILE}"
                     );
                     list_rejected(&dir, file.rejected_bytes, file.file_bytes, &path)?;
-                } else if let Err(error) = apply_after_done(&args.after_done, id, &path) {
+                } else if let Err(error) = apply_after_done(&args.after.after_done, id, &path) {
                     tracing::error!(%error, "life-cycle action failed; file left in place");
                 }
                 state.record(&format!("finished {id}"))?;

@@ -64,7 +64,10 @@ async fn with_parsers_stopped_the_server_throttles_and_pushers_finish_when_they_
     tally_testkit::eventually(
         Duration::from_secs(30),
         "the server logs that it refuses new uploads",
-        || async { server.log_text().contains("refusing new uploads") },
+        || async {
+            let log = server.log_text();
+            tally_testkit::holds(log.contains("refusing new uploads"), || log)
+        },
     )
     .await;
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");

@@ -24,18 +24,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::read_committed;
 use crate::support::Stage;
-use crate::support::{clock_rng, Pipeline};
+use crate::support::{clock_rng, free_port, Pipeline};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 const TOKEN: &str = "site-a-0123456789abcdef";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The test CA and the server certificate `scripts/services` made.
 fn tls_files() -> (String, String, String) {

@@ -73,7 +73,10 @@ async fn pushes_cut_at_random_offsets_resume_over_tls_and_count_once() {
     let files: Vec<PathBuf> = files.into_iter().map(PathBuf::from).collect();
     // The generator's times travel with the files (they decide the usage period).
     for (i, file) in files.iter().enumerate() {
-        crate::periods::set_mtime(file, crate::periods::OCT_31_22H + i as i64 * 3600);
+        crate::support::periods::set_mtime(
+            file,
+            crate::support::periods::OCT_31_22H + i as i64 * 3600,
+        );
     }
     let (ca, cert, key) = tls_files();
     let data = p.data.clone();

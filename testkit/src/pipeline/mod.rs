@@ -1,24 +1,42 @@
-//! Running tally stages as real OS processes against the real services, and reading back what
-//! they did (topics, tables).
+//! The pipeline harness of the whole-system tests: tally stages as real OS processes against
+//! the real services, and what they did read back (topics, tables); HTTP to their endpoints,
+//! usage per period.
+
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tally_core::{KafkaArgs, Topics};
 
+mod http;
+pub mod periods;
 mod stage;
 mod topics;
 
+pub use http::{free_port, http_get, sample, wait_http};
 pub use stage::Stage;
-#[allow(unused_imports)] // each test binary uses some of them
 pub use topics::{group_lag, read_committed, read_records, Record};
+
+/// The `tally` binary the stages run as: `TALLY_BINARY`, else the one cargo built beside the
+/// test executable (`target/<profile>/tally`; cargo builds a package's binaries for its
+/// integration tests).
+pub fn tally_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TALLY_BINARY") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/tally
+    let profile = exe.parent().and_then(Path::parent).unwrap();
+    profile.join("tally")
+}
 
 /// A random number generator seeded from the clock; the seed is printed (with `label`) so
 /// that a failure can be replayed.
-#[allow(dead_code)] // for the chaos tests of tests/it
 pub fn clock_rng(label: &str) -> impl FnMut() -> u64 {
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -35,20 +53,28 @@ pub fn clock_rng(label: &str) -> impl FnMut() -> u64 {
 
 /// One isolated pipeline: its own topic prefix, database and data directory.
 pub struct Pipeline {
+    /// The topic prefix (and consumer-group prefix) of this pipeline.
     pub prefix: String,
+    /// Its topic and group names.
     pub topics: Topics,
+    /// How its stages reach Kafka.
     pub kafka: KafkaArgs,
+    /// Its own database.
     pub database_url: String,
+    /// Its directory: logs, expected totals.
     pub dir: PathBuf,
+    /// The data directory the parsers read (inside `dir`).
     pub data: PathBuf,
+    /// A pool on its database.
     pub pool: PgPool,
     /// Extra environment of every command this pipeline runs (secure-connection settings).
     pub envs: Vec<(String, String)>,
     log_seq: u32,
-    services: tally_testkit::Services,
+    services: crate::Services,
 }
 
 impl Pipeline {
+    /// A fresh pipeline named after `what`, its topics created by `tally init`.
     pub async fn new(what: &str) -> Self {
         Self::with_init(what, &[]).await
     }
@@ -59,17 +85,16 @@ impl Pipeline {
     }
 
     /// A pipeline on the Kafka cluster at `bootstrap` (PostgreSQL as usual).
-    #[allow(dead_code)] // for tests/cluster.rs
     pub async fn on_kafka(what: &str, bootstrap: &str) -> Self {
         Self::build(what, &[], Some(bootstrap)).await
     }
 
     async fn build(what: &str, init_args: &[&str], bootstrap: Option<&str>) -> Self {
-        let mut services = tally_testkit::services();
+        let mut services = crate::services();
         if let Some(bootstrap) = bootstrap {
             services.kafka_bootstrap = bootstrap.to_owned();
         }
-        let prefix = tally_testkit::unique(what);
+        let prefix = crate::unique(what);
         let database_url = services.fresh_database(what).await;
         let dir = std::env::temp_dir().join(&prefix);
         let data = dir.join("data");
@@ -99,7 +124,7 @@ impl Pipeline {
     }
 
     fn command<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
+        let mut cmd = Command::new(tally_binary());
         cmd.args(args)
             .env("KAFKA_BOOTSTRAP_SERVERS", &self.kafka.bootstrap_servers)
             .env("DATABASE_URL", &self.database_url)
@@ -211,6 +236,7 @@ impl Pipeline {
         .to_vec()
     }
 
+    /// `parser` with a stable instance name, one thread, two units per transaction.
     pub fn parser_args(&self, instance: &str) -> Vec<String> {
         [
             "parser",
@@ -287,19 +313,12 @@ impl Pipeline {
 
     /// Waits until `n` files are completely in the totals.
     pub async fn wait_ingested(&self, n: i64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let what = format!("{n} files ingested (logs in {})", self.dir.display());
+        crate::eventually(timeout, &what, || async {
             let got = self.files_ingested().await;
-            if got >= n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {got} of {n} files ingested in {timeout:?}; logs in {}",
-                self.dir.display()
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+            crate::holds(got >= n, || format!("{got} files"))
+        })
+        .await;
     }
 
     /// Totals in the database.
@@ -370,9 +389,8 @@ fn print_log_ends(dir: &Path) {
 }
 
 /// Runs `scripts/services ARGS…` (e.g. `up`, `down`, `kill kafka`); panics if it fails.
-#[allow(dead_code)] // for the binaries that restart services (tests/faults.rs, tests/restart.rs)
 pub fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services");
     let status = Command::new(script)
         .args(args)
         .stdout(Stdio::null())
@@ -382,9 +400,8 @@ pub fn services(args: &[&str]) {
 }
 
 /// `scripts/services ARGS…`'s output (e.g. `env --brokers 3`).
-#[allow(dead_code)] // for tests/cluster.rs
 pub fn services_output(args: &[&str]) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services");
     let out = Command::new(script).args(args).output().unwrap();
     assert!(out.status.success(), "scripts/services {args:?} failed");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -392,11 +409,10 @@ pub fn services_output(args: &[&str]) -> String {
 
 /// Asserts that the tests use the services of `scripts/services` (a test that stops, kills or
 /// restarts them must not hit other ones).
-#[allow(dead_code)] // for the binaries that restart services (tests/faults.rs, tests/restart.rs)
 pub fn assert_services_of_the_script() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services");
     let env = Command::new(script).arg("env").output().unwrap().stdout;
-    let bootstrap = tally_testkit::services().kafka_bootstrap;
+    let bootstrap = crate::services().kafka_bootstrap;
     assert!(
         String::from_utf8_lossy(&env).contains(&format!("KAFKA_BOOTSTRAP_SERVERS={bootstrap}")),
         "this test stops the services of scripts/services; the tests use others ({bootstrap})"
@@ -405,7 +421,7 @@ pub fn assert_services_of_the_script() {
 
 /// Reads an expected-totals file (`consumer_id total` lines).
 pub fn read_expected(path: &Path) -> HashMap<i64, i128> {
-    tally_db_client::verify::read_expected(path).unwrap()
+    tally_operator::verify::read_expected(path).unwrap()
 }
 
 /// The `PARTITION:OFFSET` values of the `--accept-gap` flags a db-client's error names.

@@ -125,7 +125,7 @@ pub async fn run(args: &RollupArgs) -> anyhow::Result<()> {
             args.to
         );
     }
-    let pool = crate::schema::connect_migrated(&args.database, 1).await?;
+    let pool = tally_core::schema::connect_migrated(&args.database, 1).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);

@@ -10,6 +10,7 @@
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+pub use super::load::{Loaded, PartitionState, Stop};
 use crate::backoff::Backoff;
 use crate::liveness::{self, Liveness, Throttle};
 use crate::rebalance::{RebalanceEvent, RebalanceLog};
@@ -34,49 +35,24 @@ pub struct BatchLimits {
     pub max_wait: Duration,
 }
 
-/// What a stage keeps per input partition, told of the group's changes.
-pub trait PartitionState {
-    /// Loads the state of newly assigned `partition` before any of its records is processed.
-    /// Long loads call `keep_alive` often: it serves the group and returns false once a
-    /// rebalance came in (then return `Ok(false)`; the load is tried again after it).
-    fn load(
-        &mut self,
-        partition: i32,
-        keep_alive: &mut dyn FnMut() -> bool,
-    ) -> anyhow::Result<bool> {
-        let _ = (partition, keep_alive);
-        Ok(true)
-    }
-
-    /// `partitions` were taken away: forget their state.
-    fn revoked(&mut self, partitions: &[i32]) {
-        let _ = partitions;
-    }
-
-    /// The weight of a record against [`BatchLimits::weight`].
-    fn weight(&self, message: &OwnedMessage) -> u64 {
-        message.payload().map_or(0, |p| p.len() as u64)
-    }
-}
-
 /// The partitions this instance holds and what it knows of them.
 pub struct Group {
-    stage: &'static str,
-    consumer: BaseConsumer<RebalanceLog>,
-    events: RebalanceLog,
-    topic: String,
+    pub(super) stage: &'static str,
+    pub(super) consumer: BaseConsumer<RebalanceLog>,
+    pub(super) events: RebalanceLog,
+    pub(super) topic: String,
     /// Partitions whose state is loaded: their records may be processed.
-    assigned: HashSet<i32>,
+    pub(super) assigned: HashSet<i32>,
     /// Partitions assigned whose state is not loaded yet (paused meanwhile).
-    loading: BTreeSet<i32>,
+    pub(super) loading: BTreeSet<i32>,
     /// Records polled while states were loading, in order; processed before new polls.
-    stash: VecDeque<OwnedMessage>,
+    pub(super) stash: VecDeque<OwnedMessage>,
     /// Consumer errors (a broker outage), logged at a bounded rate.
-    errors: Throttle,
-    liveness: Liveness,
-    shutdown: CancellationToken,
+    pub(super) errors: Throttle,
+    pub(super) liveness: Liveness,
+    pub(super) shutdown: CancellationToken,
     /// When the assignment was last resumed (see [`Group::collect`]).
-    resumed_at: Instant,
+    pub(super) resumed_at: Instant,
 }
 
 /// How often the whole assignment is resumed again while nothing loads: a resume that did not
@@ -185,7 +161,7 @@ impl Group {
             };
             self.handle_rebalance(&mut batch, state);
             if !self.loading.is_empty() {
-                self.load_pending(&mut batch, state);
+                self.load_pending(&mut batch, state)?;
             }
             if self.shutdown.is_cancelled() {
                 break;
@@ -225,7 +201,11 @@ impl Group {
 
     /// Applies assignment changes: revoked partitions leave the batch, the stash and the
     /// stage's state; assigned ones wait in `loading` until their state is loaded.
-    fn handle_rebalance(&mut self, batch: &mut Vec<OwnedMessage>, state: &mut dyn PartitionState) {
+    pub(super) fn handle_rebalance(
+        &mut self,
+        batch: &mut Vec<OwnedMessage>,
+        state: &mut dyn PartitionState,
+    ) {
         for event in self.events.take() {
             match event {
                 RebalanceEvent::Revoked(parts) => {
@@ -249,57 +229,27 @@ impl Group {
         }
     }
 
-    /// Loads the state of every partition in `loading`. No record of a partition is processed
-    /// before its state is complete, so this retries through broker outages rather than
-    /// guess (the watchdog restarts the process if the broker answers and it still does not
-    /// finish). Returns early only on shutdown.
-    fn load_pending(&mut self, batch: &mut Vec<OwnedMessage>, state: &mut dyn PartitionState) {
-        let _step = self.liveness.step("load partition state");
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        let mut failures = Throttle::new(Duration::from_secs(10));
-        while let Some(&partition) = self.loading.first() {
-            if self.shutdown.is_cancelled() {
-                return;
+    /// Commits `offsets` (partition → next offset) to the group without waiting: for lag
+    /// tools, when the stage's checkpoint is elsewhere.
+    pub fn commit_async(&self, offsets: &std::collections::BTreeMap<i32, i64>) {
+        let mut tpl = TopicPartitionList::new();
+        for (partition, next) in offsets {
+            if let Err(error) =
+                tpl.add_partition_offset(&self.topic, *partition, Offset::Offset(*next))
+            {
+                tracing::debug!(%error, "bad offset");
             }
-            self.pause_assignment(true);
-            let consumer = &self.consumer;
-            let events = &self.events;
-            let stash = &mut self.stash;
-            let errors = &mut self.errors;
-            let stage = self.stage;
-            let mut keep_alive = || {
-                serve_group(stage, consumer, stash, errors);
-                events.is_empty()
-            };
-            match state.load(partition, &mut keep_alive) {
-                Ok(true) => {
-                    self.loading.remove(&partition);
-                    self.assigned.insert(partition);
-                    backoff.reset();
-                }
-                Ok(false) => {} // a rebalance came in: handled below
-                Err(error) => {
-                    if let Some(skipped) = failures.allow() {
-                        tracing::warn!(
-                            error = format!("{error:#}"),
-                            partition,
-                            skipped,
-                            "cannot load the partition's state, retrying"
-                        );
-                    }
-                    let until = Instant::now() + backoff.next_delay();
-                    while Instant::now() < until && keep_alive() {
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-            self.handle_rebalance(batch, state);
         }
-        self.pause_assignment(false);
+        if let Err(error) = self
+            .consumer
+            .commit(&tpl, rdkafka::consumer::CommitMode::Async)
+        {
+            tracing::debug!(%error, "kafka offset commit failed (harmless)");
+        }
     }
 
     /// Pauses (or resumes) every partition assigned to this instance.
-    fn pause_assignment(&mut self, pause: bool) {
+    pub(super) fn pause_assignment(&mut self, pause: bool) {
         if !pause {
             self.resumed_at = Instant::now();
         }
@@ -361,22 +311,16 @@ impl Group {
     }
 }
 
-/// Polls the group consumer without taking work: keeps the instance in its group while a
-/// long step runs. Anything it returns (only from partitions not yet paused) is kept in order.
-fn serve_group(
-    stage: &'static str,
-    consumer: &BaseConsumer<RebalanceLog>,
-    stash: &mut VecDeque<OwnedMessage>,
-    errors: &mut Throttle,
-) {
-    match consumer.poll(Duration::ZERO) {
-        None => {}
-        Some(Ok(message)) => stash.push_back(message.detach()),
-        Some(Err(error)) => {
-            liveness::restart_if_fatal(stage, &error);
-            if let Some(skipped) = errors.allow() {
-                tracing::warn!(%error, skipped, "consumer error");
-            }
-        }
+impl super::Input for Group {
+    fn collect(
+        &mut self,
+        limits: BatchLimits,
+        state: &mut dyn PartitionState,
+    ) -> anyhow::Result<Vec<OwnedMessage>> {
+        Group::collect(self, limits, state)
+    }
+
+    fn rewind(&mut self, partitions: &HashSet<i32>) -> anyhow::Result<()> {
+        Group::rewind(self, partitions)
     }
 }

@@ -30,7 +30,7 @@ pub fn will_not_heal(error: &sqlx::Error) -> bool {
 
 /// A pool of at most `connections` on the configured database, its migrations applied.
 pub async fn connect_migrated(
-    database: &tally_core::DatabaseArgs,
+    database: &crate::DatabaseArgs,
     connections: u32,
 ) -> anyhow::Result<PgPool> {
     use anyhow::Context;
@@ -44,7 +44,7 @@ pub async fn connect_migrated(
 }
 
 /// Connects to the configured database and applies the migrations.
-pub async fn migrate_url(database: &tally_core::DatabaseArgs) -> anyhow::Result<()> {
+pub async fn migrate_url(database: &crate::DatabaseArgs) -> anyhow::Result<()> {
     connect_migrated(database, 1).await?;
     tracing::info!(database = %database.redacted_url(), "migrations applied");
     Ok(())

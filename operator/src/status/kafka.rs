@@ -5,11 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
+use crate::inspect::read_topic;
 use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use tally_core::backlog::{committed_offsets, records_between};
-use tally_core::inspect::read_topic;
 use tally_core::{kafka, KafkaArgs, Topics};
 use tally_model::messages::{DeadLetter, WorkUnit};
 
@@ -88,7 +88,7 @@ pub(super) fn read_kafka(
     )
     .context("cannot read the dead-letter topic")?;
 
-    let consumer: BaseConsumer = kafka::consumer_config(args, "tally-status").create()?;
+    let consumer = kafka::reader(args, "tally-status", kafka::Ends::Silent)?;
     let mut watermarks: HashMap<String, BTreeMap<i32, (i64, i64)>> = HashMap::new();
     for topic in [&topics.files, &topics.sums, &topics.totals] {
         let partitions = kafka::partition_count(&consumer, topic)?;

@@ -7,12 +7,12 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
-use crate::{kafka, KafkaArgs, Topics};
+use tally_core::{kafka, KafkaArgs, Topics};
 use tally_model::codec;
 use tally_model::messages::SumsRecord;
 
@@ -100,15 +100,13 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
 /// `start(log start, high watermark)` up to the high watermark as it was when reading began,
 /// handing each to `each`. Gives up after 10 s without a record.
 pub fn read_topic(
-    kafka_args: &crate::KafkaArgs,
+    kafka_args: &KafkaArgs,
     topic: &str,
     wanted: impl Fn(i32) -> bool,
     start: impl Fn(i64, i64) -> i64,
     mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
 ) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = kafka::consumer_config(kafka_args, "tally-inspect")
-        .create()
-        .context("cannot create a Kafka consumer")?;
+    let consumer = kafka::reader(kafka_args, "tally-inspect", kafka::Ends::Silent)?;
     let partitions = kafka::partition_count(&consumer, topic).context("cannot reach Kafka")?;
     anyhow::ensure!(partitions > 0, "topic {topic} does not exist");
     let mut tpl = TopicPartitionList::new();

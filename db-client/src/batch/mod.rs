@@ -25,6 +25,14 @@ use rdkafka::message::{Message, OwnedMessage};
 use sqlx::PgPool;
 
 use crate::copy;
+
+mod gaps;
+mod ledger;
+
+pub(crate) use gaps::accept_flags;
+use gaps::check_gaps;
+pub use gaps::{Gap, Gaps};
+pub use ledger::record_units;
 use tally_model::codec;
 use tally_model::messages::{SumsRecord, UnitDone};
 
@@ -49,58 +57,6 @@ pub fn next_offsets(batch: &[OwnedMessage]) -> BTreeMap<i32, i64> {
         *e = (*e).max(m.offset() + 1);
     }
     next
-}
-
-/// A gap: the stored offset of `partition` is `stored`, but the first record there is
-/// `first` and the log starts at `log_start` (> `stored`): records in between are gone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Gap {
-    /// The partition.
-    pub partition: i32,
-    /// Its next offset in `kafka_offsets` (what the totals include up to).
-    pub stored: i64,
-    /// The first record the batch has there.
-    pub first: i64,
-    /// The partition's log start offset.
-    pub log_start: i64,
-}
-
-/// Gaps found in a batch; nothing of the batch was written.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}", describe_gaps(topic, gaps))]
-pub struct Gaps {
-    /// The topic.
-    pub topic: String,
-    /// The gaps, by partition.
-    pub gaps: Vec<Gap>,
-}
-
-fn describe_gaps(topic: &str, gaps: &[Gap]) -> String {
-    let each: Vec<String> = gaps
-        .iter()
-        .map(|g| {
-            format!(
-                "partition {}: totals include offsets below {}, the log now starts at {} \
-                 (first record read: {}); records {}..{} are gone",
-                g.partition, g.stored, g.log_start, g.first, g.stored, g.log_start
-            )
-        })
-        .collect();
-    format!(
-        "records of {topic} were deleted before they were applied (retention shorter than an \
-         outage, or a recreated topic); their sums are NOT in the totals. {}. Applying stops here; \
-         to accept the loss and go on, restart the db-client once with {}",
-        each.join("; "),
-        accept_flags(gaps.iter().map(|g| (g.partition, g.stored)))
-    )
-}
-
-/// The `--accept-gap PARTITION:OFFSET` flags that let an operator past these stops.
-pub(crate) fn accept_flags(stops: impl Iterator<Item = (i32, i64)>) -> String {
-    let flags: Vec<String> = stops
-        .map(|(partition, stored)| format!("--accept-gap {partition}:{stored}"))
-        .collect();
-    flags.join(" ")
 }
 
 /// What a batch needs to know of Kafka and the operator.
@@ -295,120 +251,4 @@ pub async fn apply(
         "batch transaction"
     );
     Ok(applied)
-}
-
-/// Fails with [`Gaps`] when a partition's first new record lies past its stored offset and
-/// the records in between are gone from the log (and the operator did not accept that gap).
-fn check_gaps(
-    topic: &str,
-    batch: &[OwnedMessage],
-    stored: &HashMap<i32, i64>,
-    created: &BTreeSet<i32>,
-    checks: &Checks<'_>,
-) -> anyhow::Result<()> {
-    let mut first: BTreeMap<i32, i64> = BTreeMap::new();
-    for m in batch {
-        let at = stored.get(&m.partition()).copied().unwrap_or(0);
-        if m.offset() >= at {
-            let f = first.entry(m.partition()).or_insert(m.offset());
-            *f = (*f).min(m.offset());
-        }
-    }
-    let mut gaps = Vec::new();
-    for (partition, first) in first {
-        let stored = stored.get(&partition).copied().unwrap_or(0);
-        if first <= stored || created.contains(&partition) {
-            continue;
-        }
-        let log_start = (checks.log_start)(partition)
-            .with_context(|| format!("cannot read the log start of partition {partition}"))?;
-        if log_start <= stored {
-            continue; // markers or aborted records in between, all still in the log
-        }
-        if checks.accepted.contains(&(partition, stored)) {
-            tracing::warn!(
-                topic,
-                partition,
-                stored,
-                log_start,
-                "accepted gap: records {stored}..{log_start} are gone and not in the totals"
-            );
-            continue;
-        }
-        gaps.push(Gap {
-            partition,
-            stored,
-            first,
-            log_start,
-        });
-    }
-    if gaps.is_empty() {
-        Ok(())
-    } else {
-        Err(Gaps {
-            topic: topic.to_owned(),
-            gaps,
-        }
-        .into())
-    }
-}
-
-/// The ingested-files ledger: counts each unit's end markers (in unit-id order: rows are
-/// locked in the same order by every instance); a unit whose last marker lands here is
-/// rolled up into its file.
-pub async fn record_units(
-    tx: &mut sqlx::PgConnection,
-    units: &BTreeMap<String, (UnitDone, i32, i32)>,
-) -> anyhow::Result<()> {
-    let unit_ids: Vec<&str> = units.keys().map(String::as_str).collect();
-    let file_ids: Vec<&str> = units.values().map(|u| u.0.file_id.as_str()).collect();
-    let paths: Vec<&str> = units.values().map(|u| u.0.path.as_str()).collect();
-    let sizes: Vec<i64> = units.values().map(|u| u.0.file_bytes as i64).collect();
-    let completes: Vec<bool> = units.values().map(|u| u.0.completes_file).collect();
-    let partitions: Vec<i32> = units.values().map(|u| u.1).collect();
-    let seen: Vec<i32> = units.values().map(|u| u.2).collect();
-    let lines: Vec<i64> = units.values().map(|u| u.0.lines as i64).collect();
-    let bad: Vec<i64> = units.values().map(|u| u.0.bad_lines as i64).collect();
-    let bytes: Vec<i64> = units.values().map(|u| u.0.bytes as i64).collect();
-    sqlx::query(
-        "WITH u AS (
-           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::int[],
-                                $7::bigint[], $8::bigint[], $9::bigint[], $10::bool[])
-             AS u(unit_id, file_id, path, file_bytes, partitions, seen, lines, bad_lines, bytes, completes)
-         ), counted AS (
-           INSERT INTO ingested_units
-             (unit_id, file_id, partitions_total, partitions_seen, lines, bad_lines, bytes)
-           SELECT unit_id, file_id, partitions, seen, lines, bad_lines, bytes FROM u ORDER BY unit_id
-           ON CONFLICT (unit_id) DO UPDATE
-             SET partitions_seen = ingested_units.partitions_seen + EXCLUDED.partitions_seen,
-                 ingested_at = now()
-           RETURNING unit_id, partitions_seen >= partitions_total AS complete
-         )
-         INSERT INTO ingested_files
-           (file_id, path, file_bytes, units_ingested, lines, bad_lines, bytes, complete)
-         SELECT u.file_id, max(u.path), max(u.file_bytes), count(*), sum(u.lines), sum(u.bad_lines),
-                sum(u.bytes), bool_or(u.completes)
-         FROM u JOIN counted USING (unit_id) WHERE counted.complete GROUP BY u.file_id
-         ON CONFLICT (file_id) DO UPDATE SET
-           units_ingested = ingested_files.units_ingested + EXCLUDED.units_ingested,
-           complete = ingested_files.complete OR EXCLUDED.complete,
-           lines = ingested_files.lines + EXCLUDED.lines,
-           bad_lines = ingested_files.bad_lines + EXCLUDED.bad_lines,
-           bytes = ingested_files.bytes + EXCLUDED.bytes,
-           last_ingested_at = now()",
-    )
-    .bind(&unit_ids)
-    .bind(&file_ids)
-    .bind(&paths)
-    .bind(&sizes)
-    .bind(&partitions)
-    .bind(&seen)
-    .bind(&lines)
-    .bind(&bad)
-    .bind(&bytes)
-    .bind(&completes)
-    .execute(&mut *tx)
-    .await
-    .context("record ingested units")?;
-    Ok(())
 }

@@ -25,8 +25,11 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use clap::parser::ValueSource;
-use clap::{ArgMatches, Command, CommandFactory};
+use clap::{Command, CommandFactory};
+
+mod check;
+
+pub use check::check;
 
 /// The flag and env var naming the file.
 const FLAG: &str = "--config";
@@ -268,125 +271,4 @@ fn file_flags(
         }
     }
     Ok(out)
-}
-
-/// `tally config check`: the effective configuration of each long-running stage (or of the
-/// subcommand named), where each value comes from, secrets redacted; an error if any of them
-/// would not start.
-pub fn check<C: CommandFactory>(only: &[String]) -> anyhow::Result<()> {
-    let stages: Vec<Vec<String>> = if only.is_empty() {
-        [
-            vec!["producer", "watch"],
-            vec!["parser"],
-            vec!["aggregator"],
-            vec!["db-client"],
-        ]
-        .into_iter()
-        .map(|v| v.into_iter().map(str::to_owned).collect())
-        .collect()
-    } else {
-        vec![only.to_vec()]
-    };
-    let mut failed = Vec::new();
-    for stage in stages {
-        let mut argv: Vec<OsString> = vec!["tally".into()];
-        if let Some(path) = config_path(&std::env::args_os().collect::<Vec<_>>()) {
-            argv.push(FLAG.into());
-            argv.push(path.into());
-        }
-        argv.extend(stage.iter().map(OsString::from));
-        let merged = merge_args::<C>(argv)?;
-        say(&format!("[{}]", stage.join(" ")));
-        match C::command().try_get_matches_from(&merged) {
-            Ok(matches) => {
-                let mut m = &matches;
-                let mut cmd = C::command();
-                // The subcommand words only: flags after them are not subcommand names.
-                for name in stage.iter().take_while(|word| !word.starts_with('-')) {
-                    let (Some(sub_m), Some(sub)) = (
-                        m.subcommand_matches(name),
-                        cmd.find_subcommand(name).cloned(),
-                    ) else {
-                        break;
-                    };
-                    print_effective(&sub, sub_m, &merged);
-                    m = sub_m;
-                    cmd = sub;
-                }
-            }
-            Err(error) => {
-                let text = error.render().to_string();
-                let first = text.lines().next().unwrap_or_default().to_owned();
-                say(&format!("# would not start: {first}"));
-                failed.push(stage.join(" "));
-            }
-        }
-        say("");
-    }
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        bail!("invalid configuration for: {}", failed.join(", "))
-    }
-}
-
-fn print_effective(cmd: &Command, m: &ArgMatches, merged: &[OsString]) {
-    let from_file: BTreeSet<String> = merged
-        .iter()
-        .filter_map(|a| a.to_str())
-        .filter_map(|a| a.strip_prefix("--"))
-        .map(|a| a.split('=').next().unwrap_or(a).to_owned())
-        .collect();
-    for arg in cmd.get_arguments() {
-        let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else {
-            continue;
-        };
-        if matches!(long, "help" | "version" | "config") {
-            continue;
-        }
-        let Ok(Some(raw)) = m.try_get_raw(id) else {
-            continue;
-        };
-        let values: Vec<String> = raw.map(|v| v.to_string_lossy().into_owned()).collect();
-        let source = match m.value_source(id) {
-            Some(ValueSource::CommandLine) if from_file.contains(long) => "file",
-            Some(ValueSource::CommandLine) => "flag",
-            Some(ValueSource::EnvVariable) => "env",
-            Some(ValueSource::DefaultValue) => "default",
-            _ => "",
-        };
-        let shown: Vec<String> = values
-            .iter()
-            .map(|v| redact(long, v))
-            .map(|v| format!("{v:?}"))
-            .collect();
-        let shown = if shown.len() == 1 {
-            shown[0].clone()
-        } else {
-            format!("[{}]", shown.join(", "))
-        };
-        say(&format!("{long} = {shown}  # {source}"));
-    }
-}
-
-/// One line on stdout; a closed pipe (`| head`) is not an error.
-fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stdout().lock(), "{line}");
-}
-
-/// A value as it may be shown: passwords never, URLs without theirs.
-fn redact(key: &str, value: &str) -> String {
-    if key.contains("password") && !key.ends_with("-file") {
-        "***".to_owned()
-    } else if key.contains("url") {
-        tally_core::args::redact_url(value)
-    } else if key == "kafka-option" && value.to_ascii_lowercase().contains("password") {
-        match value.split_once('=') {
-            Some((k, _)) => format!("{k}=***"),
-            None => "***".to_owned(),
-        }
-    } else {
-        value.to_owned()
-    }
 }

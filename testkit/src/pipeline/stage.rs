@@ -1,17 +1,20 @@
 //! A stage running as its own OS process.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// A running stage process, killed when dropped.
 pub struct Stage {
+    /// The process.
     pub child: Child,
+    /// Its log file (stdout and stderr).
     pub log: PathBuf,
 }
 
 impl Stage {
-    /// SIGKILL, no chance to clean up.
     /// Waits up to `within` for the stage to exit; its exit status, if it did.
     pub async fn exit_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
@@ -24,6 +27,7 @@ impl Stage {
         None
     }
 
+    /// SIGKILL, no chance to clean up.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -44,6 +48,7 @@ impl Stage {
         false
     }
 
+    /// What it logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -1,5 +1,7 @@
 //! Reading a pipeline's topics back: committed records, unit-end markers, a group's lag.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -8,7 +10,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tally_core::KafkaArgs;
-use tally_model::messages::{SumsRecord, UnitDone};
+use tally_model::messages::{DeadLetter, SumsRecord, UnitDone};
 
 use super::Pipeline;
 
@@ -18,7 +20,7 @@ impl Pipeline {
     pub fn announce_raw(&self, records: &[(String, String)]) {
         let producer: BaseProducer = tally_core::kafka::transactional_producer_config(
             &self.kafka,
-            &tally_testkit::unique("raw"),
+            &crate::unique("raw"),
             Duration::from_secs(60),
         )
         .create()
@@ -80,25 +82,37 @@ impl Pipeline {
         bytes
     }
 
+    /// The dead letters, once `done` says they are complete; panics after `within`.
+    pub async fn dead_letters_until(
+        &self,
+        within: Duration,
+        done: impl Fn(&[DeadLetter]) -> bool,
+    ) -> Vec<DeadLetter> {
+        crate::eventually(within, "the dead letters expected", || async {
+            let dead: Vec<DeadLetter> = self
+                .read_topic(&self.topics.dead_letter)
+                .iter()
+                .map(|(_, v)| serde_json::from_slice(v).unwrap())
+                .collect();
+            if done(&dead) {
+                Ok(dead)
+            } else {
+                Err(format!("{dead:?}"))
+            }
+        })
+        .await
+    }
+
     /// Waits until the parser group has committed every announced unit.
     pub async fn wait_files_consumed(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let kafka = self.kafka.clone();
-        let topics = self.topics.clone();
-        loop {
-            let (k, t) = (kafka.clone(), topics.clone());
+        crate::eventually(timeout, "the parser group consumed every unit", || async {
+            let (k, t) = (self.kafka.clone(), self.topics.clone());
             let lag = tokio::task::spawn_blocking(move || group_lag(&k, &t.parser_group, &t.files))
                 .await
                 .unwrap();
-            if lag == 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "parser group still lags by {lag}"
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+            crate::holds(lag == 0, || format!("a lag of {lag}"))
+        })
+        .await;
     }
 }
 
@@ -116,7 +130,7 @@ pub type Record = (i32, Option<Vec<u8>>, Option<Vec<u8>>);
 /// Reads every committed record of `topic` with its key, tombstones included.
 pub fn read_records(kafka: &KafkaArgs, topic: &str) -> Vec<Record> {
     let consumer: BaseConsumer =
-        tally_core::kafka::consumer_config(kafka, &tally_testkit::unique("reader"))
+        tally_core::kafka::consumer_config(kafka, &crate::unique("reader"))
             .create()
             .unwrap();
     let partitions = tally_core::kafka::partition_count(&consumer, topic).unwrap();
@@ -158,11 +172,10 @@ pub fn read_records(kafka: &KafkaArgs, topic: &str) -> Vec<Record> {
 /// offsets to the ends, so that transaction markers (one per transaction, and several
 /// producers' transactions interleave) never count as lag.
 pub fn group_lag(kafka: &KafkaArgs, group: &str, topic: &str) -> i64 {
-    let consumer: BaseConsumer =
-        tally_core::kafka::consumer_config(kafka, &tally_testkit::unique("lag"))
-            .set("enable.partition.eof", "true")
-            .create()
-            .unwrap();
+    let consumer: BaseConsumer = tally_core::kafka::consumer_config(kafka, &crate::unique("lag"))
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
     let backlog = tally_core::backlog::backlog(kafka, &consumer, group, topic, |_| 0).unwrap();
     i64::try_from(backlog.records).unwrap()
 }

@@ -1,0 +1,151 @@
+//! Topics: the pipeline's topics and their layout, created when missing (`tally init`).
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use super::{apply_overrides, base_config};
+use crate::args::KafkaArgs;
+
+/// Errors from Kafka administration.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The admin client could not be created.
+    #[error("cannot create the Kafka admin client")]
+    Client(#[source] KafkaError),
+    /// The create-topics request failed as a whole (broker unreachable, timeout).
+    #[error("create-topics request failed")]
+    Request(#[source] KafkaError),
+    /// One topic could not be created.
+    #[error("cannot create topic {topic}: {code}")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// The broker's error code.
+        code: RDKafkaErrorCode,
+    },
+}
+
+/// A topic tally needs.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    /// Name.
+    pub name: String,
+    /// Partition count (fixed at creation; co-partitioned topics must agree).
+    pub partitions: i32,
+    /// Log compaction instead of deletion (the done-set).
+    pub compacted: bool,
+    /// How long records are kept (`retention.ms`); `None`: the broker's default.
+    pub retention: Option<Duration>,
+}
+
+/// Creates the topics that do not exist yet. Existing topics are left as they are.
+pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec]) -> Result<(), AdminError> {
+    let mut config = base_config(args);
+    config.remove("acks");
+    apply_overrides(&mut config, args);
+    let admin: AdminClient<DefaultClientContext> = config.create().map_err(AdminError::Client)?;
+    let retention: Vec<Option<String>> = topics
+        .iter()
+        .map(|t| t.retention.map(|r| r.as_millis().to_string()))
+        .collect();
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .zip(&retention)
+        .map(|(t, retention)| {
+            let mut topic = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(-1));
+            if t.compacted {
+                // Segments roll hourly (the broker's default is a week): only closed segments
+                // are compacted, so a done topic holds about one record per file within hours.
+                topic = topic
+                    .set("cleanup.policy", "compact")
+                    .set("segment.ms", "3600000");
+            }
+            if let Some(ms) = retention {
+                topic = topic.set("retention.ms", ms);
+            }
+            topic
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new.iter(), &options)
+        .await
+        .map_err(AdminError::Request)?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(AdminError::Topic { topic, code }),
+        }
+    }
+    Ok(())
+}
+
+/// How long `tally init` keeps the records of the deleting topics by default: much longer
+/// than the broker's 7 days, so that a stage can be down for weeks before records it has not
+/// read are deleted. The db-client stops at such a gap rather than skip it.
+pub const RETENTION_DEFAULT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How a new pipeline's topics are made: partition counts and retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineLayout {
+    /// Partitions of `tally.files` and `tally.done` (co-partitioned): at least the number of
+    /// parser instances.
+    pub files_partitions: i32,
+    /// Partitions of `tally.sums` and `tally.totals` (a consumer's partition number is the
+    /// same on both): at least the number of aggregator or db-client instances.
+    pub sums_partitions: i32,
+    /// `retention.ms` of every deleting topic.
+    pub retention: Duration,
+}
+
+impl Default for PipelineLayout {
+    fn default() -> Self {
+        Self {
+            files_partitions: FILES_PARTITIONS,
+            sums_partitions: SUMS_PARTITIONS,
+            retention: RETENTION_DEFAULT,
+        }
+    }
+}
+
+/// The topics of one pipeline with their partition counts, cleanup policies and retention
+/// (`retention` for every deleting topic; the compacted done topic keeps each file's latest
+/// done-state, until the parsers prune it).
+pub fn topic_specs(topics: &crate::Topics, layout: &PipelineLayout) -> Vec<TopicSpec> {
+    let spec = |name: &str, partitions, compacted| TopicSpec {
+        name: name.to_owned(),
+        partitions,
+        compacted,
+        retention: (!compacted).then_some(layout.retention),
+    };
+    vec![
+        spec(&topics.files, layout.files_partitions, false),
+        // Co-partitioned with files: the owner of a files partition needs only its done partition.
+        spec(&topics.done, layout.files_partitions, true),
+        spec(&topics.sums, layout.sums_partitions, false),
+        spec(&topics.totals, layout.sums_partitions, false),
+        spec(&topics.dead_letter, 1, false),
+    ]
+}
+
+/// Creates every topic of the pipeline that does not exist yet.
+pub async fn ensure_pipeline_topics(
+    args: &KafkaArgs,
+    layout: &PipelineLayout,
+) -> Result<(), AdminError> {
+    ensure_topics(
+        args,
+        &topic_specs(&crate::Topics::new(&args.topic_prefix), layout),
+    )
+    .await
+}
+
+/// Default partition count of `tally.files` and `tally.done` (they must match; `tally init
+/// --files-partitions`).
+pub const FILES_PARTITIONS: i32 = 6;
+/// Default partition count of `tally.sums` and `tally.totals` (they must match; `tally init
+/// --sums-partitions`).
+pub const SUMS_PARTITIONS: i32 = 6;

@@ -1,0 +1,191 @@
+//! librdkafka client set-up: every option tally relies on is set explicitly here, then the
+//! user's `-X key=value` overrides are applied last.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::args::KafkaArgs;
+
+mod admin;
+mod probe;
+
+pub use admin::*;
+pub use probe::BrokerProbe;
+
+/// Settings common to every client.
+pub fn base_config(args: &KafkaArgs) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &args.bootstrap_servers)
+        .set("client.id", "tally")
+        // librdkafka's default (all) is right for tally too, but say it: lost records are lost money.
+        .set("acks", "all");
+    config
+}
+
+/// Applies the TLS/SASL settings and the user's `-X` overrides; call last. Unreadable
+/// certificate files or a missing SASL password were refused at start (see
+/// [`KafkaArgs::security_settings`]); here they are skipped.
+pub fn apply_overrides(config: &mut ClientConfig, args: &KafkaArgs) {
+    for (key, value) in args.security_settings().unwrap_or_default() {
+        config.set(key, value);
+    }
+    for (key, value) in &args.options {
+        config.set(key, value);
+    }
+}
+
+/// A consumer in `group` that reads only committed transactional data and never commits on its
+/// own: every stage commits offsets together with its output (Kafka transaction or PostgreSQL).
+pub fn consumer_config(args: &KafkaArgs, group: &str) -> ClientConfig {
+    let mut config = base_config(args);
+    config
+        .remove("acks")
+        .set("group.id", group)
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false");
+    apply_overrides(&mut config, args);
+    config
+}
+
+/// What a topic reader needs to know of the end of a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ends {
+    /// Polls return nothing at the end (the reader compares positions with watermarks).
+    Silent,
+    /// Polls return a `PartitionEOF` at the end, past any trailing transaction marker.
+    Reported,
+}
+
+/// A reader of topics that is no consume loop (done-set loads, watch's done tracker, the
+/// ingest throttle, `status`, `inspect`, probes): it assigns partitions itself and never joins
+/// or commits for `group` (which names it to the broker, and whose committed offsets it may
+/// read). The one place such a client is built; consume loops get theirs from
+/// [`crate::consume::Group::open`].
+pub fn reader(
+    args: &KafkaArgs,
+    group: &str,
+    ends: Ends,
+) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+    let mut config = consumer_config(args, group);
+    if ends == Ends::Reported {
+        config.set("enable.partition.eof", "true");
+    }
+    config
+        .create()
+        .with_context(|| format!("cannot create a Kafka client ({group})"))
+}
+
+/// Static group membership (KIP-345) for an instance with a stable name: a restarted instance
+/// rejoins as the same member and gets its partitions back at once, instead of a rebalance
+/// that first waits out the dead member's session (`session.timeout.ms`, 45 s). The price: an
+/// instance that stops for good keeps its partitions until its session times out.
+pub fn static_membership(config: &mut ClientConfig, instance_id: Option<&str>) {
+    if let Some(id) = instance_id {
+        config.set("group.instance.id", id);
+    }
+}
+
+/// A transactional (hence idempotent) producer with this `transactional.id`.
+pub fn transactional_producer_config(
+    args: &KafkaArgs,
+    transactional_id: &str,
+    transaction_timeout: Duration,
+) -> ClientConfig {
+    let mut config = base_config(args);
+    config
+        .set("transactional.id", transactional_id)
+        .set("enable.idempotence", "true")
+        .set(
+            "transaction.timeout.ms",
+            transaction_timeout.as_millis().to_string(),
+        )
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4");
+    apply_overrides(&mut config, args);
+    config
+}
+
+/// What to do after a failed transactional call (see SERVICES.md: classify every error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnErrorKind {
+    /// Retry the same call (same offsets, same group metadata).
+    Retriable,
+    /// Abort the transaction, rewind the input to the committed offsets, start over.
+    Abortable,
+    /// The producer is unusable (fenced, or an unknown error): recreate it.
+    Fatal,
+}
+
+/// Classifies an error from a transactional producer call. Unknown kinds count as fatal.
+pub fn classify_txn_error(error: &KafkaError) -> TxnErrorKind {
+    match error {
+        KafkaError::Transaction(e) if e.is_fatal() => TxnErrorKind::Fatal,
+        KafkaError::Transaction(e) if e.txn_requires_abort() => TxnErrorKind::Abortable,
+        KafkaError::Transaction(e) if e.is_retriable() => TxnErrorKind::Retriable,
+        // commit_transaction flushes first; a flush timeout is worth another try.
+        KafkaError::Flush(_) => TxnErrorKind::Retriable,
+        _ => TxnErrorKind::Fatal,
+    }
+}
+
+/// Sends `record`, waiting while librdkafka's queue is full (the queue's size bound is the
+/// back-pressure that keeps a stage's memory flat). Other errors are returned.
+pub fn send_waiting<C, K, P>(
+    producer: &rdkafka::producer::ThreadedProducer<C>,
+    mut record: rdkafka::producer::BaseRecord<'_, K, P>,
+) -> Result<(), KafkaError>
+where
+    C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()> + 'static,
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Number of partitions of `topic`, from a metadata request.
+pub fn partition_count<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+) -> Result<i32, KafkaError> {
+    use rdkafka::consumer::Consumer;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len() as i32))
+}
+
+/// The consumer's position in `topic`/`partition` (the next offset it will read; 0 before the
+/// first fetch).
+pub fn position_of<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Result<i64, KafkaError> {
+    use rdkafka::consumer::Consumer;
+    Ok(consumer
+        .position()?
+        .find_partition(topic, partition)
+        .and_then(|p| match p.offset() {
+            rdkafka::Offset::Offset(o) => Some(o),
+            _ => None,
+        })
+        .unwrap_or(0))
+}
