@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tally_model::identity;
 use tally_model::messages::DeadLetter;
@@ -44,10 +44,21 @@ fn version(path: &Path) -> String {
 
 /// Polls the totals until they equal `expected` (the pipeline catching up), or panics.
 async fn wait_totals(p: &Pipeline, expected: &HashMap<i64, i128>, what: &str) {
-    let deadline = Instant::now() + TIMEOUT;
-    while p.totals().await != *expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    tally_testkit::eventually(TIMEOUT, what, || async {
+        let totals = p.totals().await;
+        let differ = expected
+            .iter()
+            .filter(|(k, v)| totals.get(k) != Some(v))
+            .count();
+        tally_testkit::holds(totals == *expected, || {
+            format!(
+                "{differ} of {} consumers differ, {} in the database",
+                expected.len(),
+                totals.len()
+            )
+        })
+    })
+    .await;
     p.wait_files_consumed(TIMEOUT).await;
     // Anything produced by a (wrong) second count would show up by now.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -203,15 +214,11 @@ async fn done_states_of_files_gone_are_pruned_and_of_files_there_kept() {
     // a and b are gone (deleted, archived elsewhere); c stays.
     std::fs::remove_file(&paths[0]).unwrap();
     std::fs::rename(&paths[1], p.dir.join("b-archived.txt")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !parser.log_text().contains("done-set pruned") {
-        assert!(
-            Instant::now() < deadline,
-            "no pruning: {}",
-            parser.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    tally_testkit::eventually(Duration::from_secs(60), "the done-set pruned", || async {
+        let log = parser.log_text();
+        tally_testkit::holds(log.contains("done-set pruned"), || log)
+    })
+    .await;
     // The log line comes as the tombstones are sent; they are read once their transaction
     // commits.
     let latest_states = || {
@@ -221,16 +228,25 @@ async fn done_states_of_files_gone_are_pruned_and_of_files_there_kept() {
         }
         latest
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut latest = latest_states();
-    while streams[..2]
-        .iter()
-        .any(|s| latest.get(s.as_bytes()).is_some_and(Option::is_some))
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        latest = latest_states();
-    }
+    let latest = tally_testkit::eventually(
+        Duration::from_secs(30),
+        "the gone files' states are tombstones",
+        || async {
+            let latest = latest_states();
+            let live = streams[..2]
+                .iter()
+                .any(|s| latest.get(s.as_bytes()).is_some_and(Option::is_some));
+            if live {
+                Err(format!(
+                    "{} keys, a gone file's state still live",
+                    latest.len()
+                ))
+            } else {
+                Ok(latest)
+            }
+        },
+    )
+    .await;
     assert_eq!(latest.len(), 3, "one key per file, however many units");
     assert!(latest[streams[0].as_bytes()].is_none(), "a pruned");
     assert!(latest[streams[1].as_bytes()].is_none(), "b pruned");
@@ -343,18 +359,22 @@ async fn files_with_rejected_units_are_kept_and_listed_not_deleted() {
         std::fs::rename(&tmp, p.data.join(name)).unwrap();
     }
     let listed = p.data.join(".tally-rejected");
-    let deadline = Instant::now() + TIMEOUT;
-    while p.data.join("good.txt").exists()
-        || !std::fs::read_to_string(&listed).is_ok_and(|l| l.contains("bad.txt"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "good.txt deleted: {}, rejected list: {:?}",
-            !p.data.join("good.txt").exists(),
-            std::fs::read_to_string(&listed)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    tally_testkit::eventually(
+        TIMEOUT,
+        "good.txt deleted and bad.txt listed as rejected",
+        || async {
+            let list = std::fs::read_to_string(&listed);
+            let done = !p.data.join("good.txt").exists()
+                && list.as_ref().is_ok_and(|l| l.contains("bad.txt"));
+            tally_testkit::holds(done, || {
+                format!(
+                    "good.txt deleted: {}, rejected list: {list:?}",
+                    !p.data.join("good.txt").exists()
+                )
+            })
+        },
+    )
+    .await;
     assert!(
         p.data.join("bad.txt").exists(),
         "a file that is not in the totals must not be deleted"

@@ -4,7 +4,7 @@
 //! operator accepts the loss; db-clients under rebalances apply each record once.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -69,9 +69,7 @@ async fn the_db_client_resumes_at_its_stored_offsets_and_stops_at_a_recreated_to
         .delete_topics(&[&p.topics.sums], &AdminOptions::new())
         .await
         .unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    tally_testkit::eventually(TIMEOUT, "the sums topic created again", || async {
         let made = p.try_tally(&["init"]).await;
         let exists = admin
             .inner()
@@ -81,14 +79,11 @@ async fn the_db_client_resumes_at_its_stored_offsets_and_stops_at_a_recreated_to
                     .iter()
                     .any(|t| t.partitions().len() == 6 && t.error().is_none())
             });
-        if made && exists {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the sums topic was not created again"
-        );
-    }
+        tally_testkit::holds(made && exists, || {
+            format!("init ok: {made}, topic: {exists}")
+        })
+    })
+    .await;
     let _parser = p.spawn("parser", &p.parser_args("b"));
     p.publish("100000", &third).await;
     p.wait_files_consumed(TIMEOUT).await;

@@ -243,14 +243,6 @@ impl Liveness {
         self.set_positions(topic, consumer.position().ok());
     }
 
-    /// [`Liveness::positions`] for a stream consumer.
-    pub fn stream_positions<C>(&self, consumer: &rdkafka::consumer::StreamConsumer<C>, topic: &str)
-    where
-        C: ConsumerContext + 'static,
-    {
-        self.set_positions(topic, consumer.position().ok());
-    }
-
     /// Records the input the stage holds as (partition, next offset to process) pairs.
     pub fn set_input(&self, topic: &str, positions: Vec<(i32, i64)>) {
         *self.shared.input.lock().unwrap_or_else(|p| p.into_inner()) = Input {

@@ -100,19 +100,13 @@ async fn refusals_get_their_status_and_leave_nothing_behind() {
     .await;
     assert!(slow == 0 || slow == 408, "slow headers answered {slow}");
     // Nothing in the folder, nothing announced, and the stalled bytes gone after the TTL.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    tally_testkit::eventually(Duration::from_secs(60), "nothing left in .tmp", || async {
         let left = names_in(&data.join(".tmp"));
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left in .tmp: {left:?}\n{}",
-            server.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        tally_testkit::holds(left.is_empty(), || {
+            format!("{left:?}\n{}", server.log_text())
+        })
+    })
+    .await;
     assert_eq!(names_in(&data), vec![".tmp".to_owned()]);
     assert!(!p.dir.join("escape").exists());
     assert!(announcements(&p).is_empty());
