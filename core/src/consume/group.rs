@@ -31,7 +31,7 @@ pub struct BatchLimits {
     pub weight: u64,
     /// Once the batch has a record, a poll that waits this long for the next one ends it.
     pub idle: Duration,
-    /// Longest time spent collecting one batch.
+    /// Longest time a batch is collected, from its first record on.
     pub max_wait: Duration,
 }
 
@@ -144,7 +144,9 @@ impl Group {
     ) -> anyhow::Result<Vec<OwnedMessage>> {
         let mut batch: Vec<OwnedMessage> = Vec::new();
         let mut weight = 0u64;
-        let started = Instant::now();
+        // A batch's age counts from its first record, not from the wait for it.
+        let called = Instant::now();
+        let mut started = called;
         while batch.len() < limits.records && weight < limits.weight {
             let polled = match self.stash.pop_front() {
                 Some(message) => Some(Ok(message)),
@@ -184,11 +186,15 @@ impl Group {
                     if !self.assigned.contains(&message.partition()) {
                         continue;
                     }
+                    if batch.is_empty() {
+                        started = Instant::now();
+                    }
                     weight += state.weight(&message);
                     batch.push(message);
                 }
             }
-            if started.elapsed() >= limits.max_wait {
+            let age = if batch.is_empty() { called } else { started };
+            if age.elapsed() >= limits.max_wait {
                 break;
             }
         }
