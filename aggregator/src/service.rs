@@ -88,7 +88,7 @@ pub fn run(args: &AggregatorArgs, shutdown: &CancellationToken) -> anyhow::Resul
         "aggregator",
         &args.kafka,
         &args.liveness,
-        Duration::from_millis(args.transactions.transaction_timeout_ms),
+        args.transactions.timeout(),
         shutdown,
         |liveness| start_loop(args, shutdown.clone(), liveness),
         |aggregator: &Aggregator, aborts| {
@@ -128,7 +128,7 @@ fn start_loop(
     };
     let transactions = Transactions {
         prefix: format!("{}.aggregator", args.kafka.topic_prefix),
-        timeout: Duration::from_millis(args.transactions.transaction_timeout_ms),
+        timeout: args.transactions.timeout(),
     };
     tally_core::txn::start(
         &args.kafka,

@@ -145,7 +145,7 @@ pub fn run(args: &ParserArgs, shutdown: &CancellationToken) -> anyhow::Result<()
         "parser",
         &args.kafka,
         &args.liveness,
-        Duration::from_millis(args.transactions.transaction_timeout_ms),
+        args.transactions.timeout(),
         shutdown,
         |liveness| start_loop(args, shutdown.clone(), liveness),
         |parser: &Parser<'_>, aborts| {
@@ -188,7 +188,7 @@ fn start_loop<'a>(
     let handler_liveness = liveness.clone();
     let transactions = Transactions {
         prefix: format!("{}.parser", args.kafka.topic_prefix),
-        timeout: Duration::from_millis(args.transactions.transaction_timeout_ms),
+        timeout: args.transactions.timeout(),
     };
     tally_core::txn::start(
         &args.kafka,
