@@ -63,12 +63,13 @@ impl Served {
 /// Binds `addr` now (an error if it cannot be bound) and serves the endpoints of a stage whose
 /// health is `health` on a thread of their own, for the life of the process.
 pub fn serve(
+    stage: &str,
     addr: SocketAddr,
     health: impl Health,
     kafka: &KafkaArgs,
     limit: Duration,
 ) -> anyhow::Result<SocketAddr> {
-    let metrics = crate::metrics::install().context("cannot install the metrics recorder")?;
+    let metrics = crate::metrics::install(stage).context("cannot install the metrics recorder")?;
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on --http-addr {addr}"))?;
     listener.set_nonblocking(true)?;

@@ -97,8 +97,25 @@ pub fn stage(stage: &str) -> &'static StageMetrics {
     }
 }
 
-/// Installs the Prometheus recorder (once per process) and returns its handle.
-pub fn install() -> anyhow::Result<PrometheusHandle> {
+/// The unlabelled counters of `stage` (a stage name as the stages log it).
+pub fn counters(stage: &str) -> Vec<&'static str> {
+    let own: &[&'static str] = match stage {
+        "parser" => &[PARSER_LINES, PARSER_BYTES, PARSER_SUMS_RECORDS],
+        "aggregator" => &[AGGREGATOR_RECORDS_IN, AGGREGATOR_RECORDS_OUT],
+        "db-client" => &[DB_CLIENT_RECORDS, DB_CLIENT_ROWS_UPSERTED],
+        _ => &[PRODUCER_FILES, PRODUCER_UNITS, PRODUCER_BYTES],
+    };
+    let shared = self::stage(stage);
+    own.iter()
+        .copied()
+        .chain([shared.rebalances, shared.retries])
+        .collect()
+}
+
+/// Installs the Prometheus recorder (once per process) and returns its handle. The unlabelled
+/// counters of `stage` are exported at zero from the start: a scrape of a stage that has not
+/// worked yet (just started, or restarted after a crash) sees its series, not an empty page.
+pub fn install(stage: &str) -> anyhow::Result<PrometheusHandle> {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
@@ -117,6 +134,9 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         )
         .install_recorder()?;
     describe();
+    for name in counters(stage) {
+        metrics::counter!(name).increment(0);
+    }
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 

@@ -46,6 +46,14 @@ async fn every_stage_serves_metrics_liveness_and_readiness() {
         .await;
         let (status, _) = wait_http(ports[stage], "/livez", TIMEOUT, |_, _| true).await;
         assert_eq!(status, 200, "{stage} /livez");
+        // Before any work, a scrape already sees the stage's counters (at zero).
+        let (_, text) = wait_http(ports[stage], "/metrics", TIMEOUT, |_, _| true).await;
+        for name in tally_core::metrics::counters(stage) {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{name} "))),
+                "{stage} /metrics before any work has no {name}:\n{text}"
+            );
+        }
     }
 
     // The watcher moves the generated files in; it is ready once the broker answers.

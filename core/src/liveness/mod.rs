@@ -131,7 +131,7 @@ impl Liveness {
         let limit = args.limit(floor);
         let liveness = Self::start_with(stage, kafka, limit, |_| restart_in_place());
         if let Some(addr) = args.http_addr {
-            crate::http::serve(addr, liveness.clone(), kafka, limit)?;
+            crate::http::serve(stage, addr, liveness.clone(), kafka, limit)?;
         }
         Ok(liveness)
     }
