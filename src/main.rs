@@ -138,10 +138,8 @@ fn argument_error(error: &clap::Error) -> ExitCode {
     {
         error.exit();
     }
-    let text = error.render().to_string();
-    let first = text.lines().next().unwrap_or_default();
-    let message = first.strip_prefix("error: ").unwrap_or(first);
-    tally_core::telemetry::report_error(json_asked().into(), message);
+    let message = config::argument_message(error);
+    tally_core::telemetry::report_error(json_asked().into(), &message);
     ExitCode::from(2)
 }
 

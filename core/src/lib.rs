@@ -15,6 +15,7 @@
 //! - [`backlog`]: what a consumer group has not finished on a topic (lag, in records or bytes);
 //! - [`schema`]: the database migrations (`migrations/`), applied by the db-client and
 //!   standalone at start-up and by `tally migrate`/`init`;
+//! - [`redact`]: secrets redacted at the source and scrubbed from every line written;
 //! - [`telemetry`]: tracing set-up; [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
 //!
 //! Stage crates (`producer`, `parser`, `aggregator`, `db-client`) depend on this crate and never
@@ -29,6 +30,7 @@ pub mod kafka;
 pub mod liveness;
 pub mod metrics;
 pub mod rebalance;
+pub mod redact;
 pub mod schema;
 pub mod shutdown;
 pub mod telemetry;

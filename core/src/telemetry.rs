@@ -16,7 +16,7 @@ pub fn init(args: &TelemetryArgs) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(|| crate::redact::ScrubbedStderr);
     let _ = match args.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder
@@ -29,6 +29,7 @@ pub fn init(args: &TelemetryArgs) {
 
 /// Prints the error that ends the process: `tally: error: …` as text, or one JSON line.
 pub fn report_error(format: LogFormat, error: &str) {
+    let error = &*crate::redact::scrub(error);
     match format {
         LogFormat::Text => eprintln!("tally: error: {error}"),
         LogFormat::Json => eprintln!("{}", error_json(error)),

@@ -112,6 +112,7 @@ impl Announcer {
         let producer: ThreadedProducer<DefaultProducerContext> =
             kafka::transactional_producer_config(kafka, transactional_id, Duration::from_secs(60))
                 .create()
+                .map_err(kafka::quiet)
                 .context("cannot create the Kafka producer")?;
         producer
             .init_transactions(TIMEOUT)

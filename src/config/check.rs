@@ -36,8 +36,16 @@ pub fn check<C: CommandFactory>(only: &[String]) -> anyhow::Result<()> {
         }
         argv.extend(stage.iter().map(OsString::from));
         let merged = merge_args::<C>(argv)?;
-        say(&format!("[{}]", stage.join(" ")));
-        match C::command().try_get_matches_from(&merged) {
+        // Parsed first: the parse registers the secrets the header must not show.
+        let parsed = C::command().try_get_matches_from(&merged);
+        // The subcommand words only: a flag's value may be a secret.
+        let words: Vec<&str> = stage
+            .iter()
+            .map(String::as_str)
+            .take_while(|word| !word.starts_with('-'))
+            .collect();
+        say(&format!("[{}]", words.join(" ")));
+        match parsed {
             Ok(matches) => {
                 let mut m = &matches;
                 let mut cmd = C::command();
@@ -50,15 +58,28 @@ pub fn check<C: CommandFactory>(only: &[String]) -> anyhow::Result<()> {
                         break;
                     };
                     print_effective(&sub, sub_m, &merged);
+                    if let Ok(Some(options)) = sub_m.try_get_raw("options") {
+                        for option in options.filter_map(|o| o.to_str()) {
+                            let Some((k, v)) = option.split_once('=') else {
+                                continue;
+                            };
+                            if let Some(why) = tally_core::kafka::refused_option(k.trim(), v.trim())
+                            {
+                                say(&format!("# would not start: -X {}: {why}", k.trim()));
+                                failed.push(words.join(" "));
+                            }
+                        }
+                    }
                     m = sub_m;
                     cmd = sub;
                 }
             }
             Err(error) => {
-                let text = error.render().to_string();
-                let first = text.lines().next().unwrap_or_default().to_owned();
-                say(&format!("# would not start: {first}"));
-                failed.push(stage.join(" "));
+                say(&format!(
+                    "# would not start: {}",
+                    super::argument_message(&error)
+                ));
+                failed.push(words.join(" "));
             }
         }
         say("");
@@ -112,6 +133,7 @@ fn print_effective(cmd: &Command, m: &ArgMatches, merged: &[OsString]) {
 /// One line on stdout; a closed pipe (`| head`) is not an error.
 fn say(line: &str) {
     use std::io::Write;
+    let line = tally_core::redact::scrub(line);
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
@@ -121,9 +143,13 @@ fn redact(key: &str, value: &str) -> String {
         "***".to_owned()
     } else if key.contains("url") {
         tally_core::args::redact_url(value)
-    } else if key == "kafka-option" && value.to_ascii_lowercase().contains("password") {
+    } else if key == "kafka-option" {
         match value.split_once('=') {
-            Some((k, _)) => format!("{k}=***"),
+            // A key librdkafka does not know, or a value it refuses, may be a mistyped secret.
+            Some((k, v)) => match tally_core::kafka::refused_option(k.trim(), v.trim()) {
+                Some(why) => format!("{}=*** (refused: {why})", k.trim()),
+                None => tally_core::redact::redact_option(k.trim(), v.trim()),
+            },
             None => "***".to_owned(),
         }
     } else {

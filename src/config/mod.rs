@@ -272,3 +272,20 @@ fn file_flags(
     }
     Ok(out)
 }
+
+/// An argument error in one line, without clap's usage and tips: `error: ` dropped, and the
+/// arguments a "required arguments were not provided" error lists named in that line.
+pub fn argument_message(error: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = error.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first).trim_end();
+    let message = match (error.kind(), error.get(ContextKind::InvalidArg)) {
+        (ErrorKind::MissingRequiredArgument, Some(ContextValue::Strings(missing))) => {
+            format!("{} {}", first.trim_end_matches(':'), missing.join(", "))
+                .replace("were not provided", "were not provided:")
+        }
+        _ => first.to_owned(),
+    };
+    tally_core::redact::scrub(&message).into_owned()
+}

@@ -158,7 +158,21 @@ async fn config_check_prints_the_effective_values_and_hides_secrets() {
         )
         .await;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("would not start"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // It names the argument that is missing, not only that some are.
+    assert!(
+        stdout.contains(
+            "would not start: the following required arguments were not provided: --data-root"
+        ),
+        "{stdout}"
+    );
+    // So does the stage itself, in its one-line error.
+    let out = p.output(&["parser", "--threads", "1"], &[], WITHIN).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("were not provided: --data-root"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,6 +15,7 @@ mod ops;
 mod periods;
 mod pipeline;
 mod resume;
+mod secrets;
 mod secure;
 mod standalone;
 mod status;

@@ -3,6 +3,7 @@
 use clap::Args;
 
 use super::secret::{readable, Secret};
+use crate::redact::redact_url;
 
 /// How to reach PostgreSQL.
 #[derive(Debug, Clone, Args)]
@@ -12,7 +13,7 @@ pub struct DatabaseArgs {
         long,
         env = "DATABASE_URL",
         default_value = "postgres://postgres@127.0.0.1:15432/tally",
-        value_parser = parse_database_url,
+        value_parser = super::Quiet(parse_database_url),
         hide_env_values = true
     )]
     pub database_url: String,
@@ -61,7 +62,9 @@ impl DatabaseArgs {
     }
 }
 
+/// A PostgreSQL URL; its password is registered for scrubbing, and an error never echoes it.
 fn parse_database_url(s: &str) -> Result<String, String> {
+    crate::redact::register_url(s);
     if s.starts_with("postgres://") || s.starts_with("postgresql://") {
         Ok(s.to_owned())
     } else {
@@ -69,58 +72,5 @@ fn parse_database_url(s: &str) -> Result<String, String> {
             "`{}` is not a PostgreSQL URL (postgres://user@host:port/database)",
             redact_url(s)
         ))
-    }
-}
-
-/// Replaces the passwords in `scheme://user:password@host/...?password=…` with `***`.
-pub fn redact_url(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let mut out = match base.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((userinfo, host)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-                None => base.to_owned(),
-            },
-            None => base.to_owned(),
-        },
-        None => base.to_owned(),
-    };
-    if let Some(query) = query {
-        let params: Vec<String> = query
-            .split('&')
-            .map(|p| match p.split_once('=') {
-                Some((k, _)) if k.to_ascii_lowercase().contains("password") => format!("{k}=***"),
-                _ => p.to_owned(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&params.join("&"));
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redacts_passwords_only() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h:1/db"),
-            "postgres://u:***@h:1/db"
-        );
-        assert_eq!(redact_url("postgres://u@h:1/db"), "postgres://u@h:1/db");
-        assert_eq!(redact_url("not a url"), "not a url");
-        assert_eq!(
-            redact_url("postgres://u@h/db?sslmode=require&password=s3cret"),
-            "postgres://u@h/db?sslmode=require&password=***"
-        );
-        assert_eq!(
-            redact_url("postgres://u:p@ss@h/db?sslpassword=x"),
-            "postgres://u:***@h/db?sslpassword=***"
-        );
     }
 }

@@ -21,7 +21,7 @@ pub struct KafkaArgs {
     pub topic_prefix: String,
 
     /// Extra librdkafka setting `key=value`, applied last (repeatable), e.g. `-X debug=eos`.
-    #[arg(short = 'X', long = "kafka-option", value_parser = parse_key_value)]
+    #[arg(short = 'X', long = "kafka-option", value_parser = super::Quiet(parse_key_value))]
     pub options: Vec<(String, String)>,
 
     /// How to talk to the brokers.
@@ -173,11 +173,18 @@ impl KafkaArgs {
     }
 }
 
+/// `key=value`; the value of a secret key is registered for scrubbing, and an error never
+/// echoes the argument (a mistyped `sasl.password:…` is a secret too).
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected key=value, got `{s}`"))?;
-    Ok((k.trim().to_owned(), v.trim().to_owned()))
+    let Some((k, v)) = s.split_once('=') else {
+        crate::redact::register(s.trim());
+        return Err("expected key=value (no `=` in it)".to_owned());
+    };
+    let (k, v) = (k.trim(), v.trim());
+    if crate::redact::is_secret_key(k) {
+        crate::redact::register(v);
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 #[cfg(test)]

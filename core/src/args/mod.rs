@@ -10,9 +10,10 @@ mod kafka;
 mod secret;
 mod stage;
 
-pub use database::{redact_url, DatabaseArgs};
+pub use crate::redact::redact_url;
+pub use database::DatabaseArgs;
 pub use kafka::{KafkaArgs, SaslMechanism, SecurityProtocol};
-pub use secret::Secret;
+pub use secret::{Quiet, Secret};
 pub use stage::*;
 
 /// The watchdog on progress (see `tally_core::liveness`).

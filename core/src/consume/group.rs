@@ -77,6 +77,7 @@ impl Group {
         );
         let consumer: BaseConsumer<RebalanceLog> = config
             .create_with_context(events.clone())
+            .map_err(crate::kafka::quiet)
             .context("cannot create the Kafka consumer")?;
         Ok(Self {
             stage,

@@ -6,7 +6,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use super::{apply_overrides, base_config};
+use super::{apply_overrides, base_config, quiet};
 use crate::args::KafkaArgs;
 
 /// Errors from Kafka administration.
@@ -46,7 +46,8 @@ pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec]) -> Result<(),
     let mut config = base_config(args);
     config.remove("acks");
     apply_overrides(&mut config, args);
-    let admin: AdminClient<DefaultClientContext> = config.create().map_err(AdminError::Client)?;
+    let admin: AdminClient<DefaultClientContext> =
+        config.create().map_err(|e| AdminError::Client(quiet(e)))?;
     let retention: Vec<Option<String>> = topics
         .iter()
         .map(|t| t.retention.map(|r| r.as_millis().to_string()))

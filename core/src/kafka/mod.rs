@@ -38,6 +38,36 @@ pub fn apply_overrides(config: &mut ClientConfig, args: &KafkaArgs) {
     }
 }
 
+/// A client-creation error without the configuration value it names: librdkafka's error
+/// carries the value of a property it refused, and a `-X` value may be a secret (a mistyped
+/// `sasl.pasword=…` is refused as an unknown property, value and all). Every `create()` of a
+/// client maps its error through here.
+pub fn quiet(error: KafkaError) -> KafkaError {
+    match error {
+        KafkaError::ClientConfig(code, desc, key, value) => {
+            let desc = if value.is_empty() {
+                desc
+            } else {
+                desc.replace(&value, "***")
+            };
+            KafkaError::ClientConfig(code, desc, key, "***".to_owned())
+        }
+        other => other,
+    }
+}
+
+/// Why librdkafka refuses the setting `key=value` (an unknown key, an invalid value), without
+/// the value; `None` if it takes it.
+pub fn refused_option(key: &str, value: &str) -> Option<String> {
+    let mut config = ClientConfig::new();
+    config.set(key, value);
+    match config.create_native_config().map_err(quiet) {
+        Ok(_) => None,
+        Err(KafkaError::ClientConfig(_, desc, _, _)) => Some(desc),
+        Err(other) => Some(other.to_string()),
+    }
+}
+
 /// A consumer in `group` that reads only committed transactional data and never commits on its
 /// own: every stage commits offsets together with its output (Kafka transaction or PostgreSQL).
 pub fn consumer_config(args: &KafkaArgs, group: &str) -> ClientConfig {
@@ -79,6 +109,7 @@ pub fn reader(
     }
     config
         .create()
+        .map_err(quiet)
         .with_context(|| format!("cannot create a Kafka client ({group})"))
 }
 

@@ -50,7 +50,7 @@ impl BrokerProbe {
     ) -> Result<T, KafkaError> {
         let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
         if client.is_none() {
-            *client = Some(self.config.create()?);
+            *client = Some(self.config.create().map_err(super::quiet)?);
         }
         let result = f(client.as_ref().ok_or(KafkaError::Canceled)?);
         if result.is_err() {

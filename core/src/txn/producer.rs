@@ -27,6 +27,7 @@ pub fn create(
     kafka::apply_overrides(&mut config, args);
     let producer: TxnProducer = config
         .create()
+        .map_err(kafka::quiet)
         .context("cannot create the Kafka producer")?;
     producer
         .init_transactions(Duration::from_secs(60))

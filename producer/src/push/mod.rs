@@ -26,7 +26,7 @@ pub struct PushArgs {
     #[arg(required_unless_present = "watch")]
     pub files: Vec<PathBuf>,
     /// The server (`producer serve`), e.g. `https://ingest.example:8470`.
-    #[arg(long, env = "TALLY_INGEST_URL")]
+    #[arg(long, env = "TALLY_INGEST_URL", value_parser = tally_core::args::Quiet(ingest_url))]
     pub to: reqwest::Url,
     /// File holding the bearer token (first line). Default: the `TALLY_INGEST_TOKEN`
     /// environment variable (never a command-line argument: it would show in `ps`).
@@ -209,5 +209,17 @@ async fn watch_dir(
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
             () = shutdown.cancelled() => return Ok(()),
         }
+    }
+}
+
+/// The server's URL; a password in it is registered for scrubbing, and an error never echoes
+/// it.
+fn ingest_url(s: &str) -> Result<reqwest::Url, String> {
+    tally_core::redact::register_url(s);
+    let url = reqwest::Url::parse(s)
+        .map_err(|e| format!("`{}` is not a URL: {e}", tally_core::redact::redact_url(s)))?;
+    match url.scheme() {
+        "http" | "https" => Ok(url),
+        other => Err(format!("scheme `{other}`: http or https expected")),
     }
 }

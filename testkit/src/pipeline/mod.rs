@@ -191,6 +191,35 @@ impl Pipeline {
         }
     }
 
+    /// Runs a tally command for at most `run_for`, then stops it (SIGTERM, SIGKILL 10 s later)
+    /// if it still runs; its output either way. For commands that may keep retrying.
+    pub async fn output_for(
+        &self,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        run_for: Duration,
+    ) -> std::process::Output {
+        let mut cmd = self.command(args);
+        cmd.envs(envs.iter().copied());
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id().to_string();
+        let waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
+        tokio::pin!(waiting);
+        if let Ok(output) = tokio::time::timeout(run_for, &mut waiting).await {
+            return output.unwrap().unwrap();
+        }
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        if let Ok(output) = tokio::time::timeout(Duration::from_secs(10), &mut waiting).await {
+            return output.unwrap().unwrap();
+        }
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        waiting.await.unwrap().unwrap()
+    }
+
     /// Runs `tally` with `args`; whether it succeeded.
     pub async fn try_tally(&self, args: &[&str]) -> bool {
         let mut cmd = self.command(args);
