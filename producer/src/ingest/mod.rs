@@ -113,12 +113,12 @@ pub fn run(
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir)?;
     let store = Store::open(&dir).with_context(|| format!("cannot use {}", dir.display()))?;
-    let tokens = tokens::Tokens::load(&args.tokens_file)?;
     let tls = match (&args.tls_cert_file, &args.tls_key_file) {
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
         _ => None,
     };
     let liveness = Liveness::start("producer", kafka, &args.liveness, Duration::from_secs(60))?;
+    let tokens = tokens::Tokens::load(&args.tokens_file, Some(liveness.clone()))?;
     let transactional_id = format!(
         "{}.producer.serve.{:016x}",
         kafka.topic_prefix,
@@ -175,6 +175,18 @@ pub fn run(
         tokio::spawn(async move {
             token.cancelled().await;
             stop.graceful_shutdown(Some(Duration::from_secs(10)));
+        });
+        let watched = ingest.clone();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            while !token.is_cancelled() {
+                tokio::select! {
+                    () = token.cancelled() => break,
+                    () = tokio::time::sleep(tokens::RELOAD_EVERY) => {}
+                }
+                let w = watched.clone();
+                let _ = tokio::task::spawn_blocking(move || w.tokens.refresh()).await;
+            }
         });
         let swept = ingest.clone();
         let token = shutdown.clone();

@@ -1,18 +1,32 @@
 //! Who may upload: bearer tokens from `--tokens-file`, one `name token` per line (`#` starts a
-//! comment). The file is read again whenever its size or modification time changes, so tokens
-//! are added and revoked without a restart; a file that no longer parses, or holds no token
-//! (replace it by a rename, not in place), keeps the tokens read before it, with an error in
-//! the log.
+//! comment). The file is read again whenever its size or modification time changes (at every
+//! request, and every [`RELOAD_EVERY`] on a thread of its own), so tokens are added and revoked
+//! without a restart.
+//!
+//! Revocation fails closed: a file that is gone, cannot be read, no longer parses or holds no
+//! token is read once more after [`REREAD_PAUSE`] (it may have been caught mid-write; replace it
+//! by a rename, not in place), and if it is still bad, no token is valid until it is fixed: an
+//! error in the log, and `/readyz` says why.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
+use tally_core::liveness::Liveness;
 
 /// Shortest token accepted.
 pub const TOKEN_CHARS_MIN: usize = 16;
+
+/// How long a tokens file that reads bad is given before it counts (a writer mid-write).
+pub const REREAD_PAUSE: Duration = Duration::from_millis(200);
+
+/// How often the file is looked at when no request comes.
+pub const RELOAD_EVERY: Duration = Duration::from_millis(250);
+
+/// The readiness condition of a tokens file that is bad.
+const CONDITION: &str = "tokens";
 
 /// Parses a tokens file: token → name.
 pub fn parse(text: &str) -> anyhow::Result<HashMap<String, String>> {
@@ -43,29 +57,82 @@ pub fn parse(text: &str) -> anyhow::Result<HashMap<String, String>> {
 pub struct Tokens {
     path: PathBuf,
     loaded: Mutex<Loaded>,
+    liveness: Option<Liveness>,
 }
 
 struct Loaded {
     stamp: Option<(SystemTime, u64)>,
     tokens: HashMap<String, String>,
+    /// Since when the file reads bad, while it gets its one more read.
+    suspect_since: Option<Instant>,
+}
+
+/// The tokens of the file at `path`, or why there are none.
+fn read(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the tokens file {}", path.display()))?;
+    let tokens = parse(&text).with_context(|| format!("in {}", path.display()))?;
+    if tokens.is_empty() {
+        bail!("the tokens file {} holds no token", path.display());
+    }
+    Ok(tokens)
 }
 
 impl Tokens {
-    /// Reads `path` (an error if it cannot be read or parsed, or holds no token).
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the tokens file {}", path.display()))?;
-        let tokens = parse(&text).with_context(|| format!("in {}", path.display()))?;
-        if tokens.is_empty() {
-            bail!("the tokens file {} holds no token", path.display());
-        }
+    /// Reads `path` (an error if it cannot be read or parsed, or holds no token); a bad file
+    /// later makes `liveness` not ready.
+    pub fn load(path: &Path, liveness: Option<Liveness>) -> anyhow::Result<Self> {
+        let tokens = read(path)?;
         Ok(Self {
             path: path.to_owned(),
             loaded: Mutex::new(Loaded {
                 stamp: stamp(path),
                 tokens,
+                suspect_since: None,
             }),
+            liveness,
         })
+    }
+
+    /// Reads the file again if it changed (or is getting its one more read).
+    pub fn refresh(&self) {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh_locked(&mut loaded);
+    }
+
+    fn refresh_locked(&self, loaded: &mut Loaded) {
+        let now = stamp(&self.path);
+        if now == loaded.stamp && loaded.suspect_since.is_none() {
+            return;
+        }
+        match read(&self.path) {
+            Ok(tokens) => {
+                tracing::info!(path = %self.path.display(), tokens = tokens.len(), "tokens reloaded");
+                loaded.tokens = tokens;
+                loaded.stamp = now;
+                loaded.suspect_since = None;
+                if let Some(liveness) = &self.liveness {
+                    liveness.ready(CONDITION);
+                }
+            }
+            Err(error) => match loaded.suspect_since {
+                None => {
+                    tracing::warn!(path = %self.path.display(), error = format!("{error:#}"), "the tokens file reads bad; reading it once more shortly (caught mid-write?)");
+                    loaded.suspect_since = Some(Instant::now());
+                }
+                Some(since) if since.elapsed() < REREAD_PAUSE => {}
+                Some(_) => {
+                    let reason = format!("no upload token is valid: {error:#}");
+                    tracing::error!(path = %self.path.display(), error = format!("{error:#}"), "the tokens file is bad: NO TOKEN IS VALID until it is fixed");
+                    loaded.tokens.clear();
+                    loaded.stamp = now;
+                    loaded.suspect_since = None;
+                    if let Some(liveness) = &self.liveness {
+                        liveness.not_ready(CONDITION, reason);
+                    }
+                }
+            },
+        }
     }
 
     /// The name of the token in `authorization` (`Bearer <token>`), if it is one of ours.
@@ -76,25 +143,7 @@ impl Tokens {
         }
         let presented = presented.trim();
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        let now = stamp(&self.path);
-        if now != loaded.stamp {
-            loaded.stamp = now;
-            match std::fs::read_to_string(&self.path)
-                .map_err(anyhow::Error::from)
-                .and_then(|t| parse(&t))
-            {
-                Ok(tokens) if tokens.is_empty() => {
-                    tracing::error!(path = %self.path.display(), "the tokens file holds no token now (caught mid-write?); the tokens read before stay");
-                }
-                Ok(tokens) => {
-                    tracing::info!(path = %self.path.display(), tokens = tokens.len(), "tokens reloaded");
-                    loaded.tokens = tokens;
-                }
-                Err(error) => {
-                    tracing::error!(path = %self.path.display(), error = format!("{error:#}"), "cannot reload the tokens file; the tokens read before stay");
-                }
-            }
-        }
+        self.refresh_locked(&mut loaded);
         // Compare with every token, each in constant time: how long a check takes tells
         // nothing about which bytes matched.
         let mut found = None;
@@ -140,7 +189,7 @@ mod tests {
     fn checks_and_reloads() {
         let path = std::env::temp_dir().join(format!("tally-tokens-{}", std::process::id()));
         std::fs::write(&path, "a 0123456789abcdef0123\n").unwrap();
-        let tokens = Tokens::load(&path).unwrap();
+        let tokens = Tokens::load(&path, None).unwrap();
         assert_eq!(
             tokens.check(Some("Bearer 0123456789abcdef0123")).as_deref(),
             Some("a")
@@ -157,6 +206,44 @@ mod tests {
                 .as_deref(),
             Some("b")
         );
+
+        // A bad file counts once it stays bad past the pause: no token is valid.
+        for bad in ["", "# nobody\n", "b 9999999999999999999999\nmalformed\n"] {
+            std::fs::write(&path, "b 9999999999999999999999\n").unwrap();
+            tokens.refresh();
+            assert!(tokens
+                .check(Some("Bearer 9999999999999999999999"))
+                .is_some());
+            std::fs::write(&path, bad).unwrap();
+            tokens.refresh();
+            std::thread::sleep(REREAD_PAUSE + Duration::from_millis(50));
+            assert_eq!(
+                tokens.check(Some("Bearer 9999999999999999999999")),
+                None,
+                "{bad:?}"
+            );
+        }
+        // Gone: closed too, and open again once it is back.
+        std::fs::remove_file(&path).unwrap();
+        tokens.refresh();
+        std::thread::sleep(REREAD_PAUSE + Duration::from_millis(50));
+        assert_eq!(tokens.check(Some("Bearer 9999999999999999999999")), None);
+        std::fs::write(&path, "b 9999999999999999999999\n").unwrap();
+        assert!(tokens
+            .check(Some("Bearer 9999999999999999999999"))
+            .is_some());
+        // Caught mid-write: bad once, good at the second read.
+        std::fs::write(&path, "b 99999").unwrap();
+        tokens.refresh();
+        std::fs::write(
+            &path,
+            "b 9999999999999999999999\nc 8888888888888888888888\n",
+        )
+        .unwrap();
+        std::thread::sleep(REREAD_PAUSE);
+        assert!(tokens
+            .check(Some("Bearer 8888888888888888888888"))
+            .is_some());
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -232,3 +232,65 @@ async fn a_full_disk_is_507_and_leaves_nothing() {
     );
     assert!(announcements(&p).is_empty());
 }
+
+/// Revocation fails closed: a tokens file that is malformed, empty or gone leaves no token
+/// valid (after one more read a moment later), and `/readyz` says why; a good file again lets
+/// its holders back in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_or_missing_tokens_file_leaves_no_token_valid() {
+    let mut p = Pipeline::new("ingest-revoke").await;
+    let dir = p.dir.join("incoming");
+    let http = free_port();
+    let http_addr = format!("127.0.0.1:{http}");
+    let (server, port) = serve(&mut p, &dir, &["--http-addr", &http_addr]).await;
+    let head = format!(
+        "HEAD /v1/uploads/no-such-upload HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
+         authorization: Bearer {TOKEN}\r\n\r\n"
+    );
+    let status = || raw(port, head.as_bytes(), None);
+    let readyz = || async {
+        tokio::task::spawn_blocking(move || crate::support::http_get(http, "/readyz"))
+            .await
+            .unwrap()
+            .unwrap_or_default()
+    };
+    assert_eq!(status().await, 404, "a valid token reaches the store");
+    crate::support::wait_http(http, "/readyz", TIMEOUT, |s, _| s == 200).await;
+
+    let tokens = p.dir.join("tokens");
+    let good = std::fs::read_to_string(&tokens).unwrap();
+    let replace = |text: &str| {
+        let next = p.dir.join("tokens.new");
+        std::fs::write(&next, text).unwrap();
+        std::fs::rename(&next, &tokens).unwrap();
+    };
+    let bad: [(&str, Option<&str>); 4] = [
+        ("malformed", Some(&format!("{good}one malformed line\n"))),
+        ("empty", Some("")),
+        ("comments only", Some("# nobody\n")),
+        ("deleted", None),
+    ];
+    for (what, text) in bad {
+        match text {
+            Some(text) => replace(text),
+            None => std::fs::remove_file(&tokens).unwrap(),
+        }
+        tally_testkit::eventually(Duration::from_secs(5), what, || async {
+            let code = status().await;
+            tally_testkit::holds(code == 401, || format!("{what}: the old token got {code}"))
+        })
+        .await;
+        let (code, body) = readyz().await;
+        assert_eq!(code, 503, "{what}: /readyz {body}");
+        assert!(body.contains("no upload token is valid"), "{what}: {body}");
+        // A good file again: the token is back, and so is readiness.
+        replace(&good);
+        tally_testkit::eventually(Duration::from_secs(5), "the token back", || async {
+            let code = status().await;
+            tally_testkit::holds(code == 404, || format!("after {what}: {code}"))
+        })
+        .await;
+        crate::support::wait_http(http, "/readyz", TIMEOUT, |s, _| s == 200).await;
+    }
+    assert!(server.log_text().contains("NO TOKEN IS VALID"));
+}
