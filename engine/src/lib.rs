@@ -107,6 +107,12 @@ pub trait Source: Sync {
     }
     /// The bytes of `range` (within `0..len()`).
     fn window(&self, range: Range<u64>) -> std::io::Result<Self::Window<'_>>;
+    /// Whether `window` read what the source holds, checked once it has been parsed: an
+    /// error if it changed under the reader (a mapped file truncated), so that nothing parsed
+    /// from it is kept.
+    fn intact(&self, _window: &Self::Window<'_>) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Source for [u8] {
@@ -204,6 +210,7 @@ pub fn sum_range<S: Source + ?Sized>(
                             (own_start - win_start) as usize..(own_end - win_start) as usize,
                             win_end == len,
                         )?;
+                        source.intact(&window)?;
                     }
                     worker.flush()?;
                     Ok(worker.stats)

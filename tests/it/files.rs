@@ -386,3 +386,63 @@ async fn files_with_rejected_units_are_kept_and_listed_not_deleted() {
     p.wait_ingested(1, TIMEOUT).await;
     assert_eq!(p.totals().await, HashMap::from([(1, 1)]));
 }
+
+/// A file truncated while the parser has it mapped: the parser process lives on (no SIGBUS
+/// death), the unit is rejected with the reason, and the other files count exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_truncated_while_it_is_parsed_is_rejected_and_the_parser_lives() {
+    let mut p = Pipeline::new("truncated").await;
+    let mut parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    // Big enough to be mapped for a while by the (debug) parser: 96 MiB.
+    let big = p.data.join("big.txt");
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+        let line = b"123456 7\n";
+        for _ in 0..(96 << 20) / line.len() {
+            out.write_all(line).unwrap();
+        }
+        out.flush().unwrap();
+    }
+    let (good_text, good) = lines(5, 1000);
+    let small = p.data.join("small.txt");
+    std::fs::write(&small, good_text).unwrap();
+    let maps = format!("/proc/{}/maps", parser.child.id());
+    let big_name = big.to_str().unwrap().to_owned();
+    p.publish("1073741824", &[big_name.as_str()]).await;
+    tally_testkit::eventually(TIMEOUT, "the parser maps big.txt", || async {
+        let mapped = std::fs::read_to_string(&maps).unwrap_or_default();
+        tally_testkit::holds(mapped.contains(&big_name), || "not mapped yet".into())
+    })
+    .await;
+    std::fs::File::options()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    p.publish("1073741824", &[small.to_str().unwrap()]).await;
+    let dead = p
+        .dead_letters_until(TIMEOUT, |dead| {
+            dead.iter().any(
+                |d| matches!(d, DeadLetter::RejectedUnit { path, .. } if path.ends_with("big.txt")),
+            )
+        })
+        .await;
+    let reason = dead
+        .iter()
+        .find_map(|d| match d {
+            DeadLetter::RejectedUnit { path, reason, .. } if path.ends_with("big.txt") => {
+                Some(reason.clone())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert!(reason.contains("shrank"), "{reason}");
+    wait_totals(&p, &good, "the small file, beside the truncated one").await;
+    assert!(
+        parser.child.try_wait().unwrap().is_none(),
+        "the parser died: {}",
+        parser.log_text()
+    );
+}

@@ -4,6 +4,12 @@
 //! stays at (workers × window) however large the file is: a 10 GB file costs what a 1 GB file
 //! costs. The window is pre-faulted (`MAP_POPULATE`) and advised sequential. Files that cannot
 //! be mapped (pipes, some special files) are read with `pread` into a buffer instead.
+//!
+//! A file truncated while a window of it is mapped does not kill the process ([`guard`]): the
+//! window reads zeros past the new end, and [`Source::intact`] reports it, so the reader
+//! rejects what it parsed from that window.
+
+mod guard;
 
 use std::fs::File;
 use std::io;
@@ -38,17 +44,25 @@ impl FileSource {
 /// One window: mapped, or read into memory.
 #[derive(Debug)]
 pub enum Window {
-    /// Mapped pages; unmapped on drop.
-    Mapped(Mmap),
+    /// Mapped pages, guarded against truncation; unmapped on drop.
+    Mapped(Mapped),
     /// Read with pread (fallback).
     Read(Vec<u8>),
+}
+
+/// A mapped window and its truncation guard. Fields drop in order: the guard is released
+/// before the pages are unmapped, so it never covers pages that are no longer this window's.
+#[derive(Debug)]
+pub struct Mapped {
+    guard: guard::Guard,
+    map: Mmap,
 }
 
 impl Deref for Window {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            Window::Mapped(m) => m,
+            Window::Mapped(m) => &m.map,
             Window::Read(v) => v,
         }
     }
@@ -65,12 +79,28 @@ impl Source for FileSource {
         if range.is_empty() {
             return Ok(Window::Read(Vec::new()));
         }
-        if let Ok(mmap) = map_window(&self.file, range.clone()) {
-            return Ok(Window::Mapped(mmap));
+        if let Ok(map) = map_window(&self.file, range.clone()) {
+            if let Some(guard) = guard::Guard::register(map.as_ptr(), map.len()) {
+                return Ok(Window::Mapped(Mapped { guard, map }));
+            }
         }
         let mut buf = vec![0; (range.end - range.start) as usize];
         self.file.read_exact_at(&mut buf, range.start)?;
         Ok(Window::Read(buf))
+    }
+
+    fn intact(&self, window: &Window) -> io::Result<()> {
+        match window {
+            Window::Mapped(mapped) if mapped.guard.hit() => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file shrank while it was read (now {} bytes, {} announced)",
+                    self.file.metadata().map(|m| m.len()).unwrap_or(0),
+                    self.len
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -79,8 +109,9 @@ fn map_window(file: &File, range: Range<u64>) -> io::Result<Mmap> {
     // SAFETY: the mapping is read-only and private to this process. Its contents are undefined
     // only if another process truncates or rewrites the file while it is mapped; the producer
     // announces a file only once its writer finished it (renamed into place, no lock file),
-    // and the parser checks the announced size before mapping. A truncation anyway would raise
-    // SIGBUS rather than let the engine read a wrong line silently.
+    // and the parser checks the announced size before mapping. A truncation anyway raises
+    // SIGBUS, which the window's guard turns into zeros and a mark the reader checks
+    // ([`Source::intact`]) before it keeps anything parsed from the window.
     #[allow(unsafe_code)]
     let mmap = unsafe {
         MmapOptions::new()
@@ -107,6 +138,31 @@ mod tests {
         assert_eq!(source.len(), 16);
         assert_eq!(&*source.window(3..9).unwrap(), b"345678");
         assert_eq!(&*source.window(0..0).unwrap(), b"");
+    }
+
+    #[test]
+    fn a_file_truncated_under_its_mapping_reads_zeros_and_says_so() {
+        let page = 4096;
+        let mut file = tempfile_with(&vec![b'7'; 64 * page]);
+        file.flush().unwrap();
+        let source = FileSource::new(file.try_clone().unwrap()).unwrap();
+        let window = source.window(0..source.len()).unwrap();
+        assert!(matches!(window, Window::Mapped(_)));
+        assert!(source.intact(&window).is_ok());
+        file.set_len(page as u64).unwrap();
+        // Without the guard, this read ends the process with SIGBUS.
+        let sum: u64 = window.iter().map(|&b| u64::from(b)).sum();
+        assert_eq!(
+            sum,
+            u64::from(b'7') * page as u64,
+            "the bytes past the end read as zeros"
+        );
+        let error = source.intact(&window).unwrap_err();
+        assert!(error.to_string().contains("shrank"), "{error}");
+        drop(window);
+        // A window mapped later is not marked by the earlier fault.
+        let again = source.window(0..page as u64).unwrap();
+        assert!(source.intact(&again).is_ok());
     }
 
     fn tempfile_with(bytes: &[u8]) -> File {
