@@ -23,7 +23,7 @@ pub const PARSER_UNITS: &str = "tally_parser_units_total";
 pub const PARSER_BYTES: &str = "tally_parser_bytes_total";
 /// Sums records written to the sums topic.
 pub const PARSER_SUMS_RECORDS: &str = "tally_parser_sums_records_total";
-/// Dead letters written, by `kind` (`line`, `unit`).
+/// Dead letters written, by `kind` (`line`, `summary`, `unit`).
 pub const PARSER_DEAD_LETTERS: &str = "tally_parser_dead_letters_total";
 /// Sums records read by the aggregator.
 pub const AGGREGATOR_RECORDS_IN: &str = "tally_aggregator_records_in_total";
@@ -151,7 +151,7 @@ fn describe() {
     describe_counter!(PARSER_SUMS_RECORDS, "Sums records written.");
     describe_counter!(
         PARSER_DEAD_LETTERS,
-        "Dead letters written, by kind (line, unit)."
+        "Dead letters written, by kind (line, summary, unit)."
     );
     describe_counter!(AGGREGATOR_RECORDS_IN, "Sums records read.");
     describe_counter!(AGGREGATOR_RECORDS_OUT, "Totals records written.");

@@ -188,6 +188,20 @@ pub enum DeadLetter {
         /// The line's first bytes, lossily decoded.
         raw: String,
     },
+    /// The bad lines of a unit past the first ones written in full (`bad-line` records): one
+    /// record at the unit's end, so that a garbage file costs a bounded number of records.
+    BadLinesSummary {
+        /// The unit.
+        unit_id: String,
+        /// The file's path.
+        path: String,
+        /// Every bad line of the unit, those written in full included.
+        bad_lines: u64,
+        /// How many of them were written in full (`bad-line` records).
+        written: u64,
+        /// Every bad line of the unit by reason (`non-digit`, …).
+        by_reason: std::collections::BTreeMap<String, u64>,
+    },
     /// A unit that could not be parsed at all.
     RejectedUnit {
         /// The unit.

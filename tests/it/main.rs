@@ -9,6 +9,7 @@ mod broker;
 mod config;
 mod crash;
 mod files;
+mod hostile;
 mod ingest;
 mod liveness;
 mod ops;

@@ -455,6 +455,7 @@ async fn hostile_notifications_are_dead_lettered_and_wedge_nothing() {
             DeadLetter::RejectedUnit { reason, .. }
             | DeadLetter::BadNotification { reason, .. } => reason.as_str(),
             DeadLetter::BadLine { reason, .. } => reason.as_str(),
+            DeadLetter::BadLinesSummary { .. } => "a summary",
         })
         .collect();
     for expected in [

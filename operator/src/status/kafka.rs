@@ -52,6 +52,8 @@ pub(super) fn read_kafka(
     let mut rejected = Vec::new();
     let mut dead_letters: BTreeMap<String, u64> = BTreeMap::new();
     let mut bad_line_reasons: BTreeMap<String, u64> = BTreeMap::new();
+    // Bad lines written in full, per unit, until its summary (which counts them too) comes.
+    let mut written: HashMap<String, BTreeMap<String, u64>> = HashMap::new();
     read_topic(
         args,
         &topics.dead_letter,
@@ -65,9 +67,26 @@ pub(super) fn read_kafka(
                 return;
             };
             let kind = match letter {
-                DeadLetter::BadLine { reason, .. } => {
-                    *bad_line_reasons.entry(reason).or_default() += 1;
+                DeadLetter::BadLine {
+                    unit_id, reason, ..
+                } => {
+                    *bad_line_reasons.entry(reason.clone()).or_default() += 1;
+                    *written
+                        .entry(unit_id)
+                        .or_default()
+                        .entry(reason)
+                        .or_default() += 1;
                     "bad_line"
+                }
+                DeadLetter::BadLinesSummary {
+                    unit_id, by_reason, ..
+                } => {
+                    let seen = written.remove(&unit_id).unwrap_or_default();
+                    for (reason, n) in by_reason {
+                        let already = seen.get(&reason).copied().unwrap_or(0);
+                        *bad_line_reasons.entry(reason).or_default() += n.saturating_sub(already);
+                    }
+                    "bad_lines_summary"
                 }
                 DeadLetter::RejectedUnit {
                     unit_id,

@@ -74,6 +74,11 @@ pub struct ParserArgs {
     /// A number with s, m, h or d, or `off` to keep every state forever.
     #[arg(long, env = "TALLY_DONE_RETENTION", default_value = "7d")]
     pub done_retention: Retention,
+    /// Bad lines of one unit written to the dead-letter topic in full (`bad-line` records);
+    /// past them, one `bad-lines-summary` record at the unit's end counts every bad line by
+    /// reason. Bounds what a file of garbage costs the topic, its transaction and `status`.
+    #[arg(long, env = "TALLY_DEAD_LETTER_LINES", default_value_t = 100)]
+    pub dead_letter_lines: u64,
 }
 
 /// Counts since start, logged at exit.

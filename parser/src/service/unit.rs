@@ -96,6 +96,7 @@ impl Parser<'_> {
             &txn.merger,
             unit,
             period,
+            self.args.dead_letter_lines,
         );
         let started = Instant::now();
         let mut stats = Stats::default();
@@ -121,6 +122,7 @@ impl Parser<'_> {
                 }
             }
         }
+        sink.finish().map_err(Failure::Kafka)?;
         tracing::info!(
             lines = stats.lines,
             bad_lines = stats.bad_lines,
