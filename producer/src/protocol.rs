@@ -61,6 +61,15 @@ pub fn check_upload_id(id: &str) -> Result<(), &'static str> {
     }
 }
 
+/// Where the server keeps upload `id` of the token named `token`: ids are chosen by clients
+/// (and `push` derives them from what anyone can know of a file), so each token has its own:
+/// the same id from another token is another upload, and a token never reaches, learns about
+/// or touches another's.
+pub fn scoped_upload_id(token: &str, id: &str) -> String {
+    let key = format!("{token}\0{id}");
+    format!("u{:032x}", xxhash_rust::xxh3::xxh3_128(key.as_bytes()))
+}
+
 /// The id `push` gives the upload of `name` with these bytes: the same file pushed again, by
 /// this client or after a restart, is the same upload (resumed, or confirmed without a second
 /// announcement).

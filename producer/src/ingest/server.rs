@@ -29,16 +29,17 @@ async fn head_upload(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if ingest
+    let Some(token) = ingest
         .tokens
         .check(header(&headers, header::AUTHORIZATION.as_str()))
-        .is_none()
-    {
+    else {
         return refuse(StatusCode::UNAUTHORIZED, "a valid bearer token is needed");
-    }
+    };
     if protocol::check_upload_id(&id).is_err() {
         return refuse(StatusCode::BAD_REQUEST, "bad upload id");
     }
+    // This token's upload of that id: another token's is not found.
+    let id = protocol::scoped_upload_id(&token, &id);
     let record = match ingest.store.load(&id) {
         Ok(Some(r)) => r,
         Ok(None) => return StatusCode::NOT_FOUND.into_response(),

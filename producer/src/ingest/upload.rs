@@ -47,10 +47,13 @@ pub(super) async fn put_file(
     if let Err(reason) = protocol::check_name(&name) {
         return refuse(StatusCode::BAD_REQUEST, format!("{name:?}: {reason}"));
     }
-    let put = match read_put(&headers) {
+    let mut put = match read_put(&headers) {
         Ok(p) => p,
         Err(response) => return response,
     };
+    if put.resumable {
+        put.id = protocol::scoped_upload_id(&token, &put.id);
+    }
     if let Some(total) = put.total.filter(|t| *t > ingest.limits.max_file_bytes) {
         return refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -216,14 +219,14 @@ fn resume(ingest: &Ingest, mut record: Record, name: &str, put: &Put) -> Result<
     if record.name != name || !same_checksum {
         return Err(refuse(
             StatusCode::CONFLICT,
-            format!("upload {} is of another file or other bytes", record.id),
+            "this upload id is of another file or other bytes".to_owned(),
         ));
     }
     match (record.total, put.total) {
         (Some(a), Some(b)) if a != b => {
             return Err(refuse(
                 StatusCode::CONFLICT,
-                format!("upload {} has {a} bytes, not {b}", record.id),
+                format!("this upload has {a} bytes, not {b}"),
             ))
         }
         (None, Some(b)) => record.total = Some(b),

@@ -294,3 +294,107 @@ async fn a_bad_or_missing_tokens_file_leaves_no_token_valid() {
     }
     assert!(server.log_text().contains("NO TOKEN IS VALID"));
 }
+
+/// Upload ids belong to their token: another token neither sees (HEAD), continues, nor
+/// pre-empts (pre-creates) an upload of the same id; each token's upload of an id is its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn upload_ids_are_scoped_to_their_token() {
+    let mut p = Pipeline::new("ingest-scoped").await;
+    let dir = p.dir.join("incoming");
+    let (_server, port) = serve(&mut p, &dir, &[]).await;
+    const OTHER: &str = "site-b-fedcba9876543210";
+    let tokens = p.dir.join("tokens");
+    let next = p.dir.join("tokens.new");
+    std::fs::write(&next, format!("site-a {TOKEN}\nsite-b {OTHER}\n")).unwrap();
+    std::fs::rename(&next, &tokens).unwrap();
+    let bearer = |t: &str| format!("Bearer {t}");
+    let head = |token: &str, id: &str| {
+        format!(
+            "HEAD /v1/uploads/{id} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
+             authorization: Bearer {token}\r\n\r\n"
+        )
+    };
+    let slice = |token: &str, id: &str, name: &str, range: &str, body: &[u8]| {
+        let auth = bearer(token);
+        put(
+            name,
+            &[
+                ("authorization", auth.as_str()),
+                ("tally-upload-id", id),
+                ("content-range", range),
+            ],
+            body,
+        )
+    };
+    // Wait until site-b's token is in.
+    tally_testkit::eventually(Duration::from_secs(5), "site-b's token", || async {
+        let code = raw(port, head(OTHER, "nothing-yet").as_bytes(), None).await;
+        tally_testkit::holds(code == 404, || format!("{code}"))
+    })
+    .await;
+
+    // site-a holds half of upload `shared-id-1`.
+    let a_body = b"1 1\n2 2\n3 3\n4 4\n5 5\n";
+    let code = raw(
+        port,
+        &slice(TOKEN, "shared-id-1", "a.dat", "bytes 0-9/20", &a_body[..10]),
+        None,
+    )
+    .await;
+    assert_eq!(code, 202);
+    // site-b does not see it, and cannot continue it: its own upload of that id is empty.
+    assert_eq!(
+        raw(port, head(OTHER, "shared-id-1").as_bytes(), None).await,
+        404
+    );
+    let code = raw(
+        port,
+        &slice(
+            OTHER,
+            "shared-id-1",
+            "a.dat",
+            "bytes 10-19/20",
+            b"9 9\n9 9\n9\n",
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(code, 409, "another token continued site-a's upload");
+    // site-a's upload is untouched, and finishes with its own bytes.
+    assert_eq!(
+        raw(port, head(TOKEN, "shared-id-1").as_bytes(), None).await,
+        200
+    );
+    let code = raw(
+        port,
+        &slice(
+            TOKEN,
+            "shared-id-1",
+            "a.dat",
+            "bytes 10-19/20",
+            &a_body[10..],
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(code, 201);
+    assert_eq!(std::fs::read(dir.join("a.dat")).unwrap(), a_body);
+
+    // site-b pre-creates an id site-a will use, with other bytes and another name: site-a's
+    // upload of that id is its own and goes through.
+    let code = raw(
+        port,
+        &slice(OTHER, "guessable-id", "b.dat", "bytes 0-3/8", b"7 7\n"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 202);
+    let code = raw(
+        port,
+        &slice(TOKEN, "guessable-id", "c.dat", "bytes 0-7/8", b"6 6\n8 8\n"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 201, "a pre-created id blocked another token's upload");
+    assert_eq!(std::fs::read(dir.join("c.dat")).unwrap(), b"6 6\n8 8\n");
+}
