@@ -41,6 +41,8 @@ pub const PRODUCER_UNITS: &str = "tally_producer_units_announced_total";
 pub const PRODUCER_BYTES: &str = "tally_producer_bytes_announced_total";
 /// Files whose name held no time under `--file-time-from name:…` (their mtime counted).
 pub const PRODUCER_FILE_TIME_FALLBACKS: &str = "tally_producer_file_time_fallbacks_total";
+/// Files refused for a time outside `--file-time-max-age`/`--file-time-max-ahead` (never counted).
+pub const PRODUCER_FILES_REFUSED: &str = "tally_producer_files_refused_total";
 /// Uploads finished by `producer serve`, by `token` name and `outcome` (announced, repeated).
 pub const PRODUCER_INGEST_UPLOADS: &str = "tally_producer_ingest_uploads_total";
 /// Bytes received by `producer serve`, by `token` name.
@@ -166,6 +168,10 @@ fn describe() {
     describe_counter!(
         PRODUCER_FILE_TIME_FALLBACKS,
         "Files whose name held no time under --file-time-from name:…; their mtime counted."
+    );
+    describe_counter!(
+        PRODUCER_FILES_REFUSED,
+        "Files refused for a time outside the accepted window; never counted."
     );
     describe_counter!(
         PRODUCER_INGEST_UPLOADS,

@@ -94,6 +94,95 @@ pub fn parse_period(s: &str) -> Result<Period, String> {
     s.parse()
 }
 
+/// A duration as the flags write it: a whole number with `s`, `m`, `h` or `d`, or `off`
+/// (`None`).
+pub fn parse_span(s: &str) -> Result<Option<std::time::Duration>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a number with s, m, h or d, or `off`; got `{s}`"))?;
+    let seconds = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3_600),
+        "d" => n.checked_mul(86_400),
+        _ => return Err(format!("unknown unit in `{s}`: use s, m, h or d")),
+    }
+    .ok_or_else(|| format!("`{s}` is too long"))?;
+    Ok(Some(std::time::Duration::from_secs(seconds)))
+}
+
+/// A duration flag's value: `Some` duration, or `None` for `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span(pub Option<std::time::Duration>);
+
+impl FromStr for Span {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_span(s).map(Span)
+    }
+}
+
+/// The file times a stage accepts: at most `back` before now and `ahead` after it (`None`:
+/// no bound on that side). A file time outside books usage into closed periods, or makes the
+/// database create a partition for every month a writer names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeWindow {
+    /// How far back.
+    pub back: Option<std::time::Duration>,
+    /// How far ahead.
+    pub ahead: Option<std::time::Duration>,
+}
+
+impl TimeWindow {
+    /// No bound.
+    pub const OPEN: TimeWindow = TimeWindow {
+        back: None,
+        ahead: None,
+    };
+
+    /// `Ok` if `time` (Unix seconds) is inside the window around `now`; else why not.
+    pub fn check(&self, time: i64, now: i64) -> Result<(), String> {
+        let secs = |d: std::time::Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        if let Some(back) = self.back {
+            if time < now.saturating_sub(secs(back)) {
+                return Err(format!(
+                    "file time {} is more than {} s before now (--file-time-max-age)",
+                    format_utc(time),
+                    back.as_secs()
+                ));
+            }
+        }
+        if let Some(ahead) = self.ahead {
+            if time > now.saturating_add(secs(ahead)) {
+                return Err(format!(
+                    "file time {} is more than {} s after now (--file-time-max-ahead)",
+                    format_utc(time),
+                    ahead.as_secs()
+                ));
+            }
+        }
+        if !plausible(time) {
+            return Err(format!(
+                "file time {time} s since the epoch is not between the years 1900 and 9999"
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`TimeWindow::check`] against the clock.
+    pub fn check_now(&self, time: i64) -> Result<(), String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.check(time, now)
+    }
+}
+
 /// Where a file's time comes from (`--file-time-from`).
 #[derive(Debug, Clone)]
 pub enum FileTimeFrom {
@@ -200,6 +289,14 @@ fn time_in_name_unchecked(re: &regex::Regex, name: &str) -> Result<i64, String> 
     parse_utc(text).ok_or_else(|| format!("`{text}` in `{name}` is no date-time"))
 }
 
+/// `time` (Unix seconds) as RFC 3339 UTC, or the number where no date has it.
+pub fn format_utc(time: i64) -> String {
+    chrono::DateTime::from_timestamp(time, 0).map_or_else(
+        || format!("{time} s"),
+        |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    )
+}
+
 /// Unix seconds of a UTC date-time in a common form: RFC 3339 (with any offset), or a date with
 /// an optional time in `-`/`:`-separated or compact form, read as UTC.
 pub fn parse_utc(text: &str) -> Option<i64> {
@@ -239,6 +336,33 @@ pub fn parse_utc(text: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_time_windows() {
+        let day = std::time::Duration::from_secs(86_400);
+        let window = TimeWindow {
+            back: Some(35 * day),
+            ahead: Some(std::time::Duration::from_secs(3600)),
+        };
+        let now = 1_800_000_000;
+        assert!(window.check(now, now).is_ok());
+        assert!(window.check(now - 35 * 86_400, now).is_ok());
+        assert!(window
+            .check(now - 35 * 86_400 - 1, now)
+            .unwrap_err()
+            .contains("max-age"));
+        assert!(window.check(now + 3600, now).is_ok());
+        assert!(window
+            .check(now + 3601, now)
+            .unwrap_err()
+            .contains("max-ahead"));
+        assert!(TimeWindow::OPEN.check(0, now).is_ok());
+        assert!(TimeWindow::OPEN.check(i64::MAX, now).is_err());
+        assert_eq!(parse_span("35d").unwrap(), Some(35 * day));
+        assert_eq!(parse_span("off").unwrap(), None);
+        assert!(parse_span("5w").is_err());
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+    }
 
     #[test]
     fn periods_parse_print_and_bucket() {

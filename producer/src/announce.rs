@@ -18,48 +18,101 @@ use tally_core::backoff::Backoff;
 use tally_core::kafka::{self, TxnErrorKind};
 use tally_core::{KafkaArgs, Topics};
 use tally_model::messages::WorkUnit;
-use tally_model::period::{mtime_seconds, FileTimeFrom};
+use tally_model::period::{mtime_seconds, FileTimeFrom, TimeWindow};
 
 pub use tally_model::identity::file_id;
 use tally_model::identity::{fingerprint, stream_id};
 
-/// How files become work units: the largest unit, and where a file's time comes from.
+/// How files become work units: the largest unit, where a file's time comes from, and which
+/// times are accepted.
 #[derive(Debug, Clone)]
 pub struct Split {
     /// Largest unit, in bytes.
     pub unit_bytes: u64,
     /// Where a file's time comes from.
     pub time_from: FileTimeFrom,
+    /// The times accepted from names.
+    pub window: TimeWindow,
+}
+
+/// A file that is not announced, and why: its name gives a time outside the accepted window.
+/// It is never booked; the caller says so once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused: {0}")]
+pub struct Refused(pub String);
+
+/// Logs and counts a refused file (once per file version: the caller remembers it).
+pub fn say_refused(refused: &Refused) {
+    metrics::counter!(tally_core::metrics::PRODUCER_FILES_REFUSED).increment(1);
+    tracing::error!(reason = %refused.0, "file refused, not counted: its time is outside the accepted window (rename it, or widen --file-time-max-age/--file-time-max-ahead)");
 }
 
 impl Split {
-    /// The time of the file at `path`: from its name when so configured, or (and when its name
-    /// holds none, logged and counted) its modification time.
-    pub fn file_time(&self, path: &Path, meta: &Metadata) -> i64 {
-        self.time_from
-            .file_time(path, meta)
-            .unwrap_or_else(|reason| {
+    /// The split the unit flags describe.
+    pub fn new(args: &tally_core::args::UnitArgs) -> Self {
+        Self {
+            unit_bytes: args.unit_bytes,
+            time_from: args.file_time_from.clone(),
+            window: args.window(),
+        }
+    }
+
+    /// Whether a file of this name would be refused for its time (under `name:…`), before any
+    /// of its bytes exist (`producer serve` refuses the upload at once).
+    pub fn check_name(&self, name: &str) -> Result<(), Refused> {
+        let FileTimeFrom::Name(re) = &self.time_from else {
+            return Ok(());
+        };
+        match tally_model::period::time_in_name(re, name) {
+            Ok(time) => self
+                .window
+                .check_now(time)
+                .map_err(|why| Refused(format!("{name}: {why}"))),
+            // No time in it: its modification time will count.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The time of the file at `path`: from its name when so configured (refused outside the
+    /// window), or (and when its name holds none, logged and counted) its modification time.
+    pub fn file_time(&self, path: &Path, meta: &Metadata) -> Result<i64, Refused> {
+        match self.time_from.file_time(path, meta) {
+            Ok(time) => match &self.time_from {
+                FileTimeFrom::Mtime => Ok(time),
+                FileTimeFrom::Name(_) => self
+                    .window
+                    .check_now(time)
+                    .map(|()| time)
+                    .map_err(|why| Refused(format!("{}: {why}", path.display()))),
+            },
+            Err(reason) => {
                 metrics::counter!(tally_core::metrics::PRODUCER_FILE_TIME_FALLBACKS).increment(1);
                 tracing::warn!(
                     path = %path.display(),
                     reason,
                     "no time in the file name: its modification time counts"
                 );
-                mtime_seconds(meta)
-            })
+                Ok(mtime_seconds(meta))
+            }
+        }
     }
 }
 
 /// The work units of the file at `path` (absolute) with metadata `meta` and fingerprint
 /// `print`. An empty file has one empty unit, so that it too is marked done and reaches its
 /// life-cycle action.
-pub fn work_units(path: &Path, meta: &Metadata, print: u64, split: &Split) -> Vec<WorkUnit> {
+pub fn work_units(
+    path: &Path,
+    meta: &Metadata,
+    print: u64,
+    split: &Split,
+) -> Result<Vec<WorkUnit>, Refused> {
     let (stream, id) = (stream_id(meta), file_id(meta));
     let size = meta.size();
     let unit_bytes = split.unit_bytes.max(1);
-    let file_time = Some(split.file_time(path, meta));
+    let file_time = Some(split.file_time(path, meta)?);
     let units = size.div_ceil(unit_bytes).max(1);
-    (0..units)
+    Ok((0..units)
         .map(|index| {
             let start = (index * unit_bytes).min(size);
             let end = (start + unit_bytes).min(size);
@@ -75,7 +128,7 @@ pub fn work_units(path: &Path, meta: &Metadata, print: u64, split: &Split) -> Ve
                 file_time,
             }
         })
-        .collect()
+        .collect())
 }
 
 /// A transactional producer on `tally.files`.
@@ -175,7 +228,8 @@ impl Announcer {
     }
 }
 
-/// Validates and describes a file for announcement: absolute path, metadata, units.
+/// Validates and describes a file for announcement: absolute path, metadata, units. A file
+/// refused for its time is an error holding [`Refused`] (`error.downcast_ref::<Refused>()`).
 pub fn describe(path: &Path, split: &Split) -> anyhow::Result<Vec<WorkUnit>> {
     let absolute = std::fs::canonicalize(path)
         .with_context(|| format!("cannot resolve {}", path.display()))?;
@@ -202,7 +256,7 @@ pub fn describe(path: &Path, split: &Split) -> anyhow::Result<Vec<WorkUnit>> {
     }
     let print = fingerprint(&file, meta.size())
         .with_context(|| format!("cannot read {}", absolute.display()))?;
-    Ok(work_units(&absolute, &meta, print, split))
+    Ok(work_units(&absolute, &meta, print, split)?)
 }
 
 #[cfg(test)]
@@ -218,6 +272,7 @@ mod tests {
         let split = Split {
             unit_bytes: 300,
             time_from: FileTimeFrom::Mtime,
+            window: TimeWindow::OPEN,
         };
         let units = describe(&path, &split).unwrap();
         assert_eq!(units.len(), 4);
@@ -233,6 +288,7 @@ mod tests {
         let by_name = |re: &str| Split {
             unit_bytes: 300,
             time_from: format!("name:{re}").parse().unwrap(),
+            window: TimeWindow::OPEN,
         };
         let named = dir.join("26593136.dat");
         std::fs::write(&named, b"1 1\n").unwrap();

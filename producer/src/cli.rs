@@ -54,10 +54,7 @@ pub enum ProducerCommand {
 
 /// Runs a producer subcommand (blocking; call on a blocking thread).
 pub fn run(args: &ProducerArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let split = Split {
-        unit_bytes: args.units.unit_bytes,
-        time_from: args.units.file_time_from.clone(),
-    };
+    let split = Split::new(&args.units);
     let one_shot_id = || {
         format!(
             "{}.producer.oneshot.{}",

@@ -81,10 +81,7 @@ pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow:
         pool: Arc::new(args.engine.pool()?),
         period: args.period.period,
     };
-    let split = Split {
-        unit_bytes: args.units.unit_bytes,
-        time_from: args.units.file_time_from.clone(),
-    };
+    let split = Split::new(&args.units);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |_event| {
         let _ = tx.send(());
@@ -165,8 +162,15 @@ impl Pass<'_> {
             }
             match announce::describe(&path, self.split) {
                 Ok(units) => files.push(units),
-                // Vanished or replaced since the listing: the next scan sees what is there.
-                Err(error) => tracing::debug!(%error, "skipping file for now"),
+                Err(error) => match error.downcast_ref::<announce::Refused>() {
+                    // Never counted; not looked at again while this version is there.
+                    Some(refused) => {
+                        announce::say_refused(refused);
+                        self.done.insert(id);
+                    }
+                    // Vanished or replaced since the listing: the next scan sees what is there.
+                    None => tracing::debug!(%error, "skipping file for now"),
+                },
             }
         }
         // Memory stays with the files still there.

@@ -4,6 +4,7 @@
 //! consumer the sum over its periods must equal `consumer_totals`. Also `tally rollup` while
 //! ingestion goes on, and `tally report`.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -54,6 +55,9 @@ async fn through(name: &str, aggregator: bool, period: &str, period_secs: i64) {
         "70000",
         "--file-time-from",
         r"name:^(?P<epoch_min>\d+)\.dat$",
+        // Fixed dates in the past: no window.
+        "--file-time-max-age",
+        "off",
         "publish",
     ];
     publish.extend(named.iter().map(String::as_str));
@@ -237,4 +241,99 @@ async fn rollup_while_ingesting_keeps_every_sum_and_report_prints_them() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--from"));
     parser.kill9();
     db.kill9();
+}
+
+/// File times from names outside `--file-time-max-age`/`--file-time-max-ahead` are refused,
+/// never booked, by `producer watch` and by `standalone`; a name inside the window counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn file_times_outside_the_window_are_refused_never_booked() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let pattern = r"name:^(?P<epoch_s>\d+)\.dat$";
+    let names = [
+        (now - 40 * 86_400, "1 1\n", false), // before the window: a closed month
+        (now + 3 * 3600, "2 2\n", false),    // ahead of the window
+        (100, "3 3\n", false),               // 1970: a partition for every month on the way
+        (now - 86_400, "4 4\n", true),       // yesterday: inside
+    ];
+    let write = |dir: &Path| {
+        for (time, body, _) in names {
+            std::fs::write(dir.join(format!("{time}.dat")), body).unwrap();
+        }
+    };
+    let counted = HashMap::from([(4i64, 4i128)]);
+
+    // producer watch.
+    let mut p = Pipeline::new("file-time-window").await;
+    write(&p.data);
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    let mut watch = vec![
+        "producer".to_owned(),
+        "--file-time-from".to_owned(),
+        pattern.to_owned(),
+    ];
+    watch.extend(p.watch_args(&["--settle-ms", "0"]).into_iter().skip(1));
+    let watcher = p.spawn("watch", &watch);
+    p.wait_ingested(1, TIMEOUT).await;
+    tally_testkit::eventually(TIMEOUT, "three refusals in the log", || async {
+        let log = watcher.log_text();
+        let n = log.matches("file refused").count();
+        tally_testkit::holds(n == 3, || format!("{n} refusals:\n{log}"))
+    })
+    .await;
+    // A rescan later, nothing more was announced, nothing booked, no partition made.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p.assert_totals(&counted, "watch with refused names").await;
+    assert_eq!(
+        p.read_topic(&p.topics.files).len(),
+        1,
+        "only the file inside was announced"
+    );
+    let partitions: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'consumer_period_totals'::regclass",
+    )
+    .fetch_all(&p.pool)
+    .await
+    .unwrap();
+    assert!(
+        !partitions.iter().any(|t| t.contains("1970")),
+        "{partitions:?}"
+    );
+    drop(watcher);
+
+    // standalone.
+    let mut s = Pipeline::new("file-time-window-standalone").await;
+    write(&s.data);
+    let data = s.data.to_str().unwrap().to_owned();
+    let args = [
+        "standalone",
+        "--dir",
+        &data,
+        "--settle-ms",
+        "0",
+        "--rescan-interval-ms",
+        "300",
+        "--file-time-from",
+        pattern,
+    ];
+    let stage = s.spawn("standalone", &args);
+    s.wait_ingested(1, TIMEOUT).await;
+    tally_testkit::eventually(TIMEOUT, "three refusals in the log", || async {
+        let log = stage.log_text();
+        let n = log.matches("file refused").count();
+        tally_testkit::holds(n == 3, || format!("{n} refusals:\n{log}"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.assert_totals(&counted, "standalone with refused names")
+        .await;
+    assert_eq!(
+        stage.log_text().matches("file refused").count(),
+        3,
+        "each refused file is said once"
+    );
 }

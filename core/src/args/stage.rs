@@ -72,6 +72,25 @@ pub struct UnitArgs {
     /// mtime, with a warning and `tally_producer_file_time_fallbacks_total`.
     #[arg(long, env = "TALLY_FILE_TIME_FROM", default_value = "mtime", value_parser = tally_model::period::parse_file_time_from)]
     pub file_time_from: FileTimeFrom,
+    /// The oldest file time accepted, back from now: a time from a file's name (or a pushed
+    /// `Tally-File-Time`) older than this is refused with a reason, never booked (it would
+    /// count into a closed period). A number with s, m, h or d, or `off`.
+    #[arg(long, env = "TALLY_FILE_TIME_MAX_AGE", default_value = "35d")]
+    pub file_time_max_age: tally_model::period::Span,
+    /// The latest file time accepted, ahead of now (clock skew between hosts); as
+    /// `--file-time-max-age`.
+    #[arg(long, env = "TALLY_FILE_TIME_MAX_AHEAD", default_value = "1h")]
+    pub file_time_max_ahead: tally_model::period::Span,
+}
+
+impl UnitArgs {
+    /// The file times accepted.
+    pub fn window(&self) -> tally_model::period::TimeWindow {
+        tally_model::period::TimeWindow {
+            back: self.file_time_max_age.0,
+            ahead: self.file_time_max_ahead.0,
+        }
+    }
 }
 
 /// When a file written into a folder counts as complete.

@@ -31,22 +31,7 @@ pub struct Retention(pub Option<Duration>);
 impl FromStr for Retention {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if s == "off" {
-            return Ok(Retention(None));
-        }
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (number, unit) = s.split_at(split);
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("expected a number with s, m, h or d, or `off`; got `{s}`"))?;
-        let seconds = match unit {
-            "s" => n,
-            "m" => n * 60,
-            "h" => n * 3_600,
-            "d" => n * 86_400,
-            _ => return Err(format!("unknown unit in `{s}`: use s, m, h or d")),
-        };
-        Ok(Retention(Some(Duration::from_secs(seconds))))
+        tally_model::period::parse_span(s).map(Retention)
     }
 }
 

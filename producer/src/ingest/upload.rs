@@ -54,6 +54,20 @@ pub(super) async fn put_file(
     if put.resumable {
         put.id = protocol::scoped_upload_id(&token, &put.id);
     }
+    // A file time outside the window would book usage into a closed period: refused before
+    // any byte is taken, whether the header says it or the name does.
+    let in_window = match put.file_time {
+        Some(time) => ingest
+            .split
+            .window
+            .check_now(time)
+            .map_err(|why| format!("{}: {why}", protocol::FILE_TIME)),
+        None => Ok(()),
+    }
+    .and_then(|()| ingest.split.check_name(&name).map_err(|r| r.0));
+    if let Err(why) = in_window {
+        return refuse(StatusCode::BAD_REQUEST, why);
+    }
     if let Some(total) = put.total.filter(|t| *t > ingest.limits.max_file_bytes) {
         return refuse(
             StatusCode::PAYLOAD_TOO_LARGE,

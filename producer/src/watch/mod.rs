@@ -162,10 +162,20 @@ fn scan(dir: &Path, state: &mut State, split: &Split, settle: Duration) -> anyho
             next_settled = Some(next_settled.map_or(at, |n| n.min(at)));
             continue;
         }
+        if state.refused.contains(&id) {
+            continue;
+        }
         match announce::describe(&path, split) {
             Ok(units) => found.push((units, inode)),
-            // Vanished or replaced between listing and stat: the next scan sees what is there.
-            Err(error) => tracing::debug!(%error, "skipping file for now"),
+            Err(error) => match error.downcast_ref::<announce::Refused>() {
+                Some(refused) => {
+                    announce::say_refused(refused);
+                    state.refused.insert(id);
+                }
+                // Vanished or replaced between listing and stat: the next scan sees what is
+                // there.
+                None => tracing::debug!(%error, "skipping file for now"),
+            },
         }
     }
     Ok(Scan {

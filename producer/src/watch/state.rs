@@ -34,6 +34,8 @@ pub(super) struct State {
     pub(super) announced: HashSet<String>,
     /// The physical files behind them (where the file system reports birth times).
     pub(super) inodes: HashSet<Inode>,
+    /// Files refused (their time is outside the window), said once each (not kept on disk).
+    pub(super) refused: HashSet<String>,
     pub(super) log: Option<fs::File>,
 }
 

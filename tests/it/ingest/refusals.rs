@@ -398,3 +398,34 @@ async fn upload_ids_are_scoped_to_their_token() {
     assert_eq!(code, 201, "a pre-created id blocked another token's upload");
     assert_eq!(std::fs::read(dir.join("c.dat")).unwrap(), b"6 6\n8 8\n");
 }
+
+/// A pushed `Tally-File-Time` outside the window is a 400 before any byte is taken; one inside
+/// is taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn file_times_outside_the_window_are_refused_before_any_byte() {
+    let mut p = Pipeline::new("ingest-file-time").await;
+    let dir = p.dir.join("incoming");
+    let (_server, port) = serve(&mut p, &dir, &[]).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let auth = format!("Bearer {TOKEN}");
+    for (name, time, want) in [
+        ("old.dat", now - 36 * 86_400, 400),
+        ("ahead.dat", now + 2 * 3600, 400),
+        ("ancient.dat", -2_000_000_000, 400),
+        ("far.dat", 253_402_300_000, 400),
+        ("fine.dat", now - 3 * 86_400, 201),
+    ] {
+        let time = time.to_string();
+        let request = put(
+            name,
+            &[("authorization", auth.as_str()), ("tally-file-time", &time)],
+            b"1 1\n",
+        );
+        assert_eq!(raw(port, &request, None).await, want, "{name} at {time}");
+        assert_eq!(dir.join(name).exists(), want == 201, "{name}");
+    }
+    assert_eq!(announcements(&p).len(), 1);
+}
