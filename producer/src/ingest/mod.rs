@@ -8,8 +8,11 @@
 //! - [`store`]: uploads on disk (`<dir>/.tmp`), their records and life.
 //! - [`throttle`]: backpressure from the parsers' backlog and the folder's free space.
 //! - [`tokens`]: who may write.
+//! - [`listen`]: connections accepted, bounded (a limit under the open-file limit, idle ones
+//!   evicted first) and timed in every phase; HTTP/1.1 only.
 //! - [`tls`]: the certificate and key, for HTTPS.
 
+mod listen;
 mod put;
 mod reply;
 pub mod server;
@@ -59,8 +62,17 @@ pub struct ServeArgs {
     /// Uploads receiving bytes at once (429 above it).
     #[arg(long, env = "TALLY_INGEST_MAX_UPLOADS", default_value_t = 16)]
     pub max_uploads: usize,
+    /// Connections open at once; past it, a new one closes the oldest connection that never
+    /// completed a request (then the oldest idle one). Default: the open-file limit less 256.
+    #[arg(long, env = "TALLY_INGEST_MAX_CONNECTIONS", value_parser = tally_core::args::positive_usize)]
+    pub max_connections: Option<usize>,
+    /// From a connection's accept to its first complete request head (TLS handshake
+    /// included), and for any request's headers.
+    #[arg(long, env = "TALLY_INGEST_REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = tally_core::args::positive_u64)]
+    pub request_timeout_ms: u64,
     /// A body that sends nothing for this long ends with 408 (a resumable upload keeps its
-    /// bytes until `--partial-ttl`).
+    /// bytes until `--partial-ttl`); a connection without a request in flight that sends and
+    /// receives nothing for this long is closed.
     #[arg(long, env = "TALLY_INGEST_IDLE_TIMEOUT_MS", default_value_t = 30_000, value_parser = tally_core::args::positive_u64)]
     pub idle_timeout_ms: u64,
     /// An upload not continued for this long is forgotten, its bytes removed.
@@ -114,7 +126,7 @@ pub fn run(
     let dir = std::fs::canonicalize(&args.dir)?;
     let store = Store::open(&dir).with_context(|| format!("cannot use {}", dir.display()))?;
     let tls = match (&args.tls_cert_file, &args.tls_key_file) {
-        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
     let liveness = Liveness::start("producer", kafka, &args.liveness, Duration::from_secs(60))?;
@@ -168,14 +180,14 @@ pub fn run(
         .enable_all()
         .build()?;
     let app = server::router(ingest.clone());
+    let bounds = listen::Bounds {
+        max_connections: args
+            .max_connections
+            .unwrap_or_else(listen::default_max_connections),
+        request_timeout: Duration::from_millis(args.request_timeout_ms),
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+    };
     runtime.block_on(async move {
-        let handle = axum_server::Handle::new();
-        let stop = handle.clone();
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            token.cancelled().await;
-            stop.graceful_shutdown(Some(Duration::from_secs(10)));
-        });
         let watched = ingest.clone();
         let token = shutdown.clone();
         tokio::spawn(async move {
@@ -200,30 +212,13 @@ pub fn run(
                 let _ = tokio::task::spawn_blocking(move || sweep(&s, ttl.0, ttl.1)).await;
             }
         });
-        tracing::info!(addr = %bound, tls = tls.is_some(), dir = %dir.display(), "serving uploads");
-        let service = app.into_make_service();
-        // Headers that trickle in are cut like a stalled body (hyper's default is 30 s).
-        let headers_within = Duration::from_millis(args.idle_timeout_ms);
-        match tls {
-            Some(config) => {
-                let mut server = axum_server::from_tcp_rustls(listener, config)?.handle(handle);
-                server
-                    .http_builder()
-                    .http1()
-                    .header_read_timeout(headers_within);
-                server.serve(service).await
-            }
-            None => {
-                let mut server = axum_server::from_tcp(listener)?.handle(handle);
-                server
-                    .http_builder()
-                    .http1()
-                    .header_read_timeout(headers_within);
-                server.serve(service).await
-            }
-        }
-        .context("the ingest server stopped")
+        tracing::info!(addr = %bound, tls = tls.is_some(), dir = %dir.display(), max_connections = bounds.max_connections, "serving uploads");
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let counts = Arc::new(listen::Counts::default());
+        listen::serve(listener, tls, app, bounds, counts, shutdown.clone()).await;
+        Ok::<(), anyhow::Error>(())
     })
+    .context("the ingest server stopped")
 }
 
 /// Announces linked uploads, forgets abandoned partial ones and expired finished ones.

@@ -5,12 +5,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum_server::tls_rustls::RustlsConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-/// The server configuration for `cert` and `key` (HTTP/1.1).
-pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<RustlsConfig> {
+/// The TLS acceptor for `cert` and `key` (HTTP/1.1).
+pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .with_context(|| format!("cannot read a certificate from {}", cert.display()))?;
@@ -24,5 +23,5 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<RustlsConfig> {
         .with_single_cert(certs, key)
         .context("the certificate and key do not go together")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(RustlsConfig::from_config(Arc::new(config)))
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -125,8 +125,12 @@ impl Pipeline {
 
     fn command<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
         let mut cmd = Command::new(tally_binary());
-        cmd.args(args)
-            .env("KAFKA_BOOTSTRAP_SERVERS", &self.kafka.bootstrap_servers)
+        cmd.args(args);
+        self.environment(cmd)
+    }
+
+    fn environment(&self, mut cmd: Command) -> Command {
+        cmd.env("KAFKA_BOOTSTRAP_SERVERS", &self.kafka.bootstrap_servers)
             .env("DATABASE_URL", &self.database_url)
             .env("TALLY_TOPIC_PREFIX", &self.prefix)
             .env(
@@ -236,6 +240,31 @@ impl Pipeline {
         let file = std::fs::File::create(&log).unwrap();
         let child = self
             .command(args)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Stage { child, log }
+    }
+
+    /// [`Pipeline::spawn`] with the stage's open-file limit at `nofile` (as a small container
+    /// or a default systemd unit has it).
+    pub fn spawn_with_nofile<S: AsRef<std::ffi::OsStr>>(
+        &mut self,
+        name: &str,
+        nofile: u32,
+        args: &[S],
+    ) -> Stage {
+        self.log_seq += 1;
+        let log = self.dir.join(format!("{:03}-{name}.log", self.log_seq));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(tally_binary())
+            .args(args);
+        let child = self
+            .environment(cmd)
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()

@@ -5,9 +5,11 @@
 //!   server killed mid-upload, resume to exact totals with each file counted once;
 //! - [`refusals`]: bad names, traversal, wrong tokens and checksums, oversized bodies, stalled
 //!   clients and a full disk each get their status and leave nothing behind;
+//! - [`connections`]: 2,000 silent connections beside a push, phase timeouts, no HTTP/2;
 //! - [`flow`]: with the parsers stopped the server throttles and the pushers finish by
 //!   themselves once they return; `push --watch`; `producer watch` beside the server.
 
+mod connections;
 mod flow;
 mod refusals;
 mod resume;
