@@ -132,7 +132,10 @@ async fn readyz(State(served): State<Arc<Served>>) -> (StatusCode, String) {
     let reason = if answers {
         served.health.unready_reason()
     } else {
-        Some("Kafka is not reachable".to_owned())
+        Some(match served.probe.refusal() {
+            Some(why) => format!("Kafka refuses this client: {why}"),
+            None => "Kafka is not reachable".to_owned(),
+        })
     };
     match reason {
         None => (StatusCode::OK, "ready\n".into()),

@@ -188,3 +188,68 @@ async fn a_database_that_does_not_verify_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Errors that will not heal (a wrong SASL password, a security protocol that does not match
+/// the listener) end a stage at start, in one line, instead of being retried for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_credentials_and_protocols_fail_fast_in_one_line() {
+    let s = secure();
+    let p = Pipeline::new("secure-refused").await;
+    let data = p.data.to_str().unwrap().to_owned();
+    let plaintext = p.kafka.bootstrap_servers.clone();
+    let wrong_password = "not-the-Password-42";
+    let cases: [(&str, Vec<(&str, String)>); 3] = [
+        (
+            "a wrong SASL password",
+            vec![
+                ("KAFKA_BOOTSTRAP_SERVERS", s.servers.clone()),
+                ("TALLY_KAFKA_SECURITY_PROTOCOL", "sasl-ssl".into()),
+                ("TALLY_KAFKA_SSL_CA_FILE", s.ca_file.clone()),
+                ("TALLY_KAFKA_SASL_USERNAME", s.user.clone()),
+                ("TALLY_KAFKA_SASL_PASSWORD", wrong_password.into()),
+            ],
+        ),
+        (
+            "plaintext to the TLS listener",
+            vec![
+                ("KAFKA_BOOTSTRAP_SERVERS", s.servers.clone()),
+                ("TALLY_KAFKA_SECURITY_PROTOCOL", "plaintext".into()),
+            ],
+        ),
+        (
+            "TLS to the plaintext listener",
+            vec![
+                ("KAFKA_BOOTSTRAP_SERVERS", plaintext),
+                ("TALLY_KAFKA_SECURITY_PROTOCOL", "ssl".into()),
+                ("TALLY_KAFKA_SSL_CA_FILE", s.ca_file.clone()),
+            ],
+        ),
+    ];
+    for (what, envs) in cases {
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let started = std::time::Instant::now();
+        let out = p
+            .output(
+                &["parser", "--data-root", &data],
+                &envs,
+                Duration::from_secs(60),
+            )
+            .await;
+        let took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: the parser ran");
+        assert!(
+            took < Duration::from_secs(20),
+            "{what}: failed after {took:?}"
+        );
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("tally: error: ") && last.contains("Kafka refuses this client"),
+            "{what}: {stderr}"
+        );
+        assert!(
+            !stderr.contains(wrong_password),
+            "{what}: the password shows"
+        );
+    }
+}

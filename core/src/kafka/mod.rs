@@ -13,7 +13,7 @@ mod admin;
 mod probe;
 
 pub use admin::*;
-pub use probe::BrokerProbe;
+pub use probe::{BrokerProbe, Reached};
 
 /// Settings common to every client.
 pub fn base_config(args: &KafkaArgs) -> ClientConfig {

@@ -128,6 +128,13 @@ impl Liveness {
         floor: Duration,
     ) -> anyhow::Result<Self> {
         kafka.security_settings()?;
+        // Credentials, protocol or certificates the brokers refuse will not heal: fail now,
+        // in one line, rather than retry for ever (a broker that is down is waited for).
+        if let crate::kafka::Reached::Refused(why) =
+            crate::kafka::BrokerProbe::new(kafka).reach(Duration::from_secs(10))
+        {
+            anyhow::bail!("Kafka refuses this client (check the credentials, --kafka-security-protocol and certificates): {why}");
+        }
         let limit = args.limit(floor);
         let liveness = Self::start_with(stage, kafka, limit, |_| restart_in_place());
         if let Some(addr) = args.http_addr {
