@@ -152,11 +152,18 @@ async fn garbage_files_end_in_bounded_time_with_exact_counts_and_a_fast_status()
     );
 
     // And `tally status` reads them fast, with the same count by reason.
-    let asked = Instant::now();
-    let out = p
-        .output(&["status", "--json"], &[], Duration::from_secs(60))
-        .await;
-    let status_took = asked.elapsed();
+    // The best of three: other tests share these two cores.
+    let mut status_took = Duration::MAX;
+    let mut out = None;
+    for _ in 0..3 {
+        let asked = Instant::now();
+        out = Some(
+            p.output(&["status", "--json"], &[], Duration::from_secs(60))
+                .await,
+        );
+        status_took = status_took.min(asked.elapsed());
+    }
+    let out = out.unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let by_reason: u64 = report["bad_line_reasons"]
         .as_object()
@@ -166,7 +173,10 @@ async fn garbage_files_end_in_bounded_time_with_exact_counts_and_a_fast_status()
         .sum();
     assert_eq!(by_reason, all, "{report}");
     assert!(
-        status_took < Duration::from_secs(5),
+        status_took < Duration::from_secs(3) || {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+            false
+        },
         "tally status took {status_took:?}"
     );
     eprintln!(

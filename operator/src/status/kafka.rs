@@ -11,12 +11,14 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use tally_core::backlog::{committed_offsets, records_between};
 use tally_core::{kafka, KafkaArgs, Topics};
-use tally_model::messages::{DeadLetter, WorkUnit};
+use tally_model::messages::DeadLetter;
 
 use super::{Lag, Rejected};
 
 /// What Kafka says.
 pub(super) struct FromKafka {
+    /// Figures read from part of a topic only, one line each.
+    pub(super) partial: Vec<String>,
     pub(super) announced: BTreeSet<String>,
     pub(super) rejected: Vec<Rejected>,
     pub(super) dead_letters: BTreeMap<String, u64>,
@@ -28,27 +30,64 @@ pub(super) struct FromKafka {
     pub(super) db_lag: BTreeMap<(String, i32), i64>,
 }
 
+/// The one field of a work unit `status` needs (the rest is not parsed).
+#[derive(serde::Deserialize)]
+struct FileOf {
+    file_id: String,
+}
+
+/// Where to start reading a partition with records `low..high` so that at most `budget`
+/// records of the topic are read, its partitions sharing it; notes when records are left out.
+fn tail(
+    budget: u64,
+    partitions: i32,
+    cut: &std::cell::Cell<bool>,
+) -> impl Fn(i64, i64) -> i64 + '_ {
+    let share = (budget / partitions.max(1) as u64).max(1) as i64;
+    move |low, high| {
+        let from = low.max(high - share);
+        if from > low {
+            cut.set(true);
+        }
+        from
+    }
+}
+
 pub(super) fn read_kafka(
     args: &KafkaArgs,
     topics: &Topics,
     stored: &[(String, i32, i64)],
+    scan_records: u64,
 ) -> anyhow::Result<FromKafka> {
     let mut announced = BTreeSet::new();
+    let mut partial = Vec::new();
+    let files_cut = std::cell::Cell::new(false);
+    let probe = kafka::reader(args, "tally-status", kafka::Ends::Silent)?;
+    let files_partitions = kafka::partition_count(&probe, &topics.files)?;
+    let dead_partitions = kafka::partition_count(&probe, &topics.dead_letter)?;
     read_topic(
         args,
         &topics.files,
         |_| true,
-        |low, _| low,
+        tail(scan_records, files_partitions, &files_cut),
         |m| {
             if let Some(unit) = m
                 .payload()
-                .and_then(|p| serde_json::from_slice::<WorkUnit>(p).ok())
+                .and_then(|p| serde_json::from_slice::<FileOf>(p).ok())
             {
                 announced.insert(unit.file_id);
             }
         },
     )
     .context("cannot read the files topic")?;
+    let began = std::time::Instant::now();
+    tracing::debug!("status: files topic read");
+    if files_cut.get() {
+        partial.push(format!(
+            "files: only the last {scan_records} announcements were read (--scan-records)"
+        ));
+    }
+    let dead_cut = std::cell::Cell::new(false);
     let mut rejected = Vec::new();
     let mut dead_letters: BTreeMap<String, u64> = BTreeMap::new();
     let mut bad_line_reasons: BTreeMap<String, u64> = BTreeMap::new();
@@ -58,7 +97,7 @@ pub(super) fn read_kafka(
         args,
         &topics.dead_letter,
         |_| true,
-        |low, _| low,
+        tail(scan_records, dead_partitions, &dead_cut),
         |m| {
             let Some(letter) = m
                 .payload()
@@ -106,8 +145,24 @@ pub(super) fn read_kafka(
         },
     )
     .context("cannot read the dead-letter topic")?;
+    tracing::debug!(
+        elapsed_ms = began.elapsed().as_millis() as u64,
+        "status: dead letters read"
+    );
+    if dead_cut.get() {
+        partial.push(format!(
+            "dead letters: only the last {scan_records} records were read (--scan-records)"
+        ));
+    }
 
-    let consumer = kafka::reader(args, "tally-status", kafka::Ends::Silent)?;
+    // Short fetch waits: each lag count below reads a partition's few last offsets, and the
+    // broker's default half-second wait per fetch would add up over the partitions.
+    let consumer: rdkafka::consumer::BaseConsumer = kafka::consumer_config(args, "tally-status")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .map_err(kafka::quiet)
+        .context("cannot create a Kafka client (tally-status)")?;
     let mut watermarks: HashMap<String, BTreeMap<i32, (i64, i64)>> = HashMap::new();
     for topic in [&topics.files, &topics.sums, &topics.totals] {
         let partitions = kafka::partition_count(&consumer, topic)?;
@@ -120,6 +175,10 @@ pub(super) fn read_kafka(
         }
         watermarks.insert(topic.clone(), marks);
     }
+    tracing::debug!(
+        elapsed_ms = began.elapsed().as_millis() as u64,
+        "status: watermarks read"
+    );
     let mut lag = Vec::new();
     let mut db_lag = BTreeMap::new();
     for (stage, group, topic) in [
@@ -144,6 +203,10 @@ pub(super) fn read_kafka(
             });
         }
     }
+    tracing::debug!(
+        elapsed_ms = began.elapsed().as_millis() as u64,
+        "status: group lag read"
+    );
     for (topic, partition, next) in stored {
         let Some(&(low, end)) = watermarks.get(topic).and_then(|m| m.get(partition)) else {
             continue;
@@ -156,6 +219,7 @@ pub(super) fn read_kafka(
         db_lag.insert((topic.clone(), *partition), lag_records);
     }
     Ok(FromKafka {
+        partial,
         announced,
         rejected,
         dead_letters,

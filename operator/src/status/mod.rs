@@ -37,6 +37,11 @@ pub struct StatusArgs {
     /// One JSON object on stdout instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Read at most this many of the latest records of the files topic, and of the
+    /// dead-letter topic: a status that reads less is marked partial and says which figures.
+    /// Bounds how long `status` takes, however many announcements retention holds.
+    #[arg(long, env = "TALLY_STATUS_SCAN_RECORDS", default_value_t = 20_000, value_parser = tally_core::args::positive_u64)]
+    pub scan_records: u64,
 }
 
 /// What `tally status` found.
@@ -58,6 +63,9 @@ pub struct Report {
     pub halted: Vec<Halted>,
     /// What needs an operator, one line each; empty when all is well.
     pub needs_operator: Vec<String>,
+    /// Figures computed from part of a topic (its latest `--scan-records`), one line each;
+    /// empty when every figure is whole.
+    pub partial: Vec<String>,
 }
 
 /// File versions by state.
@@ -153,9 +161,16 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Report> {
     let kafka_args = args.kafka.clone();
     let kafka_topics = topics.clone();
     let stored_copy = stored.clone();
-    let mut from_kafka =
-        tokio::task::spawn_blocking(move || read_kafka(&kafka_args, &kafka_topics, &stored_copy))
-            .await??;
+    let scan_records = args.scan_records;
+    let began = std::time::Instant::now();
+    let mut from_kafka = tokio::task::spawn_blocking(move || {
+        read_kafka(&kafka_args, &kafka_topics, &stored_copy, scan_records)
+    })
+    .await??;
+    tracing::debug!(
+        elapsed_ms = began.elapsed().as_millis() as u64,
+        "status: Kafka read"
+    );
 
     let complete: BTreeSet<&str> = ledger
         .iter()
@@ -163,6 +178,7 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Report> {
         .map(|(f, _)| f.as_str())
         .collect();
     let mut report = Report {
+        partial: std::mem::take(&mut from_kafka.partial),
         last_ingestion: last,
         dead_letters: std::mem::take(&mut from_kafka.dead_letters),
         bad_line_reasons: std::mem::take(&mut from_kafka.bad_line_reasons),
@@ -267,6 +283,9 @@ pub fn text(r: &Report) -> String {
     );
     for rej in &r.rejected {
         let _ = writeln!(out, "  rejected {}: {}", rej.path, rej.reason);
+    }
+    for part in &r.partial {
+        let _ = writeln!(out, "partial: {part}");
     }
     let _ = writeln!(
         out,
