@@ -62,6 +62,18 @@ pub struct ServeArgs {
     /// Uploads receiving bytes at once (429 above it).
     #[arg(long, env = "TALLY_INGEST_MAX_UPLOADS", default_value_t = 16)]
     pub max_uploads: usize,
+    /// Uploads one token may have receiving at once (429 above it), so that one token cannot
+    /// hold every slot.
+    #[arg(long, env = "TALLY_INGEST_MAX_UPLOADS_PER_TOKEN", default_value_t = 4, value_parser = tally_core::args::positive_usize)]
+    pub max_uploads_per_token: usize,
+    /// Bytes one token may hold in unfinished uploads (429 past it); a token also gets at most
+    /// an even share of the folder's free space among the tokens receiving.
+    #[arg(long, env = "TALLY_INGEST_MAX_PARTIAL_BYTES_PER_TOKEN", default_value_t = 16 << 30, value_parser = tally_core::args::positive_u64)]
+    pub max_partial_bytes_per_token: u64,
+    /// Slowest body accepted, in bytes per second on average once `--idle-timeout-ms` has
+    /// passed (408 below it): a trickle cannot hold a slot for ever.
+    #[arg(long, env = "TALLY_INGEST_MIN_RATE", default_value_t = 4096)]
+    pub min_rate: u64,
     /// Connections open at once; past it, a new one closes the oldest connection that never
     /// completed a request (then the oldest idle one). Default: the open-file limit less 256.
     #[arg(long, env = "TALLY_INGEST_MAX_CONNECTIONS", value_parser = tally_core::args::positive_usize)]
@@ -160,9 +172,13 @@ pub fn run(
             max_file_bytes: args.max_file_bytes,
             idle_timeout: Duration::from_millis(args.idle_timeout_ms),
             retry_after: Duration::from_secs(args.retry_after_s),
+            max_uploads_per_token: args.max_uploads_per_token,
+            max_partial_bytes_per_token: args.max_partial_bytes_per_token,
+            min_rate: args.min_rate,
         },
         slots: tokio::sync::Semaphore::new(args.max_uploads.max(1)),
         busy: Arc::new(Mutex::new(Default::default())),
+        receiving: Arc::new(Mutex::new(Default::default())),
         liveness,
     });
     let ttl = (

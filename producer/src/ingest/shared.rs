@@ -23,6 +23,12 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// `Retry-After` of a refusal for load.
     pub retry_after: Duration,
+    /// Uploads one token may have receiving at once.
+    pub max_uploads_per_token: usize,
+    /// Bytes one token may hold in unfinished uploads.
+    pub max_partial_bytes_per_token: u64,
+    /// Slowest body accepted once `idle_timeout` has passed, in bytes per second.
+    pub min_rate: u64,
 }
 
 /// What the handlers share.
@@ -43,6 +49,8 @@ pub struct Ingest {
     pub slots: tokio::sync::Semaphore,
     /// Upload ids a request (or the sweep) is working on.
     pub busy: Arc<Mutex<HashSet<String>>>,
+    /// Uploads receiving now, by token name.
+    pub receiving: Arc<Mutex<std::collections::HashMap<String, usize>>>,
     /// The watchdog.
     pub liveness: Liveness,
 }
@@ -62,7 +70,64 @@ impl Drop for Busy {
     }
 }
 
+/// One of a token's uploads receiving now, until dropped.
+pub struct Receiving {
+    counts: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+    token: String,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.token) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.token);
+            }
+        }
+    }
+}
+
 impl Ingest {
+    /// Bytes `token` may still hold in unfinished uploads besides upload `id` (blocking): the
+    /// least of what its quota leaves and an even share, among the `tokens` receiving, of the
+    /// free space.
+    pub fn quota_left(&self, token: &str, id: &str, tokens: usize) -> u64 {
+        let by_token = self.store.partial_bytes_by_token().unwrap_or_default();
+        let others = by_token
+            .get(token)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(self.store.held(id));
+        let own = self
+            .limits
+            .max_partial_bytes_per_token
+            .saturating_sub(others);
+        match throttle::free_bytes(self.store.dir()) {
+            Some(free) => own.min(free / tokens.max(1) as u64),
+            None => own,
+        }
+    }
+
+    /// Counts an upload of `token` as receiving, unless the token has its most already; also
+    /// how many tokens are receiving now (this one included).
+    pub fn start_receiving(&self, token: &str) -> Option<(Receiving, usize)> {
+        let mut counts = self.receiving.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(token.to_owned()).or_default();
+        if *n >= self.limits.max_uploads_per_token {
+            return None;
+        }
+        *n += 1;
+        let tokens = counts.len();
+        Some((
+            Receiving {
+                counts: self.receiving.clone(),
+                token: token.to_owned(),
+            },
+            tokens,
+        ))
+    }
+
     /// Holds upload `id`, unless something else holds it.
     pub fn claim(&self, id: &str) -> Option<Busy> {
         let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());

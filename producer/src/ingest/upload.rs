@@ -119,6 +119,18 @@ async fn upload(
             Duration::from_secs(1),
         );
     };
+    let Some((_receiving, tokens)) = ingest.start_receiving(&token) else {
+        return retry_after(
+            refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "this token has {} uploads receiving already",
+                    ingest.limits.max_uploads_per_token
+                ),
+            ),
+            Duration::from_secs(1),
+        );
+    };
     let put = Arc::new(put);
     let (p, n, t) = (put.clone(), name.clone(), token.clone());
     let (mut record, held) = match blocking(&ingest, move |i| prepare(i, &n, &p, &t)).await {
@@ -143,6 +155,25 @@ async fn upload(
         Some(range) => range.end.map_or(held, |end| end + 1),
         None => record.total.unwrap_or(ingest.limits.max_file_bytes),
     };
+    // What this token may still hold: its own bound, and its share of the free space.
+    let (t, id) = (token.clone(), record.id.clone());
+    let quota = match blocking(&ingest, move |i| Ok(i.quota_left(&t, &id, tokens))).await {
+        Ok(q) => q,
+        Err(answer) => return answer,
+    };
+    if limit > held.saturating_add(quota) {
+        return retry_after(
+            refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "this upload needs {} more bytes; this token may hold {quota} more in \
+                     unfinished uploads now (its quota, or its share of the free space)",
+                    limit - held
+                ),
+            ),
+            ingest.limits.retry_after,
+        );
+    }
     let held = match receive(&ingest, &record, held, limit, body).await {
         Ok(held) => held,
         Err(answer) => {
@@ -282,7 +313,22 @@ async fn receive(
     let mut stream = body.into_data_stream();
     let mut held = held;
     let mut received = 0u64;
+    let started = std::time::Instant::now();
     let failure = loop {
+        // A trickle holds a slot as long as a stall would: past the idle timeout, the
+        // average must reach the minimum rate.
+        let elapsed = started.elapsed();
+        if elapsed > ingest.limits.idle_timeout
+            && (received as f64) < ingest.limits.min_rate as f64 * elapsed.as_secs_f64()
+        {
+            break Some(refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "{received} bytes in {elapsed:.1?}: slower than {} bytes/s",
+                    ingest.limits.min_rate
+                ),
+            ));
+        }
         match tokio::time::timeout(ingest.limits.idle_timeout, stream.next()).await {
             Err(_) => {
                 break Some(refuse(

@@ -429,3 +429,131 @@ async fn file_times_outside_the_window_are_refused_before_any_byte() {
     }
     assert_eq!(announcements(&p).len(), 1);
 }
+
+/// One token cannot take every slot or the disk: per-token uploads at once, bytes held in
+/// unfinished uploads, and a minimum rate that cuts a trickle; another token's upload goes
+/// through meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_token_cannot_hold_every_slot_or_the_disk() {
+    let mut p = Pipeline::new("ingest-quotas").await;
+    let dir = p.dir.join("incoming");
+    let (_server, port) = serve(
+        &mut p,
+        &dir,
+        &[
+            "--max-uploads",
+            "4",
+            "--max-uploads-per-token",
+            "2",
+            "--max-partial-bytes-per-token",
+            "1000",
+            "--idle-timeout-ms",
+            "1000",
+            "--min-rate",
+            "1000",
+        ],
+    )
+    .await;
+    const OTHER: &str = "site-b-fedcba9876543210";
+    let next = p.dir.join("tokens.new");
+    std::fs::write(&next, format!("site-a {TOKEN}\nsite-b {OTHER}\n")).unwrap();
+    std::fs::rename(&next, p.dir.join("tokens")).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let auth_a = format!("Bearer {TOKEN}");
+    let auth_b = format!("Bearer {OTHER}");
+
+    // site-a trickles two uploads: a byte every 200 ms.
+    let trickle = |name: &'static str| {
+        let auth = auth_a.clone();
+        tokio::spawn(async move {
+            let head = format!(
+                "PUT /v1/files/{name} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
+                 content-length: 100\r\nauthorization: {auth}\r\n\r\n"
+            );
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let started = Instant::now();
+            let mut response = Vec::new();
+            for _ in 0..100 {
+                if stream.write_all(b"7").await.is_err() {
+                    break;
+                }
+                let mut buf = [0u8; 512];
+                match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await
+                {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => {
+                        response.extend_from_slice(&buf[..n]);
+                        break;
+                    }
+                    Err(_) => {}
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+                .await;
+            (
+                started.elapsed(),
+                String::from_utf8_lossy(&response).into_owned(),
+            )
+        })
+    };
+    let slow = [trickle("slow-1.dat"), trickle("slow-2.dat")];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A third upload of site-a waits (429); site-b's goes through.
+    let code = raw(
+        port,
+        &put(
+            "a-third.dat",
+            &[("authorization", auth_a.as_str())],
+            b"1 1\n",
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(code, 429, "a third upload of one token");
+    let code = raw(
+        port,
+        &put("b.dat", &[("authorization", auth_b.as_str())], b"2 2\n"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 201, "another token's upload beside the trickles");
+
+    // The trickles are cut by the minimum rate, soon after the idle timeout.
+    for handle in slow {
+        let (took, said) = handle.await.unwrap();
+        assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+        assert!(took < Duration::from_secs(4), "a trickle lasted {took:?}");
+    }
+
+    // Bytes held in unfinished uploads: site-a holds 900 of its 1000, so 200 more are refused;
+    // site-b's are its own.
+    let body = vec![b'8'; 900];
+    let request = put(
+        "held.dat",
+        &[
+            ("authorization", auth_a.as_str()),
+            ("tally-upload-id", "held-upload-1"),
+            ("content-range", "bytes 0-899/5000"),
+        ],
+        &body,
+    );
+    assert_eq!(raw(port, &request, None).await, 202);
+    let request = put(
+        "more.dat",
+        &[("authorization", auth_a.as_str())],
+        &vec![b'9'; 200],
+    );
+    assert_eq!(
+        raw(port, &request, None).await,
+        429,
+        "past the token's quota"
+    );
+    let request = put(
+        "b-more.dat",
+        &[("authorization", auth_b.as_str())],
+        b"3 3\n4 4\n",
+    );
+    assert_eq!(raw(port, &request, None).await, 201);
+}
