@@ -543,7 +543,7 @@ async fn one_token_cannot_hold_every_slot_or_the_disk() {
     let request = put(
         "more.dat",
         &[("authorization", auth_a.as_str())],
-        &vec![b'9'; 200],
+        &[b'9'; 200],
     );
     assert_eq!(
         raw(port, &request, None).await,
