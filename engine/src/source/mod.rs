@@ -5,7 +5,7 @@
 //! costs. The window is pre-faulted (`MAP_POPULATE`) and advised sequential. Files that cannot
 //! be mapped (pipes, some special files) are read with `pread` into a buffer instead.
 //!
-//! A file truncated while a window of it is mapped does not kill the process ([`guard`]): the
+//! A file truncated while a window of it is mapped does not kill the process (`guard.rs`): the
 //! window reads zeros past the new end, and [`Source::intact`] reports it, so the reader
 //! rejects what it parsed from that window.
 
