@@ -130,6 +130,16 @@ impl PartitionState for Writer {
             }
         }
     }
+
+    /// Revoked partitions are not this member's any more: their applied offsets are not
+    /// committed to Kafka by it (the next owner commits its own), and a wait on PostgreSQL
+    /// begun for their load ends with them (a later failure starts it again).
+    fn revoked(&mut self, partitions: &[i32]) {
+        for partition in partitions {
+            self.uncommitted.remove(partition);
+        }
+        self.database_down = None;
+    }
 }
 
 impl Commit<Group> for Writer {

@@ -103,9 +103,10 @@ impl Ingest {
             .limits
             .max_partial_bytes_per_token
             .saturating_sub(others);
+        // One token alone has the whole free space (a disk that fills is 507, as before).
         match throttle::free_bytes(self.store.dir()) {
-            Some(free) => own.min(free / tokens.max(1) as u64),
-            None => own,
+            Some(free) if tokens > 1 => own.min(free / tokens as u64),
+            _ => own,
         }
     }
 

@@ -161,7 +161,10 @@ async fn upload(
         Ok(q) => q,
         Err(answer) => return answer,
     };
-    if limit > held.saturating_add(quota) {
+    // A declared size over it waits at once; a body of unknown length is cut where it passes.
+    let quota_end = held.saturating_add(quota);
+    let declared = put.range.is_some() || record.total.is_some();
+    if declared && limit > quota_end {
         return retry_after(
             refuse(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -174,7 +177,7 @@ async fn upload(
             ingest.limits.retry_after,
         );
     }
-    let held = match receive(&ingest, &record, held, limit, body).await {
+    let held = match receive(&ingest, &record, held, limit.min(quota_end), body).await {
         Ok(held) => held,
         Err(answer) => {
             if !record.resumable {
@@ -347,8 +350,21 @@ async fn receive(
                     let _ = out.flush().await;
                     let over = limit == ingest.limits.max_file_bytes
                         || record.total.is_some_and(|t| t == limit);
+                    let quota = record.total.is_none() && limit < ingest.limits.max_file_bytes;
                     let id = record.id.clone();
                     forget(ingest, id).await;
+                    if quota {
+                        return Err(retry_after(
+                            refuse(
+                                StatusCode::TOO_MANY_REQUESTS,
+                                format!(
+                                    "past {limit} bytes: this token's quota of unfinished \
+                                     uploads, or its share of the free space"
+                                ),
+                            ),
+                            ingest.limits.retry_after,
+                        ));
+                    }
                     return Err(if over {
                         refuse(
                             StatusCode::PAYLOAD_TOO_LARGE,
