@@ -3,7 +3,7 @@
 //! Two layers, because one is not enough:
 //! - at the source, a value that may hold a secret is shown redacted ([`redact_url`],
 //!   [`redact_option`]) and the argument parsers that see secrets never echo their input
-//!   ([`crate::args::quiet`]);
+//!   ([`crate::args::Quiet`]);
 //! - every secret the process learns (a URL's password, a password file, `-X` values of secret
 //!   keys) is [`register`]ed, and every log line, final error and argument error passes
 //!   through [`scrub`], which replaces registered secrets and any URL's password it finds.
