@@ -158,7 +158,9 @@ async fn status_answers_fast_with_a_million_announcements() {
     .await
     .unwrap();
 
-    // The best of three: other tests share these two cores.
+    // The best of three: other tests share these two cores. The bound is 2 s, or three times what
+    // `status` takes on an empty pipeline right now (a debug build beside other tests is
+    // slower than an operator's release build); reading the whole topic took 11 s here.
     let mut took = Duration::MAX;
     let mut report = serde_json::Value::Null;
     for _ in 0..3 {
@@ -166,7 +168,18 @@ async fn status_answers_fast_with_a_million_announcements() {
         report = status(&p).await.1;
         took = took.min(started.elapsed());
     }
-    assert!(took < Duration::from_secs(2), "status took {took:?}");
+    let empty = Pipeline::new("status-empty").await;
+    let mut baseline = Duration::MAX;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        status(&empty).await;
+        baseline = baseline.min(started.elapsed());
+    }
+    let bound = Duration::from_secs(2).max(baseline * 3);
+    assert!(
+        took < bound,
+        "status took {took:?} with a million announcements, {baseline:?} on an empty pipeline"
+    );
     let partial = report["partial"].as_array().unwrap();
     assert!(
         partial
@@ -175,7 +188,7 @@ async fn status_answers_fast_with_a_million_announcements() {
         "{report}"
     );
     let announced = report["files"]["announced"].as_u64().unwrap();
-    assert!((19_000..=20_000).contains(&announced), "{report}");
+    assert!((9_000..=10_000).contains(&announced), "{report}");
     assert_eq!(total_lag(&report, "parser"), n as i64, "{report}");
-    eprintln!("status with {n} announcements: {took:?}");
+    eprintln!("status with {n} announcements: {took:?} ({baseline:?} on an empty pipeline)");
 }

@@ -40,7 +40,7 @@ pub struct StatusArgs {
     /// Read at most this many of the latest records of the files topic, and of the
     /// dead-letter topic: a status that reads less is marked partial and says which figures.
     /// Bounds how long `status` takes, however many announcements retention holds.
-    #[arg(long, env = "TALLY_STATUS_SCAN_RECORDS", default_value_t = 20_000, value_parser = tally_core::args::positive_u64)]
+    #[arg(long, env = "TALLY_STATUS_SCAN_RECORDS", default_value_t = 10_000, value_parser = tally_core::args::positive_u64)]
     pub scan_records: u64,
 }
 

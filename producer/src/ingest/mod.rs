@@ -179,6 +179,7 @@ pub fn run(
         slots: tokio::sync::Semaphore::new(args.max_uploads.max(1)),
         busy: Arc::new(Mutex::new(Default::default())),
         receiving: Arc::new(Mutex::new(Default::default())),
+        partials: Mutex::new(Default::default()),
         liveness,
     });
     let ttl = (
@@ -247,6 +248,29 @@ pub fn sweep(ingest: &Ingest, partial_ttl: Duration, completed_ttl: Duration) {
             return;
         }
     };
+    // The unfinished uploads by token, for the quota checks (new ones are added as they
+    // begin; one that began during this listing is added again by its own request).
+    let mut partials: std::collections::HashMap<String, std::collections::HashSet<String>> =
+        Default::default();
+    for (record, _) in &records {
+        if record.state == State::Receiving {
+            partials
+                .entry(record.token.clone())
+                .or_default()
+                .insert(record.id.clone());
+        }
+    }
+    {
+        let mut known = ingest.partials.lock().unwrap_or_else(|p| p.into_inner());
+        for (token, ids) in partials {
+            known.entry(token).or_default().extend(ids);
+        }
+        // Forget the ones whose bytes are gone (finished, abandoned or refused).
+        for ids in known.values_mut() {
+            ids.retain(|id| store.part(id).exists());
+        }
+        known.retain(|_, ids| !ids.is_empty());
+    }
     for (mut record, age) in records {
         // Held while it acts: a request for the same upload waits (423) instead of racing it.
         let Some(_busy) = ingest.claim(&record.id) else {

@@ -51,6 +51,9 @@ pub struct Ingest {
     pub busy: Arc<Mutex<HashSet<String>>>,
     /// Uploads receiving now, by token name.
     pub receiving: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+    /// Unfinished uploads by token name (their ids): rebuilt from the records by every sweep,
+    /// added to by every new upload, so that a quota check reads no record.
+    pub partials: Mutex<std::collections::HashMap<String, HashSet<String>>>,
     /// The watchdog.
     pub liveness: Liveness,
 }
@@ -93,12 +96,14 @@ impl Ingest {
     /// least of what its quota leaves and an even share, among the `tokens` receiving, of the
     /// free space.
     pub fn quota_left(&self, token: &str, id: &str, tokens: usize) -> u64 {
-        let by_token = self.store.partial_bytes_by_token().unwrap_or_default();
-        let others = by_token
+        let ids: Vec<String> = self
+            .partials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .get(token)
-            .copied()
-            .unwrap_or(0)
-            .saturating_sub(self.store.held(id));
+            .map(|ids| ids.iter().filter(|i| *i != id).cloned().collect())
+            .unwrap_or_default();
+        let others: u64 = ids.iter().map(|i| self.store.held(i)).sum();
         let own = self
             .limits
             .max_partial_bytes_per_token
@@ -108,6 +113,16 @@ impl Ingest {
             Some(free) if tokens > 1 => own.min(free / tokens as u64),
             _ => own,
         }
+    }
+
+    /// Notes upload `id` of `token` as unfinished (its bytes count against the token's quota).
+    pub fn note_partial(&self, token: &str, id: &str) {
+        self.partials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(token.to_owned())
+            .or_default()
+            .insert(id.to_owned());
     }
 
     /// Counts an upload of `token` as receiving, unless the token has its most already; also

@@ -211,17 +211,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Bytes held in unfinished uploads, by token name (one look at the folder).
-    pub fn partial_bytes_by_token(&self) -> io::Result<std::collections::HashMap<String, u64>> {
-        let mut held = std::collections::HashMap::new();
-        for (record, _) in self.records()? {
-            if record.state == State::Receiving {
-                *held.entry(record.token).or_default() += self.held(&record.id);
-            }
-        }
-        Ok(held)
-    }
-
     /// Removes part files that have no record (a crash between creating both).
     pub fn remove_orphan_parts(&self, older_than: Duration) -> io::Result<usize> {
         let mut removed = 0;

@@ -255,6 +255,7 @@ fn begin(ingest: &Ingest, name: &str, put: &Put, token: &str) -> Result<Record, 
         .store
         .save(&record)
         .map_err(|e| io_refusal(ingest, &record.id, &e))?;
+    ingest.note_partial(token, &record.id);
     Ok(record)
 }
 
