@@ -126,6 +126,20 @@ fn sweep_every(partial_ttl: Duration) -> Duration {
     (partial_ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
 }
 
+/// Runs `work` on a blocking thread every `period` until `shutdown`, one run at a time.
+fn every(period: Duration, shutdown: &CancellationToken, work: impl Fn() + Clone + Send + 'static) {
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        while !token.is_cancelled() {
+            tokio::select! {
+                () = token.cancelled() => break,
+                () = tokio::time::sleep(period) => {}
+            }
+            let _ = tokio::task::spawn_blocking(work.clone()).await;
+        }
+    });
+}
+
 /// Serves until `shutdown` (blocking; call on a blocking thread).
 pub fn run(
     kafka: &KafkaArgs,
@@ -206,29 +220,9 @@ pub fn run(
     };
     runtime.block_on(async move {
         let watched = ingest.clone();
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            while !token.is_cancelled() {
-                tokio::select! {
-                    () = token.cancelled() => break,
-                    () = tokio::time::sleep(tokens::RELOAD_EVERY) => {}
-                }
-                let w = watched.clone();
-                let _ = tokio::task::spawn_blocking(move || w.tokens.refresh()).await;
-            }
-        });
+        every(tokens::RELOAD_EVERY, shutdown, move || watched.tokens.refresh());
         let swept = ingest.clone();
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            while !token.is_cancelled() {
-                tokio::select! {
-                    () = token.cancelled() => break,
-                    () = tokio::time::sleep(sweep_every(ttl.0)) => {}
-                }
-                let s = swept.clone();
-                let _ = tokio::task::spawn_blocking(move || sweep(&s, ttl.0, ttl.1)).await;
-            }
-        });
+        every(sweep_every(ttl.0), shutdown, move || sweep(&swept, ttl.0, ttl.1));
         tracing::info!(addr = %bound, tls = tls.is_some(), dir = %dir.display(), max_connections = bounds.max_connections, "serving uploads");
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let counts = Arc::new(listen::Counts::default());

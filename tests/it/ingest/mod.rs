@@ -6,6 +6,7 @@
 //! - [`refusals`]: bad names, traversal, wrong tokens and checksums, oversized bodies, stalled
 //!   clients and a full disk each get their status and leave nothing behind;
 //! - [`connections`]: 2,000 silent connections beside a push, phase timeouts, no HTTP/2;
+//! - [`tokens`]: a tokens file gone bad fails closed, upload ids per token, per-token quotas;
 //! - [`flow`]: with the parsers stopped the server throttles and the pushers finish by
 //!   themselves once they return; `push --watch`; `producer watch` beside the server.
 
@@ -13,6 +14,7 @@ mod connections;
 mod flow;
 mod refusals;
 mod resume;
+mod tokens;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
