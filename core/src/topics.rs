@@ -17,6 +17,9 @@ pub struct Topics {
     pub totals: String,
     /// Bad lines and bad notifications, with their reason and position.
     pub dead_letter: String,
+    /// Every file the ingest servers announced (key: digest and name), compacted, kept for
+    /// ever: a push of bytes already counted is answered "in already".
+    pub ingested: String,
     /// Consumer group of the parsers.
     pub parser_group: String,
     /// Consumer group of the aggregators.
@@ -34,6 +37,7 @@ impl Topics {
             sums: format!("{prefix}.sums"),
             totals: format!("{prefix}.totals"),
             dead_letter: format!("{prefix}.dead-letter"),
+            ingested: format!("{prefix}.ingested"),
             parser_group: format!("{prefix}.parser"),
             aggregator_group: format!("{prefix}.aggregator"),
             db_client_group: format!("{prefix}.db-client"),

@@ -131,6 +131,17 @@ pub fn work_units(
         .collect())
 }
 
+/// A record written in an announcement's transaction.
+#[derive(Debug, Clone)]
+pub struct Also {
+    /// Its topic.
+    pub topic: String,
+    /// Its key.
+    pub key: String,
+    /// Its value.
+    pub payload: Vec<u8>,
+}
+
 /// A transactional producer on `tally.files`.
 pub struct Announcer {
     producer: ThreadedProducer<DefaultProducerContext>,
@@ -176,11 +187,17 @@ impl Announcer {
     /// Announces all units of one file in one transaction. Retries until it commits or fails
     /// for good; a failed announcement announces nothing.
     pub fn announce(&mut self, units: &[WorkUnit]) -> anyhow::Result<()> {
+        self.announce_with(units, None)
+    }
+
+    /// [`Self::announce`], with one more record in the same transaction (`producer serve`'s
+    /// mark on the ingested topic): both are on their topics, or neither.
+    pub fn announce_with(&mut self, units: &[WorkUnit], also: Option<&Also>) -> anyhow::Result<()> {
         let mut attempts = 0;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         loop {
             attempts += 1;
-            match self.try_announce(units) {
+            match self.try_announce(units, also) {
                 Ok(()) => return Ok(()),
                 Err(error) if attempts < 10 => {
                     let kind = kafka::classify_txn_error(&error);
@@ -202,13 +219,19 @@ impl Announcer {
         }
     }
 
-    fn try_announce(&self, units: &[WorkUnit]) -> Result<(), KafkaError> {
+    fn try_announce(&self, units: &[WorkUnit], also: Option<&Also>) -> Result<(), KafkaError> {
         self.producer.begin_transaction()?;
         for unit in units {
             let payload = serde_json::to_vec(unit).expect("work units serialise");
             let record = BaseRecord::<str, [u8]>::to(&self.topic)
                 .key(&unit.stream)
                 .payload(&payload);
+            kafka::send_waiting(&self.producer, record)?;
+        }
+        if let Some(also) = also {
+            let record = BaseRecord::<str, [u8]>::to(&also.topic)
+                .key(&also.key)
+                .payload(&also.payload);
             kafka::send_waiting(&self.producer, record)?;
         }
         // Infinite timeout: a finite one can desynchronise librdkafka's transaction state.

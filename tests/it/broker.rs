@@ -196,21 +196,25 @@ async fn tally_init_keeps_records_longer_than_the_broker_default() {
             .unwrap_or_default();
         assert_eq!(retention, thirty_days, "{topic}");
     }
-    // The done topic: compacted, with segments that roll hourly so compaction can run.
-    let done = admin
-        .describe_configs(
-            &[ResourceSpecifier::Topic(p.topics.done.as_str())],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap()
-        .remove(0)
-        .unwrap();
-    let value = |key: &str| {
-        done.get(key)
-            .and_then(|e| e.value.clone())
-            .unwrap_or_default()
-    };
-    assert_eq!(value("cleanup.policy"), "compact");
-    assert_eq!(value("segment.ms"), "3600000");
+    // The done and ingested topics: compacted (never deleted), with segments that roll
+    // hourly so compaction can run.
+    for topic in [&p.topics.done, &p.topics.ingested] {
+        let config = admin
+            .describe_configs(
+                &[ResourceSpecifier::Topic(topic.as_str())],
+                &AdminOptions::new(),
+            )
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        let value = |key: &str| {
+            config
+                .get(key)
+                .and_then(|e| e.value.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(value("cleanup.policy"), "compact", "{topic}");
+        assert_eq!(value("segment.ms"), "3600000", "{topic}");
+    }
 }

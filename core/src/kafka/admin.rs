@@ -114,7 +114,8 @@ impl Default for PipelineLayout {
 
 /// The topics of one pipeline with their partition counts, cleanup policies and retention
 /// (`retention` for every deleting topic; the compacted done topic keeps each file's latest
-/// done-state, until the parsers prune it).
+/// done-state, until the parsers prune it; the compacted ingested topic keeps a record per
+/// pushed file for ever).
 pub fn topic_specs(topics: &crate::Topics, layout: &PipelineLayout) -> Vec<TopicSpec> {
     let spec = |name: &str, partitions, compacted| TopicSpec {
         name: name.to_owned(),
@@ -129,6 +130,8 @@ pub fn topic_specs(topics: &crate::Topics, layout: &PipelineLayout) -> Vec<Topic
         spec(&topics.sums, layout.sums_partitions, false),
         spec(&topics.totals, layout.sums_partitions, false),
         spec(&topics.dead_letter, 1, false),
+        // Read whole by every ingest server: one partition (a record per file).
+        spec(&topics.ingested, 1, true),
     ]
 }
 

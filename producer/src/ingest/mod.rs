@@ -3,8 +3,10 @@
 //! over HTTP"; docs/operations.md, "Remote generators").
 //!
 //! - [`server`]: the routes; [`upload`]: an upload's way from bytes to announcement (its
-//!   headers read in `put.rs`, refusals answered by `reply.rs`); [`shared`]: what the handlers
+//!   headers read in `put.rs`, its end in `finish.rs`, refusals answered by `reply.rs`); [`shared`]: what the handlers
 //!   share.
+//! - [`once`]: every file announced, for ever (the ingested topic): a push of bytes counted
+//!   already is answered "in already".
 //! - [`store`]: uploads on disk (`<dir>/.tmp`), their records and life.
 //! - [`throttle`]: backpressure from the parsers' backlog and the folder's free space.
 //! - [`tokens`]: who may write.
@@ -12,7 +14,9 @@
 //!   evicted first) and timed in every phase; HTTP/1.1 only.
 //! - [`tls`]: the certificate and key, for HTTPS.
 
+mod finish;
 mod listen;
+pub mod once;
 mod put;
 mod reply;
 pub mod server;
@@ -90,9 +94,9 @@ pub struct ServeArgs {
     /// An upload not continued for this long is forgotten, its bytes removed.
     #[arg(long, env = "TALLY_INGEST_PARTIAL_TTL_S", default_value_t = 24 * 3600, value_parser = tally_core::args::positive_u64)]
     pub partial_ttl_s: u64,
-    /// How long a finished upload is remembered: repeating it in this time is answered 200
-    /// and announces nothing. After it, the file's name in the folder still refuses a second
-    /// upload of that name while the file is there.
+    /// How long a finished upload's record is kept: repeating it in this time is answered 200
+    /// from the record. After it, the same bytes under the same name still get 200 and
+    /// announce nothing (the ingested topic remembers every file for ever).
     #[arg(long, env = "TALLY_INGEST_COMPLETED_TTL_S", default_value_t = 7 * 24 * 3600, value_parser = tally_core::args::positive_u64)]
     pub completed_ttl_s: u64,
     /// Refuse new uploads (503) while the parsers have more than this many records of the
@@ -163,6 +167,7 @@ pub fn run(
         xxhash_rust::xxh3::xxh3_64(format!("{}\0{}", dir.display(), args.listen).as_bytes())
     );
     let announcer = Announcer::new(kafka, &transactional_id)?;
+    let ingested = once::Ingested::load(kafka, shutdown)?;
     let bounds = throttle::Bounds {
         max_backlog_records: args.max_backlog_records,
         max_backlog_bytes: args.max_backlog_bytes,
@@ -194,6 +199,7 @@ pub fn run(
         busy: Arc::new(Mutex::new(Default::default())),
         receiving: Arc::new(Mutex::new(Default::default())),
         partials: Mutex::new(Default::default()),
+        ingested,
         liveness,
     });
     let ttl = (

@@ -9,10 +9,12 @@ use std::time::Duration;
 use tally_core::liveness::Liveness;
 use tally_core::metrics as m;
 
+use super::once::{self, Ingested, Mark};
 use super::store::{Record, State as Stage, Store};
 use super::throttle;
 use super::tokens::Tokens;
-use crate::announce::{self, Announcer, Split};
+use crate::announce::{self, Also, Announcer, Split};
+use crate::protocol;
 
 /// The limits of one server.
 #[derive(Debug, Clone)]
@@ -54,6 +56,8 @@ pub struct Ingest {
     /// Unfinished uploads by token name (their ids): rebuilt from the records by every sweep,
     /// added to by every new upload, so that a quota check reads no record.
     pub partials: Mutex<std::collections::HashMap<String, HashSet<String>>>,
+    /// Every file announced, for ever (the ingested topic).
+    pub ingested: Arc<Ingested>,
     /// The watchdog.
     pub liveness: Liveness,
 }
@@ -157,8 +161,24 @@ impl Ingest {
     /// longer in the folder as linked (another inode, or none) was taken by something else
     /// that announces files there (`producer watch`, whose life cycle runs only once a file
     /// is done): recorded as announced, with a warning, rather than retried for ever.
+    ///
+    /// Its mark goes on the ingested topic in the same transaction; a file whose mark is there
+    /// already (an announcement committed before a crash) is recorded as announced at once.
     pub fn announce(&self, record: &mut Record) -> anyhow::Result<usize> {
         let path = self.store.dir().join(&record.name);
+        if record.digest.is_none() && self.store.holds_linked(record) {
+            // A record from before digests were kept.
+            let digest = protocol::checksum_file(protocol::Algorithm::Xxh3, &path)?;
+            record.digest = Some(digest.to_string());
+        }
+        if let Some(digest) = &record.digest {
+            if self.ingested.knows(&record.name, digest) {
+                tracing::info!(name = %record.name, %digest, "announced before; recorded as announced");
+                record.state = Stage::Announced;
+                self.store.save(record)?;
+                return Ok(0);
+            }
+        }
         let units = match announce::describe(&path, &self.split) {
             Ok(units) => units,
             Err(error) if !self.store.holds_linked(record) => {
@@ -169,15 +189,32 @@ impl Ingest {
             }
             Err(error) => return Err(error),
         };
+        let bytes: u64 = units.iter().map(|u| u.end - u.start).sum();
+        let also = record.digest.as_ref().map(|digest| Also {
+            topic: self.ingested.topic.clone(),
+            key: once::key(&record.name, digest),
+            payload: serde_json::to_vec(&Mark {
+                name: record.name.clone(),
+                digest: digest.clone(),
+                bytes: record.total.unwrap_or(bytes),
+                token: record.token.clone(),
+                announced_at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64),
+            })
+            .expect("marks serialise"),
+        });
         {
             let _step = self.liveness.step("announce");
             self.announcer
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .announce(&units)?;
+                .announce_with(&units, also.as_ref())?;
+        }
+        if let Some(digest) = &record.digest {
+            self.ingested.note(&record.name, digest);
         }
         self.liveness.progress();
-        let bytes: u64 = units.iter().map(|u| u.end - u.start).sum();
         self.throttle.announced(units.len(), bytes);
         metrics::counter!(m::PRODUCER_FILES).increment(1);
         metrics::counter!(m::PRODUCER_UNITS).increment(units.len() as u64);

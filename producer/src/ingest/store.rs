@@ -50,6 +50,9 @@ pub struct Record {
     /// The file's inode once linked into the folder.
     #[serde(default)]
     pub inode: Option<u64>,
+    /// `xxh3:<hex>` of the whole file, computed by the server once all bytes are in.
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 /// The uploads of one folder.
@@ -262,6 +265,7 @@ mod tests {
             resumable: true,
             file_time: None,
             inode: None,
+            digest: None,
         }
     }
 

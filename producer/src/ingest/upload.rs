@@ -1,6 +1,6 @@
 //! `PUT /v1/files/{name}`: an upload's way from bytes to announcement. Check who and what,
 //! find or start the upload's record, stream the body onto its part file, and once all bytes
-//! are in: verify the checksum, link the file into the folder, announce it.
+//! are in: verify the checksum, link the file into the folder, announce it (`finish.rs`).
 //!
 //! After the checks, the work runs in a task of its own that holds the upload id until it is
 //! finished: a client that goes away drops the handler, never a write or a link in flight, so
@@ -9,7 +9,6 @@
 // The `Err` of these steps is the HTTP answer itself, built once per request.
 #![allow(clippy::result_large_err)]
 
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,12 +19,13 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use super::finish::{announce_linked, complete, in_already, io_refusal};
 use super::put::{read_put, Put};
 use super::reply::{header, refuse, retry_after, with_header};
 use super::shared::Ingest;
 use super::store::{Record, State as Stage};
 use super::throttle;
-use crate::protocol::{self, Checksum};
+use crate::protocol::{self, Algorithm};
 
 /// `PUT /v1/files/{name}`.
 pub(super) async fn put_file(
@@ -226,7 +226,23 @@ fn begin(ingest: &Ingest, name: &str, put: &Put, token: &str) -> Result<Record, 
             ingest.limits.retry_after,
         ));
     }
-    if ingest.store.dir().join(name).exists() {
+    // Bytes counted already, by the client's own XXH3: answered before any byte is sent.
+    let xxh3 = put
+        .checksum
+        .as_ref()
+        .filter(|c| c.algorithm == Algorithm::Xxh3)
+        .map(ToString::to_string);
+    if xxh3
+        .as_ref()
+        .is_some_and(|d| ingest.ingested.knows(name, d))
+    {
+        return Err(in_already(token, name, put.total));
+    }
+    // A name in the folder refuses another file up front; bytes that may be the ones counted
+    // under that name (no XXH3 to tell) are taken and compared once they are in.
+    if ingest.store.dir().join(name).exists()
+        && (xxh3.is_some() || !ingest.ingested.knows_name(name))
+    {
         return Err(refuse(
             StatusCode::CONFLICT,
             format!("{name} exists in the folder (another upload of that name)"),
@@ -250,6 +266,7 @@ fn begin(ingest: &Ingest, name: &str, put: &Put, token: &str) -> Result<Record, 
         resumable: put.resumable,
         file_time: put.file_time,
         inode: None,
+        digest: None,
     };
     ingest
         .store
@@ -287,14 +304,7 @@ fn resume(ingest: &Ingest, mut record: Record, name: &str, put: &Put) -> Result<
     record.file_time = record.file_time.or(put.file_time);
     match record.state {
         Stage::Receiving => Ok(record),
-        Stage::Announced => {
-            metrics::counter!(tally_core::metrics::PRODUCER_INGEST_UPLOADS, "token" => record.token.clone(), "outcome" => "repeated").increment(1);
-            Err(with_header(
-                (StatusCode::OK, format!("{} is in already\n", record.name)).into_response(),
-                protocol::UPLOAD_OFFSET,
-                record.total.unwrap_or(0),
-            ))
-        }
+        Stage::Announced => Err(in_already(&record.token, &record.name, record.total)),
         Stage::Linked => Err(announce_linked(ingest, &mut record)),
     }
 }
@@ -401,94 +411,5 @@ async fn receive(
     match failure {
         None => Ok(held),
         Some(answer) => Err(answer),
-    }
-}
-
-/// A failed write: 507 (the upload forgotten) when the disk is full, else 500.
-fn io_refusal(ingest: &Ingest, id: &str, error: &io::Error) -> Response {
-    if error.raw_os_error() == Some(libc::ENOSPC) || error.raw_os_error() == Some(libc::EDQUOT) {
-        ingest.store.remove(id);
-        return refuse(
-            StatusCode::INSUFFICIENT_STORAGE,
-            format!("disk full: {error}"),
-        );
-    }
-    refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}"))
-}
-
-/// All bytes are in: verify, link into the folder, announce (blocking).
-fn complete(ingest: &Ingest, record: &mut Record, token: &str) -> Response {
-    let part = ingest.store.part(&record.id);
-    if let Some(expected) = record
-        .checksum
-        .as_ref()
-        .and_then(|c| c.parse::<Checksum>().ok())
-    {
-        let actual = match protocol::checksum_file(expected.algorithm, &part) {
-            Ok(c) => c,
-            Err(e) => return io_refusal(ingest, &record.id, &e),
-        };
-        if actual != expected {
-            ingest.store.remove(&record.id);
-            return refuse(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("the body's checksum is {actual}, not {expected}; nothing kept"),
-            );
-        }
-    }
-    if let Some(time) = record.file_time {
-        // The generator's time, not the arrival's: the file's usage period.
-        if let Err(error) = ingest.store.set_file_time(&record.id, time) {
-            tracing::warn!(%error, name = %record.name, "cannot set the file's time; it keeps its arrival time");
-        }
-    }
-    match ingest.store.link(record) {
-        Ok(true) => {}
-        Ok(false) => {
-            ingest.store.remove(&record.id);
-            return refuse(
-                StatusCode::CONFLICT,
-                format!(
-                    "{} exists in the folder (another upload of that name)",
-                    record.name
-                ),
-            );
-        }
-        // Linked but not synced, perhaps: never forget an upload that may be in the folder
-        // (the client's retry or the sweep finishes it).
-        Err(e) if ingest.store.link_done(&record.id, &record.name) => {
-            return refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}"));
-        }
-        Err(e) => return io_refusal(ingest, &record.id, &e),
-    }
-    record.state = Stage::Linked;
-    if let Err(e) = ingest.store.save(record) {
-        return refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}"));
-    }
-    ingest.store.remove_part(&record.id);
-    tracing::info!(name = %record.name, token, bytes = record.total, "file received");
-    announce_linked(ingest, record)
-}
-
-/// Announces a linked file: 201, or 503 when Kafka does not take it (the client retries; the
-/// sweep retries too).
-fn announce_linked(ingest: &Ingest, record: &mut Record) -> Response {
-    match ingest.announce(record) {
-        Ok(units) => with_header(
-            (
-                StatusCode::CREATED,
-                format!("{} is in ({units} units)\n", record.name),
-            )
-                .into_response(),
-            protocol::UPLOAD_OFFSET,
-            record.total.unwrap_or(0),
-        ),
-        Err(error) => retry_after(
-            refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{} is received, not yet announced: {error:#}", record.name),
-            ),
-            ingest.limits.retry_after,
-        ),
     }
 }

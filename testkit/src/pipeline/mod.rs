@@ -418,7 +418,15 @@ impl Drop for Pipeline {
         } else if std::env::var_os("TALLY_TEST_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
             let t = &self.topics;
-            let topics = [&t.files, &t.done, &t.sums, &t.totals, &t.dead_letter].map(|s| s.clone());
+            let topics = [
+                &t.files,
+                &t.done,
+                &t.sums,
+                &t.totals,
+                &t.dead_letter,
+                &t.ingested,
+            ]
+            .map(|s| s.clone());
             self.services.forget(&self.database_url, &topics);
         }
     }

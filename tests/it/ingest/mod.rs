@@ -6,12 +6,15 @@
 //! - [`refusals`]: bad names, traversal, wrong tokens and checksums, oversized bodies, stalled
 //!   clients and a full disk each get their status and leave nothing behind;
 //! - [`connections`]: 2,000 silent connections beside a push, phase timeouts, no HTTP/2;
+//! - [`once`]: bytes counted once are never counted again under their name: after the
+//!   records expire, with another checksum kind or token, without an upload id, after a restart;
 //! - [`tokens`]: a tokens file gone bad fails closed, upload ids per token, per-token quotas;
 //! - [`flow`]: with the parsers stopped the server throttles and the pushers finish by
 //!   themselves once they return; `push --watch`; `producer watch` beside the server.
 
 mod connections;
 mod flow;
+mod once;
 mod refusals;
 mod resume;
 mod tokens;
@@ -32,6 +35,15 @@ use crate::support::{clock_rng, free_port, Pipeline};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 const TOKEN: &str = "site-a-0123456789abcdef";
+/// A second generator's token.
+const OTHER: &str = "site-b-fedcba9876543210";
+
+/// Replaces the tokens file (by a rename) with site-a's and site-b's tokens.
+fn add_site_b(p: &Pipeline) {
+    let next = p.dir.join("tokens.new");
+    std::fs::write(&next, format!("site-a {TOKEN}\nsite-b {OTHER}\n")).unwrap();
+    std::fs::rename(&next, p.dir.join("tokens")).unwrap();
+}
 
 /// The test CA and the server certificate `scripts/services` made.
 fn tls_files() -> (String, String, String) {

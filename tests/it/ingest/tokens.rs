@@ -3,16 +3,6 @@
 
 use super::*;
 
-/// A second generator's token.
-const OTHER: &str = "site-b-fedcba9876543210";
-
-/// Replaces the tokens file (by a rename) with site-a's and site-b's tokens.
-fn add_site_b(p: &Pipeline) {
-    let next = p.dir.join("tokens.new");
-    std::fs::write(&next, format!("site-a {TOKEN}\nsite-b {OTHER}\n")).unwrap();
-    std::fs::rename(&next, p.dir.join("tokens")).unwrap();
-}
-
 /// Revocation fails closed: a tokens file that is malformed, empty or gone leaves no token
 /// valid (after one more read a moment later), and `/readyz` says why; a good file again lets
 /// its holders back in.
