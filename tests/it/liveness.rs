@@ -96,3 +96,97 @@ fn waiting_records_and_no_progress_is_a_stall_idle_is_not() {
     let reason = first_stall(&stalls, Duration::from_secs(15)).expect("a stall");
     assert!(reason.starts_with("5 records wait"), "{reason}");
 }
+
+/// A member that holds no partition: stalled while records wait in partitions that no other
+/// member of its group holds; not while another member holds them (a surplus member), nor when
+/// nothing waits (idle).
+#[test]
+fn a_member_without_partitions_is_stalled_only_while_work_is_unheld() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let args = kafka_args(&tally_testkit::services().kafka_bootstrap);
+    let topic = format!("{}.in", args.topic_prefix);
+    let group = format!("{}.group", args.topic_prefix);
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(kafka::ensure_topics(
+            &args,
+            &[TopicSpec {
+                name: topic.clone(),
+                partitions: 2,
+                compacted: false,
+                retention: None,
+            }],
+        ))
+        .unwrap();
+    // In a transaction, as the stages write: its end marker follows the records.
+    let producer: BaseProducer = kafka::transactional_producer_config(
+        &args,
+        &format!("{group}.tx"),
+        Duration::from_secs(60),
+    )
+    .create()
+    .unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    producer.begin_transaction().unwrap();
+    for i in 0..5 {
+        let payload = format!("{i}");
+        let record = BaseRecord::<(), _>::to(&topic)
+            .partition(1)
+            .payload(&payload);
+        producer.send(record).unwrap();
+    }
+    producer
+        .commit_transaction(Duration::from_secs(30))
+        .unwrap();
+    let member_of = |client_id: &str| {
+        let (liveness, stalls) = watched(&args);
+        liveness.set_member(&group, &topic, client_id);
+        liveness.set_input(&topic, vec![]);
+        (liveness, stalls)
+    };
+    // The group exists, empty, with partition 1 committed at 0: five records wait, unheld.
+    let offsets = kafka::reader(&args, &group, kafka::Ends::Silent).unwrap();
+    let commit = |next: i64| {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 1, Offset::Offset(next))
+            .unwrap();
+        offsets.commit(&tpl, CommitMode::Sync).unwrap();
+    };
+    commit(0);
+    let (_left_out, stalls) = member_of("tally-test-left-out");
+    let reason = first_stall(&stalls, Duration::from_secs(20)).expect("a stall");
+    assert!(reason.contains("no member of"), "{reason}");
+    assert!(reason.contains("(up to 6)"), "{reason}");
+
+    // Another member holds both partitions: this one is a surplus, not stalled.
+    let mut config = kafka::consumer_config(&args, &group);
+    config.set("client.id", "tally-test-holder");
+    let holder: BaseConsumer = config.create().unwrap();
+    holder.subscribe(&[&topic]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while holder.assignment().unwrap().count() < 2 {
+        assert!(Instant::now() < deadline, "the holder got no assignment");
+        let _ = holder.poll(Duration::from_millis(100));
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let polling = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = holder.poll(Duration::from_millis(100));
+            }
+            holder.unsubscribe();
+        })
+    };
+    let (_surplus, surplus_stalls) = member_of("tally-test-surplus");
+    assert_eq!(first_stall(&surplus_stalls, Duration::from_secs(10)), None);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    polling.join().unwrap();
+
+    // Nothing waits (committed past the last record: only the transaction's marker is left),
+    // nobody holds anything: idle.
+    commit(5);
+    let (_idle, idle_stalls) = member_of("tally-test-idle");
+    assert_eq!(first_stall(&idle_stalls, Duration::from_secs(10)), None);
+}

@@ -71,6 +71,18 @@ impl Group {
     ) -> anyhow::Result<Self> {
         let events = RebalanceLog::for_stage(&liveness);
         let mut config = config.clone();
+        // A client id of its own (unless one was set by hand), so that the watchdog finds this
+        // member among the group's.
+        if config.get("client.id") == Some("tally") {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let id = format!("tally-{stage}-{}-{nanos:08x}", std::process::id());
+            config.set("client.id", id);
+        }
+        if let (Some(group), Some(id)) = (config.get("group.id"), config.get("client.id")) {
+            liveness.set_member(group, topic, id);
+        }
         config.set(
             "statistics.interval.ms",
             crate::rebalance::STATISTICS_INTERVAL_MS,
@@ -239,6 +251,12 @@ impl Group {
     /// Commits `offsets` (partition → next offset) to the group without waiting: for lag
     /// tools, when the stage's checkpoint is elsewhere.
     pub fn commit_async(&self, offsets: &std::collections::BTreeMap<i32, i64>) {
+        // Not while a rebalance is being handled: librdkafka's unassign waits for commits in
+        // flight, and one sent to a coordinator that just went away can hold the consumer in
+        // `wait-unassign-to-complete` (the next batch commits these offsets anyway).
+        if !self.events.is_empty() {
+            return;
+        }
         let mut tpl = TopicPartitionList::new();
         for (partition, next) in offsets {
             if let Err(error) =

@@ -177,6 +177,17 @@ impl BrokerProbe {
         self.call(|c| c.fetch_watermarks(topic, partition, Duration::from_secs(10)))
     }
 
+    /// Number of partitions of `topic` (0: no such topic).
+    pub fn partition_count(&self, topic: &str) -> Result<i32, KafkaError> {
+        self.call(|c| super::partition_count(c, topic))
+    }
+
+    /// The broker's description of consumer group `group`: state, members, assignments.
+    pub fn group_list(&self, group: &str) -> Result<rdkafka::groups::GroupList, KafkaError> {
+        use rdkafka::consumer::Consumer;
+        self.call(|c| c.fetch_group_list(Some(group), Duration::from_secs(10)))
+    }
+
     /// Whether a broker answers a metadata request within `timeout`.
     pub fn answers(&self, timeout: Duration) -> bool {
         use rdkafka::consumer::Consumer;

@@ -9,19 +9,24 @@
 //!   of any of these); the returned guard ends the step when dropped;
 //! - [`Liveness::positions`] after every poll: the input partitions it holds and its position in
 //!   each, so that the watchdog can tell "idle" from "stuck";
+//! - [`Liveness::set_member`] once, for a stage in a consumer group: its group, input topic and
+//!   client id;
 //! - [`Liveness::waiting_on`] while it waits for something other than Kafka (PostgreSQL) that is
 //!   known to be down: restarting cannot help then.
 //!
 //! The watchdog thread calls a stage *stalled* when a step has been open longer than the
 //! limit, or when nothing was completed for longer than the limit while records wait in its
 //! partitions (their high watermarks, asked of the broker by a probe client of its own, are
-//! past the stage's positions). A stalled stage whose broker answers is restarted in place
+//! past the stage's positions), or while this member holds no partition and records wait in
+//! partitions that no other member of its group holds (the broker's view of the group). A
+//! stalled stage whose broker answers is restarted in place
 //! (`exec` of the same binary and arguments, same pid): exactly as safe as a kill -9 and a
 //! restart, which every stage is built and tested to survive, and it replaces every Kafka
 //! client whatever state librdkafka is in. A stalled stage whose broker does not answer waits
 //! for it and says so, at a bounded rate; once the broker answers again, the stage gets a
 //! quarter of the limit to get going by itself before the restart.
 
+mod group;
 mod outage;
 mod watchdog;
 
@@ -61,6 +66,8 @@ struct Shared {
     waiting_on: Mutex<Option<&'static str>>,
     /// Why the stage is not ready, per condition (`/readyz`); absent: ready on that count.
     not_ready: Mutex<std::collections::BTreeMap<&'static str, String>>,
+    /// The stage's consumer group membership, if it has one.
+    member: Mutex<Option<group::Member>>,
 }
 
 /// A stage's liveness handle; cheap to clone, shared with the watchdog thread.
@@ -244,6 +251,16 @@ impl Liveness {
         self.stage
     }
 
+    /// The stage consumes `topic` in consumer group `group` as `client_id`: a member that holds
+    /// no partition while records wait in partitions no other member holds is stalled too.
+    pub fn set_member(&self, group: &str, topic: &str, client_id: &str) {
+        *self.shared.member.lock().unwrap_or_else(|p| p.into_inner()) = Some(group::Member {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            client_id: client_id.to_owned(),
+        });
+    }
+
     /// Records the input the stage holds: its assigned partitions of `topic` and its position
     /// in each (partitions without a position yet are left out).
     pub fn positions<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, topic: &str) {
@@ -289,6 +306,15 @@ impl Liveness {
                     now.saturating_sub(s.2) / 1000
                 )
             })
+    }
+
+    fn has_open_step(&self) -> bool {
+        !self
+            .shared
+            .steps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     fn quiet_for(&self) -> Duration {

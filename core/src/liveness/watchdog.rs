@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
 
-use super::{Input, Liveness, Throttle};
+use super::{group, Input, Liveness, Throttle};
 use crate::args::KafkaArgs;
 use crate::kafka::BrokerProbe;
 
@@ -29,6 +29,8 @@ pub(super) fn watch(
     // Once the broker is back, the stage gets this long to get going by itself.
     let grace = limit / 4;
     let mut waiting_log = Throttle::new(Duration::from_secs(30));
+    // A client of the stage's group id, for its committed offsets (never joins).
+    let mut offsets = None;
     loop {
         std::thread::sleep(TICK);
         let waiting_on = *liveness
@@ -54,7 +56,27 @@ pub(super) fn watch(
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .clone();
+                    let member = liveness
+                        .shared
+                        .member
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
                     let found = match waiting_records(&probe, &input) {
+                        // No partition held, none loading: is this member left out of work?
+                        Ok(0) if input.positions.is_empty() && !liveness.has_open_step() => {
+                            let unheld = member.as_ref().map_or(Ok(None), |member| {
+                                group::unheld_work(&probe, kafka, &mut offsets, member)
+                            });
+                            match unheld {
+                                Ok(None) => {
+                                    liveness.progress();
+                                    None
+                                }
+                                Ok(Some(reason)) => Some(reason),
+                                Err(_) => Some("no progress".to_owned()),
+                            }
+                        }
                         Ok(0) => {
                             // Idle, not stuck: nothing waits for this stage.
                             liveness.progress();
