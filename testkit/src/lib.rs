@@ -18,6 +18,7 @@ use sqlx::{Connection, Executor, PgConnection};
 pub mod containers;
 mod docker_api;
 pub mod pipeline;
+pub mod proxy;
 
 /// Where the services of this test run are.
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@ mod files;
 mod hostile;
 mod ingest;
 mod liveness;
+mod network;
 mod ops;
 mod periods;
 mod pipeline;
