@@ -11,6 +11,7 @@ mod crash;
 mod files;
 mod hostile;
 mod ingest;
+mod latency;
 mod liveness;
 mod network;
 mod ops;

@@ -53,6 +53,9 @@ pub struct Group {
     pub(super) shutdown: CancellationToken,
     /// When the assignment was last resumed (see [`Group::collect`]).
     pub(super) resumed_at: Instant,
+    /// Assigned partitions whose end (the last stable offset) was reached, with nothing read
+    /// since: when every one is, a batch ends at once instead of waiting out its idle time.
+    pub(super) at_end: HashSet<i32>,
 }
 
 /// How often the whole assignment is resumed again while nothing loads: a resume that did not
@@ -87,6 +90,9 @@ impl Group {
             "statistics.interval.ms",
             crate::rebalance::STATISTICS_INTERVAL_MS,
         );
+        // The end of each partition is told (past any trailing transaction marker), so that a
+        // drained input ends its batch at once.
+        config.set("enable.partition.eof", "true");
         let consumer: BaseConsumer<RebalanceLog> = config
             .create_with_context(events.clone())
             .map_err(crate::kafka::quiet)
@@ -103,6 +109,7 @@ impl Group {
             liveness,
             shutdown,
             resumed_at: Instant::now(),
+            at_end: HashSet::new(),
         })
     }
 
@@ -183,6 +190,15 @@ impl Group {
             }
             match polled {
                 None => break,
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+                    if self.assigned.contains(&partition) {
+                        self.at_end.insert(partition);
+                    }
+                    // Drained: no timer on the critical path.
+                    if !batch.is_empty() && self.drained() {
+                        break;
+                    }
+                }
                 Some(Err(error)) => {
                     liveness::restart_if_fatal(self.stage, &error);
                     if let Some(skipped) = self.errors.allow() {
@@ -199,6 +215,7 @@ impl Group {
                     if !self.assigned.contains(&message.partition()) {
                         continue;
                     }
+                    self.at_end.remove(&message.partition());
                     if batch.is_empty() {
                         started = Instant::now();
                     }
@@ -218,6 +235,13 @@ impl Group {
         Ok(batch)
     }
 
+    /// Whether every partition held is at its end, none loading, nothing stashed.
+    fn drained(&self) -> bool {
+        self.loading.is_empty()
+            && self.stash.is_empty()
+            && self.assigned.iter().all(|p| self.at_end.contains(p))
+    }
+
     /// Applies assignment changes: revoked partitions leave the batch, the stash and the
     /// stage's state; assigned ones wait in `loading` until their state is loaded.
     pub(super) fn handle_rebalance(
@@ -235,12 +259,14 @@ impl Group {
                     for p in &parts {
                         self.assigned.remove(p);
                         self.loading.remove(p);
+                        self.at_end.remove(p);
                     }
                 }
                 RebalanceEvent::Assigned(parts) => {
                     tracing::info!(?parts, "partitions assigned");
                     for p in parts {
                         self.assigned.remove(&p);
+                        self.at_end.remove(&p);
                         self.loading.insert(p);
                     }
                 }
@@ -310,6 +336,7 @@ impl Group {
             if !self.assigned.contains(&partition) {
                 continue;
             }
+            self.at_end.remove(&partition);
             let offset = match element.offset() {
                 Offset::Offset(o) => Offset::Offset(o),
                 _ => Offset::Beginning,

@@ -165,6 +165,8 @@ pub(super) fn serve_group(
     match consumer.poll(Duration::ZERO) {
         None => {}
         Some(Ok(message)) => stash.push_back(message.detach()),
+        // A partition's end: the next batch learns it again.
+        Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
         Some(Err(error)) => {
             liveness::restart_if_fatal(stage, &error);
             if let Some(skipped) = errors.allow() {
