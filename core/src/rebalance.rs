@@ -71,6 +71,15 @@ fn partitions(tpl: &rdkafka::TopicPartitionList) -> Vec<i32> {
 }
 
 impl ClientContext for RebalanceLog {
+    /// As rdkafka's own, but a partition's end (told because stages ask for it, see
+    /// `enable.partition.eof` in `consume::group`) is no error.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+            return;
+        }
+        tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+    }
+
     fn stats(&self, statistics: Statistics) {
         let Some(stage) = &self.stage else { return };
         let lag = crate::metrics::stage(stage.stage()).lag;

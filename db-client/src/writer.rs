@@ -199,6 +199,7 @@ impl Commit<Group> for Writer {
             Failure::Kafka(error) => error.to_string(),
             Failure::Abort(reason) => reason,
             Failure::NotInGroup => "not in the group".to_owned(),
+            Failure::Stuck(reason) => reason,
         };
         self.waiting_on_database();
         tracing::warn!(error, "batch not written, retrying");

@@ -3,8 +3,8 @@
 //! from the start (or `--from-end N` records before the end of each partition) up to the high
 //! watermarks seen at start, then exits.
 
-use std::io::Write;
 use std::collections::HashMap;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;

@@ -3,7 +3,7 @@
 //! fault-injecting proxy (`tally_testkit::proxy`), on a broker listener that advertises the
 //! proxy's address (`scripts/services`: `TALLY_KAFKA_PROXY_LISTEN`), so other tests on the
 //! broker are not touched. Connections are cut at random moments, blackholed for longer than
-//! the group session, and delayed; after each fault a new file must be in the totals within a
+//! the group session and the transaction timeout, and delayed; after each fault a new file must be in the totals within a
 //! bound, and at the end every file is exact and every unit summed once.
 
 use std::collections::HashMap;
@@ -16,6 +16,8 @@ use crate::support::{clock_rng, Pipeline};
 /// Group sessions of the stages here (librdkafka's default is 45 s): a blackhole longer than
 /// this costs every member its membership.
 const SESSION_MS: &str = "10000";
+/// The stages' transaction timeout (60 s by default): shorter than the blackhole.
+const TRANSACTION_MS: u64 = 10_000;
 /// A stage must have resumed by itself within this after a fault ends (the watchdog's limit is
 /// 120 s, and a transaction cut in flight may wait for its 60 s timeout).
 const RESUME_WITHIN: Duration = Duration::from_secs(150);
@@ -80,6 +82,12 @@ async fn cut_blackholed_and_slow_connections_to_kafka_lose_nothing_and_count_onc
         std::env::var("TALLY_KAFKA_PROXIED_UPSTREAM").expect("TALLY_KAFKA_PROXIED_UPSTREAM");
     let proxy = FaultProxy::start(&listen, &upstream).await.unwrap();
     let mut p = Pipeline::on_kafka("network", &listen).await;
+    // Transactions that the broker times out within the blackhole below: their stages must
+    // notice and redo them (a stuck commit replaced its producer; an aborted one is redone).
+    p.envs.push((
+        "TALLY_TRANSACTION_TIMEOUT_MS".into(),
+        TRANSACTION_MS.to_string(),
+    ));
     let mut rng = clock_rng("network");
     let (_, mut expected) = p.generate(4, 4_000_000, 2_000, 301).await;
     let mut files = 4i64;
@@ -124,14 +132,12 @@ async fn cut_blackholed_and_slow_connections_to_kafka_lose_nothing_and_count_onc
     ));
     add(&p, &mut expected, &mut files, 303, 6_000_000).await;
     add(&p, &mut expected, &mut files, 313, 6_000_000).await;
-    // A blackhole longer than the session while those are in flight: members lose the group,
-    // transactions time out or fail.
+    // A blackhole twice as long as the session and the transaction timeout while those are in
+    // flight: members lose the group, the broker aborts open transactions.
     tokio::time::sleep(Duration::from_millis(500 + rng() % 1500)).await;
     proxy.blackhole(true);
-    tokio::time::sleep(Duration::from_millis(
-        SESSION_MS.parse::<u64>().unwrap() + 5_000,
-    ))
-    .await;
+    let blackhole = SESSION_MS.parse::<u64>().unwrap().max(TRANSACTION_MS) * 2;
+    tokio::time::sleep(Duration::from_millis(blackhole)).await;
     proxy.blackhole(false);
     took.push((
         "blackhole",

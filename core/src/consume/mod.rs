@@ -50,6 +50,9 @@ pub enum Failure {
     Other(anyhow::Error),
     /// What no retry heals: the loop ends with this error (an operator must decide).
     Stop(anyhow::Error),
+    /// A transaction that did not finish within its timeout (the broker has aborted it by
+    /// then): its producer is replaced, not asked to abort (that call could hang the same way).
+    Stuck(String),
 }
 
 impl From<KafkaError> for Failure {

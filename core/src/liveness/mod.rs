@@ -291,21 +291,27 @@ impl Liveness {
     }
 
     /// Why the stage is stalled, if it is, judged without the broker: the oldest open step
-    /// past `limit`.
+    /// past `limit` (and the newest one within it, where it waits now).
     fn stalled_step(&self, limit: Duration) -> Option<String> {
         let now = now_ms();
         let steps = self.shared.steps.lock().unwrap_or_else(|p| p.into_inner());
-        steps
+        let oldest = steps
             .iter()
             .min_by_key(|s| s.2)
-            .filter(|s| now.saturating_sub(s.2) > limit.as_millis() as u64)
-            .map(|s| {
-                format!(
-                    "`{}` has not finished for {} s",
-                    s.1,
-                    now.saturating_sub(s.2) / 1000
-                )
-            })
+            .filter(|s| now.saturating_sub(s.2) > limit.as_millis() as u64)?;
+        let mut reason = format!(
+            "`{}` has not finished for {} s",
+            oldest.1,
+            now.saturating_sub(oldest.2) / 1000
+        );
+        if let Some(newest) = steps.iter().max_by_key(|s| s.2).filter(|s| s.0 != oldest.0) {
+            reason.push_str(&format!(
+                " (in `{}` for {} s)",
+                newest.1,
+                now.saturating_sub(newest.2) / 1000
+            ));
+        }
+        Some(reason)
     }
 
     fn has_open_step(&self) -> bool {

@@ -74,6 +74,8 @@ pub struct KafkaTxn<H> {
     timeout: Duration,
     handler: H,
     shutdown: CancellationToken,
+    /// Names each phase of a transaction as a step of its own, so that a stall says which.
+    liveness: Liveness,
 }
 
 impl<H> KafkaTxn<H> {
@@ -110,7 +112,10 @@ impl<H: Handler> Commit<Group> for KafkaTxn<H> {
 
     fn write(&mut self, group: &Group, batch: &[OwnedMessage]) -> Result<H::Output, Failure> {
         self.producer.begin_transaction()?;
-        let output = self.handler.process(&self.producer, batch)?;
+        let output = {
+            let _phase = self.liveness.step("send the transaction's records");
+            self.handler.process(&self.producer, batch)?
+        };
         let mut next: HashMap<i32, i64> = HashMap::new();
         for message in batch {
             let e = next.entry(message.partition()).or_insert(0);
@@ -121,9 +126,13 @@ impl<H: Handler> Commit<Group> for KafkaTxn<H> {
             tpl.add_partition_offset(&self.input, *partition, Offset::Offset(*offset))?;
         }
         let metadata = group.group_metadata().ok_or(Failure::NotInGroup)?;
-        self.producer
-            .send_offsets_to_transaction(&tpl, &metadata, Duration::from_secs(30))?;
-        commit(&self.producer)?;
+        {
+            let _phase = self.liveness.step("send the offsets to the transaction");
+            self.producer
+                .send_offsets_to_transaction(&tpl, &metadata, Duration::from_secs(30))?;
+        }
+        let _phase = self.liveness.step("commit the transaction");
+        commit_within(&self.producer, self.timeout + Duration::from_secs(10))?;
         tracing::debug!(records = batch.len(), "transaction committed");
         Ok(output)
     }
@@ -150,6 +159,10 @@ impl<H: Handler> Commit<Group> for KafkaTxn<H> {
                 TxnErrorKind::Abortable
             }
             Failure::NotInGroup => TxnErrorKind::Abortable,
+            Failure::Stuck(reason) => {
+                tracing::warn!(reason, "transaction stuck; replacing the producer");
+                TxnErrorKind::Fatal
+            }
         };
         let aborted =
             kind != TxnErrorKind::Fatal && self.producer.abort_transaction(Timeout::Never).is_ok();
@@ -205,6 +218,7 @@ pub fn start<H: Handler>(
         timeout: transactions.timeout,
         handler,
         shutdown: shutdown.clone(),
+        liveness: liveness.clone(),
     };
     Ok(ConsumeLoop::new(
         settings.stage,
@@ -260,6 +274,32 @@ pub fn commit(producer: &TxnProducer) -> Result<(), KafkaError> {
                 std::thread::sleep(backoff.next_delay());
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Commits the open transaction, waiting at most `within` (a little more than the transaction
+/// timeout: past it the broker has aborted the transaction anyway). A commit that times out is
+/// resumed by calling it again (librdkafka's contract), as is any retriable error; one that has
+/// not finished by then is [`Failure::Stuck`] (seen after a broker was killed: a commit that
+/// never returned, until the watchdog restarted the stage).
+pub fn commit_within(producer: &TxnProducer, within: Duration) -> Result<(), Failure> {
+    let deadline = std::time::Instant::now() + within;
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(Failure::Stuck(format!(
+                "the commit did not finish within {within:?}"
+            )));
+        }
+        match producer.commit_transaction(left.min(Duration::from_secs(10))) {
+            Ok(()) => return Ok(()),
+            Err(e) if kafka::classify_txn_error(&e) == TxnErrorKind::Retriable => {
+                tracing::debug!(error = %e, "commit not finished yet, resuming it");
+                std::thread::sleep(backoff.next_delay().min(left));
+            }
+            Err(e) => return Err(Failure::Kafka(e)),
         }
     }
 }
