@@ -12,6 +12,7 @@
 pub mod producer;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
@@ -69,7 +70,8 @@ pub struct Transactions {
 pub struct KafkaTxn<H> {
     kafka: KafkaArgs,
     input: String,
-    producer: TxnProducer,
+    /// Shared with a helper thread while it sends the offsets (see [`send_offsets`]).
+    producer: Arc<TxnProducer>,
     transactional_id: String,
     timeout: Duration,
     handler: H,
@@ -128,8 +130,7 @@ impl<H: Handler> Commit<Group> for KafkaTxn<H> {
         let metadata = group.group_metadata().ok_or(Failure::NotInGroup)?;
         {
             let _phase = self.liveness.step("send the offsets to the transaction");
-            self.producer
-                .send_offsets_to_transaction(&tpl, &metadata, Duration::from_secs(30))?;
+            send_offsets(&self.producer, tpl, metadata, Duration::from_secs(30))?;
         }
         let _phase = self.liveness.step("commit the transaction");
         commit_within(&self.producer, self.timeout + Duration::from_secs(10))?;
@@ -172,7 +173,7 @@ impl<H: Handler> Commit<Group> for KafkaTxn<H> {
             self.producer = liveness::retry(
                 &self.shutdown,
                 "recreate the transactional producer",
-                || producer::create(kafka, id, timeout),
+                || producer::create(kafka, id, timeout).map(Arc::new),
             )?;
         }
         Ok(Recovery::Rewind)
@@ -204,7 +205,11 @@ pub fn start<H: Handler>(
         .clone()
         .unwrap_or_else(|| format!("{:016x}", random_u64()));
     let transactional_id = format!("{}.{instance}", transactions.prefix);
-    let producer = producer::create(kafka, &transactional_id, transactions.timeout)?;
+    let producer = Arc::new(producer::create(
+        kafka,
+        &transactional_id,
+        transactions.timeout,
+    )?);
     tracing::info!(
         stage = settings.stage,
         transactional_id,
@@ -275,6 +280,37 @@ pub fn commit(producer: &TxnProducer) -> Result<(), KafkaError> {
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// `send_offsets_to_transaction` on a thread of its own, given up on 10 s past its `timeout`:
+/// the call can block far past its timeout while the group's coordinator broker is gone
+/// (librdkafka issues 5456 and 5511: a coordinator request that is never retried once the
+/// cached coordinator's broker was decommissioned; seen as a stage stuck for 150 s after one
+/// broker of three was killed). Given up on, it is [`Failure::Stuck`]: the stage replaces its
+/// producer (fencing this one) and redoes the batch; the thread, holding the old producer,
+/// ends whenever the call returns.
+fn send_offsets(
+    producer: &Arc<TxnProducer>,
+    offsets: TopicPartitionList,
+    metadata: rdkafka::consumer::ConsumerGroupMetadata,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let held = producer.clone();
+    std::thread::Builder::new()
+        .name("tally-send-offsets".into())
+        .spawn(move || {
+            let _ = tx.send(held.send_offsets_to_transaction(&offsets, &metadata, timeout));
+        })
+        .map_err(|e| Failure::Other(e.into()))?;
+    let within = timeout + Duration::from_secs(10);
+    match rx.recv_timeout(within) {
+        Ok(sent) => Ok(sent?),
+        Err(_) => Err(Failure::Stuck(format!(
+            "sending the offsets to the transaction has not returned in {within:?} (the \
+             group's coordinator broker gone?)"
+        ))),
     }
 }
 
