@@ -26,6 +26,24 @@ fn watched(args: &KafkaArgs) -> (Liveness, Arc<Mutex<Vec<String>>>) {
     (liveness, stalls)
 }
 
+/// Creates the pipeline's input topic `<prefix>.in`, two partitions; its name.
+fn input_topic(args: &KafkaArgs) -> String {
+    let topic = format!("{}.in", args.topic_prefix);
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(kafka::ensure_topics(
+            args,
+            &[TopicSpec {
+                name: topic.clone(),
+                partitions: 2,
+                compacted: false,
+                retention: None,
+            }],
+        ))
+        .unwrap();
+    topic
+}
+
 /// Waits up to `within` for a stall to be reported; returns the first reason.
 fn first_stall(stalls: &Mutex<Vec<String>>, within: Duration) -> Option<String> {
     let deadline = Instant::now() + within;
@@ -60,19 +78,7 @@ fn no_stall_is_acted_on_while_the_broker_does_not_answer() {
 #[test]
 fn waiting_records_and_no_progress_is_a_stall_idle_is_not() {
     let args = kafka_args(&tally_testkit::services().kafka_bootstrap);
-    let topic = format!("{}.in", args.topic_prefix);
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(kafka::ensure_topics(
-            &args,
-            &[TopicSpec {
-                name: topic.clone(),
-                partitions: 2,
-                compacted: false,
-                retention: None,
-            }],
-        ))
-        .unwrap();
+    let topic = input_topic(&args);
     let producer: BaseProducer = kafka::base_config(&args).create().unwrap();
     for i in 0..5 {
         producer
@@ -105,20 +111,8 @@ fn a_member_without_partitions_is_stalled_only_while_work_is_unheld() {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
     let args = kafka_args(&tally_testkit::services().kafka_bootstrap);
-    let topic = format!("{}.in", args.topic_prefix);
+    let topic = input_topic(&args);
     let group = format!("{}.group", args.topic_prefix);
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(kafka::ensure_topics(
-            &args,
-            &[TopicSpec {
-                name: topic.clone(),
-                partitions: 2,
-                compacted: false,
-                retention: None,
-            }],
-        ))
-        .unwrap();
     // In a transaction, as the stages write: its end marker follows the records.
     let producer: BaseProducer = kafka::transactional_producer_config(
         &args,
