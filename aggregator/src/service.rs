@@ -3,8 +3,8 @@
 //!
 //! Each batch (up to `--flush-interval-ms` of records, bounded in count and bytes) is one
 //! Kafka transaction of tally-core's loop ([`tally_core::txn`]): its sums records are merged
-//! per partition and usage period in a [`Merger`] under `--keys-max` (what does not fit leaves early, within
-//! the same transaction), the merged sums are written to the *same partition number* of
+//! per partition and usage period in a [`Merger`] within half of `--memory-max` (what does not
+//! fit leaves early, within the same transaction), the merged sums are written to the *same partition number* of
 //! `tally.totals` (the consumer id picks the partition on both topics), then the batch's
 //! unit-end markers, unchanged, then the consumed offsets commit with them. So in every totals
 //! partition a unit's end marker follows every sum it covers, as on `tally.sums`, and the
@@ -42,11 +42,18 @@ pub struct AggregatorArgs {
     /// The instance name.
     #[command(flatten)]
     pub instance: InstanceArgs,
-    /// Most distinct consumer ids merged in memory per transaction (over all partitions);
-    /// past it, sums leave early (still merged as far as they fit), so memory stays bounded:
-    /// about 32 bytes per key.
-    #[arg(long, env = "TALLY_AGGREGATOR_KEYS_MAX", default_value_t = 2_000_000, value_parser = tally_core::args::positive_usize)]
-    pub keys_max: usize,
+    /// Memory for one transaction, in bytes (`4GiB`, `1536MiB`, …): less 32 MiB for the
+    /// process itself, half for the table that
+    /// merges its sums (at most 64 bytes per key: 4 GiB merge 32M consumers in one pass, and
+    /// take only what the consumers seen need), a quarter at most for its input records
+    /// (`--batch-bytes-max` is lowered to it), the rest for Kafka's buffers. Past the table's
+    /// share, sums leave early (still merged as far as they fit), so memory stays bounded.
+    /// Default: 4 GiB, or three quarters of the container's memory limit when lower.
+    #[arg(long, env = "TALLY_AGGREGATOR_MEMORY_MAX", value_parser = tally_core::args::bytes)]
+    pub memory_max: Option<u64>,
+    /// A key cap instead of `--memory-max`'s table share (configurations from before it).
+    #[arg(long, env = "TALLY_AGGREGATOR_KEYS_MAX", value_parser = tally_core::args::positive_usize)]
+    pub keys_max: Option<usize>,
     /// How long one transaction collects sums records before it writes them: longer merges
     /// more (fewer rows for PostgreSQL), shorter delivers sooner.
     #[arg(long, env = "TALLY_FLUSH_INTERVAL_MS", default_value_t = 5_000)]
@@ -58,9 +65,30 @@ pub struct AggregatorArgs {
         default_value_t = 5_000
     , value_parser = tally_core::args::positive_usize)]
     pub batch_records_max: usize,
-    /// Most payload bytes per transaction (held in memory until the transaction ends).
-    #[arg(long, env = "TALLY_AGGREGATOR_BATCH_BYTES_MAX", default_value_t = 64 << 20, value_parser = tally_core::args::positive_u64)]
-    pub batch_bytes_max: u64,
+    /// Most payload bytes per transaction (held in memory until the transaction ends; at most
+    /// a quarter of `--memory-max`). Default: that quarter.
+    #[arg(long, env = "TALLY_AGGREGATOR_BATCH_BYTES_MAX", value_parser = tally_core::args::bytes)]
+    pub batch_bytes_max: Option<u64>,
+}
+
+impl AggregatorArgs {
+    /// The memory budget in bytes (`--memory-max`, or its default).
+    pub fn memory_max(&self) -> u64 {
+        tally_core::args::memory_budget(self.memory_max, 4 << 30)
+    }
+
+    /// Most keys merged in memory per transaction.
+    pub fn keys_max(&self) -> usize {
+        self.keys_max.unwrap_or_else(|| {
+            tally_model::sums::keys_within(tally_core::args::usable_memory(self.memory_max()) / 2)
+        })
+    }
+
+    /// Most payload bytes per transaction.
+    pub fn batch_bytes_max(&self) -> u64 {
+        let share = (tally_core::args::usable_memory(self.memory_max()) / 4).max(1);
+        self.batch_bytes_max.map_or(share, |b| b.min(share))
+    }
 }
 
 /// Counts since start (of transactions that may still abort), logged at exit.
@@ -120,7 +148,7 @@ fn start_loop(
         instance_id: args.instance.instance_id.clone(),
         limits: BatchLimits {
             records: args.batch_records_max.max(1),
-            weight: args.batch_bytes_max.max(1),
+            weight: args.batch_bytes_max(),
             idle: flush,
             max_wait: flush,
         },
@@ -149,13 +177,15 @@ fn start_loop(
             }
             tracing::info!(
                 partitions = sums,
-                keys_max = args.keys_max,
+                memory_max = args.memory_max(),
+                keys_max = args.keys_max(),
+                batch_bytes_max = args.batch_bytes_max(),
                 "aggregator started"
             );
             Ok(Aggregator {
                 topics: topics.clone(),
                 partitions: sums,
-                keys_max: args.keys_max.max(1),
+                keys_max: args.keys_max(),
                 counters: Counters::default(),
             })
         },

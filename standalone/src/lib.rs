@@ -78,6 +78,7 @@ pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow:
     let pool = tally_core::schema::connect_migrated(&args.database, 2).await?;
     let engine = Engine {
         config: args.engine.config(),
+        merge_keys_max: args.engine.merge_keys_max(),
         pool: Arc::new(args.engine.pool()?),
         period: args.period.period,
     };

@@ -39,6 +39,8 @@ type Batch = (Option<i64>, Vec<(i64, i64)>);
 pub struct Engine {
     /// Engine configuration.
     pub config: EngineConfig,
+    /// Most keys merged per group of units.
+    pub merge_keys_max: usize,
     /// Parse threads.
     pub pool: Arc<rayon::ThreadPool>,
     /// Usage period.
@@ -97,7 +99,7 @@ async fn try_count(
             .context("lock the stream")?;
         states.insert(stream.to_owned(), load_state(&mut tx, stream).await?);
     }
-    let merger = Arc::new(Merger::new(1, engine.config.keys_max));
+    let merger = Arc::new(Merger::new(1, engine.merge_keys_max));
     let mut counted = Counted::default();
     let mut changed: BTreeSet<String> = BTreeSet::new();
     for unit in units {

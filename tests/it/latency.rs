@@ -46,3 +46,135 @@ async fn drained_stages_commit_at_once_whatever_their_intervals() {
         eprintln!("file {n}: from written to totals in {took:?}");
     }
 }
+
+/// Drained means nothing more will come: while a writer's transaction is open on a partition
+/// held (the high watermark past the last stable offset), a batch waits for it, up to its
+/// `max_wait`, so the sums of two parsers finishing close together are merged once, not
+/// written twice. Once no transaction is open, a drained batch ends at once.
+#[test]
+fn a_batch_waits_for_a_transaction_open_upstream_then_ends_at_once() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use tally_core::consume::{BatchLimits, Group, PartitionState};
+    use tally_core::kafka::{self, TopicSpec};
+
+    struct Nothing;
+    impl PartitionState for Nothing {}
+
+    let args = tally_core::KafkaArgs::plaintext(
+        &tally_testkit::services().kafka_bootstrap,
+        &tally_testkit::unique("drain"),
+    );
+    let topic = format!("{}.in", args.topic_prefix);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(kafka::ensure_topics(
+            &args,
+            &[TopicSpec {
+                name: topic.clone(),
+                partitions: 2,
+                compacted: false,
+                retention: None,
+            }],
+        ))
+        .unwrap();
+    let writer = |name: &str| {
+        let producer: BaseProducer = kafka::transactional_producer_config(
+            &args,
+            &format!("{}.{name}", args.topic_prefix),
+            Duration::from_secs(60),
+        )
+        .create()
+        .unwrap();
+        producer.init_transactions(Duration::from_secs(30)).unwrap();
+        producer
+    };
+    let send = |producer: &BaseProducer, partition: i32, payload: &str| {
+        producer
+            .send(
+                BaseRecord::<(), _>::to(&topic)
+                    .partition(partition)
+                    .payload(payload),
+            )
+            .unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+    };
+    let (first, second) = (writer("first"), writer("second"));
+    let liveness =
+        tally_core::liveness::Liveness::start_with("test", &args, Duration::from_secs(600), |_| {});
+    let mut group = Group::new(
+        "test",
+        &kafka::consumer_config(&args, &format!("{}.group", args.topic_prefix)),
+        &topic,
+        liveness,
+        tally_core::shutdown::CancellationToken::new(),
+    )
+    .unwrap();
+    group.subscribe().unwrap();
+    let limits = BatchLimits {
+        records: 1000,
+        weight: u64::MAX,
+        idle: Duration::from_secs(20),
+        max_wait: Duration::from_secs(20),
+    };
+    // The next batch with records in it (an empty poll ends an empty one).
+    let mut next_batch = || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let batch = group.collect(limits, &mut Nothing).unwrap();
+            if !batch.is_empty() {
+                return batch;
+            }
+            assert!(Instant::now() < deadline, "no records");
+        }
+    };
+    // Joined and at the (empty) end: a first committed record on each partition comes back at
+    // once (the member knows its position in both now).
+    first.begin_transaction().unwrap();
+    send(&first, 0, "a");
+    send(&first, 1, "a");
+    first.commit_transaction(Duration::from_secs(30)).unwrap();
+    let mut got = next_batch().len();
+    if got < 2 {
+        got += next_batch().len();
+    }
+    assert_eq!(got, 2);
+
+    // `second` opens a transaction on partition 1 and holds it; `first` commits another record
+    // on partition 0. The batch with it waits for `second`, which commits 3 s later.
+    second.begin_transaction().unwrap();
+    send(&second, 1, "open");
+    first.begin_transaction().unwrap();
+    send(&first, 0, "b");
+    first.commit_transaction(Duration::from_secs(30)).unwrap();
+    let committer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        second.commit_transaction(Duration::from_secs(30)).unwrap();
+        second
+    });
+    let started = Instant::now();
+    let batch = next_batch();
+    let took = started.elapsed();
+    let second = committer.join().unwrap();
+    assert_eq!(
+        batch.len(),
+        2,
+        "the batch ended after {took:?} without the open transaction's record"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "{took:?}: waited out max_wait"
+    );
+
+    // Nothing open: a drained batch ends at once.
+    second.begin_transaction().unwrap();
+    send(&second, 1, "c");
+    second.commit_transaction(Duration::from_secs(30)).unwrap();
+    let started = Instant::now();
+    assert_eq!(next_batch().len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    group.leave();
+}

@@ -204,6 +204,11 @@ async fn what_will_not_heal_fails_at_start_with_one_line() {
             "at least 1",
         ),
         (vec!["aggregator", "--keys-max", "0"], "at least 1"),
+        (vec!["aggregator", "--memory-max", "0"], "at least 1 byte"),
+        (
+            vec!["sum", "--memory-max", "2 parsecs", "x"],
+            "unknown size unit",
+        ),
         (
             vec!["parser", "--data-root", &data, "--keys-max", "0"],
             "at least 1",

@@ -355,15 +355,27 @@ async fn a_million_distinct_consumers_are_exact_through_an_aggregator() {
     let _watch = p.spawn("watch", &watch);
     let _a = p.spawn("parser-a", &p.parser_args("a"));
     let _b = p.spawn("parser-b", &p.parser_args("b"));
-    // Through an aggregator whose key cap (300,000) is a quarter of the consumers: its merged
-    // sums leave early, in parts, and still add up.
+    // Through an aggregator whose memory budget (64 MiB: 32 MiB for the process, a 16 MiB
+    // table, 262,144 keys) holds less than a quarter of the consumers: its merged sums leave early, in parts, and still add
+    // up, and its peak resident set stays within the budget.
     let mut aggregator = p.aggregator_args("agg");
-    aggregator.extend(["--keys-max".to_owned(), "300000".to_owned()]);
-    let _agg = p.spawn("aggregator", &aggregator);
+    aggregator.extend(["--memory-max".to_owned(), "64MiB".to_owned()]);
+    let agg = p.spawn("aggregator", &aggregator);
     let _db = p.spawn("db-client", &["db-client", "--from-totals"]);
     p.wait_ingested(2, TIMEOUT).await;
     assert_eq!(expected.len(), 1_200_000);
     p.assert_totals(&expected, "1.2 million consumers").await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agg.child.id())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    eprintln!("aggregator peak RSS: {peak_kib} KiB");
+    assert!(
+        peak_kib < 64 << 10,
+        "the aggregator peaked at {peak_kib} KiB, over its 64 MiB"
+    );
 }
 
 /// Other partition counts than the defaults (`tally init --files-partitions 3

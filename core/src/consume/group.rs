@@ -235,11 +235,38 @@ impl Group {
         Ok(batch)
     }
 
-    /// Whether every partition held is at its end, none loading, nothing stashed.
+    /// Whether every partition held is at its end, none loading, nothing stashed, and no
+    /// transaction open upstream.
     fn drained(&self) -> bool {
         self.loading.is_empty()
             && self.stash.is_empty()
             && self.assigned.iter().all(|p| self.at_end.contains(p))
+            && !self.open_upstream()
+    }
+
+    /// Whether a partition held has records past this member's position that are not
+    /// readable yet: a writer's open transaction (read_committed stops at the last stable
+    /// offset, the high watermark is past it). Its records arrive when it commits, typically
+    /// soon (a parser's next sums while this aggregator merges its last); waiting for them, at
+    /// most the batch's `max_wait`, writes their consumers once instead of twice. Both figures
+    /// are the client's own, from its last fetch: no request. A partition this member has
+    /// read nothing from since it was assigned has no known position and counts as not open.
+    fn open_upstream(&self) -> bool {
+        let Ok(positions) = self.consumer.position() else {
+            return false;
+        };
+        positions.elements().iter().any(|e| {
+            let Offset::Offset(at) = e.offset() else {
+                return false;
+            };
+            self.assigned.contains(&e.partition())
+                && crate::kafka::cached_watermarks(
+                    self.consumer.client(),
+                    &self.topic,
+                    e.partition(),
+                )
+                .is_some_and(|(_, high)| high > at)
+        })
     }
 
     /// Applies assignment changes: revoked partitions leave the batch, the stash and the

@@ -220,3 +220,29 @@ pub fn position_of<C: rdkafka::consumer::ConsumerContext>(
         })
         .unwrap_or(0))
 }
+
+/// The low and high watermarks of `topic` / `partition` as `client` last saw them (from its
+/// fetches: no request), or `None` when it has none yet. rdkafka has no safe wrapper for
+/// librdkafka's `rd_kafka_get_watermark_offsets`.
+pub fn cached_watermarks<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is alive for `client`'s lifetime, the topic is a
+    // NUL-terminated string that outlives the call, and librdkafka only writes the two i64s.
+    #[allow(unsafe_code)]
+    let error = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            client.native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some((low, high))
+}

@@ -1,10 +1,27 @@
 //! A bounded open-addressing map from consumer id to partial sum.
 //!
 //! Keys are non-negative `i64`, so `u64::MAX` marks an empty slot; a multiplicative hash and
-//! linear probing keep one probe to one cache line in the common case. The table has at least
-//! twice as many slots as the key cap, so probes stay short even when full.
+//! linear probing keep one probe to one cache line in the common case. The table starts small
+//! and doubles while it is at most half full, up to twice the key cap rounded up to a power of
+//! two: probes stay short, and memory follows the keys held, never past
+//! [`BYTES_PER_KEY`] per key of the cap.
 
 const EMPTY: u64 = u64::MAX;
+
+/// Slots a new table starts with (4 KiB), unless its cap needs fewer.
+const INITIAL_SLOTS: usize = 256;
+
+/// Most bytes a table takes per key of its cap: 16-byte slots, at most four per key (twice the
+/// cap, rounded up to a power of two). A memory budget of `B` bytes holds `B / BYTES_PER_KEY`
+/// keys ([`keys_within`]).
+pub const BYTES_PER_KEY: usize = 64;
+
+/// The key cap whose tables stay within `bytes` ([`BYTES_PER_KEY`]), at least 1.
+pub fn keys_within(bytes: u64) -> usize {
+    usize::try_from(bytes / BYTES_PER_KEY as u64)
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
 
 /// What [`SumMap::add`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,18 +43,45 @@ pub struct SumMap {
     shift: u32,
     len: usize,
     keys_max: usize,
+    /// The size the table may grow to.
+    slots_max: usize,
 }
 
 impl SumMap {
     /// An empty map that holds at most `keys_max` (≥ 1) keys.
     pub fn new(keys_max: usize) -> Self {
         let keys_max = keys_max.max(1);
-        let slots = (keys_max * 2).next_power_of_two().max(16);
+        let slots_max = keys_max.saturating_mul(2).next_power_of_two().max(16);
+        let slots = slots_max.min(INITIAL_SLOTS);
         Self {
             slots: vec![(EMPTY, 0); slots],
             shift: 64 - slots.trailing_zeros(),
             len: 0,
             keys_max,
+            slots_max,
+        }
+    }
+
+    /// Bytes the table takes now.
+    pub fn bytes(&self) -> usize {
+        self.slots.len() * std::mem::size_of::<(u64, i64)>()
+    }
+
+    /// Doubles the table and places every key again.
+    #[cold]
+    fn grow(&mut self) {
+        let size = self.slots.len() * 2;
+        let old = std::mem::replace(&mut self.slots, vec![(EMPTY, 0); size]);
+        self.shift = 64 - size.trailing_zeros();
+        let mask = size - 1;
+        for (key, sum) in old {
+            if key != EMPTY {
+                let mut i = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize;
+                while self.slots[i].0 != EMPTY {
+                    i = (i + 1) & mask;
+                }
+                self.slots[i] = (key, sum);
+            }
         }
     }
 
@@ -73,6 +117,11 @@ impl SumMap {
                 if self.len == self.keys_max {
                     return Added::Full;
                 }
+                if (self.len + 1) * 2 > self.slots.len() && self.slots.len() < self.slots_max {
+                    self.grow();
+                    return self.add(key as i64, amount);
+                }
+                let slot = &mut self.slots[i];
                 *slot = (key, amount);
                 self.len += 1;
                 return Added::Ok;
@@ -125,6 +174,26 @@ mod tests {
         let mut out = Vec::new();
         map.drain_into(&mut out);
         assert_eq!(out, vec![(0, 1)]);
+    }
+
+    #[test]
+    fn the_table_grows_with_its_keys_and_stays_within_its_budget() {
+        let keys_max = keys_within(64 << 20);
+        let mut map = SumMap::new(keys_max);
+        assert_eq!(map.bytes(), INITIAL_SLOTS * 16);
+        for k in 0..100_000 {
+            assert_eq!(map.add(k, 1), Added::Ok);
+        }
+        assert!(map.bytes() <= 4 * 100_000 * 16, "{} bytes", map.bytes());
+        for k in 100_000..keys_max as i64 {
+            assert_eq!(map.add(k, 1), Added::Ok);
+        }
+        assert_eq!(map.add(keys_max as i64, 1), Added::Full);
+        assert!(map.bytes() <= 64 << 20, "{} bytes", map.bytes());
+        let mut out = Vec::new();
+        map.drain_into(&mut out);
+        assert_eq!(out.len(), keys_max);
+        assert!(out.iter().all(|&(_, sum)| sum == 1));
     }
 
     #[test]

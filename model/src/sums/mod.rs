@@ -9,5 +9,5 @@ pub mod agg;
 mod map;
 mod merge;
 
-pub use map::{Added, SumMap};
+pub use map::{keys_within, Added, SumMap, BYTES_PER_KEY};
 pub use merge::{Leaving, Merger, LANES_MAX};

@@ -3,17 +3,19 @@
 //! `awk '{s[$1]+=$2} END {for (k in s) printf "%s %.0f\n", k, s[k]}' | sort -n` on well-formed
 //! input (awk sums in doubles: exact below 2^53), and a summary on stderr.
 //!
-//! Memory: the engine holds at most `--keys-max` keys; the printed result itself holds one
-//! entry per distinct consumer (it is the output).
+//! Memory: the engine's tables hold at most a quarter of `--memory-max` ([`EngineArgs`]); the
+//! printed result itself holds one entry per distinct consumer (it is the output).
 
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use tally_core::args::usable_memory;
 use tally_engine::source::FileSource;
 use tally_engine::stream::{sum_reader, STREAM_BLOCK_BYTES};
 use tally_engine::{BadLinePolicy, EngineConfig, EngineError, Stats};
+use tally_model::sums::keys_within;
 
 mod collect;
 mod progress;
@@ -35,10 +37,18 @@ pub struct SumArgs {
 /// Engine settings as flags (shared by `tally sum` and `tally parser`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct EngineArgs {
-    /// Most distinct consumer ids held in memory before partial sums are flushed. `tally
-    /// parser` holds up to this many again while it merges a transaction's units.
-    #[arg(long, env = "TALLY_KEYS_MAX", default_value_t = 1_000_000, value_parser = tally_core::args::positive_usize)]
-    pub keys_max: usize,
+    /// Memory for the per-consumer sums held before they leave, in bytes (`2GiB`, `512MiB`,
+    /// …). Less 32 MiB for the process itself, a quarter goes to the parse workers' tables;
+    /// `tally parser` and `tally standalone` give half to the table that merges a
+    /// transaction's units (the rest is left for mapped windows and Kafka's buffers). A table takes only what its keys need and at most 64
+    /// bytes per key of its share: 2 GiB hold 8M keys in the workers and 16M in the merge.
+    /// Default: 2 GiB, or three quarters of the container's memory limit when lower.
+    #[arg(long, env = "TALLY_MEMORY_MAX", value_parser = tally_core::args::bytes)]
+    pub memory_max: Option<u64>,
+    /// A key cap instead of `--memory-max` (configurations from before it): at most this many
+    /// keys in the workers' tables, and as many again in the merge.
+    #[arg(long, env = "TALLY_KEYS_MAX", value_parser = tally_core::args::positive_usize)]
+    pub keys_max: Option<usize>,
     /// Parse threads (default: all cores).
     #[arg(long, env = "TALLY_THREADS", value_parser = tally_core::args::positive_usize)]
     pub threads: Option<usize>,
@@ -58,11 +68,25 @@ impl EngineArgs {
     /// The engine configuration these flags describe.
     pub fn config(&self) -> EngineConfig {
         EngineConfig {
-            keys_max: self.keys_max,
+            keys_max: self
+                .keys_max
+                .unwrap_or_else(|| keys_within(usable_memory(self.memory_max()) / 4)),
             line_bytes_max: self.line_bytes_max as usize,
             chunk_bytes: self.chunk_bytes,
             bad_lines: self.bad_lines,
         }
+    }
+
+    /// Most keys of the table that merges one transaction's units (`tally parser`, `tally
+    /// standalone`).
+    pub fn merge_keys_max(&self) -> usize {
+        self.keys_max
+            .unwrap_or_else(|| keys_within(usable_memory(self.memory_max()) / 2))
+    }
+
+    /// The memory budget in bytes (`--memory-max`, or its default).
+    pub fn memory_max(&self) -> u64 {
+        tally_core::args::memory_budget(self.memory_max, 2 << 30)
     }
 
     /// A rayon pool with the configured thread count.

@@ -125,6 +125,8 @@ struct Parser<'a> {
     topics: Topics,
     data_root: PathBuf,
     config: EngineConfig,
+    /// Most keys merged per transaction ([`EngineArgs::merge_keys_max`]).
+    merge_keys_max: usize,
     pool: rayon::ThreadPool,
     done: DoneSet,
     sums_partitions: i32,
@@ -223,6 +225,7 @@ fn start_loop<'a>(
                 topics: topics.clone(),
                 data_root,
                 config: args.engine.config(),
+                merge_keys_max: args.engine.merge_keys_max(),
                 pool: args.engine.pool()?,
                 done: done_set,
                 sums_partitions,
@@ -276,7 +279,7 @@ impl Handler for Parser<'_> {
         let mut states = States::new();
         let mut txn = Txn {
             producer,
-            merger: Merger::new(self.sums_partitions as usize, self.config.keys_max),
+            merger: Merger::new(self.sums_partitions as usize, self.merge_keys_max),
             ends: Vec::new(),
         };
         for message in batch {
