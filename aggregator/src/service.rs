@@ -151,6 +151,7 @@ fn start_loop(
             weight: args.batch_bytes_max(),
             idle: flush,
             max_wait: flush,
+            wait_for_open: true,
         },
         consumer_options: vec![("max.poll.interval.ms", "300000".to_owned())],
     };

@@ -110,6 +110,7 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
             weight: args.batch_bytes_max as u64,
             idle: wait,
             max_wait: wait,
+            wait_for_open: true,
         },
         consumer_options: Vec::new(),
     };

@@ -161,14 +161,16 @@ impl Commit<Group> for Writer {
         };
         // Bounded: a connection that hangs (a half-open socket after a server crash) counts
         // as a failure; dropping the transaction rolls it back.
-        let attempt = self.handle.block_on(async {
-            tokio::time::timeout(
-                BATCH_TIMEOUT,
-                batch::apply_parallel(&self.pool, topic, batch, &checks, self.writers),
-            )
-            .await
-        });
-        match attempt.unwrap_or_else(|_| Err(anyhow::anyhow!("batch transaction timed out"))) {
+        let attempt = batch::apply_parallel(
+            &self.handle,
+            BATCH_TIMEOUT,
+            &self.pool,
+            topic,
+            batch,
+            &checks,
+            self.writers,
+        );
+        match attempt {
             Ok(applied) => Ok((applied, batch::next_offsets(batch))),
             Err(error) if error.is::<Gaps>() => {
                 tracing::error!(error = %error, "gap in the input: stopping");

@@ -115,6 +115,7 @@ fn a_batch_waits_for_a_transaction_open_upstream_then_ends_at_once() {
         weight: u64::MAX,
         idle: Duration::from_secs(20),
         max_wait: Duration::from_secs(20),
+        wait_for_open: true,
     };
     // The next batch with records in it (an empty poll ends an empty one).
     let mut next_batch = || {

@@ -33,6 +33,10 @@ pub struct BatchLimits {
     pub idle: Duration,
     /// Longest time a batch is collected, from its first record on.
     pub max_wait: Duration,
+    /// Whether a drained batch waits (up to `max_wait`) for a transaction open upstream on a
+    /// partition held: for stages that merge what they read (the aggregator, the db-client),
+    /// where waiting writes each consumer once instead of twice.
+    pub wait_for_open: bool,
 }
 
 /// The partitions this instance holds and what it knows of them.
@@ -195,7 +199,10 @@ impl Group {
                         self.at_end.insert(partition);
                     }
                     // Drained: no timer on the critical path.
-                    if !batch.is_empty() && self.drained() {
+                    if !batch.is_empty()
+                        && self.drained()
+                        && !(limits.wait_for_open && self.open_upstream())
+                    {
                         break;
                     }
                 }
@@ -235,13 +242,11 @@ impl Group {
         Ok(batch)
     }
 
-    /// Whether every partition held is at its end, none loading, nothing stashed, and no
-    /// transaction open upstream.
+    /// Whether every partition held is at its end, none loading, nothing stashed.
     fn drained(&self) -> bool {
         self.loading.is_empty()
             && self.stash.is_empty()
             && self.assigned.iter().all(|p| self.at_end.contains(p))
-            && !self.open_upstream()
     }
 
     /// Whether a partition held has records past this member's position that are not

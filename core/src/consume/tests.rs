@@ -160,6 +160,7 @@ fn limits(records: usize) -> BatchLimits {
         weight: u64::MAX,
         idle: Duration::ZERO,
         max_wait: Duration::ZERO,
+        wait_for_open: false,
     }
 }
 

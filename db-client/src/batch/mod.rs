@@ -75,17 +75,31 @@ pub struct Checks<'a> {
 /// skip their records (below the stored offsets). A consumer's records are all in one
 /// partition, so concurrent shares never touch the same totals row; they meet only on the
 /// ledger's unit rows, which each locks in unit-id order.
-pub async fn apply_parallel(
+///
+/// Each share runs on a thread of its own (its decode and pre-aggregation are CPU work that
+/// would otherwise hold the other shares' statements back), driving its transaction on
+/// `handle`'s runtime, within `timeout` (a share past it is rolled back and counts as
+/// failed). Blocking: call it from a thread that is no runtime worker.
+pub fn apply_parallel(
+    handle: &tokio::runtime::Handle,
+    timeout: std::time::Duration,
     pool: &PgPool,
     topic: &str,
     batch: &[OwnedMessage],
     checks: &Checks<'_>,
     writers: usize,
 ) -> anyhow::Result<Applied> {
+    let bounded = |share: &[OwnedMessage]| {
+        handle.block_on(async {
+            tokio::time::timeout(timeout, apply(pool, topic, share, checks))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("batch transaction timed out")))
+        })
+    };
     let partitions: BTreeSet<i32> = batch.iter().map(|m| m.partition()).collect();
     let writers = writers.clamp(1, partitions.len().max(1));
     if writers == 1 {
-        return apply(pool, topic, batch, checks).await;
+        return bounded(batch);
     }
     let share_of: HashMap<i32, usize> = partitions
         .iter()
@@ -96,10 +110,20 @@ pub async fn apply_parallel(
     for m in batch {
         shares[share_of[&m.partition()]].push(m.clone());
     }
-    let results = futures_util::future::join_all(
-        shares.iter().map(|share| apply(pool, topic, share, checks)),
-    )
-    .await;
+    let results: Vec<anyhow::Result<Applied>> = std::thread::scope(|scope| {
+        let running: Vec<_> = shares
+            .iter()
+            .map(|share| scope.spawn(|| bounded(share)))
+            .collect();
+        running
+            .into_iter()
+            .map(|writer| {
+                writer
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a database writer panicked")))
+            })
+            .collect()
+    });
     // A gap anywhere stops the stage, whatever else failed.
     if let Some(gaps) = results
         .iter()

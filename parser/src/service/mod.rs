@@ -186,6 +186,7 @@ fn start_loop<'a>(
             weight: args.units.txn_bytes_max,
             idle: Duration::from_millis(20),
             max_wait: Duration::from_secs(2),
+            wait_for_open: false,
         },
         consumer_options: vec![
             ("partition.assignment.strategy", "range".to_owned()),
@@ -282,6 +283,20 @@ impl Handler for Parser<'_> {
             merger: Merger::new(self.sums_partitions as usize, self.merge_keys_max),
             ends: Vec::new(),
         };
+        // The transaction shows as open on every sums partition from its start (an empty sums
+        // record each): an aggregator or db-client whose input is drained meanwhile waits for
+        // these sums (at most its interval) instead of writing its consumers without them
+        // and then again with them. The merged sums themselves leave only at the end.
+        let open = tally_model::codec::encode_sums(None, &[]);
+        for partition in 0..self.sums_partitions {
+            tally_core::txn::producer::send(
+                producer,
+                &self.topics.sums,
+                Some(partition),
+                None,
+                &open,
+            )?;
+        }
         for message in batch {
             let partition = message.partition();
             let decoded = match message.payload().map(serde_json::from_slice::<WorkUnit>) {
