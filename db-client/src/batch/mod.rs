@@ -69,7 +69,8 @@ pub struct Checks<'a> {
 }
 
 /// Writes one batch as up to `writers` database transactions that run at once, each for its
-/// own share of the batch's partitions (all records of a partition in one transaction). Each
+/// own share of the batch's partitions (all records of a partition in one transaction; shares
+/// balanced by payload bytes). Each
 /// transaction commits its partitions' offsets with their sums, so each is exactly once on its
 /// own: after a failure, the whole batch is applied again and the shares already committed
 /// skip their records (below the stored offsets). A consumer's records are all in one
@@ -101,10 +102,22 @@ pub fn apply_parallel(
     if writers == 1 {
         return bounded(batch);
     }
-    let share_of: HashMap<i32, usize> = partitions
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| (p, i % writers))
+    // Partitions to shares by payload bytes, largest first onto the lightest share: the
+    // shares end together instead of waiting for the one with the most consumers.
+    let mut bytes: BTreeMap<i32, usize> = BTreeMap::new();
+    for m in batch {
+        *bytes.entry(m.partition()).or_default() += m.payload().map_or(0, <[u8]>::len);
+    }
+    let mut order: Vec<(i32, usize)> = bytes.into_iter().collect();
+    order.sort_by_key(|&(p, b)| (std::cmp::Reverse(b), p));
+    let mut load = vec![0usize; writers];
+    let share_of: HashMap<i32, usize> = order
+        .into_iter()
+        .map(|(p, b)| {
+            let share = (0..writers).min_by_key(|&s| (load[s], s)).unwrap_or(0);
+            load[share] += b;
+            (p, share)
+        })
         .collect();
     let mut shares: Vec<Vec<OwnedMessage>> = vec![Vec::new(); writers];
     for m in batch {
