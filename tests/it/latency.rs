@@ -55,7 +55,7 @@ async fn drained_stages_commit_at_once_whatever_their_intervals() {
 fn a_batch_waits_for_a_transaction_open_upstream_then_ends_at_once() {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     use tally_core::consume::{BatchLimits, Group, PartitionState};
-    use tally_core::kafka::{self, TopicSpec};
+    use tally_core::kafka;
 
     struct Nothing;
     impl PartitionState for Nothing {}
@@ -64,19 +64,7 @@ fn a_batch_waits_for_a_transaction_open_upstream_then_ends_at_once() {
         &tally_testkit::services().kafka_bootstrap,
         &tally_testkit::unique("drain"),
     );
-    let topic = format!("{}.in", args.topic_prefix);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime
-        .block_on(kafka::ensure_topics(
-            &args,
-            &[TopicSpec {
-                name: topic.clone(),
-                partitions: 2,
-                compacted: false,
-                retention: None,
-            }],
-        ))
-        .unwrap();
+    let topic = crate::liveness::input_topic(&args);
     let writer = |name: &str| {
         let producer: BaseProducer = kafka::transactional_producer_config(
             &args,

@@ -27,7 +27,7 @@ fn watched(args: &KafkaArgs) -> (Liveness, Arc<Mutex<Vec<String>>>) {
 }
 
 /// Creates the pipeline's input topic `<prefix>.in`, two partitions; its name.
-fn input_topic(args: &KafkaArgs) -> String {
+pub(crate) fn input_topic(args: &KafkaArgs) -> String {
     let topic = format!("{}.in", args.topic_prefix);
     tokio::runtime::Runtime::new()
         .unwrap()
