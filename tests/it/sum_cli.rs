@@ -200,3 +200,41 @@ fn sum_shows_progress_on_a_terminal_only() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn totals_past_i64_and_many_consumers_print_in_id_order() {
+    let dir = temp_dir("sum-wide");
+    let file = dir.join("wide.txt");
+    let mut text = String::new();
+    let mut expected = std::collections::BTreeMap::<i64, i128>::new();
+    // 200k consumers, each twice, in a scrambled order (7919 is coprime to 200,000).
+    for round in 0..2i64 {
+        for i in 0..200_000i64 {
+            let id = (i * 7919 + round * 13) % 200_000;
+            text.push_str(&format!("{id} {}\n", i + 1));
+            *expected.entry(id).or_default() += i128::from(i + 1);
+        }
+    }
+    // One consumer's total leaves i64.
+    for _ in 0..3 {
+        text.push_str(&format!("7 {}\n", i64::MAX));
+        *expected.entry(7).or_default() += i128::from(i64::MAX);
+    }
+    std::fs::write(&file, text).unwrap();
+    let expected: String = expected
+        .iter()
+        .map(|(id, total)| format!("{id} {total}\n"))
+        .collect();
+
+    // A small key cap makes the workers flush many times mid-file.
+    for keys in ["1000000", "1000"] {
+        let out = tally()
+            .args(["sum", "--keys-max", keys])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), expected, "{keys}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

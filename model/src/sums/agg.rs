@@ -31,8 +31,11 @@ pub struct Partitioned {
     lens: Vec<u8>,
 }
 
+/// The partition of `id`, in `0..PARTITIONS`. A worker's flush drains its sums partition by
+/// partition, so a sink that shards by the same function receives each batch as a few long
+/// runs of one shard each.
 #[inline(always)]
-fn partition_of(id: i64) -> usize {
+pub fn partition_of(id: i64) -> usize {
     // A different multiplier from SumMap's slot hash, so ids of one partition still spread
     // over their table's slots.
     ((id as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93) >> (64 - PARTITIONS.trailing_zeros())) as usize

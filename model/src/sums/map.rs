@@ -73,16 +73,28 @@ impl SumMap {
         let size = self.slots.len() * 2;
         let old = std::mem::replace(&mut self.slots, vec![(EMPTY, 0); size]);
         self.shift = 64 - size.trailing_zeros();
-        let mask = size - 1;
         for (key, sum) in old {
             if key != EMPTY {
-                let mut i = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize;
-                while self.slots[i].0 != EMPTY {
-                    i = (i + 1) & mask;
-                }
+                let i = self.free_slot_for(key);
                 self.slots[i] = (key, sum);
             }
         }
+    }
+
+    /// The slot `key`'s probe starts at.
+    #[inline(always)]
+    fn home(&self, key: u64) -> usize {
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+    }
+
+    /// The first empty slot on `key`'s probe (`key` not in the table).
+    fn free_slot_for(&self, key: u64) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        while self.slots[i].0 != EMPTY {
+            i = (i + 1) & mask;
+        }
+        i
     }
 
     /// Number of keys held.
@@ -96,14 +108,17 @@ impl SumMap {
     }
 
     /// Adds `amount` to `key`'s sum. `key` must be non-negative.
+    ///
+    /// The hot path (the key is present) is inlined into the caller's loop; a new key goes to
+    /// [`SumMap::insert`], out of line, so that growing never blocks the inlining.
     #[inline(always)]
     pub fn add(&mut self, key: i64, amount: i64) -> Added {
         debug_assert!(key >= 0);
         let key = key as u64;
         let mask = self.slots.len() - 1;
-        let mut i = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize;
+        let mut i = self.home(key);
         loop {
-            let slot = &mut self.slots[i];
+            let slot = &mut self.slots[i & mask];
             if slot.0 == key {
                 return match slot.1.checked_add(amount) {
                     Some(sum) => {
@@ -114,20 +129,26 @@ impl SumMap {
                 };
             }
             if slot.0 == EMPTY {
-                if self.len == self.keys_max {
-                    return Added::Full;
-                }
-                if (self.len + 1) * 2 > self.slots.len() && self.slots.len() < self.slots_max {
-                    self.grow();
-                    return self.add(key as i64, amount);
-                }
-                let slot = &mut self.slots[i];
-                *slot = (key, amount);
-                self.len += 1;
-                return Added::Ok;
+                return self.insert(i & mask, key, amount);
             }
-            i = (i + 1) & mask;
+            i += 1;
         }
+    }
+
+    /// Places a new `key` whose probe ended at the empty slot `i`: grows the table first when
+    /// it would pass half full.
+    #[inline(never)]
+    fn insert(&mut self, mut i: usize, key: u64, amount: i64) -> Added {
+        if self.len == self.keys_max {
+            return Added::Full;
+        }
+        if (self.len + 1) * 2 > self.slots.len() && self.slots.len() < self.slots_max {
+            self.grow();
+            i = self.free_slot_for(key);
+        }
+        self.slots[i] = (key, amount);
+        self.len += 1;
+        Added::Ok
     }
 
     /// Moves every `(key, sum)` out, leaving the map empty.

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use rayon::slice::ParallelSliceMut;
 use tally_engine::{BadLine, Reason, Sink, Stopped};
+use tally_model::sums::agg;
 
 /// Bad lines printed in detail on stderr; the rest are counted.
 const BAD_LINES_SHOWN: u64 = 100;
@@ -13,14 +15,16 @@ const BAD_LINES_SHOWN: u64 = 100;
 ///
 /// The result holds one entry per distinct consumer (it is the output). With millions of
 /// consumers one map behind one lock would make every added pair a cache miss under
-/// contention, so it is sharded by a hash of the id: a batch is scattered by shard first, then
-/// each shard is updated in one burst under its own lock.
+/// contention, so it is sharded by the engine's own partition function
+/// ([`agg::partition_of`]): a worker drains its sums partition by partition, so a batch is a
+/// few long runs of one shard each, and each run is applied in one burst, under its shard's
+/// lock, to a table that stays in cache for the run.
 pub(super) struct Collect {
     shards: Vec<Mutex<HashMap<i64, i128, BuildIdHasher>>>,
     pub(super) bad: Mutex<BadCounts>,
 }
 
-const SHARDS: usize = 1024;
+const SHARDS: usize = agg::PARTITIONS;
 
 impl Collect {
     pub(super) fn new() -> Self {
@@ -32,18 +36,24 @@ impl Collect {
         }
     }
 
-    pub(super) fn into_sorted(self) -> Vec<(i64, i128)> {
-        let mut all: Vec<(i64, i128)> = Vec::new();
-        for shard in self.shards {
-            all.extend(shard.into_inner().unwrap_or_else(|p| p.into_inner()));
+    /// Every total, sorted by consumer id on `pool`'s threads.
+    pub(super) fn into_sorted(self, pool: &rayon::ThreadPool) -> Vec<(i64, i128)> {
+        let shards: Vec<_> = self
+            .shards
+            .into_iter()
+            .map(|shard| shard.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let mut all = Vec::with_capacity(shards.iter().map(HashMap::len).sum());
+        for shard in shards {
+            all.extend(shard);
         }
-        all.sort_unstable_by_key(|&(id, _)| id);
+        pool.install(|| all.par_sort_unstable_by_key(|&(id, _)| id));
         all
     }
 }
 
 fn shard_of(id: i64) -> usize {
-    ((id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SHARDS.trailing_zeros())) as usize
+    agg::partition_of(id)
 }
 
 /// A multiplicative hash for integer keys: SipHash's DoS resistance buys nothing for data
@@ -71,8 +81,10 @@ impl std::hash::Hasher for IdHasher {
         }
     }
     fn write_i64(&mut self, i: i64) {
-        // Mix, then fold the high bits down: hashbrown takes its bucket from the low bits.
-        let x = (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+        // Mix, then fold the high bits down: hashbrown takes its bucket from the low bits and
+        // its tag from the top 7. The multiplier differs from the shard's (whose top bits are
+        // the same for every id of a shard), so both vary within a shard.
+        let x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         self.0 = x ^ (x >> 29);
     }
 }

@@ -102,6 +102,25 @@ impl EngineArgs {
     }
 }
 
+/// Writes `id total` lines, formatted with `itoa` into a 1 MiB buffer (millions of lines: the
+/// `fmt` machinery would cost more than the sort before it).
+fn write_totals(out: &mut impl Write, totals: &[(i64, i128)]) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(1 << 20);
+    let (mut id_text, mut total_text) = (itoa::Buffer::new(), itoa::Buffer::new());
+    for &(id, total) in totals {
+        buf.extend_from_slice(id_text.format(id).as_bytes());
+        buf.push(b' ');
+        buf.extend_from_slice(total_text.format(total).as_bytes());
+        buf.push(b'\n');
+        if buf.len() > (1 << 20) - 64 {
+            out.write_all(&buf)?;
+            buf.clear();
+        }
+    }
+    out.write_all(&buf)?;
+    out.flush()
+}
+
 /// Runs `tally sum`: prints the totals on stdout, the summary on stderr.
 pub fn run(args: &SumArgs) -> anyhow::Result<()> {
     let config = args.engine.config();
@@ -157,13 +176,8 @@ pub fn run(args: &SumArgs) -> anyhow::Result<()> {
         .lock()
         .map(|mut b| std::mem::take(&mut *b))
         .unwrap_or_default();
-    let totals = sink.into_sorted();
-    let stdout = io::stdout();
-    let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
-    for (id, total) in &totals {
-        writeln!(out, "{id} {total}").context("cannot write output")?;
-    }
-    out.flush().context("cannot write output")?;
+    let totals = sink.into_sorted(&pool);
+    write_totals(&mut io::stdout().lock(), &totals).context("cannot write output")?;
 
     let mut reasons: Vec<_> = bad.by_reason.into_iter().collect();
     reasons.sort();
