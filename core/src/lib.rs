@@ -12,6 +12,8 @@
 //!   client errors are a broker outage rather than a failure;
 //! - [`metrics`]: every exported metric, declared once; [`http`]: `/metrics`, `/livez`,
 //!   `/readyz` of a long-running process (`--http-addr`);
+//! - [`server`]: the public HTTP servers' accept loop with connection bounds, TLS and bearer
+//!   tokens (`producer serve`, `api`);
 //! - [`backlog`]: what a consumer group has not finished on a topic (lag, in records or bytes);
 //! - [`schema`]: the database migrations (`migrations/`), applied by the db-client and
 //!   standalone at start-up and by `tally migrate`/`init`;
@@ -32,6 +34,7 @@ pub mod metrics;
 pub mod rebalance;
 pub mod redact;
 pub mod schema;
+pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topics;

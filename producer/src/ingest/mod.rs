@@ -15,7 +15,6 @@
 //! - [`tls`]: the certificate and key, for HTTPS.
 
 mod finish;
-mod listen;
 pub mod once;
 mod put;
 mod reply;
@@ -23,8 +22,6 @@ pub mod server;
 pub mod shared;
 pub mod store;
 pub mod throttle;
-pub mod tls;
-pub mod tokens;
 pub mod upload;
 
 use std::net::SocketAddr;
@@ -34,6 +31,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tally_core::liveness::Liveness;
+use tally_core::server::{every, listen, tls, tokens};
 use tally_core::shutdown::CancellationToken;
 use tally_core::{KafkaArgs, LivenessArgs};
 
@@ -128,20 +126,6 @@ pub struct ServeArgs {
 /// short `--partial-ttl-s`.
 fn sweep_every(partial_ttl: Duration) -> Duration {
     (partial_ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
-}
-
-/// Runs `work` on a blocking thread every `period` until `shutdown`, one run at a time.
-fn every(period: Duration, shutdown: &CancellationToken, work: impl Fn() + Clone + Send + 'static) {
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        while !token.is_cancelled() {
-            tokio::select! {
-                () = token.cancelled() => break,
-                () = tokio::time::sleep(period) => {}
-            }
-            let _ = tokio::task::spawn_blocking(work.clone()).await;
-        }
-    });
 }
 
 /// Serves until `shutdown` (blocking; call on a blocking thread).

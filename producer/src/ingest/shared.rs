@@ -12,9 +12,9 @@ use tally_core::metrics as m;
 use super::once::{self, Ingested, Mark};
 use super::store::{Record, State as Stage, Store};
 use super::throttle;
-use super::tokens::Tokens;
 use crate::announce::{self, Also, Announcer, Split};
 use crate::protocol;
+use tally_core::server::tokens::Tokens;
 
 /// The limits of one server.
 #[derive(Debug, Clone)]

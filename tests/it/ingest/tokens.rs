@@ -52,7 +52,7 @@ async fn a_bad_or_missing_tokens_file_leaves_no_token_valid() {
         .await;
         let (code, body) = readyz().await;
         assert_eq!(code, 503, "{what}: /readyz {body}");
-        assert!(body.contains("no upload token is valid"), "{what}: {body}");
+        assert!(body.contains("no token is valid"), "{what}: {body}");
         // A good file again: the token is back, and so is readiness.
         replace(&good);
         tally_testkit::eventually(Duration::from_secs(5), "the token back", || async {

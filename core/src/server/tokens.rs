@@ -1,4 +1,5 @@
-//! Who may upload: bearer tokens from `--tokens-file`, one `name token` per line (`#` starts a
+//! Who may call a public server (uploads to `tally producer serve`, reads from `tally api`):
+//! bearer tokens from `--tokens-file`, one `name token` per line (`#` starts a
 //! comment). The file is read again whenever its size or modification time changes (at every
 //! request, and every [`RELOAD_EVERY`] on a thread of its own), so tokens are added and revoked
 //! without a restart.
@@ -13,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::liveness::Liveness;
 use anyhow::{bail, Context};
-use tally_core::liveness::Liveness;
 
 /// Shortest token accepted.
 pub const TOKEN_CHARS_MIN: usize = 16;
@@ -122,7 +123,7 @@ impl Tokens {
                 }
                 Some(since) if since.elapsed() < REREAD_PAUSE => {}
                 Some(_) => {
-                    let reason = format!("no upload token is valid: {error:#}");
+                    let reason = format!("no token is valid: {error:#}");
                     tracing::error!(path = %self.path.display(), error = format!("{error:#}"), "the tokens file is bad: NO TOKEN IS VALID until it is fixed");
                     loaded.tokens.clear();
                     loaded.stamp = now;

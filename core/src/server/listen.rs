@@ -1,5 +1,5 @@
-//! The ingest server's connections: accepted, bounded and timed here, before any request
-//! reaches the handlers.
+//! A public server's connections (`tally producer serve`, `tally api`): accepted, bounded and
+//! timed here, before any request reaches the handlers.
 //!
 //! - **A limit below the open-file limit** (`--max-connections`, by default the soft
 //!   `RLIMIT_NOFILE` less a reserve for the server's own files and Kafka sockets). At the
@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use tally_core::shutdown::CancellationToken;
+use crate::shutdown::CancellationToken;
 
 /// Descriptors kept for the server's own files, Kafka sockets and the metrics listener.
 pub const FD_RESERVE: u64 = 256;
