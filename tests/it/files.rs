@@ -446,3 +446,36 @@ async fn a_file_truncated_while_it_is_parsed_is_rejected_and_the_parser_lives() 
         parser.log_text()
     );
 }
+
+/// A file in the watched folder that another producer announced and the pipeline counted
+/// before the watch saw it (held back by a lock file here; `producer serve` writing into the
+/// folder in practice): the watch's own announcement is skipped, no new done record comes, and
+/// the file must still be cleared from what the watch read before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_counted_before_the_watch_announced_it_is_still_cleared() {
+    let mut p = Pipeline::new("done-first").await;
+    let path = p.data.join("first.txt");
+    std::fs::write(p.data.join("first.txt.lock"), b"").unwrap();
+    std::fs::write(&path, b"4 10\n5 20\n").unwrap();
+    let _watch = p.spawn(
+        "watch",
+        &p.watch_args(&["--settle-ms", "0", "--after-done", "delete"]),
+    );
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    p.publish("1048576", &[path.to_str().unwrap()]).await;
+    p.wait_ingested(1, TIMEOUT).await;
+    // The watch reads the done record now, while the file is not pending yet.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(path.exists(), "deleted while locked");
+    std::fs::remove_file(p.data.join("first.txt.lock")).unwrap();
+    let logs = format!(
+        "the watch clears the counted file (logs in {})",
+        p.dir.display()
+    );
+    tally_testkit::eventually(Duration::from_secs(30), &logs, || async {
+        tally_testkit::holds(!path.exists(), || "still there".into())
+    })
+    .await;
+    assert_eq!(p.totals().await, HashMap::from([(4, 10), (5, 20)]), "once");
+}

@@ -1,8 +1,14 @@
 //! Reading `tally.done` to learn when every byte of a pending file version is done (summed or
 //! rejected), and how many bytes were rejected.
+//!
+//! A file can be done before the watch sees it pending: another producer (`producer serve`
+//! writing into the watched folder, an operator's `publish`) announced it first, and the
+//! parsers skip the watch's own, later announcement without a new done record. So the tracker
+//! keeps the latest done record of every stream in its folder for [`RECENT_KEEP`], and
+//! matches pending files against what it keeps, not only against records read in this poll.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -14,16 +20,24 @@ use tally_core::{KafkaArgs, Topics};
 use tally_model::identity;
 use tally_model::messages::StreamDone;
 
+/// How long a done record of a file in the folder is kept for a pending version to match: far
+/// longer than a file takes from landing in the folder to being announced by the watch.
+pub const RECENT_KEEP: Duration = Duration::from_secs(3600);
+
 /// Tracks `tally.done` to learn when every byte of a pending file version is done.
 pub(super) struct DoneTracker {
     consumer: BaseConsumer,
     topic: String,
+    /// The watched folder: only done records of files in it are kept.
+    dir: PathBuf,
+    /// The latest done record of each stream in the folder, with when it was read.
+    recent: HashMap<String, (StreamDone, Instant)>,
     /// Read errors (a broker outage), logged at a bounded rate.
     errors: Throttle,
 }
 
 impl DoneTracker {
-    pub(super) fn new(kafka: &KafkaArgs, topics: &Topics) -> anyhow::Result<Self> {
+    pub(super) fn new(kafka: &KafkaArgs, topics: &Topics, dir: &Path) -> anyhow::Result<Self> {
         let group = format!("{}.producer-done-reader", topics.parser_group);
         let consumer = tally_core::kafka::reader(kafka, &group, tally_core::kafka::Ends::Silent)?;
         let metadata = consumer
@@ -42,6 +56,8 @@ impl DoneTracker {
         Ok(Self {
             consumer,
             topic: topics.done.clone(),
+            dir: dir.to_path_buf(),
+            recent: HashMap::new(),
             errors: Throttle::new(Duration::from_secs(10)),
         })
     }
@@ -78,33 +94,60 @@ impl DoneTracker {
             else {
                 continue;
             };
-            for (id, (_, stream)) in pending {
-                if *id == done.file_id && done.finished(done.file_bytes) {
-                    complete.push(FileDone {
-                        id: id.clone(),
-                        file_bytes: done.file_bytes,
-                        rejected_bytes: done.rejected.bytes(),
-                        superseded: false,
-                    });
-                } else if *id != done.file_id
-                    && stream.as_deref() == Some(&done.stream)
-                    && identity::file_id_size(id).is_some_and(|size| done.file_bytes >= size)
-                {
-                    complete.push(FileDone {
-                        id: id.clone(),
-                        file_bytes: done.file_bytes,
-                        rejected_bytes: 0,
-                        superseded: true,
-                    });
-                }
+            // A later version counted instead: judged on records read now, never on kept
+            // ones (a kept record of an older version says nothing about a newer one).
+            complete.extend(pending.iter().filter_map(|(id, (_, stream))| {
+                (*id != done.file_id && stream.as_deref() == Some(&done.stream))
+                    .then(|| superseded_by(id, &done))?
+            }));
+            if pending.contains_key(&done.file_id) {
+                complete.extend(finished(&done));
+            }
+            if Path::new(&done.path).starts_with(&self.dir) {
+                self.recent
+                    .insert(done.stream.clone(), (done, Instant::now()));
             }
             if Instant::now() >= deadline {
                 break;
             }
         }
+        self.recent
+            .retain(|_, (_, seen)| seen.elapsed() < RECENT_KEEP);
+        // Every byte of the version itself done: also judged on the kept records of the folder
+        // (done before the version was pending).
+        complete.extend(self.recent.values().filter_map(|(done, _)| {
+            pending
+                .contains_key(&done.file_id)
+                .then(|| finished(done))?
+        }));
+        complete.sort_by(|a, b| a.id.cmp(&b.id));
+        complete.dedup_by(|a, b| a.id == b.id);
         liveness.positions(&self.consumer, &self.topic);
         complete
     }
+}
+
+/// The version `done` describes, when every byte of it is summed or rejected.
+fn finished(done: &StreamDone) -> Option<FileDone> {
+    done.finished(done.file_bytes).then(|| FileDone {
+        id: done.file_id.clone(),
+        file_bytes: done.file_bytes,
+        rejected_bytes: done.rejected.bytes(),
+        superseded: false,
+    })
+}
+
+/// The pending version `id` of `done`'s stream, when `done` (another version) already covers
+/// its size: a later version was counted instead.
+fn superseded_by(id: &str, done: &StreamDone) -> Option<FileDone> {
+    identity::file_id_size(id)
+        .is_some_and(|size| done.file_bytes >= size)
+        .then(|| FileDone {
+            id: id.to_string(),
+            file_bytes: done.file_bytes,
+            rejected_bytes: 0,
+            superseded: true,
+        })
 }
 
 /// A file version whose bytes are all done.

@@ -202,7 +202,7 @@ pub fn run(
     let connect = || -> anyhow::Result<_> {
         Ok((
             Announcer::new(kafka, &transactional_id)?,
-            DoneTracker::new(kafka, &topics)?,
+            DoneTracker::new(kafka, &topics, &dir)?,
         ))
     };
     let started = if args.once {
