@@ -35,6 +35,9 @@ enum Command {
     Aggregator(tally_aggregator::service::AggregatorArgs),
     /// DB-client stage: add sums to the totals in PostgreSQL, exactly once (a consumer group).
     DbClient(tally_db_client::service::DbClientArgs),
+    /// Usage over HTTP: queries with an OpenAPI document, from the totals in PostgreSQL
+    /// (stateless; run any number behind a load balancer).
+    Api(Box<tally_api::ApiArgs>),
     /// One process, PostgreSQL only (no Kafka): count a folder's files into the totals (and
     /// period totals), exactly once, as they appear.
     Standalone(Box<tally_standalone::StandaloneArgs>),
@@ -179,6 +182,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Aggregator(args) => {
             blocking_stage(move |token| tally_aggregator::service::run(&args, &token))
         }
+        Command::Api(args) => blocking_stage(move |token| tally_api::run(&args, &token)),
         Command::DbClient(args) => runtime()?.block_on(async move {
             let token = shutdown::on_signals();
             tally_db_client::service::run(&args, &token).await

@@ -20,7 +20,7 @@
 //! - [`redact`]: secrets redacted at the source and scrubbed from every line written;
 //! - [`telemetry`]: tracing set-up; [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
 //!
-//! Stage crates (`producer`, `parser`, `aggregator`, `db-client`) depend on this crate and never
+//! Stage crates (`producer`, `parser`, `aggregator`, `db-client`, `api`) depend on this crate and never
 //! on each other: Kafka topics are their only coupling.
 
 pub mod args;

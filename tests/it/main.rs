@@ -5,6 +5,7 @@
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
 
+mod api;
 mod broker;
 mod config;
 mod crash;

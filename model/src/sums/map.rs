@@ -110,7 +110,7 @@ impl SumMap {
     /// Adds `amount` to `key`'s sum. `key` must be non-negative.
     ///
     /// The hot path (the key is present) is inlined into the caller's loop; a new key goes to
-    /// [`SumMap::insert`], out of line, so that growing never blocks the inlining.
+    /// `SumMap::insert`, out of line, so that growing never blocks the inlining.
     #[inline(always)]
     pub fn add(&mut self, key: i64, amount: i64) -> Added {
         debug_assert!(key >= 0);

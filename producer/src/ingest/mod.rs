@@ -9,10 +9,10 @@
 //!   already is answered "in already".
 //! - [`store`]: uploads on disk (`<dir>/.tmp`), their records and life.
 //! - [`throttle`]: backpressure from the parsers' backlog and the folder's free space.
-//! - [`tokens`]: who may write.
-//! - `listen`: connections accepted, bounded (a limit under the open-file limit, idle ones
-//!   evicted first) and timed in every phase; HTTP/1.1 only.
-//! - [`tls`]: the certificate and key, for HTTPS.
+//! - From tally-core's [`tally_core::server`], shared with `tally api`: [`tokens`] (who may
+//!   write), [`listen`] (connections accepted, bounded (a limit under the open-file limit, idle
+//!   ones evicted first) and timed in every phase; HTTP/1.1 only), [`tls`] (the certificate
+//!   and key, for HTTPS).
 
 mod finish;
 pub mod once;

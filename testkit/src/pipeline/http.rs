@@ -1,5 +1,5 @@
-//! Plain HTTP/1.1 from a test to a stage's `--http-addr` (`/metrics`, `/livez`, `/readyz`),
-//! and reading Prometheus text.
+//! Plain HTTP/1.1 from a test to a stage's `--http-addr` (`/metrics`, `/livez`, `/readyz`) or
+//! to `tally api`, and reading Prometheus text.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -17,13 +17,23 @@ pub fn free_port() -> u16 {
 
 /// `GET path` from `127.0.0.1:port`: (status, body); `None` if nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_with(port, path, &[])
+}
+
+/// `GET path` from `127.0.0.1:port` with extra `headers` (name, value): (status, body);
+/// `None` if nothing answers.
+pub fn http_get_with(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String)> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .ok()?;
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut response = String::new();

@@ -18,7 +18,7 @@ pub mod periods;
 mod stage;
 mod topics;
 
-pub use http::{free_port, http_get, sample, wait_http};
+pub use http::{free_port, http_get, http_get_with, sample, wait_http};
 pub use stage::Stage;
 pub use topics::{group_lag, read_committed, read_records, Record};
 

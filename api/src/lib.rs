@@ -1,0 +1,116 @@
+//! tally-api, the read side: `tally api` answers usage questions over HTTP from what the
+//! db-client committed to PostgreSQL. It holds no state of its own, so any number of replicas
+//! can run behind a load balancer.
+//!
+//! - [`routes`]: the endpoints (`/v1/…`, with their OpenAPI 3 document at `/v1/openapi.json`)
+//!   and the process's `/metrics`, `/livez`, `/readyz` on the same listener;
+//! - [`value`]: how totals are written in JSON (pure);
+//! - connections, TLS and read tokens come from [`tally_core::server`], shared with
+//!   `tally producer serve`: the same bounded accept loop, and a tokens file (`name token`
+//!   lines, not the ingest tokens) read again when it changes.
+//!
+//! Every value taken from a request is bound as a query parameter, never spliced into SQL.
+
+pub mod routes;
+pub mod value;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::PgPoolOptions;
+use tally_core::liveness::Liveness;
+use tally_core::server::{every, listen, tls, tokens};
+use tally_core::shutdown::CancellationToken;
+use tally_core::DatabaseArgs;
+
+/// Arguments of `tally api`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiArgs {
+    /// The database the db-client writes.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Address to listen on (the API, `/metrics`, `/livez` and `/readyz`).
+    #[arg(long, env = "TALLY_API_LISTEN", default_value = "127.0.0.1:8480")]
+    pub listen: SocketAddr,
+    /// Who may read: one `name token` per line (`#` comments); read again when it changes.
+    /// Keep these apart from the ingest tokens: a read token cannot upload.
+    #[arg(long, env = "TALLY_API_TOKENS_FILE")]
+    pub tokens_file: PathBuf,
+    /// Serve HTTPS with this certificate chain (PEM); needs `--tls-key-file`.
+    #[arg(long, env = "TALLY_API_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The certificate's private key (PEM, unencrypted).
+    #[arg(long, env = "TALLY_API_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PostgreSQL connections at most (queries wait for a free one).
+    #[arg(long, env = "TALLY_API_DATABASE_CONNECTIONS", default_value_t = 8, value_parser = tally_core::args::positive_u64)]
+    pub database_connections: u64,
+    /// Longest a query may run before the request fails with 503.
+    #[arg(long, env = "TALLY_API_QUERY_TIMEOUT_MS", default_value_t = 10_000, value_parser = tally_core::args::positive_u64)]
+    pub query_timeout_ms: u64,
+    /// Connections open at once; past it, a new one closes the oldest connection that never
+    /// completed a request (then the oldest idle one). Default: the open-file limit less 256.
+    #[arg(long, env = "TALLY_API_MAX_CONNECTIONS", value_parser = tally_core::args::positive_usize)]
+    pub max_connections: Option<usize>,
+    /// From a connection's accept to its first complete request head (TLS handshake
+    /// included), and for any request's headers.
+    #[arg(long, env = "TALLY_API_REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = tally_core::args::positive_u64)]
+    pub request_timeout_ms: u64,
+    /// A connection without a request in flight that sends and receives nothing for this long
+    /// is closed.
+    #[arg(long, env = "TALLY_API_IDLE_TIMEOUT_MS", default_value_t = 30_000, value_parser = tally_core::args::positive_u64)]
+    pub idle_timeout_ms: u64,
+}
+
+/// Serves until `shutdown` (blocking; call on a blocking thread).
+pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let liveness = Liveness::unwatched("api");
+    let tokens = tokens::Tokens::load(&args.tokens_file, Some(liveness.clone()))?;
+    let metrics =
+        tally_core::metrics::install("api").context("cannot install the metrics recorder")?;
+    let listener = std::net::TcpListener::bind(args.listen)
+        .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    let bounds = listen::Bounds {
+        max_connections: args
+            .max_connections
+            .unwrap_or_else(listen::default_max_connections),
+        request_timeout: Duration::from_millis(args.request_timeout_ms),
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime
+        .block_on(async move {
+            // Lazy: the API starts, and says it is not ready, while PostgreSQL is down.
+            let pool = PgPoolOptions::new()
+                .max_connections(u32::try_from(args.database_connections).unwrap_or(u32::MAX))
+                .acquire_timeout(Duration::from_millis(args.query_timeout_ms))
+                .connect_lazy_with(args.database.connect_options()?);
+            let state = Arc::new(routes::Api {
+                pool,
+                tokens,
+                liveness,
+                metrics,
+                query_timeout: Duration::from_millis(args.query_timeout_ms),
+            });
+            let watched = state.clone();
+            every(tokens::RELOAD_EVERY, shutdown, move || watched.tokens.refresh());
+            tracing::info!(addr = %bound, tls = tls.is_some(), database = %args.database.redacted_url(), max_connections = bounds.max_connections, "serving the API");
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let counts = Arc::new(listen::Counts::default());
+            listen::serve(listener, tls, routes::router(state), bounds, counts, shutdown.clone())
+                .await;
+            Ok::<(), anyhow::Error>(())
+        })
+        .context("the API server stopped")
+}

@@ -1,0 +1,182 @@
+//! The endpoints. `/v1/…` need a read token (`Authorization: Bearer …`); `/livez`, `/readyz`
+//! and `/metrics` do not (they say nothing about usage), as on every other stage.
+//!
+//! Errors are JSON `{"error": "…"}` with the status: 400 for a request that cannot be
+//! answered as asked (and why), 401 without a valid token, 404 for a consumer with no usage,
+//! 503 when PostgreSQL does not answer within `--query-timeout-ms`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use sqlx::PgPool;
+use tally_core::liveness::Liveness;
+use tally_core::server::tokens::Tokens;
+
+use crate::value;
+
+/// The OpenAPI 3 document of the `/v1` endpoints.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// What the handlers share.
+pub struct Api {
+    /// The database.
+    pub pool: PgPool,
+    /// Who may read.
+    pub tokens: Tokens,
+    /// Readiness conditions (a bad tokens file).
+    pub liveness: Liveness,
+    /// The process's metrics, for `/metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Longest a query may take.
+    pub query_timeout: Duration,
+}
+
+type Shared = Arc<Api>;
+
+/// The routes, on `state`.
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/consumers/{id}", get(consumer))
+        .route("/livez", get(|| async { "live\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { Refusal::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(state)
+}
+
+/// An answer other than 200: its status and why, sent as JSON `{"error": why}`.
+#[derive(Debug)]
+pub struct Refusal {
+    status: StatusCode,
+    why: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, why: impl Into<String>) -> Self {
+        Self {
+            status,
+            why: why.into(),
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(json!({ "error": self.why }))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// The caller's token name, or the 401.
+fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Refusal> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    api.tokens
+        .check(authorization)
+        .ok_or_else(|| Refusal::new(StatusCode::UNAUTHORIZED, "a valid read token is needed"))
+}
+
+/// Runs `query` within the query timeout; a failure is a 503 (logged, not shown: it may name
+/// the server).
+async fn timed<T>(
+    api: &Api,
+    query: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, Refusal> {
+    let failed = match tokio::time::timeout(api.query_timeout, query).await {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no answer within {:?}", api.query_timeout),
+    };
+    tracing::warn!(error = failed, "query failed");
+    Err(Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the database did not answer; try again",
+    ))
+}
+
+async fn openapi(State(api): State<Shared>, headers: HeaderMap) -> Result<Response, Refusal> {
+    authorize(&api, &headers)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response())
+}
+
+/// A consumer id from a path: a non-negative 64-bit integer, as in the data files.
+fn consumer_id(text: &str) -> Result<i64, Refusal> {
+    match text.parse::<i64>() {
+        Ok(id) if id >= 0 && !text.starts_with('+') => Ok(id),
+        _ => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("consumer id must be an integer from 0 to {}", i64::MAX),
+        )),
+    }
+}
+
+/// `GET /v1/consumers/{id}`: the running total.
+async fn consumer(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, Refusal> {
+    authorize(&api, &headers)?;
+    let id = consumer_id(&id)?;
+    let row: Option<(String, String)> = timed(
+        &api,
+        sqlx::query_as(
+            "SELECT total::text,
+                    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+             FROM consumer_totals WHERE consumer_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&api.pool),
+    )
+    .await?;
+    let (total, updated_at) = row.ok_or_else(|| {
+        Refusal::new(
+            StatusCode::NOT_FOUND,
+            format!("no usage recorded for consumer {id}"),
+        )
+    })?;
+    Ok(Json(json!({
+        "consumer_id": id,
+        "total": value::total(&total),
+        "updated_at": updated_at,
+    }))
+    .into_response())
+}
+
+/// `/readyz`: 200 while the tokens file is good and PostgreSQL answers.
+async fn readyz(State(api): State<Shared>) -> Response {
+    if let Some(reason) = api.liveness.unready_reason() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response();
+    }
+    let probe = sqlx::query("SELECT 1").execute(&api.pool);
+    match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        Ok(Ok(_)) => "ready\n".into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "PostgreSQL is not reachable\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(api): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        api.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,183 @@
+//! `tally api` beside a real pipeline: what it answers is what PostgreSQL holds, it answers
+//! nothing without a read token, and its OpenAPI document describes its real responses.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{free_port, http_get_with, wait_http, Pipeline};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const TOKEN: &str = "read-token-0123456789abcdef";
+
+/// `GET path` with the read token (or `token`): (status, JSON body).
+async fn get(port: u16, path: &str, token: Option<&str>) -> (u16, Value) {
+    let path = path.to_owned();
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("Authorization", b.as_str()))
+            .collect();
+        http_get_with(port, &path, &headers)
+    })
+    .await
+    .unwrap()
+    .expect("the API answers");
+    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    (status, json)
+}
+
+/// Checks `value` against the OpenAPI `schema` (the subset the document uses: `$ref`, `type`,
+/// `oneOf`, `required`, `properties`, `additionalProperties: false`, `minimum`).
+fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) {
+    if let Some(reference) = schema["$ref"].as_str() {
+        let name = reference.trim_start_matches("#/components/schemas/");
+        return conforms(doc, &doc["components"]["schemas"][name], value, at);
+    }
+    if let Some(choices) = schema["oneOf"].as_array() {
+        let fits = choices.iter().filter(|c| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| conforms(doc, c, value, at)))
+                .is_ok()
+        });
+        assert_eq!(
+            fits.count(),
+            1,
+            "{at}: {value} fits not exactly one of {schema}"
+        );
+        return;
+    }
+    match schema["type"].as_str() {
+        Some("object") => {
+            let object = value
+                .as_object()
+                .unwrap_or_else(|| panic!("{at}: {value} is no object"));
+            for key in schema["required"].as_array().into_iter().flatten() {
+                assert!(
+                    object.contains_key(key.as_str().unwrap()),
+                    "{at}: {key} missing"
+                );
+            }
+            for (key, field) in object {
+                match schema["properties"].get(key) {
+                    Some(property) => conforms(doc, property, field, &format!("{at}.{key}")),
+                    None => assert!(
+                        schema["additionalProperties"] != Value::Bool(false),
+                        "{at}: {key} is not in the document"
+                    ),
+                }
+            }
+        }
+        Some("integer") => {
+            assert!(
+                value.is_i64() || value.is_u64(),
+                "{at}: {value} is no integer"
+            );
+            if let Some(min) = schema["minimum"].as_i64() {
+                assert!(value.as_i64().unwrap() >= min, "{at}: {value} < {min}");
+            }
+        }
+        Some("string") => assert!(value.is_string(), "{at}: {value} is no string"),
+        other => panic!("{at}: schema type {other:?} not checked here"),
+    }
+}
+
+/// The schema of `path`'s GET answer with `status`, from the document.
+fn response_schema<'a>(doc: &'a Value, path: &str, status: &str) -> &'a Value {
+    let mut response = &doc["paths"][path]["get"]["responses"][status];
+    if let Some(reference) = response["$ref"].as_str() {
+        response = &doc["components"]["responses"]
+            [reference.trim_start_matches("#/components/responses/")];
+    }
+    &response["content"]["application/json"]["schema"]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_totals_are_what_postgres_holds_and_need_a_read_token() {
+    let mut p = Pipeline::new("api").await;
+    let big = i64::MAX;
+    let file = p.data.join("usage.txt");
+    std::fs::write(&file, format!("1 5\n2 7\n1 10\n7 {big}\n7 {big}\n")).unwrap();
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    p.publish("1048576", &[file.to_str().unwrap()]).await;
+    p.wait_ingested(1, TIMEOUT).await;
+
+    let tokens = p.dir.join("read-tokens");
+    std::fs::write(&tokens, format!("# readers\nconsole {TOKEN}\n")).unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let api = p.spawn(
+        "api",
+        &[
+            "api",
+            "--listen",
+            &listen,
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+        ],
+    );
+    wait_http(port, "/readyz", TIMEOUT, |status, _| status == 200).await;
+
+    // Without a token, or with a wrong one: nothing.
+    for token in [None, Some("read-token-0123456789abcdeX")] {
+        let (status, body) = get(port, "/v1/consumers/1", token).await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+
+    let (status, doc) = get(port, "/v1/openapi.json", Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+
+    let path = "/v1/consumers/{id}";
+    for id in [1i64, 2, 7] {
+        let (status, body) = get(port, &format!("/v1/consumers/{id}"), Some(TOKEN)).await;
+        assert_eq!(status, 200, "{body}");
+        conforms(&doc, response_schema(&doc, path, "200"), &body, "consumer");
+        let (total, updated): (String, f64) = sqlx::query_as(
+            "SELECT total::text, extract(epoch FROM updated_at)::float8 FROM consumer_totals
+             WHERE consumer_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&p.pool)
+        .await
+        .unwrap();
+        assert_eq!(body["consumer_id"], id);
+        let shown = match &body["total"] {
+            Value::String(s) => s.clone(),
+            number => number.to_string(),
+        };
+        assert_eq!(shown, total, "consumer {id}");
+        let at = body["updated_at"].as_str().unwrap();
+        assert!(at.ends_with('Z'), "{at}");
+        let parsed: f64 = sqlx::query_scalar("SELECT extract(epoch FROM $1::timestamptz)::float8")
+            .bind(at)
+            .fetch_one(&p.pool)
+            .await
+            .unwrap();
+        assert!((parsed - updated).abs() < 1e-5, "{at} against {updated}");
+    }
+    // Past 2^53 - 1 a total is a string, digit for digit.
+    let (_, body) = get(port, "/v1/consumers/7", Some(TOKEN)).await;
+    assert_eq!(body["total"], "18446744073709551614");
+    let (_, body) = get(port, "/v1/consumers/1", Some(TOKEN)).await;
+    assert_eq!(body["total"], 15);
+
+    for (asked, status) in [
+        ("/v1/consumers/99", 404),
+        ("/v1/consumers/abc", 400),
+        ("/v1/consumers/-1", 400),
+        ("/v1/consumers/9223372036854775808", 400),
+        ("/v1/consumers/1%27%20OR%201=1", 400),
+        ("/v1/nothing", 404),
+    ] {
+        let (got, body) = get(port, asked, Some(TOKEN)).await;
+        assert_eq!(got, status, "{asked}: {body}");
+        if asked.starts_with("/v1/consumers") {
+            let code = status.to_string();
+            conforms(&doc, response_schema(&doc, path, &code), &body, asked);
+        }
+    }
+    assert!(!api.log_text().contains(TOKEN), "a token in the log");
+}
