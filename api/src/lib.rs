@@ -4,6 +4,8 @@
 //!
 //! - [`routes`]: the endpoints (`/v1/…`, with their OpenAPI 3 document at `/v1/openapi.json`)
 //!   and the process's `/metrics`, `/livez`, `/readyz` on the same listener;
+//! - [`usage`]: usage per hour, day or month in any time zone the stored period allows, from
+//!   the period totals; [`window`]: such a request checked before it runs (pure);
 //! - [`value`]: how totals are written in JSON (pure);
 //! - connections, TLS and read tokens come from [`tally_core::server`], shared with
 //!   `tally producer serve`: the same bounded accept loop, and a tokens file (`name token`
@@ -12,7 +14,9 @@
 //! Every value taken from a request is bound as a query parameter, never spliced into SQL.
 
 pub mod routes;
+pub mod usage;
 pub mod value;
+pub mod window;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::postgres::PgPoolOptions;
+use tally_core::args::PeriodArgs;
 use tally_core::liveness::Liveness;
 use tally_core::server::{every, listen, tls, tokens};
 use tally_core::shutdown::CancellationToken;
@@ -32,6 +37,9 @@ pub struct ApiArgs {
     /// The database the db-client writes.
     #[command(flatten)]
     pub database: DatabaseArgs,
+    /// The stored period: what the parsers run with (the same env var).
+    #[command(flatten)]
+    pub period: PeriodArgs,
     /// Address to listen on (the API, `/metrics`, `/livez` and `/readyz`).
     #[arg(long, env = "TALLY_API_LISTEN", default_value = "127.0.0.1:8480")]
     pub listen: SocketAddr,
@@ -102,6 +110,8 @@ pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
                 liveness,
                 metrics,
                 query_timeout: Duration::from_millis(args.query_timeout_ms),
+                period: args.period.period,
+                zones: tokio::sync::OnceCell::new(),
             });
             let watched = state.clone();
             every(tokens::RELOAD_EVERY, shutdown, move || watched.tokens.refresh());

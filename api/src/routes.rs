@@ -5,6 +5,7 @@
 //! answered as asked (and why), 401 without a valid token, 404 for a consumer with no usage,
 //! 503 when PostgreSQL does not answer within `--query-timeout-ms`.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use tally_core::liveness::Liveness;
 use tally_core::server::tokens::Tokens;
+use tally_model::period::Period;
 
 use crate::value;
 
@@ -35,15 +37,23 @@ pub struct Api {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Longest a query may take.
     pub query_timeout: Duration,
+    /// The stored period (`--period`, as the parsers run).
+    pub period: Period,
+    /// The time zones PostgreSQL knows, read at the first request that names one.
+    pub zones: tokio::sync::OnceCell<HashSet<String>>,
 }
 
-type Shared = Arc<Api>;
+pub(crate) type Shared = Arc<Api>;
 
 /// The routes, on `state`.
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/consumers/{id}", get(consumer))
+        .route(
+            "/v1/consumers/{id}/usage",
+            get(crate::usage::consumer_usage),
+        )
         .route("/livez", get(|| async { "live\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -59,7 +69,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: StatusCode, why: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, why: impl Into<String>) -> Self {
         Self {
             status,
             why: why.into(),
@@ -81,7 +91,7 @@ impl IntoResponse for Refusal {
 }
 
 /// The caller's token name, or the 401.
-fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Refusal> {
+pub(crate) fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Refusal> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -92,7 +102,7 @@ fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Refusal> {
 
 /// Runs `query` within the query timeout; a failure is a 503 (logged, not shown: it may name
 /// the server).
-async fn timed<T>(
+pub(crate) async fn timed<T>(
     api: &Api,
     query: impl std::future::Future<Output = Result<T, sqlx::Error>>,
 ) -> Result<T, Refusal> {
@@ -114,7 +124,7 @@ async fn openapi(State(api): State<Shared>, headers: HeaderMap) -> Result<Respon
 }
 
 /// A consumer id from a path: a non-negative 64-bit integer, as in the data files.
-fn consumer_id(text: &str) -> Result<i64, Refusal> {
+pub(crate) fn consumer_id(text: &str) -> Result<i64, Refusal> {
     match text.parse::<i64>() {
         Ok(id) if id >= 0 && !text.starts_with('+') => Ok(id),
         _ => Err(Refusal::new(

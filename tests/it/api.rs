@@ -29,7 +29,7 @@ async fn get(port: u16, path: &str, token: Option<&str>) -> (u16, Value) {
 }
 
 /// Checks `value` against the OpenAPI `schema` (the subset the document uses: `$ref`, `type`,
-/// `oneOf`, `required`, `properties`, `additionalProperties: false`, `minimum`).
+/// `oneOf`, `required`, `properties`, `additionalProperties: false`, `minimum`, `items`).
 fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) {
     if let Some(reference) = schema["$ref"].as_str() {
         let name = reference.trim_start_matches("#/components/schemas/");
@@ -78,6 +78,14 @@ fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) {
             }
         }
         Some("string") => assert!(value.is_string(), "{at}: {value} is no string"),
+        Some("array") => {
+            let items = value
+                .as_array()
+                .unwrap_or_else(|| panic!("{at}: {value} is no array"));
+            for (i, item) in items.iter().enumerate() {
+                conforms(doc, &schema["items"], item, &format!("{at}[{i}]"));
+            }
+        }
         other => panic!("{at}: schema type {other:?} not checked here"),
     }
 }
@@ -103,21 +111,7 @@ async fn consumer_totals_are_what_postgres_holds_and_need_a_read_token() {
     p.publish("1048576", &[file.to_str().unwrap()]).await;
     p.wait_ingested(1, TIMEOUT).await;
 
-    let tokens = p.dir.join("read-tokens");
-    std::fs::write(&tokens, format!("# readers\nconsole {TOKEN}\n")).unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let api = p.spawn(
-        "api",
-        &[
-            "api",
-            "--listen",
-            &listen,
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-        ],
-    );
-    wait_http(port, "/readyz", TIMEOUT, |status, _| status == 200).await;
+    let (api, port) = start_api(&mut p).await;
 
     // Without a token, or with a wrong one: nothing.
     for token in [None, Some("read-token-0123456789abcdeX")] {
@@ -180,4 +174,172 @@ async fn consumer_totals_are_what_postgres_holds_and_need_a_read_token() {
         }
     }
     assert!(!api.log_text().contains(TOKEN), "a token in the log");
+}
+
+/// Starts `tally api` on `p` with a fresh read-tokens file; returns (stage, port).
+async fn start_api(p: &mut Pipeline) -> (crate::support::Stage, u16) {
+    let tokens = p.dir.join("read-tokens");
+    std::fs::write(&tokens, format!("# readers\nconsole {TOKEN}\n")).unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let api = p.spawn(
+        "api",
+        &[
+            "api",
+            "--listen",
+            &listen,
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+        ],
+    );
+    wait_http(port, "/readyz", TIMEOUT, |status, _| status == 200).await;
+    (api, port)
+}
+
+/// The usage values of an answer, by window start.
+fn windows(body: &Value) -> Vec<(String, i64)> {
+    body["usage"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"))
+        .iter()
+        .map(|w| {
+            (
+                w["window_start"].as_str().unwrap().to_owned(),
+                w["usage"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_per_window_is_cut_in_the_zone_asked_for_or_refused_with_why() {
+    use crate::support::periods::set_mtime;
+    let mut p = Pipeline::new("api-usage").await;
+    // 2026-11-01T00:00Z; Berlin is at +01:00 all month.
+    let day = 1_793_491_200;
+    let files = [
+        ("a.txt", day + 22 * 3600 + 1800, "1 5\n"), // Berlin Nov 1, 23:30
+        ("b.txt", day + 23 * 3600 + 600, "1 7\n"),  // Berlin Nov 2, 00:10
+        ("c.txt", day + 34 * 3600, "1 11\n2 3\n"),  // Berlin Nov 2, 11:00
+    ];
+    let mut paths = Vec::new();
+    for (name, time, text) in files {
+        let path = p.data.join(name);
+        std::fs::write(&path, text).unwrap();
+        set_mtime(&path, time);
+        paths.push(path.to_str().unwrap().to_owned());
+    }
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    p.publish("1048576", &paths).await;
+    p.wait_ingested(3, TIMEOUT).await;
+    let (_api, port) = start_api(&mut p).await;
+    let ask = |query: &str| format!("/v1/consumers/1/usage?{query}");
+
+    let (status, body) = get(
+        port,
+        &ask("from=2026-11-01T00:00:00%2B01:00&to=2026-11-03T00:00:00%2B01:00&window=day&tz=Europe/Berlin"),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        windows(&body),
+        [
+            ("2026-11-01T00:00:00+01:00".to_owned(), 5),
+            ("2026-11-02T00:00:00+01:00".to_owned(), 18)
+        ]
+    );
+    assert_eq!(body["usage"][1]["window_end"], "2026-11-03T00:00:00+01:00");
+    let (_, doc) = get(port, "/v1/openapi.json", Some(TOKEN)).await;
+    let path = "/v1/consumers/{id}/usage";
+    conforms(&doc, response_schema(&doc, path, "200"), &body, "usage");
+    assert_eq!(body["consumer_id"], 1);
+
+    let (_, body) = get(
+        port,
+        &ask("from=2026-11-01T00:00:00Z&to=2026-11-03T00:00:00Z&window=day"),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        windows(&body),
+        [
+            ("2026-11-01T00:00:00Z".to_owned(), 12),
+            ("2026-11-02T00:00:00Z".to_owned(), 11)
+        ]
+    );
+    // Hours, over a range that starts mid-day: windows with nothing are there, as 0.
+    let (_, body) = get(
+        port,
+        &ask("from=2026-11-01T21:00:00Z&to=2026-11-02T00:00:00Z&window=hour&tz=UTC"),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        windows(&body),
+        [
+            ("2026-11-01T21:00:00Z".to_owned(), 0),
+            ("2026-11-01T22:00:00Z".to_owned(), 5),
+            ("2026-11-01T23:00:00Z".to_owned(), 7)
+        ]
+    );
+    // The whole range adds up to what PostgreSQL holds for the consumer.
+    let (_, body) = get(
+        port,
+        &ask("from=2026-10-01T00:00:00Z&to=2026-12-01T00:00:00Z&window=month"),
+        Some(TOKEN),
+    )
+    .await;
+    let stored: String = sqlx::query_scalar(
+        "SELECT sum(total)::text FROM consumer_period_totals WHERE consumer_id = 1",
+    )
+    .fetch_one(&p.pool)
+    .await
+    .unwrap();
+    let months = windows(&body);
+    assert_eq!(
+        months.iter().map(|(_, u)| u).sum::<i64>().to_string(),
+        stored
+    );
+    assert_eq!(months[1], ("2026-11-01T00:00:00Z".to_owned(), 23));
+
+    // Refused, with why: a zone whose hours or days start inside the stored hours, a window
+    // finer than the period, a zone nobody knows, a range off the period grid.
+    for (query, why) in [
+        (
+            "from=2026-11-01T00:00:00Z&to=2026-11-02T00:00:00Z&window=hour&tz=Asia/Kolkata",
+            "inside stored periods",
+        ),
+        (
+            "from=2026-11-01T00:00:00Z&to=2026-11-03T00:00:00Z&window=day&tz=Asia/Kolkata",
+            "inside stored periods",
+        ),
+        (
+            "from=2026-11-01T00:00:00Z&to=2026-11-02T00:00:00Z&tz=Mars/Olympus",
+            "unknown time zone",
+        ),
+        (
+            "from=2026-11-01T00:30:00Z&to=2026-11-02T00:00:00Z",
+            "boundary",
+        ),
+        (
+            "from=2026-11-01T00:00:00Z&to=2026-11-02T00:00:00Z&window=week",
+            "hour, day or month",
+        ),
+        ("to=2026-11-02T00:00:00Z", "from is needed"),
+    ] {
+        let (status, body) = get(port, &ask(query), Some(TOKEN)).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        conforms(&doc, response_schema(&doc, path, "400"), &body, query);
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(why), "{query}: {error}");
+    }
+    let (status, _) = get(
+        port,
+        &ask("from=2026-11-01T00:00:00Z&to=2026-11-02T00:00:00Z"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 401);
 }
