@@ -6,6 +6,8 @@
 //!   and the process's `/metrics`, `/livez`, `/readyz` on the same listener;
 //! - [`usage`]: usage per hour, day or month in any time zone the stored period allows, from
 //!   the period totals; [`window`]: such a request checked before it runs (pure);
+//! - [`export`]: every consumer's usage per window, paged JSON with stable cursors or a CSV
+//!   export streamed in constant memory;
 //! - [`value`]: how totals are written in JSON (pure);
 //! - connections, TLS and read tokens come from [`tally_core::server`], shared with
 //!   `tally producer serve`: the same bounded accept loop, and a tokens file (`name token`
@@ -13,6 +15,7 @@
 //!
 //! Every value taken from a request is bound as a query parameter, never spliced into SQL.
 
+pub mod export;
 pub mod routes;
 pub mod usage;
 pub mod value;

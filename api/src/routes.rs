@@ -54,6 +54,7 @@ pub fn router(state: Shared) -> Router {
             "/v1/consumers/{id}/usage",
             get(crate::usage::consumer_usage),
         )
+        .route("/v1/usage", get(crate::export::all_usage))
         .route("/livez", get(|| async { "live\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -109,33 +109,24 @@ fn answer(usage: &Usage, rows: &[Row]) -> serde_json::Value {
     })
 }
 
-/// `GET /v1/consumers/{id}/usage?from=&to=&window=&tz=`.
-pub async fn consumer_usage(
-    State(api): State<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
-) -> Result<Response, Refusal> {
-    authorize(&api, &headers)?;
-    let id = consumer_id(&id)?;
-    let known = zones(&api).await?;
-    let usage = window::parse(&params, api.period, |tz| known.contains(tz))
-        .map_err(|why| Refusal::new(StatusCode::BAD_REQUEST, why))?;
-    let sql = windows_sql(
-        "SELECT coalesce(sum(c.total), 0) FROM consumer_period_totals c
-         WHERE c.consumer_id = $6
-           AND c.period_start >= greatest(w.start, to_timestamp($1))
-           AND c.period_start < least(w.stop, to_timestamp($2))",
-    );
+/// The windows of `usage` with `usage_of` (SQL; `$6` is bound to `consumer`) per window,
+/// checked to fall on stored period boundaries.
+async fn windows(
+    api: &crate::routes::Api,
+    usage: &Usage,
+    usage_of: &str,
+    consumer: i64,
+) -> Result<Vec<Row>, Refusal> {
+    let sql = windows_sql(usage_of);
     let rows: Vec<(i64, i64, i64, i64, String)> = timed(
-        &api,
+        api,
         sqlx::query_as(&sql)
             .bind(usage.from as f64)
             .bind(usage.to as f64)
             .bind(&usage.tz)
             .bind(usage.window.name())
             .bind(usage.window.step())
-            .bind(id)
+            .bind(consumer)
             .fetch_all(&api.pool),
     )
     .await?;
@@ -149,7 +140,45 @@ pub async fn consumer_usage(
             usage,
         })
         .collect();
-    check_aligned(&usage, &rows)?;
+    check_aligned(usage, &rows)?;
+    Ok(rows)
+}
+
+/// Reads and checks a usage request: its parameters, then its window boundaries against
+/// the stored periods (one query over the windows, no usage read).
+pub(crate) async fn checked(
+    api: &crate::routes::Api,
+    params: &HashMap<String, String>,
+) -> Result<Usage, Refusal> {
+    let known = zones(api).await?;
+    let usage = window::parse(params, api.period, |tz| known.contains(tz))
+        .map_err(|why| Refusal::new(StatusCode::BAD_REQUEST, why))?;
+    windows(api, &usage, "SELECT $6::bigint", 0).await?;
+    Ok(usage)
+}
+
+/// `GET /v1/consumers/{id}/usage?from=&to=&window=&tz=`.
+pub async fn consumer_usage(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, Refusal> {
+    authorize(&api, &headers)?;
+    let id = consumer_id(&id)?;
+    let known = zones(&api).await?;
+    let usage = window::parse(&params, api.period, |tz| known.contains(tz))
+        .map_err(|why| Refusal::new(StatusCode::BAD_REQUEST, why))?;
+    let rows = windows(
+        &api,
+        &usage,
+        "SELECT coalesce(sum(c.total), 0) FROM consumer_period_totals c
+         WHERE c.consumer_id = $6
+           AND c.period_start >= greatest(w.start, to_timestamp($1))
+           AND c.period_start < least(w.stop, to_timestamp($2))",
+        id,
+    )
+    .await?;
     let mut body = answer(&usage, &rows);
     body["consumer_id"] = json!(id);
     Ok(Json(body).into_response())

@@ -31,62 +31,70 @@ async fn get(port: u16, path: &str, token: Option<&str>) -> (u16, Value) {
 /// Checks `value` against the OpenAPI `schema` (the subset the document uses: `$ref`, `type`,
 /// `oneOf`, `required`, `properties`, `additionalProperties: false`, `minimum`, `items`).
 fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) {
+    if let Err(why) = check(doc, schema, value, at) {
+        panic!("not as documented: {why}");
+    }
+}
+
+/// [`conforms`], as a result: `Err(where and why)`.
+fn check(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    let fail = |why: String| Err(format!("{at}: {why}"));
     if let Some(reference) = schema["$ref"].as_str() {
         let name = reference.trim_start_matches("#/components/schemas/");
-        return conforms(doc, &doc["components"]["schemas"][name], value, at);
+        return check(doc, &doc["components"]["schemas"][name], value, at);
     }
     if let Some(choices) = schema["oneOf"].as_array() {
-        let fits = choices.iter().filter(|c| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| conforms(doc, c, value, at)))
-                .is_ok()
-        });
-        assert_eq!(
-            fits.count(),
-            1,
-            "{at}: {value} fits not exactly one of {schema}"
-        );
-        return;
+        let fits = choices
+            .iter()
+            .filter(|c| check(doc, c, value, at).is_ok())
+            .count();
+        return if fits == 1 {
+            Ok(())
+        } else {
+            fail(format!("{value} fits {fits} of {schema}"))
+        };
     }
     match schema["type"].as_str() {
         Some("object") => {
-            let object = value
-                .as_object()
-                .unwrap_or_else(|| panic!("{at}: {value} is no object"));
+            let Some(object) = value.as_object() else {
+                return fail(format!("{value} is no object"));
+            };
             for key in schema["required"].as_array().into_iter().flatten() {
-                assert!(
-                    object.contains_key(key.as_str().unwrap()),
-                    "{at}: {key} missing"
-                );
+                if !object.contains_key(key.as_str().unwrap_or_default()) {
+                    return fail(format!("{key} missing"));
+                }
             }
             for (key, field) in object {
                 match schema["properties"].get(key) {
-                    Some(property) => conforms(doc, property, field, &format!("{at}.{key}")),
-                    None => assert!(
-                        schema["additionalProperties"] != Value::Bool(false),
-                        "{at}: {key} is not in the document"
-                    ),
+                    Some(property) => check(doc, property, field, &format!("{at}.{key}"))?,
+                    None if schema["additionalProperties"] == Value::Bool(false) => {
+                        return fail(format!("{key} is not in the document"));
+                    }
+                    None => {}
                 }
             }
+            Ok(())
         }
-        Some("integer") => {
-            assert!(
-                value.is_i64() || value.is_u64(),
-                "{at}: {value} is no integer"
-            );
-            if let Some(min) = schema["minimum"].as_i64() {
-                assert!(value.as_i64().unwrap() >= min, "{at}: {value} < {min}");
-            }
+        Some("integer") if !(value.is_i64() || value.is_u64()) => {
+            fail(format!("{value} is no integer"))
         }
-        Some("string") => assert!(value.is_string(), "{at}: {value} is no string"),
+        Some("integer") => match (schema["minimum"].as_i64(), value.as_i64()) {
+            (Some(min), Some(n)) if n < min => fail(format!("{value} < {min}")),
+            _ => Ok(()),
+        },
+        Some("string") if !value.is_string() => fail(format!("{value} is no string")),
+        Some("null") if !value.is_null() => fail(format!("{value} is not null")),
+        Some("string" | "null") => Ok(()),
         Some("array") => {
-            let items = value
-                .as_array()
-                .unwrap_or_else(|| panic!("{at}: {value} is no array"));
+            let Some(items) = value.as_array() else {
+                return fail(format!("{value} is no array"));
+            };
             for (i, item) in items.iter().enumerate() {
-                conforms(doc, &schema["items"], item, &format!("{at}[{i}]"));
+                check(doc, &schema["items"], item, &format!("{at}[{i}]"))?;
             }
+            Ok(())
         }
-        other => panic!("{at}: schema type {other:?} not checked here"),
+        other => fail(format!("schema type {other:?} not checked here")),
     }
 }
 
@@ -176,6 +184,19 @@ async fn consumer_totals_are_what_postgres_holds_and_need_a_read_token() {
     assert!(!api.log_text().contains(TOKEN), "a token in the log");
 }
 
+/// `got` equals `expected`; else the first difference, not thousands of rows.
+fn same_rows(got: &[String], expected: &[String], what: &str) {
+    let first = got.iter().zip(expected).position(|(g, e)| g != e);
+    assert!(
+        first.is_none() && got.len() == expected.len(),
+        "{what}: {} rows for {}; first difference at {first:?}: {:?} for {:?}",
+        got.len(),
+        expected.len(),
+        first.map(|i| &got[i]),
+        first.map(|i| &expected[i]),
+    );
+}
+
 /// Starts `tally api` on `p` with a fresh read-tokens file; returns (stage, port).
 async fn start_api(p: &mut Pipeline) -> (crate::support::Stage, u16) {
     let tokens = p.dir.join("read-tokens");
@@ -222,8 +243,12 @@ async fn usage_per_window_is_cut_in_the_zone_asked_for_or_refused_with_why() {
         ("b.txt", day + 23 * 3600 + 600, "1 7\n"),  // Berlin Nov 2, 00:10
         ("c.txt", day + 34 * 3600, "1 11\n2 3\n"),  // Berlin Nov 2, 11:00
     ];
+    let many: String = (100..5100).map(|id| format!("{id} 2\n")).collect();
     let mut paths = Vec::new();
-    for (name, time, text) in files {
+    for (name, time, text) in files
+        .into_iter()
+        .chain([("d.txt", day + 34 * 3600, many.as_str())])
+    {
         let path = p.data.join(name);
         std::fs::write(&path, text).unwrap();
         set_mtime(&path, time);
@@ -232,7 +257,7 @@ async fn usage_per_window_is_cut_in_the_zone_asked_for_or_refused_with_why() {
     let _parser = p.spawn("parser", &p.parser_args("a"));
     let _db = p.spawn("db-client", &["db-client"]);
     p.publish("1048576", &paths).await;
-    p.wait_ingested(3, TIMEOUT).await;
+    p.wait_ingested(4, TIMEOUT).await;
     let (_api, port) = start_api(&mut p).await;
     let ask = |query: &str| format!("/v1/consumers/1/usage?{query}");
 
@@ -342,4 +367,73 @@ async fn usage_per_window_is_cut_in_the_zone_asked_for_or_refused_with_why() {
     )
     .await;
     assert_eq!(status, 401);
+
+    // Every consumer, per UTC day: paged JSON and the CSV export hold the same rows.
+    let mut expected = vec![
+        "1,2026-11-01T00:00:00Z,12".to_owned(),
+        "1,2026-11-02T00:00:00Z,11".to_owned(),
+        "2,2026-11-02T00:00:00Z,3".to_owned(),
+    ];
+    expected.extend((100..5100).map(|id| format!("{id},2026-11-02T00:00:00Z,2")));
+    let range = "from=2026-11-01T00:00:00Z&to=2026-11-03T00:00:00Z&window=day";
+    let mut paged = Vec::new();
+    let mut next = String::new();
+    let mut pages = 0;
+    loop {
+        let asked = format!("/v1/usage?{range}&limit=1000{next}");
+        let (status, body) = get(port, &asked, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{body}");
+        conforms(
+            &doc,
+            response_schema(&doc, "/v1/usage", "200"),
+            &body,
+            "page",
+        );
+        pages += 1;
+        for row in body["rows"].as_array().unwrap() {
+            paged.push(format!(
+                "{},{},{}",
+                row["consumer_id"],
+                row["window_start"].as_str().unwrap(),
+                row["usage"]
+            ));
+        }
+        match body["next_cursor"].as_str() {
+            Some(cursor) => next = format!("&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 6, "5003 rows in pages of 1000");
+    same_rows(&paged, &expected, "pages");
+    let bearer = format!("Bearer {TOKEN}");
+    let asked = format!("/v1/usage?{range}");
+    let (status, csv) = tokio::task::spawn_blocking(move || {
+        let headers = [("Authorization", bearer.as_str()), ("Accept", "text/csv")];
+        http_get_with(port, &asked, &headers)
+    })
+    .await
+    .unwrap()
+    .expect("the export ends with its last chunk");
+    assert_eq!(status, 200, "{csv}");
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("consumer_id,window_start,usage"));
+    same_rows(
+        &lines.map(str::to_owned).collect::<Vec<_>>(),
+        &expected,
+        "CSV",
+    );
+    for (query, why) in [
+        (format!("{range}&cursor=abc"), "bad cursor"),
+        (format!("{range}&limit=0"), "limit"),
+        (format!("{range}&limit=10001"), "limit"),
+        (
+            "from=2026-11-01T00:00:00Z&to=2026-11-02T00:00:00Z&window=hour&tz=Asia/Kolkata".into(),
+            "inside stored periods",
+        ),
+    ] {
+        let (status, body) = get(port, &format!("/v1/usage?{query}"), Some(TOKEN)).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(why), "{query}: {error}");
+    }
 }

@@ -20,7 +20,8 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     http_get_with(port, path, &[])
 }
 
-/// `GET path` from `127.0.0.1:port` with extra `headers` (name, value): (status, body);
+/// `GET path` from `127.0.0.1:port` with extra `headers` (name, value): (status, body, a
+/// chunked body decoded);
 /// `None` if nothing answers.
 pub fn http_get_with(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String)> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -39,8 +40,30 @@ pub fn http_get_with(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
     Some((status, body))
+}
+
+/// A chunked body decoded; `None` if it is cut short (no last chunk).
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 /// Polls `GET path` until `accept` takes the answer; panics with the last answer otherwise.

@@ -1,0 +1,206 @@
+//! `GET /v1/usage?from=&to=&window=&tz=&cursor=&limit=`: every consumer's usage per window,
+//! in `(consumer_id, window_start)` order.
+//!
+//! - JSON: pages of at most `limit` rows (default [`LIMIT_DEFAULT`], at most [`LIMIT_MAX`]),
+//!   each with the cursor of the next page. A cursor is the last row's key, so paging is stable
+//!   while ingestion goes on: a page never repeats or skips a key, and a row of a later page
+//!   shows its usage at the time it is read.
+//! - CSV (`Accept: text/csv`): all rows, streamed as PostgreSQL sends them, in constant
+//!   memory (a bounded channel between the query and the response body: a slow client slows
+//!   the query down, a gone one stops it). Header `consumer_id,window_start,usage`.
+//!
+//! Only consumers with usage in a window have a row for it. The request is checked as for a
+//! consumer's usage ([`crate::usage::checked`]).
+
+use std::collections::HashMap;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::TryStreamExt;
+use serde_json::json;
+
+use crate::routes::{authorize, timed, Refusal, Shared};
+use crate::usage::checked;
+use crate::value;
+use crate::window::{rfc3339, Usage};
+
+/// Rows per JSON page unless `limit` says otherwise.
+pub const LIMIT_DEFAULT: i64 = 1000;
+/// Most rows per JSON page.
+pub const LIMIT_MAX: i64 = 10_000;
+/// Bytes of CSV sent as one piece of the body.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// Rows after `($5, $6)` (consumer, window start in Unix seconds), in key order: consumer,
+/// window start, its zone offset, usage. Windows are cut by `date_trunc` in the zone, which
+/// the request check has shown to agree with the stored periods.
+const ROWS: &str = "
+    SELECT consumer_id, s, o, u FROM (
+        SELECT consumer_id,
+               extract(epoch FROM date_trunc($4, period_start, $3))::bigint AS s,
+               extract(epoch FROM date_trunc($4, period_start, $3) AT TIME ZONE $3)::bigint
+                 - extract(epoch FROM date_trunc($4, period_start, $3))::bigint AS o,
+               sum(total)::text AS u
+        FROM consumer_period_totals
+        WHERE period_start >= to_timestamp($1) AND period_start < to_timestamp($2)
+          AND consumer_id >= $5
+        GROUP BY 1, 2, 3
+    ) g
+    WHERE (consumer_id, s) > ($5, $6)
+    ORDER BY consumer_id, s";
+
+/// A page's cursor: the last row's key, `consumer.window_start`.
+fn cursor(text: &str) -> Result<(i64, i64), Refusal> {
+    text.split_once('.')
+        .and_then(|(id, start)| Some((id.parse().ok()?, start.parse().ok()?)))
+        .ok_or_else(|| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "bad cursor: pass next_cursor from the previous page as it is",
+            )
+        })
+}
+
+fn limit(params: &HashMap<String, String>) -> Result<i64, Refusal> {
+    match params.get("limit") {
+        None => Ok(LIMIT_DEFAULT),
+        Some(text) => match text.parse::<i64>() {
+            Ok(n) if (1..=LIMIT_MAX).contains(&n) => Ok(n),
+            _ => Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be from 1 to {LIMIT_MAX}"),
+            )),
+        },
+    }
+}
+
+fn wants_csv(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/csv"))
+}
+
+/// `GET /v1/usage`.
+pub async fn all_usage(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, Refusal> {
+    authorize(&api, &headers)?;
+    let usage = checked(&api, &params).await?;
+    let after = match params.get("cursor") {
+        Some(text) => cursor(text)?,
+        None => (0, i64::MIN),
+    };
+    if wants_csv(&headers) {
+        return Ok(csv(&api, usage, after));
+    }
+    let limit = limit(&params)?;
+    let sql = format!("{ROWS} LIMIT $7");
+    let rows: Vec<(i64, i64, i64, String)> = timed(
+        &api,
+        bind(sqlx::query_as(&sql), &usage, after)
+            .bind(limit)
+            .fetch_all(&api.pool),
+    )
+    .await?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|(id, start, _, _)| format!("{id}.{start}")))
+        .flatten();
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|(id, start, offset, total)| {
+            json!({
+                "consumer_id": id,
+                "window_start": rfc3339(*start, *offset),
+                "usage": value::total(total),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "window": usage.window.name(),
+        "tz": usage.tz,
+        "from": rfc3339(usage.from, 0),
+        "to": rfc3339(usage.to, 0),
+        "rows": rows,
+        "next_cursor": next,
+    }))
+    .into_response())
+}
+
+/// Binds the request's values to [`ROWS`].
+fn bind<'q, O>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    usage: &'q Usage,
+    after: (i64, i64),
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    query
+        .bind(usage.from as f64)
+        .bind(usage.to as f64)
+        .bind(&usage.tz)
+        .bind(usage.window.name())
+        .bind(after.0)
+        .bind(after.1)
+}
+
+/// The CSV export: a task runs the query and sends the body in pieces through a channel of
+/// two pieces, so memory stays constant whatever the number of rows.
+fn csv(api: &Shared, usage: Usage, after: (i64, i64)) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    let pool = api.pool.clone();
+    tokio::spawn(async move {
+        let mut piece = Vec::with_capacity(CHUNK_BYTES + 128);
+        piece.extend_from_slice(b"consumer_id,window_start,usage\n");
+        let mut rows = bind(
+            sqlx::query_as::<_, (i64, i64, i64, String)>(ROWS),
+            &usage,
+            after,
+        )
+        .fetch(&pool);
+        let mut id_text = itoa::Buffer::new();
+        loop {
+            match rows.try_next().await {
+                Ok(Some((id, start, offset, total))) => {
+                    piece.extend_from_slice(id_text.format(id).as_bytes());
+                    piece.push(b',');
+                    piece.extend_from_slice(rfc3339(start, offset).as_bytes());
+                    piece.push(b',');
+                    piece.extend_from_slice(total.as_bytes());
+                    piece.push(b'\n');
+                    if piece.len() >= CHUNK_BYTES {
+                        let full =
+                            std::mem::replace(&mut piece, Vec::with_capacity(CHUNK_BYTES + 128));
+                        if tx.send(Ok(Bytes::from(full))).await.is_err() {
+                            return; // the client is gone: the query stops with the stream
+                        }
+                    }
+                }
+                Ok(None) => {
+                    let _ = tx.send(Ok(Bytes::from(piece))).await;
+                    return;
+                }
+                Err(error) => {
+                    // The status line is sent: end the body short, so the client sees a
+                    // broken transfer, never a complete-looking partial export.
+                    tracing::warn!(%error, "CSV export failed");
+                    let _ = tx
+                        .send(Err(std::io::Error::other("the export query failed")))
+                        .await;
+                    return;
+                }
+            }
+        }
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|piece| (piece, rx))
+    });
+    (
+        [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
