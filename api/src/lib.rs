@@ -8,6 +8,7 @@
 //!   the period totals; [`window`]: such a request checked before it runs (pure);
 //! - [`export`]: every consumer's usage per window, paged JSON with stable cursors or a CSV
 //!   export streamed in constant memory;
+//! - [`files`]: the files ledger, newest first, in pages;
 //! - [`value`]: how totals are written in JSON (pure);
 //! - connections, TLS and read tokens come from [`tally_core::server`], shared with
 //!   `tally producer serve`: the same bounded accept loop, and a tokens file (`name token`
@@ -16,6 +17,7 @@
 //! Every value taken from a request is bound as a query parameter, never spliced into SQL.
 
 pub mod export;
+pub mod files;
 pub mod routes;
 pub mod usage;
 pub mod value;

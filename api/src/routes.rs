@@ -55,6 +55,7 @@ pub fn router(state: Shared) -> Router {
             get(crate::usage::consumer_usage),
         )
         .route("/v1/usage", get(crate::export::all_usage))
+        .route("/v1/files", get(crate::files::files))
         .route("/livez", get(|| async { "live\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -1,5 +1,7 @@
-//! `tally api` beside a real pipeline: what it answers is what PostgreSQL holds, it answers
-//! nothing without a read token, and its OpenAPI document describes its real responses.
+//! `tally api` beside a real pipeline: what it answers is what PostgreSQL holds (totals, usage
+//! per window in a zone, every consumer's usage in pages and as CSV, the files ledger), it
+//! refuses what it cannot answer exactly and says why, it answers nothing without a read
+//! token, and its OpenAPI document describes its real responses.
 
 use std::time::Duration;
 
@@ -232,8 +234,10 @@ fn windows(body: &Value) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// Windows cut in the zone asked for or refused with why; every consumer in pages and as
+/// CSV; the files ledger in pages.
 #[tokio::test(flavor = "multi_thread")]
-async fn usage_per_window_is_cut_in_the_zone_asked_for_or_refused_with_why() {
+async fn usage_per_window_pages_csv_and_files_are_what_postgres_holds() {
     use crate::support::periods::set_mtime;
     let mut p = Pipeline::new("api-usage").await;
     // 2026-11-01T00:00Z; Berlin is at +01:00 all month.
@@ -435,5 +439,47 @@ async fn usage_per_window_is_cut_in_the_zone_asked_for_or_refused_with_why() {
         assert_eq!(status, 400, "{query}: {body}");
         let error = body["error"].as_str().unwrap();
         assert!(error.contains(why), "{query}: {error}");
+    }
+
+    // The files ledger, newest first, in pages: what ingested_files holds.
+    let mut listed = Vec::new();
+    let mut next = String::new();
+    loop {
+        let (status, body) = get(port, &format!("/v1/files?limit=3{next}"), Some(TOKEN)).await;
+        assert_eq!(status, 200, "{body}");
+        conforms(
+            &doc,
+            response_schema(&doc, "/v1/files", "200"),
+            &body,
+            "files",
+        );
+        listed.extend(body["files"].as_array().unwrap().iter().cloned());
+        match body["next_cursor"].as_str() {
+            Some(cursor) => next = format!("&cursor={cursor}"),
+            None => break,
+        }
+    }
+    let ledger: Vec<(String, i64, i64, bool)> = sqlx::query_as(
+        "SELECT file_id, lines, bytes, complete FROM ingested_files
+         ORDER BY first_ingested_at DESC, file_id DESC",
+    )
+    .fetch_all(&p.pool)
+    .await
+    .unwrap();
+    assert_eq!(listed.len(), 4);
+    for (file, (id, lines, bytes, complete)) in listed.iter().zip(&ledger) {
+        assert_eq!(file["file_id"], id.as_str());
+        assert_eq!(file["lines"], *lines);
+        assert_eq!(file["bytes_counted"], *bytes);
+        assert_eq!(
+            file["state"],
+            if *complete { "complete" } else { "in-progress" }
+        );
+    }
+    let (_, body) = get(port, "/v1/files?state=in-progress", Some(TOKEN)).await;
+    assert_eq!(body["files"], serde_json::json!([]), "{body}");
+    for query in ["state=done", "limit=0", "cursor=x"] {
+        let (status, body) = get(port, &format!("/v1/files?{query}"), Some(TOKEN)).await;
+        assert_eq!(status, 400, "{query}: {body}");
     }
 }
