@@ -10,7 +10,7 @@
 //!   the query down, a gone one stops it). Header `consumer_id,window_start,usage`.
 //!
 //! Only consumers with usage in a window have a row for it. The request is checked as for a
-//! consumer's usage ([`crate::usage::checked`]).
+//! consumer's usage (`usage::checked`).
 
 use std::collections::HashMap;
 
