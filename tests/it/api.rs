@@ -248,11 +248,15 @@ async fn usage_per_window_pages_csv_and_files_are_what_postgres_holds() {
         ("c.txt", day + 34 * 3600, "1 11\n2 3\n"),  // Berlin Nov 2, 11:00
     ];
     let many: String = (100..5100).map(|id| format!("{id} 2\n")).collect();
+    // Consumer 3 in the two hours Berlin calls 02:00 (the fall-back of 2026-10-25).
+    let fall_back = 1_792_886_400; // 2026-10-25T00:00Z, 02:00 CEST
+    let extra = [
+        ("d.txt", day + 34 * 3600, many.as_str()),
+        ("e.txt", fall_back + 1800, "3 1\n"),
+        ("f.txt", fall_back + 3600 + 1800, "3 2\n"),
+    ];
     let mut paths = Vec::new();
-    for (name, time, text) in files
-        .into_iter()
-        .chain([("d.txt", day + 34 * 3600, many.as_str())])
-    {
+    for (name, time, text) in files.into_iter().chain(extra) {
         let path = p.data.join(name);
         std::fs::write(&path, text).unwrap();
         set_mtime(&path, time);
@@ -261,7 +265,7 @@ async fn usage_per_window_pages_csv_and_files_are_what_postgres_holds() {
     let _parser = p.spawn("parser", &p.parser_args("a"));
     let _db = p.spawn("db-client", &["db-client"]);
     p.publish("1048576", &paths).await;
-    p.wait_ingested(4, TIMEOUT).await;
+    p.wait_ingested(6, TIMEOUT).await;
     let (_api, port) = start_api(&mut p).await;
     let ask = |query: &str| format!("/v1/consumers/1/usage?{query}");
 
@@ -313,6 +317,27 @@ async fn usage_per_window_pages_csv_and_files_are_what_postgres_holds() {
             ("2026-11-01T23:00:00Z".to_owned(), 7)
         ]
     );
+    // Berlin's repeated hour is two windows, in a consumer's usage and in everyone's.
+    let hours = "from=2026-10-25T00:00:00Z&to=2026-10-25T02:00:00Z&window=hour&tz=Europe/Berlin";
+    let (_, body) = get(port, &format!("/v1/consumers/3/usage?{hours}"), Some(TOKEN)).await;
+    let twice = [
+        ("2026-10-25T02:00:00+02:00".to_owned(), 1),
+        ("2026-10-25T02:00:00+01:00".to_owned(), 2),
+    ];
+    assert_eq!(windows(&body), twice, "{body}");
+    let (_, body) = get(port, &format!("/v1/usage?{hours}"), Some(TOKEN)).await;
+    let rows: Vec<(String, i64)> = body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["window_start"].as_str().unwrap().to_owned(),
+                r["usage"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, twice, "{body}");
     // The whole range adds up to what PostgreSQL holds for the consumer.
     let (_, body) = get(
         port,
@@ -466,7 +491,7 @@ async fn usage_per_window_pages_csv_and_files_are_what_postgres_holds() {
     .fetch_all(&p.pool)
     .await
     .unwrap();
-    assert_eq!(listed.len(), 4);
+    assert_eq!(listed.len(), 6);
     for (file, (id, lines, bytes, complete)) in listed.iter().zip(&ledger) {
         assert_eq!(file["file_id"], id.as_str());
         assert_eq!(file["lines"], *lines);
