@@ -9,6 +9,7 @@
 //! - [`export`]: every consumer's usage per window, paged JSON with stable cursors or a CSV
 //!   export streamed in constant memory;
 //! - [`files`]: the files ledger, newest first, in pages;
+//! - [`dead`]: the dead letters, read from Kafka (they live only there) in pages;
 //! - [`value`]: how totals are written in JSON (pure);
 //! - connections, TLS and read tokens come from [`tally_core::server`], shared with
 //!   `tally producer serve`: the same bounded accept loop, and a tokens file (`name token`
@@ -16,6 +17,7 @@
 //!
 //! Every value taken from a request is bound as a query parameter, never spliced into SQL.
 
+pub mod dead;
 pub mod export;
 pub mod files;
 pub mod routes;
@@ -34,7 +36,7 @@ use tally_core::args::PeriodArgs;
 use tally_core::liveness::Liveness;
 use tally_core::server::{every, listen, tls, tokens};
 use tally_core::shutdown::CancellationToken;
-use tally_core::DatabaseArgs;
+use tally_core::{DatabaseArgs, KafkaArgs, Topics};
 
 /// Arguments of `tally api`.
 #[derive(Debug, Clone, clap::Args)]
@@ -42,6 +44,9 @@ pub struct ApiArgs {
     /// The database the db-client writes.
     #[command(flatten)]
     pub database: DatabaseArgs,
+    /// The brokers, for what lives only in Kafka (the dead letters).
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// The stored period: what the parsers run with (the same env var).
     #[command(flatten)]
     pub period: PeriodArgs,
@@ -116,6 +121,8 @@ pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
                 metrics,
                 query_timeout: Duration::from_millis(args.query_timeout_ms),
                 period: args.period.period,
+                kafka: args.kafka.clone(),
+                dead_letter_topic: Topics::new(&args.kafka.topic_prefix).dead_letter,
                 zones: tokio::sync::OnceCell::new(),
             });
             let watched = state.clone();

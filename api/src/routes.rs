@@ -39,6 +39,10 @@ pub struct Api {
     pub query_timeout: Duration,
     /// The stored period (`--period`, as the parsers run).
     pub period: Period,
+    /// The brokers (dead letters).
+    pub kafka: tally_core::KafkaArgs,
+    /// The dead-letter topic.
+    pub dead_letter_topic: String,
     /// The time zones PostgreSQL knows, read at the first request that names one.
     pub zones: tokio::sync::OnceCell<HashSet<String>>,
 }
@@ -56,6 +60,7 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/v1/usage", get(crate::export::all_usage))
         .route("/v1/files", get(crate::files::files))
+        .route("/v1/dead-letters", get(crate::dead::dead_letters))
         .route("/livez", get(|| async { "live\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

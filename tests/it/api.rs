@@ -86,7 +86,8 @@ fn check(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), Str
         },
         Some("string") if !value.is_string() => fail(format!("{value} is no string")),
         Some("null") if !value.is_null() => fail(format!("{value} is not null")),
-        Some("string" | "null") => Ok(()),
+        Some("boolean") if !value.is_boolean() => fail(format!("{value} is no boolean")),
+        Some("string" | "null" | "boolean") => Ok(()),
         Some("array") => {
             let Some(items) = value.as_array() else {
                 return fail(format!("{value} is no array"));
@@ -115,7 +116,11 @@ async fn consumer_totals_are_what_postgres_holds_and_need_a_read_token() {
     let mut p = Pipeline::new("api").await;
     let big = i64::MAX;
     let file = p.data.join("usage.txt");
-    std::fs::write(&file, format!("1 5\n2 7\n1 10\n7 {big}\n7 {big}\n")).unwrap();
+    std::fs::write(
+        &file,
+        format!("1 5\n2 7\noops\n1 10\n7 {big}\n1 -5\n7 {big}\n"),
+    )
+    .unwrap();
     let _parser = p.spawn("parser", &p.parser_args("a"));
     let _db = p.spawn("db-client", &["db-client"]);
     p.publish("1048576", &[file.to_str().unwrap()]).await;
@@ -183,6 +188,55 @@ async fn consumer_totals_are_what_postgres_holds_and_need_a_read_token() {
             conforms(&doc, response_schema(&doc, path, &code), &body, asked);
         }
     }
+    // The dead letters, from Kafka, a page of one at a time: what the topic holds.
+    let in_topic: Vec<Value> = p
+        .read_topic(&p.topics.dead_letter)
+        .iter()
+        .map(|(_, payload)| serde_json::from_slice(payload).unwrap())
+        .collect();
+    assert_eq!(in_topic.len(), 2, "{in_topic:?}");
+    let mut read = Vec::new();
+    let mut cursor = String::new();
+    for page in 0.. {
+        let (status, body) = get(
+            port,
+            &format!("/v1/dead-letters?limit=1{cursor}"),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        conforms(
+            &doc,
+            response_schema(&doc, "/v1/dead-letters", "200"),
+            &body,
+            "dead",
+        );
+        read.extend(
+            body["dead_letters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["record"].clone()),
+        );
+        cursor = format!("&cursor={}", body["next_cursor"].as_str().unwrap());
+        if body["end"] == true {
+            assert_eq!(page, 2, "two pages of one, then the end: {body}");
+            break;
+        }
+    }
+    assert_eq!(read, in_topic);
+    assert!(read.iter().all(|d| d["kind"] == "bad-line"), "{read:?}");
+    // Coming back later with the last cursor: nothing new, still the end.
+    let (_, body) = get(
+        port,
+        &format!("/v1/dead-letters?limit=1{cursor}"),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(body["dead_letters"], serde_json::json!([]), "{body}");
+    let (status, _) = get(port, "/v1/dead-letters?cursor=zz", Some(TOKEN)).await;
+    assert_eq!(status, 400);
+
     assert!(!api.log_text().contains(TOKEN), "a token in the log");
 }
 
