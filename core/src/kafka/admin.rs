@@ -18,6 +18,9 @@ pub enum AdminError {
     /// The create-topics request failed as a whole (broker unreachable, timeout).
     #[error("create-topics request failed")]
     Request(#[source] KafkaError),
+    /// A topic was created but did not show in the brokers' metadata in time.
+    #[error("topic {0} was created but is not in the brokers' metadata after 30 s")]
+    NotVisible(String),
     /// One topic could not be created.
     #[error("cannot create topic {topic}: {code}")]
     Topic {
@@ -41,7 +44,8 @@ pub struct TopicSpec {
     pub retention: Option<Duration>,
 }
 
-/// Creates the topics that do not exist yet. Existing topics are left as they are.
+/// Creates the topics that do not exist yet, and returns once every topic shows in the
+/// brokers' metadata. Existing topics are left as they are.
 pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec]) -> Result<(), AdminError> {
     let mut config = base_config(args);
     config.remove("acks");
@@ -81,8 +85,32 @@ pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec]) -> Result<(),
             Err((topic, code)) => return Err(AdminError::Topic { topic, code }),
         }
     }
-    Ok(())
+    // A created topic reaches the brokers' metadata a moment later: a client started right
+    // after `tally init` (a script's next line) must find it.
+    let deadline = std::time::Instant::now() + VISIBLE_WITHIN;
+    loop {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(5))
+            .map_err(AdminError::Request)?;
+        let missing = topics.iter().find(|t| {
+            !metadata
+                .topics()
+                .iter()
+                .any(|m| m.name() == t.name && m.error().is_none() && !m.partitions().is_empty())
+        });
+        match missing {
+            None => return Ok(()),
+            Some(t) if std::time::Instant::now() >= deadline => {
+                return Err(AdminError::NotVisible(t.name.clone()))
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
+
+/// How long a created topic may take to show in the brokers' metadata.
+const VISIBLE_WITHIN: Duration = Duration::from_secs(30);
 
 /// How long `tally init` keeps the records of the deleting topics by default: much longer
 /// than the broker's 7 days, so that a stage can be down for weeks before records it has not
