@@ -24,12 +24,12 @@ use serde_json::{json, Value};
 use tally_core::kafka::{reader, Ends};
 use tally_core::KafkaArgs;
 
-use crate::routes::{authorize, Refusal, Shared};
+use crate::routes::{authorize, page_limit, Refusal, Shared};
 
 /// Records per page unless `limit` says otherwise.
-pub const LIMIT_DEFAULT: usize = 100;
+pub const LIMIT_DEFAULT: i64 = 100;
 /// Most records per page.
-pub const LIMIT_MAX: usize = 1000;
+pub const LIMIT_MAX: i64 = 1000;
 
 /// A page: the records and every partition's next offset.
 struct Page {
@@ -61,7 +61,7 @@ fn read_page(
     kafka: &KafkaArgs,
     topic: &str,
     after: &BTreeMap<i32, i64>,
-    limit: usize,
+    limit: i64,
     within: Duration,
 ) -> anyhow::Result<Page> {
     let group = format!("{}.api-dead-letters", kafka.topic_prefix);
@@ -93,7 +93,7 @@ fn read_page(
         consumer.assign(&assignment)?;
     }
     let deadline = Instant::now() + within;
-    while !open.is_empty() && records.len() < limit {
+    while !open.is_empty() && (records.len() as i64) < limit {
         let Some(polled) = consumer.poll(deadline.saturating_duration_since(Instant::now())) else {
             anyhow::bail!("the dead-letter topic did not answer within {within:?}");
         };
@@ -131,11 +131,7 @@ pub async fn dead_letters(
 ) -> Result<Response, Refusal> {
     authorize(&api, &headers)?;
     let bad = |why: &str| Refusal::new(StatusCode::BAD_REQUEST, why);
-    let limit = match params.get("limit").map(|l| l.parse::<usize>()) {
-        None => LIMIT_DEFAULT,
-        Some(Ok(n)) if (1..=LIMIT_MAX).contains(&n) => n,
-        Some(_) => return Err(bad("limit must be from 1 to 1000")),
-    };
+    let limit = page_limit(&params, LIMIT_DEFAULT, LIMIT_MAX)?;
     let after = match params.get("cursor") {
         None => BTreeMap::new(),
         Some(text) => parse_cursor(text)

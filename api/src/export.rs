@@ -22,7 +22,7 @@ use axum::Json;
 use futures_util::TryStreamExt;
 use serde_json::json;
 
-use crate::routes::{authorize, timed, Refusal, Shared};
+use crate::routes::{authorize, page_limit, timed, Refusal, Shared};
 use crate::usage::checked;
 use crate::value;
 use crate::window::{rfc3339, Usage};
@@ -89,19 +89,6 @@ fn cursor(text: &str) -> Result<(i64, i64), Refusal> {
         })
 }
 
-fn limit(params: &HashMap<String, String>) -> Result<i64, Refusal> {
-    match params.get("limit") {
-        None => Ok(LIMIT_DEFAULT),
-        Some(text) => match text.parse::<i64>() {
-            Ok(n) if (1..=LIMIT_MAX).contains(&n) => Ok(n),
-            _ => Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                format!("limit must be from 1 to {LIMIT_MAX}"),
-            )),
-        },
-    }
-}
-
 fn wants_csv(headers: &HeaderMap) -> bool {
     headers
         .get(header::ACCEPT)
@@ -124,7 +111,7 @@ pub async fn all_usage(
     if wants_csv(&headers) {
         return Ok(csv(&api, usage, after));
     }
-    let limit = limit(&params)?;
+    let limit = page_limit(&params, LIMIT_DEFAULT, LIMIT_MAX)?;
     let rows: Vec<(i64, i64, i64, String)> = timed(
         &api,
         bind(sqlx::query_as(PAGE), &usage, after)

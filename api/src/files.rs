@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::routes::{authorize, timed, Refusal, Shared};
+use crate::routes::{authorize, page_limit, timed, Refusal, Shared};
 
 /// Files per page unless `limit` says otherwise.
 pub const LIMIT_DEFAULT: i64 = 100;
@@ -65,11 +65,7 @@ pub async fn files(
             )))
         }
     };
-    let limit = match params.get("limit").map(|l| l.parse::<i64>()) {
-        None => LIMIT_DEFAULT,
-        Some(Ok(n)) if (1..=LIMIT_MAX).contains(&n) => n,
-        Some(_) => return Err(bad(format!("limit must be from 1 to {LIMIT_MAX}"))),
-    };
+    let limit = page_limit(&params, LIMIT_DEFAULT, LIMIT_MAX)?;
     let after: (Option<i64>, String) = match params.get("cursor") {
         None => (None, String::new()),
         Some(text) => text

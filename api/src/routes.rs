@@ -130,6 +130,22 @@ async fn openapi(State(api): State<Shared>, headers: HeaderMap) -> Result<Respon
     Ok(([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response())
 }
 
+/// A page size from `params["limit"]`: `default` when absent, else 1 to `max`, or a 400.
+pub(crate) fn page_limit(
+    params: &std::collections::HashMap<String, String>,
+    default: i64,
+    max: i64,
+) -> Result<i64, Refusal> {
+    match params.get("limit").map(|l| l.parse::<i64>()) {
+        None => Ok(default),
+        Some(Ok(n)) if (1..=max).contains(&n) => Ok(n),
+        Some(_) => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be from 1 to {max}"),
+        )),
+    }
+}
+
 /// A consumer id from a path: a non-negative 64-bit integer, as in the data files.
 pub(crate) fn consumer_id(text: &str) -> Result<i64, Refusal> {
     match text.parse::<i64>() {

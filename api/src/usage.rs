@@ -144,15 +144,23 @@ async fn windows(
     Ok(rows)
 }
 
+/// A usage request's parameters, checked against the stored period and PostgreSQL's zones.
+async fn parse(
+    api: &crate::routes::Api,
+    params: &HashMap<String, String>,
+) -> Result<Usage, Refusal> {
+    let known = zones(api).await?;
+    window::parse(params, api.period, |tz| known.contains(tz))
+        .map_err(|why| Refusal::new(StatusCode::BAD_REQUEST, why))
+}
+
 /// Reads and checks a usage request: its parameters, then its window boundaries against
 /// the stored periods (one query over the windows, no usage read).
 pub(crate) async fn checked(
     api: &crate::routes::Api,
     params: &HashMap<String, String>,
 ) -> Result<Usage, Refusal> {
-    let known = zones(api).await?;
-    let usage = window::parse(params, api.period, |tz| known.contains(tz))
-        .map_err(|why| Refusal::new(StatusCode::BAD_REQUEST, why))?;
+    let usage = parse(api, params).await?;
     windows(api, &usage, "SELECT $6::bigint", 0).await?;
     Ok(usage)
 }
@@ -166,9 +174,7 @@ pub async fn consumer_usage(
 ) -> Result<Response, Refusal> {
     authorize(&api, &headers)?;
     let id = consumer_id(&id)?;
-    let known = zones(&api).await?;
-    let usage = window::parse(&params, api.period, |tz| known.contains(tz))
-        .map_err(|why| Refusal::new(StatusCode::BAD_REQUEST, why))?;
+    let usage = parse(&api, &params).await?;
     let rows = windows(
         &api,
         &usage,

@@ -1,0 +1,135 @@
+//! `tally api`'s totals and dead letters against PostgreSQL and Kafka, behind a read token,
+//! as the OpenAPI document describes them.
+
+use serde_json::Value;
+
+use super::{conforms, get, response_schema, start_api, Pipeline, TIMEOUT, TOKEN};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_totals_are_what_postgres_holds_and_need_a_read_token() {
+    let mut p = Pipeline::new("api").await;
+    let big = i64::MAX;
+    let file = p.data.join("usage.txt");
+    std::fs::write(
+        &file,
+        format!("1 5\n2 7\noops\n1 10\n7 {big}\n1 -5\n7 {big}\n"),
+    )
+    .unwrap();
+    let _parser = p.spawn("parser", &p.parser_args("a"));
+    let _db = p.spawn("db-client", &["db-client"]);
+    p.publish("1048576", &[file.to_str().unwrap()]).await;
+    p.wait_ingested(1, TIMEOUT).await;
+
+    let (api, port) = start_api(&mut p).await;
+
+    // Without a token, or with a wrong one: nothing.
+    for token in [None, Some("read-token-0123456789abcdeX")] {
+        let (status, body) = get(port, "/v1/consumers/1", token).await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+
+    let (status, doc) = get(port, "/v1/openapi.json", Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+
+    let path = "/v1/consumers/{id}";
+    for id in [1i64, 2, 7] {
+        let (status, body) = get(port, &format!("/v1/consumers/{id}"), Some(TOKEN)).await;
+        assert_eq!(status, 200, "{body}");
+        conforms(&doc, response_schema(&doc, path, "200"), &body, "consumer");
+        let (total, updated): (String, f64) = sqlx::query_as(
+            "SELECT total::text, extract(epoch FROM updated_at)::float8 FROM consumer_totals
+             WHERE consumer_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&p.pool)
+        .await
+        .unwrap();
+        assert_eq!(body["consumer_id"], id);
+        let shown = match &body["total"] {
+            Value::String(s) => s.clone(),
+            number => number.to_string(),
+        };
+        assert_eq!(shown, total, "consumer {id}");
+        let at = body["updated_at"].as_str().unwrap();
+        assert!(at.ends_with('Z'), "{at}");
+        let parsed: f64 = sqlx::query_scalar("SELECT extract(epoch FROM $1::timestamptz)::float8")
+            .bind(at)
+            .fetch_one(&p.pool)
+            .await
+            .unwrap();
+        assert!((parsed - updated).abs() < 1e-5, "{at} against {updated}");
+    }
+    // Past 2^53 - 1 a total is a string, digit for digit.
+    let (_, body) = get(port, "/v1/consumers/7", Some(TOKEN)).await;
+    assert_eq!(body["total"], "18446744073709551614");
+    let (_, body) = get(port, "/v1/consumers/1", Some(TOKEN)).await;
+    assert_eq!(body["total"], 15);
+
+    for (asked, status) in [
+        ("/v1/consumers/99", 404),
+        ("/v1/consumers/abc", 400),
+        ("/v1/consumers/-1", 400),
+        ("/v1/consumers/9223372036854775808", 400),
+        ("/v1/consumers/1%27%20OR%201=1", 400),
+        ("/v1/nothing", 404),
+    ] {
+        let (got, body) = get(port, asked, Some(TOKEN)).await;
+        assert_eq!(got, status, "{asked}: {body}");
+        if asked.starts_with("/v1/consumers") {
+            let code = status.to_string();
+            conforms(&doc, response_schema(&doc, path, &code), &body, asked);
+        }
+    }
+    // The dead letters, from Kafka, a page of one at a time: what the topic holds.
+    let in_topic: Vec<Value> = p
+        .read_topic(&p.topics.dead_letter)
+        .iter()
+        .map(|(_, payload)| serde_json::from_slice(payload).unwrap())
+        .collect();
+    assert_eq!(in_topic.len(), 2, "{in_topic:?}");
+    let mut read = Vec::new();
+    let mut cursor = String::new();
+    for page in 0.. {
+        let (status, body) = get(
+            port,
+            &format!("/v1/dead-letters?limit=1{cursor}"),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        conforms(
+            &doc,
+            response_schema(&doc, "/v1/dead-letters", "200"),
+            &body,
+            "dead",
+        );
+        read.extend(
+            body["dead_letters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["record"].clone()),
+        );
+        cursor = format!("&cursor={}", body["next_cursor"].as_str().unwrap());
+        if body["end"] == true {
+            assert_eq!(page, 2, "two pages of one, then the end: {body}");
+            break;
+        }
+    }
+    assert_eq!(read, in_topic);
+    assert!(read.iter().all(|d| d["kind"] == "bad-line"), "{read:?}");
+    // Coming back later with the last cursor: nothing new, still the end.
+    let (_, body) = get(
+        port,
+        &format!("/v1/dead-letters?limit=1{cursor}"),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(body["dead_letters"], serde_json::json!([]), "{body}");
+    let (status, _) = get(port, "/v1/dead-letters?cursor=zz", Some(TOKEN)).await;
+    assert_eq!(status, 400);
+
+    assert!(!api.log_text().contains(TOKEN), "a token in the log");
+}
