@@ -35,8 +35,9 @@ enum Command {
     Aggregator(tally_aggregator::service::AggregatorArgs),
     /// DB-client stage: add sums to the totals in PostgreSQL, exactly once (a consumer group).
     DbClient(tally_db_client::service::DbClientArgs),
-    /// Usage over HTTP: queries with an OpenAPI document, from the totals in PostgreSQL
-    /// (stateless; run any number behind a load balancer).
+    /// Usage over HTTP: queries with an OpenAPI document, live changes and a web console, from
+    /// the totals in PostgreSQL (stateless; run any number behind a load balancer).
+    #[command(subcommand_negates_reqs = true)]
     Api(Box<tally_api::ApiArgs>),
     /// One process, PostgreSQL only (no Kafka): count a folder's files into the totals (and
     /// period totals), exactly once, as they appear.

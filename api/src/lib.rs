@@ -10,17 +10,25 @@
 //!   export streamed in constant memory;
 //! - [`files`]: the files ledger, newest first, in pages;
 //! - [`dead`]: the dead letters, read from Kafka (they live only there) in pages;
+//! - [`changes`]: the totals' changes as Server-Sent Events, from the writers' change log,
+//!   resumable with `Last-Event-ID`;
 //! - [`value`]: how totals are written in JSON (pure);
+//! - [`status`]: the pipeline's health (`tally status`'s report) and the top consumers;
+//! - [`console`]: the web console at `/`, its sign-in (form, single-use links from
+//!   `tally api login-link`) and session cookies;
 //! - connections, TLS and read tokens come from [`tally_core::server`], shared with
 //!   `tally producer serve`: the same bounded accept loop, and a tokens file (`name token`
 //!   lines, not the ingest tokens) read again when it changes.
 //!
 //! Every value taken from a request is bound as a query parameter, never spliced into SQL.
 
+pub mod changes;
+pub mod console;
 pub mod dead;
 pub mod export;
 pub mod files;
 pub mod routes;
+pub mod status;
 pub mod usage;
 pub mod value;
 pub mod window;
@@ -55,8 +63,8 @@ pub struct ApiArgs {
     pub listen: SocketAddr,
     /// Who may read: one `name token` per line (`#` comments); read again when it changes.
     /// Keep these apart from the ingest tokens: a read token cannot upload.
-    #[arg(long, env = "TALLY_API_TOKENS_FILE")]
-    pub tokens_file: PathBuf,
+    #[arg(long, env = "TALLY_API_TOKENS_FILE", required = true)]
+    pub tokens_file: Option<PathBuf>,
     /// Serve HTTPS with this certificate chain (PEM); needs `--tls-key-file`.
     #[arg(long, env = "TALLY_API_TLS_CERT_FILE", requires = "tls_key_file")]
     pub tls_cert_file: Option<PathBuf>,
@@ -81,16 +89,38 @@ pub struct ApiArgs {
     /// is closed.
     #[arg(long, env = "TALLY_API_IDLE_TIMEOUT_MS", default_value_t = 30_000, value_parser = tally_core::args::positive_u64)]
     pub idle_timeout_ms: u64,
+    /// `/v1/status` (the console's health page) reads at most this many of the latest records
+    /// of the files and dead-letter topics, as `tally status --scan-records`.
+    #[arg(long, env = "TALLY_API_STATUS_SCAN_RECORDS", default_value_t = 10_000, value_parser = tally_core::args::positive_u64)]
+    pub status_scan_records: u64,
+    /// Instead of serving: a tool.
+    #[command(subcommand)]
+    pub command: Option<ApiCommand>,
 }
 
-/// Serves until `shutdown` (blocking; call on a blocking thread).
+/// `tally api`'s tools.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ApiCommand {
+    /// Print a link that signs a browser in to the console once, within a minute.
+    LoginLink(console::link::LoginLinkArgs),
+}
+
+/// Serves until `shutdown` (blocking; call on a blocking thread), or runs the tool asked for.
 pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    if let Some(ApiCommand::LoginLink(link)) = &args.command {
+        println!("{}", console::link::make(link)?);
+        return Ok(());
+    }
+    let tokens_file = args
+        .tokens_file
+        .as_deref()
+        .context("--tokens-file (or TALLY_API_TOKENS_FILE) is needed to serve")?;
     let tls = match (&args.tls_cert_file, &args.tls_key_file) {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
     let liveness = Liveness::unwatched("api");
-    let tokens = tokens::Tokens::load(&args.tokens_file, Some(liveness.clone()))?;
+    let tokens = tokens::Tokens::load(tokens_file, Some(liveness.clone()))?;
     let metrics =
         tally_core::metrics::install("api").context("cannot install the metrics recorder")?;
     let listener = std::net::TcpListener::bind(args.listen)
@@ -124,6 +154,13 @@ pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
                 kafka: args.kafka.clone(),
                 dead_letter_topic: Topics::new(&args.kafka.topic_prefix).dead_letter,
                 zones: tokio::sync::OnceCell::new(),
+                shutdown: shutdown.clone(),
+                tls: tls.is_some(),
+                status: status::StatusSource {
+                    kafka: args.kafka.clone(),
+                    scan_records: args.status_scan_records,
+                    last: tokio::sync::Mutex::new(None),
+                },
             });
             let watched = state.clone();
             every(tokens::RELOAD_EVERY, shutdown, move || watched.tokens.refresh());

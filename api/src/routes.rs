@@ -45,6 +45,12 @@ pub struct Api {
     pub dead_letter_topic: String,
     /// The time zones PostgreSQL knows, read at the first request that names one.
     pub zones: tokio::sync::OnceCell<HashSet<String>>,
+    /// Cancelled when the server shuts down: long responses (change streams) end.
+    pub shutdown: tally_core::shutdown::CancellationToken,
+    /// Served over TLS: session cookies are `Secure`.
+    pub tls: bool,
+    /// Reads `tally status`'s report (`/v1/status`), and the last one with when it was read.
+    pub status: crate::status::StatusSource,
 }
 
 pub(crate) type Shared = Arc<Api>;
@@ -61,6 +67,20 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/usage", get(crate::export::all_usage))
         .route("/v1/files", get(crate::files::files))
         .route("/v1/dead-letters", get(crate::dead::dead_letters))
+        .route("/v1/changes", get(crate::changes::changes))
+        .route("/v1/status", get(crate::status::status))
+        .route("/v1/top", get(crate::status::top))
+        .route("/v1/usage/total", get(crate::usage::total_usage))
+        .route("/", get(crate::console::index))
+        .route("/console.js", get(crate::console::script))
+        .route("/console.css", get(crate::console::style))
+        .route("/favicon.svg", get(crate::console::icon))
+        .route("/favicon.ico", get(crate::console::icon))
+        .route(
+            "/login",
+            get(crate::console::login_link).post(crate::console::login_form),
+        )
+        .route("/logout", axum::routing::post(crate::console::logout))
         .route("/livez", get(|| async { "live\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -82,6 +102,11 @@ impl Refusal {
             why: why.into(),
         }
     }
+
+    /// Why.
+    pub(crate) fn why(&self) -> &str {
+        &self.why
+    }
 }
 
 impl IntoResponse for Refusal {
@@ -97,13 +122,15 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// The caller's token name, or the 401.
+/// The caller's token name (from `Authorization: Bearer`, or a console session cookie), or
+/// the 401.
 pub(crate) fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Refusal> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     api.tokens
         .check(authorization)
+        .or_else(|| crate::console::session_name(api, headers))
         .ok_or_else(|| Refusal::new(StatusCode::UNAUTHORIZED, "a valid read token is needed"))
 }
 

@@ -28,10 +28,11 @@ const STARTS: &str = "
     WHERE $4 <> 'hour'";
 
 /// The windows of a request: (start, its zone offset, end, its offset) in Unix seconds, the
-/// first starting at or before `from`, the last ending at or after `to`.
-fn windows_sql(usage_of: &str) -> String {
+/// first starting at or before `from`, the last ending at or after `to`; `with` adds common
+/// table expressions (`, name AS (…)`) that `usage_of` may read.
+fn windows_sql(with: &str, usage_of: &str) -> String {
     format!(
-        "WITH starts AS ({STARTS}),
+        "WITH starts AS ({STARTS}){with},
          w AS (SELECT start, lead(start) OVER (ORDER BY start) AS stop FROM starts)
          SELECT extract(epoch FROM w.start)::bigint,
                 extract(epoch FROM w.start AT TIME ZONE $3)::bigint
@@ -114,10 +115,11 @@ fn answer(usage: &Usage, rows: &[Row]) -> serde_json::Value {
 async fn windows(
     api: &crate::routes::Api,
     usage: &Usage,
+    with: &str,
     usage_of: &str,
     consumer: i64,
 ) -> Result<Vec<Row>, Refusal> {
-    let sql = windows_sql(usage_of);
+    let sql = windows_sql(with, usage_of);
     let rows: Vec<(i64, i64, i64, i64, String)> = timed(
         api,
         sqlx::query_as(&sql)
@@ -161,7 +163,7 @@ pub(crate) async fn checked(
     params: &HashMap<String, String>,
 ) -> Result<Usage, Refusal> {
     let usage = parse(api, params).await?;
-    windows(api, &usage, "SELECT $6::bigint", 0).await?;
+    windows(api, &usage, "", "SELECT $6::bigint", 0).await?;
     Ok(usage)
 }
 
@@ -178,6 +180,7 @@ pub async fn consumer_usage(
     let rows = windows(
         &api,
         &usage,
+        "",
         "SELECT coalesce(sum(c.total), 0) FROM consumer_period_totals c
          WHERE c.consumer_id = $6
            AND c.period_start >= greatest(w.start, to_timestamp($1))
@@ -188,4 +191,30 @@ pub async fn consumer_usage(
     let mut body = answer(&usage, &rows);
     body["consumer_id"] = json!(id);
     Ok(Json(body).into_response())
+}
+
+/// `GET /v1/usage/total?from=&to=&window=&tz=`: all consumers' usage per window, as a
+/// consumer's (the console's chart). The range's periods are summed once, then per window.
+pub async fn total_usage(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, Refusal> {
+    authorize(&api, &headers)?;
+    let usage = parse(&api, &params).await?;
+    let rows = windows(
+        &api,
+        &usage,
+        ", per_period AS (
+           SELECT period_start, sum(total) AS total FROM consumer_period_totals
+           WHERE period_start >= to_timestamp($1) AND period_start < to_timestamp($2)
+             AND consumer_id >= $6
+           GROUP BY period_start)",
+        "SELECT coalesce(sum(p.total), 0) FROM per_period p
+         WHERE p.period_start >= greatest(w.start, to_timestamp($1))
+           AND p.period_start < least(w.stop, to_timestamp($2))",
+        0,
+    )
+    .await?;
+    Ok(Json(answer(&usage, &rows)).into_response())
 }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -47,8 +47,8 @@ pub fn committed_offsets(
 /// Committed records in `[from, end)` of the partition: counted by reading when there are at
 /// most [`READ_UP_TO`] offsets (with `read_committed`, markers and aborted records are never
 /// delivered), else `end - from`.
-pub fn records_between(
-    consumer: &BaseConsumer,
+pub fn records_between<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topic: &str,
     partition: i32,
     from: i64,
@@ -66,8 +66,8 @@ pub fn records_between(
 /// all (more than [`READ_UP_TO`] offsets, or the end not reached within 5 s without a record).
 /// A consumer with `enable.partition.eof` knows the end at once even when a transaction
 /// marker is the last offset; without it, that case waits the 5 s.
-pub fn read_between(
-    consumer: &BaseConsumer,
+pub fn read_between<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topic: &str,
     partition: i32,
     from: i64,

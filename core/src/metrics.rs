@@ -49,6 +49,8 @@ pub const PRODUCER_INGEST_UPLOADS: &str = "tally_producer_ingest_uploads_total";
 pub const PRODUCER_INGEST_BYTES: &str = "tally_producer_ingest_bytes_total";
 /// Requests `producer serve` refused, by `status` code.
 pub const PRODUCER_INGEST_REFUSED: &str = "tally_producer_ingest_refused_total";
+/// Change events `tally api` sent to `/v1/changes` followers.
+pub const API_CHANGE_EVENTS: &str = "tally_api_change_events_total";
 
 /// The metrics every long-running stage has, under its own prefix.
 #[derive(Debug)]
@@ -186,6 +188,10 @@ fn describe() {
         PRODUCER_INGEST_REFUSED,
         "Requests producer serve refused, by status code."
     );
+    describe_counter!(
+        API_CHANGE_EVENTS,
+        "Change events sent to /v1/changes followers."
+    );
     for m in ALL {
         describe_histogram!(
             m.batch_seconds,
@@ -231,7 +237,7 @@ mod tests {
         }
         for name in names {
             let rest = name.strip_prefix("tally_").expect(name);
-            let stage = ["parser_", "aggregator_", "db_client_", "producer_"]
+            let stage = ["parser_", "aggregator_", "db_client_", "producer_", "api_"]
                 .iter()
                 .find(|s| rest.starts_with(**s));
             assert!(stage.is_some(), "{name}: no stage");

@@ -10,6 +10,9 @@
 //! period in `consumer_period_totals`, in the same transaction (what a pipeline with periods
 //! on writes); its monthly partition is created first, outside the time measured.
 //!
+//! With `CHANGE_LOG=on` in the environment the same statements also write the change log, as
+//! the db-client does by default: run both to see what the log costs.
+//!
 //! `DATABASE_URL=… cargo run --release -p tally-db-client --example write_floor -- FILE [SESSIONS [PERIOD]]`
 
 use anyhow::Context;
@@ -23,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
     let sessions: usize = args.next().map_or(Ok(2), |s| s.parse())?;
     let period: Option<i64> = args.next().map(|s| s.parse()).transpose()?;
     let url = std::env::var("DATABASE_URL").context("DATABASE_URL")?;
+    let log = std::env::var("CHANGE_LOG").is_ok_and(|v| v == "on");
     let text = std::fs::read_to_string(&file).with_context(|| file.clone())?;
     let mut rows: Vec<(i64, i128)> = text
         .lines()
@@ -45,13 +49,13 @@ async fn main() -> anyhow::Result<()> {
         let pool = pool.clone();
         async move {
             let mut tx = pool.begin().await?;
-            copy::upsert_totals(&mut tx, rows).await?;
+            copy::upsert_totals(&mut tx, rows, log).await?;
             if let Some(start) = period {
                 let rows: Vec<((i64, i64), i128)> = rows
                     .iter()
                     .map(|&(id, total)| ((id, start), total))
                     .collect();
-                copy::upsert_period_totals(&mut tx, &rows).await?;
+                copy::upsert_period_totals(&mut tx, &rows, log).await?;
             }
             tx.commit().await?;
             anyhow::Ok(())

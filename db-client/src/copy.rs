@@ -5,10 +5,13 @@
 //! `(consumer_id, period_start, total)` rows go the same way into `consumer_period_totals`. Rows are
 //! upserted in key order, so concurrent instances lock rows in the same order and never
 //! deadlock. The staging table is `ON COMMIT DELETE ROWS`: a rolled-back or committed batch
-//! leaves it empty.
+//! leaves it empty. With the change log on, the same statements log what they changed
+//! ([`crate::changes`]).
 
 use anyhow::Context;
 use sqlx::PgConnection;
+
+use crate::changes;
 
 /// Creates the session's staging table (once per connection; harmless when it exists).
 pub const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS tally_staging \
@@ -39,10 +42,11 @@ async fn stage(
 
 /// Adds `rows` (sorted by (id, period start), each pair once; starts in Unix seconds) to
 /// `consumer_period_totals` in the open transaction. Their monthly partitions must exist
-/// ([`ensure_partitions`]).
+/// ([`ensure_partitions`]). With `log`, the deltas go to the change log too.
 pub async fn upsert_period_totals(
     tx: &mut PgConnection,
     rows: &[((i64, i64), i128)],
+    log: bool,
 ) -> anyhow::Result<()> {
     stage(
         tx,
@@ -55,27 +59,34 @@ pub async fn upsert_period_totals(
         tx,
         "SELECT consumer_id, period_start, total FROM tally_period_staging
          ORDER BY consumer_id, period_start",
+        log,
     )
     .await
 }
 
 /// Adds the `(consumer_id, total)` rows `select` yields (each id once, in id order) to
-/// `consumer_totals`.
-async fn add_totals(tx: &mut PgConnection, select: &str) -> anyhow::Result<()> {
-    sqlx::query(&format!(
+/// `consumer_totals`; with `log`, their new totals go to the change log in the same statement.
+async fn add_totals(tx: &mut PgConnection, select: &str, log: bool) -> anyhow::Result<()> {
+    let upsert = format!(
         "INSERT INTO consumer_totals (consumer_id, total) {select}
          ON CONFLICT (consumer_id) DO UPDATE
            SET total = consumer_totals.total + EXCLUDED.total, updated_at = now()"
-    ))
-    .execute(&mut *tx)
-    .await
-    .context("upsert totals")?;
+    );
+    let statement = if log {
+        changes::log_totals(&upsert)
+    } else {
+        upsert
+    };
+    sqlx::query(&statement)
+        .execute(&mut *tx)
+        .await
+        .context("upsert totals")?;
     Ok(())
 }
 
 /// Adds the `(consumer_id, period_start, total)` rows `select` yields (each pair once, in key
-/// order) to `consumer_period_totals`.
-async fn add_period_totals(tx: &mut PgConnection, select: &str) -> anyhow::Result<()> {
+/// order) to `consumer_period_totals`; with `log`, to the change log too.
+async fn add_period_totals(tx: &mut PgConnection, select: &str, log: bool) -> anyhow::Result<()> {
     sqlx::query(&format!(
         "INSERT INTO consumer_period_totals (consumer_id, period_start, total) {select}
          ON CONFLICT (consumer_id, period_start) DO UPDATE
@@ -84,6 +95,12 @@ async fn add_period_totals(tx: &mut PgConnection, select: &str) -> anyhow::Resul
     .execute(&mut *tx)
     .await
     .context("upsert period totals")?;
+    if log {
+        sqlx::query(&changes::log_periods(select))
+            .execute(&mut *tx)
+            .await
+            .context("log period deltas")?;
+    }
     Ok(())
 }
 
@@ -126,8 +143,9 @@ pub async fn stage_sums(
 
 /// Adds what [`stage_sums`] staged, summed per consumer, to `consumer_totals`, and what has
 /// a period, summed per consumer and period, to `consumer_period_totals` (their partitions
-/// must exist, [`ensure_partitions`]), in key order, in the open transaction.
-pub async fn upsert_staged(tx: &mut PgConnection) -> anyhow::Result<()> {
+/// must exist, [`ensure_partitions`]), in key order, in the open transaction; with `log`, to
+/// the change log too.
+pub async fn upsert_staged(tx: &mut PgConnection, log: bool) -> anyhow::Result<()> {
     sqlx::query(CREATE_SUMS_STAGING)
         .execute(&mut *tx)
         .await
@@ -136,6 +154,7 @@ pub async fn upsert_staged(tx: &mut PgConnection) -> anyhow::Result<()> {
         tx,
         "SELECT consumer_id, sum(total) FROM tally_sums_staging
          GROUP BY consumer_id ORDER BY consumer_id",
+        log,
     )
     .await?;
     add_period_totals(
@@ -143,12 +162,18 @@ pub async fn upsert_staged(tx: &mut PgConnection) -> anyhow::Result<()> {
         "SELECT consumer_id, period_start, sum(total) FROM tally_sums_staging
          WHERE period_start IS NOT NULL
          GROUP BY consumer_id, period_start ORDER BY consumer_id, period_start",
+        log,
     )
     .await
 }
 
-/// Adds `rows` (sorted by id, each id once) to `consumer_totals` in the open transaction.
-pub async fn upsert_totals(tx: &mut PgConnection, rows: &[(i64, i128)]) -> anyhow::Result<()> {
+/// Adds `rows` (sorted by id, each id once) to `consumer_totals` in the open transaction;
+/// with `log`, their new totals go to the change log too.
+pub async fn upsert_totals(
+    tx: &mut PgConnection,
+    rows: &[(i64, i128)],
+    log: bool,
+) -> anyhow::Result<()> {
     stage(
         tx,
         CREATE_STAGING,
@@ -160,6 +185,7 @@ pub async fn upsert_totals(tx: &mut PgConnection, rows: &[(i64, i128)]) -> anyho
     add_totals(
         tx,
         "SELECT consumer_id, total FROM tally_staging ORDER BY consumer_id",
+        log,
     )
     .await?;
     tracing::debug!(

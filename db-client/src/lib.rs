@@ -8,10 +8,12 @@
 //!   here; [`writer`]: its commit, PostgreSQL transactions that carry the offsets.
 //! - [`batch`]: one batch → one database transaction (offsets, gaps, upserts, ledger).
 //! - [`copy`]: a batch's totals upserted through binary COPY into a staging table.
+//! - [`changes`]: the change log, what each transaction changed, for `tally api`'s readers.
 //! - [`input`]: the totals follow one input topic; switching is on purpose only.
 //! - [`resume`]: where an assigned partition resumes: the offset stored with the totals.
 
 pub mod batch;
+pub mod changes;
 pub mod copy;
 pub mod input;
 pub mod resume;

@@ -20,6 +20,7 @@ use tally_core::liveness::Liveness;
 use tally_core::shutdown::CancellationToken;
 use tally_core::{kafka, DatabaseArgs, KafkaArgs, LivenessArgs, Topics};
 
+use crate::changes::{self, ChangeLogArgs};
 use crate::input;
 use crate::writer::{Writer, BATCH_TIMEOUT};
 use tally_core::schema;
@@ -71,6 +72,9 @@ pub struct DbClientArgs {
     /// How long to wait for more records before writing a partial batch.
     #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = 100)]
     pub batch_wait_ms: u64,
+    /// The change log.
+    #[command(flatten)]
+    pub change_log: ChangeLogArgs,
 }
 
 /// Runs a db-client instance until `shutdown` is cancelled.
@@ -99,6 +103,12 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
         (topics.sums.clone(), &topics.totals)
     };
     input::check(&pool, &topic, other, args.switch_input).await?;
+    changes::start(&pool, args.change_log.enabled).await?;
+    tokio::spawn(changes::keep_pruned(
+        pool.clone(),
+        Duration::from_secs(args.change_log.retention_minutes.saturating_mul(60)),
+        shutdown.clone(),
+    ));
     let wait = Duration::from_millis(args.batch_wait_ms);
     let settings = Settings {
         stage: "db-client",
@@ -124,6 +134,7 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
         kafka::BrokerProbe::new(&args.kafka),
         args.accept_gaps.iter().copied().collect(),
         usize::from(args.writers),
+        args.change_log.enabled,
         Duration::from_millis(args.kafka_commit_interval_ms),
         liveness.clone(),
     );

@@ -43,6 +43,8 @@ pub struct Writer {
     pub accepted: HashSet<(i32, i64)>,
     /// Database transactions per batch.
     pub writers: usize,
+    /// Whether batches write the change log.
+    pub log_changes: bool,
     /// How often applied offsets go to Kafka too.
     pub commit_every: Duration,
     /// The watchdog.
@@ -66,6 +68,7 @@ impl Writer {
         probe: BrokerProbe,
         accepted: HashSet<(i32, i64)>,
         writers: usize,
+        log_changes: bool,
         commit_every: Duration,
         liveness: Liveness,
     ) -> Self {
@@ -76,6 +79,7 @@ impl Writer {
             probe,
             accepted,
             writers,
+            log_changes,
             commit_every,
             liveness,
             totals: Applied::default(),
@@ -158,6 +162,7 @@ impl Commit<Group> for Writer {
         let checks = Checks {
             log_start: &log_start,
             accepted: &self.accepted,
+            log_changes: self.log_changes,
         };
         // Bounded: a connection that hangs (a half-open socket after a server crash) counts
         // as a failure; dropping the transaction rolls it back.

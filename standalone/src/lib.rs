@@ -69,6 +69,9 @@ pub struct StandaloneArgs {
     /// locked ones).
     #[arg(long)]
     pub once: bool,
+    /// The change log (`GET /v1/changes` of `tally api`).
+    #[command(flatten)]
+    pub change_log: tally_db_client::changes::ChangeLogArgs,
 }
 
 /// Runs `tally standalone` until `shutdown` is cancelled (or after one pass with `--once`).
@@ -81,7 +84,14 @@ pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow:
         merge_keys_max: args.engine.merge_keys_max(),
         pool: Arc::new(args.engine.pool()?),
         period: args.period.period,
+        log_changes: args.change_log.enabled,
     };
+    tally_db_client::changes::start(&pool, args.change_log.enabled).await?;
+    tokio::spawn(tally_db_client::changes::keep_pruned(
+        pool.clone(),
+        Duration::from_secs(args.change_log.retention_minutes.saturating_mul(60)),
+        shutdown.clone(),
+    ));
     let split = Split::new(&args.units);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |_event| {

@@ -45,6 +45,8 @@ pub struct Engine {
     pub pool: Arc<rayon::ThreadPool>,
     /// Usage period.
     pub period: Period,
+    /// Whether the totals' changes go to the change log.
+    pub log_changes: bool,
 }
 
 /// What a group's transaction did.
@@ -89,6 +91,16 @@ async fn try_count(
     copy::ensure_partitions(pool, &periods.into_iter().collect::<Vec<_>>()).await?;
 
     let mut tx = pool.begin().await.context("begin")?;
+    if engine.log_changes {
+        // Writers of the same consumers must take their transaction ids in the order they
+        // change the totals (the change log is read in that order): one writer at a time,
+        // locked before the first write takes an id.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(tally_db_client::changes::WRITER_LOCK)
+            .execute(&mut *tx)
+            .await
+            .context("lock the change log")?;
+    }
     let streams: BTreeSet<&str> = units.iter().map(|u| u.stream.as_str()).collect();
     let mut states: HashMap<String, Option<StreamDone>> = HashMap::new();
     for &stream in &streams {
@@ -151,7 +163,7 @@ async fn try_count(
         .await
         .context("the merge task")?
         .map_err(|_| anyhow::anyhow!("the staging side went away"))?;
-    copy::upsert_staged(&mut tx).await?;
+    copy::upsert_staged(&mut tx, engine.log_changes).await?;
     if !counted.summed.is_empty() {
         let ledger: BTreeMap<String, (UnitDone, i32, i32)> = counted
             .summed

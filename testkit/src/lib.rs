@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 
 use sqlx::{Connection, Executor, PgConnection};
 
+pub mod browser;
 pub mod containers;
 mod docker_api;
 pub mod pipeline;

@@ -136,6 +136,20 @@ impl Tokens {
         }
     }
 
+    /// The tokens of `name` (a name may have several, during a rotation), in a fixed order.
+    pub fn tokens_of(&self, name: &str) -> Vec<String> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh_locked(&mut loaded);
+        let mut tokens: Vec<String> = loaded
+            .tokens
+            .iter()
+            .filter(|(_, n)| n.as_str() == name)
+            .map(|(t, _)| t.clone())
+            .collect();
+        tokens.sort();
+        tokens
+    }
+
     /// The name of the token in `authorization` (`Bearer <token>`), if it is one of ours.
     pub fn check(&self, authorization: Option<&str>) -> Option<String> {
         let (scheme, presented) = authorization?.trim().split_once(' ')?;

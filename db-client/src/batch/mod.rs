@@ -1,7 +1,8 @@
 //! One batch of sums records → one PostgreSQL transaction.
 //!
-//! Lock the batch's partitions' rows in `kafka_offsets` (in partition order: instances never
-//! wait on each other in a cycle), drop records below the stored offsets (a replay after a
+//! Lock the batch's partitions (an advisory lock each, taken before the transaction writes
+//! anything: see [`crate::changes`] on the log's order) and their rows in `kafka_offsets` (in
+//! partition order: instances never wait on each other in a cycle), drop records below the stored offsets (a replay after a
 //! crash, a stale instance after a rebalance) and records delivered twice within the batch (a
 //! revoke and re-assign inside one collection window replays from Kafka's committed offsets),
 //! refuse a gap, pre-aggregate per consumer and per (consumer, period) (one statement may not
@@ -66,6 +67,8 @@ pub struct Checks<'a> {
     pub log_start: &'a (dyn Fn(i32) -> anyhow::Result<i64> + Sync),
     /// Gaps the operator accepted, as (partition, stored offset).
     pub accepted: &'a HashSet<(i32, i64)>,
+    /// Whether what the batch changes goes to the change log ([`crate::changes`]).
+    pub log_changes: bool,
 }
 
 /// Writes one batch as up to `writers` database transactions that run at once, each for its
@@ -172,6 +175,19 @@ pub async fn apply(
         .collect();
     copy::ensure_partitions(pool, &starts.into_iter().collect::<Vec<_>>()).await?;
     let mut tx = pool.begin().await.context("begin")?;
+    // The partitions first, before anything that writes: a transaction takes its id at its
+    // first write, so one that waited here for another writer of the same partitions (and so
+    // of the same consumers) takes a later id than that one, and the change log's order (by
+    // transaction id) is the order in which the two changed the totals.
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || p, 0))
+         FROM UNNEST($2::int[]) WITH ORDINALITY AS u(p, n) ORDER BY n",
+    )
+    .bind(topic)
+    .bind(&partitions)
+    .execute(&mut *tx)
+    .await
+    .context("lock partitions")?;
     // Rows created now have no history: nothing can be missing before them.
     let created: BTreeSet<i32> = sqlx::query_scalar(
         "INSERT INTO kafka_offsets (topic, partition, next_offset)
@@ -254,11 +270,11 @@ pub async fn apply(
     if !sums.is_empty() {
         // Sorted keys (BTreeMap): concurrent instances lock rows in the same order.
         let rows: Vec<(i64, i128)> = sums.into_iter().collect();
-        copy::upsert_totals(&mut tx, &rows).await?;
+        copy::upsert_totals(&mut tx, &rows, checks.log_changes).await?;
     }
     if !period_sums.is_empty() {
         let rows: Vec<((i64, i64), i128)> = period_sums.into_iter().collect();
-        copy::upsert_period_totals(&mut tx, &rows).await?;
+        copy::upsert_period_totals(&mut tx, &rows, checks.log_changes).await?;
     }
     let upserted = started.elapsed();
     if !units.is_empty() {

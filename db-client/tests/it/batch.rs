@@ -53,6 +53,7 @@ async fn a_record_delivered_twice_in_one_batch_counts_once() {
     let checks = Checks {
         log_start: &log_start,
         accepted: &accepted,
+        log_changes: true,
     };
     let first = [record(0, 0, vec![(1, 10)]), record(0, 1, vec![(1, 5)])];
     batch::apply(&pool, TOPIC, &first, &checks).await.unwrap();
@@ -79,6 +80,7 @@ async fn a_gap_writes_nothing_unless_that_gap_is_accepted() {
     let checks = Checks {
         log_start: &log_start,
         accepted: &none,
+        log_changes: true,
     };
     batch::apply(&pool, TOPIC, &[record(3, 0, vec![(7, 1)])], &checks)
         .await
@@ -93,6 +95,7 @@ async fn a_gap_writes_nothing_unless_that_gap_is_accepted() {
     let checks = Checks {
         log_start: &log_start,
         accepted: &none,
+        log_changes: true,
     };
     let error = batch::apply(&pool, TOPIC, &[record(3, 40, vec![(7, 4)])], &checks)
         .await
@@ -114,6 +117,7 @@ async fn a_gap_writes_nothing_unless_that_gap_is_accepted() {
     let checks = Checks {
         log_start: &log_start,
         accepted: &other,
+        log_changes: true,
     };
     assert!(
         batch::apply(&pool, TOPIC, &[record(3, 40, vec![(7, 4)])], &checks)
@@ -124,6 +128,7 @@ async fn a_gap_writes_nothing_unless_that_gap_is_accepted() {
     let checks = Checks {
         log_start: &log_start,
         accepted: &this,
+        log_changes: true,
     };
     batch::apply(&pool, TOPIC, &[record(3, 40, vec![(7, 4)])], &checks)
         .await
@@ -139,6 +144,7 @@ async fn totals_of_any_size_and_sign_go_through_copy_exactly() {
     let checks = Checks {
         log_start: &log_start,
         accepted: &accepted,
+        log_changes: true,
     };
     let values: Vec<i64> = vec![
         0,
@@ -201,6 +207,7 @@ fn a_batch_split_over_writers_is_applied_once_after_a_partial_failure() {
     let checks = Checks {
         log_start: &log_start,
         accepted: &accepted,
+        log_changes: true,
     };
     batch::apply_parallel(handle, timeout, &pool, TOPIC, &first, &checks, 3).unwrap();
     let second: Vec<_> = (0..4)
@@ -223,6 +230,7 @@ fn a_batch_split_over_writers_is_applied_once_after_a_partial_failure() {
     let checks = Checks {
         log_start: &log_start,
         accepted: &accepted,
+        log_changes: true,
     };
     let applied =
         batch::apply_parallel(handle, timeout, &pool, TOPIC, &second, &checks, 3).unwrap();

@@ -157,12 +157,14 @@ pub(super) fn read_kafka(
 
     // Short fetch waits: each lag count below reads a partition's few last offsets, and the
     // broker's default half-second wait per fetch would add up over the partitions.
-    let consumer: rdkafka::consumer::BaseConsumer = kafka::consumer_config(args, "tally-status")
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .map_err(kafka::quiet)
-        .context("cannot create a Kafka client (tally-status)")?;
+    // A partition's end is asked for, not an error worth a log line (the context says so).
+    let consumer: rdkafka::consumer::BaseConsumer<tally_core::rebalance::RebalanceLog> =
+        kafka::consumer_config(args, "tally-status")
+            .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "10")
+            .create_with_context(tally_core::rebalance::RebalanceLog::default())
+            .map_err(kafka::quiet)
+            .context("cannot create a Kafka client (tally-status)")?;
     let mut watermarks: HashMap<String, BTreeMap<i32, (i64, i64)>> = HashMap::new();
     for topic in [&topics.files, &topics.sums, &topics.totals] {
         let partitions = kafka::partition_count(&consumer, topic)?;

@@ -135,33 +135,42 @@ pub async fn run(args: &StatusArgs) -> anyhow::Result<bool> {
 
 /// Gathers the report.
 pub async fn collect(args: &StatusArgs) -> anyhow::Result<Report> {
-    let topics = Topics::new(&args.kafka.topic_prefix);
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(args.database.connect_options()?)
         .await
         .with_context(|| format!("cannot connect to {}", args.database.redacted_url()))?;
+    collect_from(&pool, &args.kafka, args.scan_records).await
+}
+
+/// Gathers the report from `pool` and the brokers of `kafka`, reading at most `scan_records`
+/// of the latest records of the files and dead-letter topics (`tally api` shares this).
+pub async fn collect_from(
+    pool: &sqlx::PgPool,
+    kafka: &KafkaArgs,
+    scan_records: u64,
+) -> anyhow::Result<Report> {
+    let topics = Topics::new(&kafka.topic_prefix);
     let ledger: Vec<(String, bool)> =
         sqlx::query_as("SELECT file_id, complete FROM ingested_files")
-            .fetch_all(&pool)
+            .fetch_all(pool)
             .await
             .context("cannot read the ledger (has the db-client run `tally migrate`?)")?;
     let last: Option<String> = sqlx::query_scalar(
         "SELECT to_char(max(ingested_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
          FROM ingested_units",
     )
-    .fetch_one(&pool)
+    .fetch_one(pool)
     .await?;
     let stored: Vec<(String, i32, i64)> =
         sqlx::query_as("SELECT topic, partition, next_offset FROM kafka_offsets")
-            .fetch_all(&pool)
+            .fetch_all(pool)
             .await?;
 
-    let kafka_args = args.kafka.clone();
+    let kafka_args = kafka.clone();
     let kafka_topics = topics.clone();
     let stored_copy = stored.clone();
-    let scan_records = args.scan_records;
     let began = std::time::Instant::now();
     let mut from_kafka = tokio::task::spawn_blocking(move || {
         read_kafka(&kafka_args, &kafka_topics, &stored_copy, scan_records)

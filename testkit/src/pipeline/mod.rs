@@ -15,6 +15,7 @@ use tally_core::{KafkaArgs, Topics};
 
 mod http;
 pub mod periods;
+pub mod sse;
 mod stage;
 mod topics;
 

@@ -9,6 +9,8 @@ use serde_json::Value;
 
 use crate::support::{free_port, http_get_with, wait_http, Pipeline};
 
+mod changes;
+mod console;
 mod totals;
 mod usage;
 

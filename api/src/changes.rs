@@ -1,0 +1,341 @@
+//! `GET /v1/changes`: the totals' changes as Server-Sent Events, read from the change log the
+//! writers add to in the same transactions as their upserts (`tally_changes`,
+//! [`tally_db_client::changes`]).
+//!
+//! Each event is one row of the log: `event: totals` carries consumers' running totals after
+//! a transaction, `event: periods` the deltas it added to their periods; at most 1,000
+//! consumers each. Its `id` is `TX-SEQ` (the writing transaction's id, a number rising within
+//! it), and events come in id order.
+//!
+//! - Nothing twice, nothing missed, nothing rolled back: only events of transactions older
+//!   than the oldest still running are read (`pg_snapshot_xmin`), so every transaction before a
+//!   reader's position has ended and no event can appear behind it later, however the parallel
+//!   writers' commits interleave. A change is sent once every transaction that began before it
+//!   has ended (a batch transaction lasts at most 120 s).
+//! - Resuming: `Last-Event-ID` (the header a browser's EventSource sends on reconnect, or the
+//!   `last_event_id` parameter) continues after that event, also on another replica or after a
+//!   restart. Without it the stream starts now (`from=oldest`: at the oldest change kept).
+//! - A position before what the log still holds (pruned after the writers'
+//!   `--change-log-retention-minutes`, or written while `--change-log off`) is a 410: changes
+//!   may be missing, read the totals again and follow from now. A stream that falls behind the
+//!   retention ends with `event: gone`; one that sees the log switched off ends with
+//!   `event: off`.
+//! - Backpressure: events go through a bounded channel; a slow client slows its own reads, a
+//!   gone one ends them. A comment line every 15 s keeps idle connections open through proxies.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::routes::{authorize, timed, Refusal, Shared};
+use crate::value;
+use crate::window::rfc3339;
+
+/// How often a follower asks for new changes when it has read all there were.
+pub const POLL: Duration = Duration::from_millis(200);
+/// Longest a stream stays silent: then a comment line goes out.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Events read per query.
+const READ: i64 = 64;
+
+/// An event id: (transaction id, sequence number). Ordered as the log is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    tx: u64,
+    seq: i64,
+}
+
+impl Position {
+    /// Parses `TX-SEQ`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (tx, seq) = text.trim().split_once('-')?;
+        Some(Self {
+            tx: tx.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+
+    /// Before every event of transaction `tx` (and after all earlier ones).
+    fn before(tx: u64) -> Self {
+        Self { tx, seq: i64::MIN }
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.tx, self.seq)
+    }
+}
+
+/// The log's setting and its gone mark, with the oldest transaction still running.
+struct LogState {
+    enabled: bool,
+    gone: Option<Position>,
+    running_from: u64,
+}
+
+async fn log_state(api: &crate::routes::Api) -> Result<LogState, Refusal> {
+    let (enabled, gone_tx, gone_seq, xmin): (bool, Option<String>, Option<i64>, String) = timed(
+        api,
+        sqlx::query_as(
+            "SELECT enabled, gone_tx::text, gone_seq,
+                    pg_snapshot_xmin(pg_current_snapshot())::text
+             FROM tally_change_log",
+        )
+        .fetch_one(&api.pool),
+    )
+    .await?;
+    let gone = match (gone_tx.and_then(|t| t.parse().ok()), gone_seq) {
+        (Some(tx), Some(seq)) => Some(Position { tx, seq }),
+        _ => None,
+    };
+    Ok(LogState {
+        enabled,
+        gone,
+        running_from: xmin.parse().unwrap_or(0),
+    })
+}
+
+fn gone_refusal(at: Position) -> Refusal {
+    Refusal::new(
+        StatusCode::GONE,
+        format!(
+            "changes after {at} are no longer all kept (past the change log's retention, or \
+             written with the log off): read the totals again and follow from now"
+        ),
+    )
+}
+
+/// `GET /v1/changes`.
+pub async fn changes(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, Refusal> {
+    authorize(&api, &headers)?;
+    let asked = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(params.get("last_event_id").map(String::as_str))
+        .filter(|id| !id.is_empty());
+    let asked = match asked {
+        Some(text) => Some(Position::parse(text).ok_or_else(|| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "bad Last-Event-ID: pass the id of the last event received, as it is",
+            )
+        })?),
+        None => None,
+    };
+    let oldest = match params.get("from").map(String::as_str) {
+        None | Some("now") => false,
+        Some("oldest") => true,
+        Some(_) => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "from must be now or oldest",
+            ))
+        }
+    };
+    let state = log_state(&api).await?;
+    if !state.enabled {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "the change log is off (the writers run with --change-log off)",
+        ));
+    }
+    let start = match asked {
+        Some(at) if state.gone.is_some_and(|gone| at < gone) => return Err(gone_refusal(at)),
+        Some(at) => at,
+        // From now: what is not yet readable (transactions still running, and later ones).
+        None => {
+            let from = if oldest {
+                Position::before(0)
+            } else {
+                Position::before(state.running_from)
+            };
+            state.gone.map_or(from, |gone| gone.max(from))
+        }
+    };
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(4);
+    tokio::spawn(follow(api.clone(), start, sender));
+    let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver
+            .recv()
+            .await
+            .map(|bytes| (Ok::<_, std::convert::Infallible>(bytes), receiver))
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// One row of the log, as read.
+type Row = (
+    String,              // tx
+    i64,                 // seq
+    String,              // written_at
+    Vec<i64>,            // consumer ids
+    Option<Vec<String>>, // totals
+    Option<Vec<i64>>,    // period starts (Unix seconds)
+    Option<Vec<String>>, // deltas
+);
+
+/// The events after `at` that can no longer change, at most [`READ`].
+async fn read_after(api: &crate::routes::Api, at: Position) -> Result<Vec<Row>, Refusal> {
+    timed(
+        api,
+        sqlx::query_as(
+            "SELECT tx::text, seq,
+                    to_char(written_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                    consumer_ids, totals::text[],
+                    ARRAY(SELECT extract(epoch FROM s)::bigint FROM unnest(period_starts) s),
+                    deltas::text[]
+             FROM tally_changes
+             WHERE (tx, seq) > ($1::text::xid8, $2)
+               AND tx < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY tx, seq
+             LIMIT $3",
+        )
+        .bind(at.tx.to_string())
+        .bind(at.seq)
+        .bind(READ)
+        .fetch_all(&api.pool),
+    )
+    .await
+}
+
+/// A row as one event.
+fn event(row: &Row) -> (Position, String) {
+    let (tx, seq, written_at, ids, totals, starts, deltas) = row;
+    let at = Position {
+        tx: tx.parse().unwrap_or(0),
+        seq: *seq,
+    };
+    let (kind, data) = match (totals, starts, deltas) {
+        (Some(totals), _, _) => {
+            let consumers: Vec<_> = ids
+                .iter()
+                .zip(totals)
+                .map(|(id, total)| json!({"consumer_id": id, "total": value::total(total)}))
+                .collect();
+            (
+                "totals",
+                json!({"transaction": tx, "written_at": written_at, "consumers": consumers}),
+            )
+        }
+        (None, Some(starts), Some(deltas)) => {
+            let periods: Vec<_> = ids
+                .iter()
+                .zip(starts)
+                .zip(deltas)
+                .map(|((id, start), delta)| {
+                    json!({
+                        "consumer_id": id,
+                        "period_start": rfc3339(*start, 0),
+                        "delta": value::total(delta),
+                    })
+                })
+                .collect();
+            (
+                "periods",
+                json!({"transaction": tx, "written_at": written_at, "periods": periods}),
+            )
+        }
+        _ => ("unknown", json!({"transaction": tx})),
+    };
+    (at, format!("id: {at}\nevent: {kind}\ndata: {data}\n\n"))
+}
+
+/// Sends the events after `at` to `out` as they become readable, until the client goes, the
+/// server shuts down, or the log can no longer continue from where the stream is.
+async fn follow(api: Shared, mut at: Position, out: tokio::sync::mpsc::Sender<Bytes>) {
+    let send = |text: String| {
+        let out = out.clone();
+        async move { out.send(Bytes::from(text)).await.is_ok() }
+    };
+    if !send("retry: 2000\n\n".to_owned()).await {
+        return;
+    }
+    let mut last_sent = Instant::now();
+    loop {
+        let mut read_all = true;
+        match log_state(&api).await {
+            Ok(state) if !state.enabled => {
+                send(
+                    "event: off\ndata: {\"error\":\"the change log was switched off\"}\n\n".into(),
+                )
+                .await;
+                return;
+            }
+            Ok(state) if state.gone.is_some_and(|gone| at < gone) => {
+                let why = gone_refusal(at).why().to_owned();
+                send(format!(
+                    "event: gone\ndata: {}\n\n",
+                    json!({ "error": why })
+                ))
+                .await;
+                return;
+            }
+            // PostgreSQL away (here or below): the stream stays open and tries again.
+            Ok(_) => {
+                if let Ok(rows) = read_after(&api, at).await {
+                    read_all = (rows.len() as i64) < READ;
+                    for row in &rows {
+                        let (next, text) = event(row);
+                        if !send(text).await {
+                            return;
+                        }
+                        at = next;
+                        last_sent = Instant::now();
+                    }
+                    metrics::counter!(tally_core::metrics::API_CHANGE_EVENTS)
+                        .increment(rows.len() as u64);
+                }
+            }
+            Err(_) => {}
+        }
+        if last_sent.elapsed() >= KEEP_ALIVE {
+            if !send(": keep-alive\n\n".to_owned()).await {
+                return;
+            }
+            last_sent = Instant::now();
+        }
+        if !read_all {
+            continue;
+        }
+        tokio::select! {
+            () = api.shutdown.cancelled() => return,
+            () = out.closed() => return,
+            () = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_order_as_the_log() {
+        let a = Position::parse("10-5").unwrap();
+        let b = Position::parse("10-6").unwrap();
+        let c = Position::parse("11-1").unwrap();
+        assert!(a < b && b < c);
+        assert!(Position::before(11) < c && Position::before(11) > b);
+        assert_eq!(a.to_string(), "10-5");
+        assert_eq!(Position::parse("x-1"), None);
+        assert_eq!(Position::parse("10"), None);
+    }
+}

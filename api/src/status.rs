@@ -1,0 +1,101 @@
+//! The console's pipeline view, as JSON endpoints anyone with a read token may use:
+//!
+//! - `GET /v1/status`: `tally status`'s report (files by state, rejected files with their
+//!   reasons, lag per stage and partition, dead letters by kind, halted partitions), read by
+//!   the same code ([`tally_operator::status::collect_from`]) from PostgreSQL and Kafka. It
+//!   reads up to `--status-scan-records` records of two topics, so one read serves all
+//!   requests for [`STATUS_FRESH`].
+//! - `GET /v1/top?limit=`: the consumers with the highest running totals.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::routes::{authorize, page_limit, timed, Refusal, Shared};
+use crate::value;
+
+/// How long one status read answers for.
+pub const STATUS_FRESH: Duration = Duration::from_secs(5);
+
+/// Where `/v1/status` comes from, and its last read.
+pub struct StatusSource {
+    /// The brokers.
+    pub kafka: tally_core::KafkaArgs,
+    /// Most records read of the files and dead-letter topics.
+    pub scan_records: u64,
+    /// The last report and when it was read.
+    pub last: tokio::sync::Mutex<Option<(Instant, Value)>>,
+}
+
+/// `GET /v1/status`.
+pub async fn status(State(api): State<Shared>, headers: HeaderMap) -> Result<Response, Refusal> {
+    authorize(&api, &headers)?;
+    // One read at a time; requests meanwhile wait for it and share it.
+    let mut last = api.status.last.lock().await;
+    if let Some((at, report)) = last.as_ref() {
+        if at.elapsed() < STATUS_FRESH {
+            return Ok(Json(report.clone()).into_response());
+        }
+    }
+    let read =
+        tally_operator::status::collect_from(&api.pool, &api.status.kafka, api.status.scan_records);
+    let report = match tokio::time::timeout(api.query_timeout + Duration::from_secs(20), read).await
+    {
+        Ok(Ok(report)) => report,
+        Ok(Err(error)) => {
+            tracing::warn!(error = format!("{error:#}"), "status not read");
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the status could not be read from PostgreSQL and Kafka; try again",
+            ));
+        }
+        Err(_) => {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the status took too long to read; try again",
+            ))
+        }
+    };
+    let report = serde_json::to_value(&report).unwrap_or(Value::Null);
+    *last = Some((Instant::now(), report.clone()));
+    Ok(Json(report).into_response())
+}
+
+/// Consumers per `/v1/top` unless `limit` says otherwise.
+pub const TOP_DEFAULT: i64 = 20;
+/// Most consumers per `/v1/top`.
+pub const TOP_MAX: i64 = 100;
+
+/// `GET /v1/top?limit=`: highest running totals first (ties by consumer id). Reads the whole
+/// table (no index orders totals: one would cost every upsert), bounded by the query timeout.
+pub async fn top(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, Refusal> {
+    authorize(&api, &headers)?;
+    let limit = page_limit(&params, TOP_DEFAULT, TOP_MAX)?;
+    let rows: Vec<(i64, String, String)> = timed(
+        &api,
+        sqlx::query_as(
+            "SELECT consumer_id, total::text,
+                    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+             FROM consumer_totals ORDER BY total DESC, consumer_id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&api.pool),
+    )
+    .await?;
+    let consumers: Vec<_> = rows
+        .iter()
+        .map(|(id, total, at)| {
+            json!({"consumer_id": id, "total": value::total(total), "updated_at": at})
+        })
+        .collect();
+    Ok(Json(json!({ "consumers": consumers })).into_response())
+}
