@@ -14,6 +14,7 @@
 //!   resumable with `Last-Event-ID`;
 //! - [`value`]: how totals are written in JSON (pure);
 //! - [`status`]: the pipeline's health (`tally status`'s report) and the top consumers;
+//! - [`alerts`]: threshold alerts to webhooks, sent by one replica at a time;
 //! - [`console`]: the web console at `/`, its sign-in (form, single-use links from
 //!   `tally api login-link`) and session cookies;
 //! - connections, TLS and read tokens come from [`tally_core::server`], shared with
@@ -22,6 +23,7 @@
 //!
 //! Every value taken from a request is bound as a query parameter, never spliced into SQL.
 
+pub mod alerts;
 pub mod changes;
 pub mod console;
 pub mod dead;
@@ -93,6 +95,9 @@ pub struct ApiArgs {
     /// of the files and dead-letter topics, as `tally status --scan-records`.
     #[arg(long, env = "TALLY_API_STATUS_SCAN_RECORDS", default_value_t = 10_000, value_parser = tally_core::args::positive_u64)]
     pub status_scan_records: u64,
+    /// Threshold alerts.
+    #[command(flatten)]
+    pub alerts: alerts::AlertArgs,
     /// Instead of serving: a tool.
     #[command(subcommand)]
     pub command: Option<ApiCommand>,
@@ -121,6 +126,7 @@ pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
     };
     let liveness = Liveness::unwatched("api");
     let tokens = tokens::Tokens::load(tokens_file, Some(liveness.clone()))?;
+    alerts::check(&args.alerts)?;
     let metrics =
         tally_core::metrics::install("api").context("cannot install the metrics recorder")?;
     let listener = std::net::TcpListener::bind(args.listen)
@@ -162,6 +168,12 @@ pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
                     last: tokio::sync::Mutex::new(None),
                 },
             });
+            tokio::spawn(alerts::run(
+                state.pool.clone(),
+                args.database.connect_options()?,
+                args.alerts.clone(),
+                shutdown.clone(),
+            ));
             let watched = state.clone();
             every(tokens::RELOAD_EVERY, shutdown, move || watched.tokens.refresh());
             tracing::info!(addr = %bound, tls = tls.is_some(), database = %args.database.redacted_url(), max_connections = bounds.max_connections, "serving the API");

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::support::{free_port, http_get_with, wait_http, Pipeline};
 
+mod alerts;
 mod changes;
 mod console;
 mod totals;
