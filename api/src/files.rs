@@ -1,6 +1,10 @@
 //! `GET /v1/files?state=&cursor=&limit=`: the files ledger (`ingested_files`), newest first
 //! (by when a file was first counted), in pages with keyset cursors: stable while files keep
 //! arriving (a new file lands before the first page, never inside a later one).
+//!
+//! Rejection reasons live in Kafka only (the dead-letter topic): each file carries those of
+//! `tally status`'s report (`rejections`, null while Kafka cannot be read), and
+//! `state=rejected` lists the report's rejected files, with or without a ledger row.
 
 use std::collections::HashMap;
 
@@ -59,9 +63,10 @@ pub async fn files(
         None | Some("any") => "any",
         Some("complete") => "complete",
         Some("in-progress") => "in-progress",
+        Some("rejected") => return rejected(&api).await,
         Some(other) => {
             return Err(bad(format!(
-                "state must be complete, in-progress or any, not {other:?}"
+                "state must be complete, in-progress, rejected or any, not {other:?}"
             )))
         }
     };
@@ -86,9 +91,19 @@ pub async fn files(
     let next = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|r| format!("{}.{}", r.8, r.0)))
         .flatten();
+    // Rejections live in Kafka only: from `tally status`'s report (null if it cannot be read).
+    let reasons = crate::status::report(&api)
+        .await
+        .ok()
+        .map(|r| rejections(&r));
     let files: Vec<_> = rows
         .into_iter()
         .map(|r| {
+            let rejections = reasons.as_ref().map(|by_file| {
+                by_file
+                    .get(&r.0)
+                    .map_or_else(Vec::new, |(_, list)| list.clone())
+            });
             json!({
                 "file_id": r.0,
                 "path": r.1,
@@ -100,8 +115,46 @@ pub async fn files(
                 "units_counted": r.7,
                 "first_counted_at": r.9,
                 "last_counted_at": r.10,
+                "rejections": rejections,
             })
         })
         .collect();
     Ok(Json(json!({ "files": files, "next_cursor": next })).into_response())
+}
+
+/// The rejected units of `tally status`'s report by file id: (path, `[{unit_id, reason}]`).
+fn rejections(report: &serde_json::Value) -> HashMap<String, (String, Vec<serde_json::Value>)> {
+    let mut by_file: HashMap<String, (String, Vec<serde_json::Value>)> = HashMap::new();
+    for r in report["rejected"].as_array().into_iter().flatten() {
+        let unit = r["unit_id"].as_str().unwrap_or_default();
+        let Some((file, _)) = unit.rsplit_once('/') else {
+            continue;
+        };
+        by_file
+            .entry(file.to_owned())
+            .or_insert_with(|| {
+                (
+                    r["path"].as_str().unwrap_or_default().to_owned(),
+                    Vec::new(),
+                )
+            })
+            .1
+            .push(json!({"unit_id": unit, "reason": r["reason"]}));
+    }
+    by_file
+}
+
+/// `state=rejected`: the files with rejected units that are not complete, from `tally status`'s
+/// report (its latest `--status-scan-records` dead letters), whether or not the ledger holds
+/// them (a file whose every unit was rejected has no ledger row). One page.
+async fn rejected(api: &crate::routes::Api) -> Result<Response, Refusal> {
+    let report = crate::status::report(api).await?;
+    let mut files: Vec<_> = rejections(&report)
+        .into_iter()
+        .map(|(file_id, (path, list))| {
+            json!({"file_id": file_id, "path": path, "state": "rejected", "rejections": list})
+        })
+        .collect();
+    files.sort_by(|a, b| a["file_id"].as_str().cmp(&b["file_id"].as_str()));
+    Ok(Json(json!({ "files": files, "next_cursor": null })).into_response())
 }

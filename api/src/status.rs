@@ -35,11 +35,16 @@ pub struct StatusSource {
 /// `GET /v1/status`.
 pub async fn status(State(api): State<Shared>, headers: HeaderMap) -> Result<Response, Refusal> {
     authorize(&api, &headers)?;
+    Ok(Json(report(&api).await?).into_response())
+}
+
+/// The last report if younger than [`STATUS_FRESH`], else a new one.
+pub(crate) async fn report(api: &crate::routes::Api) -> Result<Value, Refusal> {
     // One read at a time; requests meanwhile wait for it and share it.
     let mut last = api.status.last.lock().await;
     if let Some((at, report)) = last.as_ref() {
         if at.elapsed() < STATUS_FRESH {
-            return Ok(Json(report.clone()).into_response());
+            return Ok(report.clone());
         }
     }
     let read =
@@ -63,7 +68,7 @@ pub async fn status(State(api): State<Shared>, headers: HeaderMap) -> Result<Res
     };
     let report = serde_json::to_value(&report).unwrap_or(Value::Null);
     *last = Some((Instant::now(), report.clone()));
-    Ok(Json(report).into_response())
+    Ok(report)
 }
 
 /// Consumers per `/v1/top` unless `limit` says otherwise.

@@ -133,3 +133,78 @@ async fn consumer_totals_are_what_postgres_holds_and_need_a_read_token() {
 
     assert!(!api.log_text().contains(TOKEN), "a token in the log");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_carry_their_rejection_reasons() {
+    let mut p = Pipeline::new("api-rejected").await;
+    // Under --bad-lines=fail a unit with a bad line is rejected.
+    let mut parser_args = p.parser_args("a");
+    parser_args.extend(["--bad-lines".to_owned(), "fail".to_owned()]);
+    let _parser = p.spawn("parser", &parser_args);
+    let _db = p.spawn("db-client", &["db-client"]);
+    let good = p.data.join("good.txt");
+    std::fs::write(&good, "1 1\n").unwrap();
+    // One unit, rejected: the ledger never holds the file.
+    let bad = p.data.join("bad.txt");
+    std::fs::write(&bad, "2 2\nnot a line\n").unwrap();
+    // Several units, the last rejected: counted in part.
+    let part = p.data.join("part.txt");
+    std::fs::write(&part, format!("{}oops\n", "3 3\n".repeat(12))).unwrap();
+    let paths: Vec<&str> = [&good, &bad, &part]
+        .iter()
+        .map(|f| f.to_str().unwrap())
+        .collect();
+    p.publish("16", &paths).await;
+    let (_api, port) = start_api(&mut p).await;
+    let (_, doc) = get(port, "/v1/openapi.json", Some(TOKEN)).await;
+
+    let rejected = tally_testkit::eventually(TIMEOUT, "two rejected files", || async {
+        let (status, body) = get(port, "/v1/files?state=rejected", Some(TOKEN)).await;
+        let files = body["files"].as_array().cloned().unwrap_or_default();
+        tally_testkit::holds(status == 200 && files.len() == 2, || body.to_string())?;
+        Ok(body)
+    })
+    .await;
+    conforms(
+        &doc,
+        response_schema(&doc, "/v1/files", "200"),
+        &rejected,
+        "rejected",
+    );
+    let paths: Vec<&str> = rejected["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(paths.iter().any(|p| p.ends_with("bad.txt")), "{rejected}");
+    assert!(paths.iter().any(|p| p.ends_with("part.txt")), "{rejected}");
+    for file in rejected["files"].as_array().unwrap() {
+        let reasons = file["rejections"].as_array().unwrap();
+        assert_eq!(reasons.len(), 1, "{file}");
+        assert!(!reasons[0]["reason"].as_str().unwrap().is_empty());
+    }
+
+    // The ledger's files carry their reasons too: none for good.txt, one for part.txt.
+    tally_testkit::eventually(TIMEOUT, "good.txt and part.txt in the ledger", || async {
+        let (_, body) = get(port, "/v1/files", Some(TOKEN)).await;
+        conforms(
+            &doc,
+            response_schema(&doc, "/v1/files", "200"),
+            &body,
+            "files",
+        );
+        let files = body["files"].as_array().cloned().unwrap_or_default();
+        let of = |name: &str| {
+            files
+                .iter()
+                .find(|f| f["path"].as_str().unwrap_or_default().ends_with(name))
+                .map(|f| f["rejections"].as_array().map_or(usize::MAX, Vec::len))
+        };
+        tally_testkit::holds(
+            of("good.txt") == Some(0) && of("part.txt") == Some(1) && of("bad.txt").is_none(),
+            || body.to_string(),
+        )
+    })
+    .await;
+}
