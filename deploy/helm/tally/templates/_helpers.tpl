@@ -69,7 +69,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "tally.createSecret" -}}
-{{- if and (not .Values.secret.existingSecret) (or .Values.secret.databasePassword .Values.secret.kafkaSaslPassword .Values.secret.ingestTokens) }}true{{ end }}
+{{- if and (not .Values.secret.existingSecret) (or .Values.secret.databasePassword .Values.secret.kafkaSaslPassword .Values.secret.ingestTokens .Values.secret.apiTokens .Values.secret.alertRules) }}true{{ end }}
 {{- end }}
 
 {{/* The files partition count (KEDA's and the parsers' upper bound). */}}
@@ -87,7 +87,7 @@ Included by every template, so `helm template` fails whatever is rendered.
 */}}
 {{- define "tally.validate" -}}
 {{- $v := .Values }}
-{{- $reserved := list "KAFKA_BOOTSTRAP_SERVERS" "TALLY_TOPIC_PREFIX" "DATABASE_URL" "TALLY_HTTP_ADDR" "TALLY_INSTANCE_ID" "TALLY_DATA_ROOT" "TALLY_FROM_TOTALS" "TALLY_INGEST_DIR" "TALLY_INGEST_LISTEN" "TALLY_INGEST_TOKENS_FILE" "TALLY_INGEST_TLS_CERT_FILE" "TALLY_INGEST_TLS_KEY_FILE" "TALLY_KAFKA_SECURITY_PROTOCOL" "TALLY_KAFKA_SASL_MECHANISM" "TALLY_KAFKA_SASL_USERNAME" "TALLY_KAFKA_SASL_PASSWORD_FILE" "TALLY_DATABASE_PASSWORD_FILE" "TALLY_DATABASE_SSL_MODE" "TALLY_CONFIG" "PGPASSWORD" }}
+{{- $reserved := list "KAFKA_BOOTSTRAP_SERVERS" "TALLY_TOPIC_PREFIX" "DATABASE_URL" "TALLY_HTTP_ADDR" "TALLY_INSTANCE_ID" "TALLY_DATA_ROOT" "TALLY_FROM_TOTALS" "TALLY_INGEST_DIR" "TALLY_INGEST_LISTEN" "TALLY_INGEST_TOKENS_FILE" "TALLY_INGEST_TLS_CERT_FILE" "TALLY_INGEST_TLS_KEY_FILE" "TALLY_API_LISTEN" "TALLY_API_TOKENS_FILE" "TALLY_API_TLS_CERT_FILE" "TALLY_API_TLS_KEY_FILE" "TALLY_API_ALERT_RULES" "TALLY_KAFKA_SECURITY_PROTOCOL" "TALLY_KAFKA_SASL_MECHANISM" "TALLY_KAFKA_SASL_USERNAME" "TALLY_KAFKA_SASL_PASSWORD_FILE" "TALLY_DATABASE_PASSWORD_FILE" "TALLY_DATABASE_SSL_MODE" "TALLY_CONFIG" "PGPASSWORD" }}
 {{- range $key, $value := $v.config }}
 {{- if has $key $reserved }}
 {{- fail (printf "config.%s: set by the chart (see values.yaml), not in config" $key) }}
@@ -118,6 +118,12 @@ Included by every template, so `helm template` fails whatever is rendered.
 {{- end }}
 {{- if not (hasPrefix "/" $v.data.mountPath) }}
 {{- fail "data.mountPath: must be an absolute path" }}
+{{- end }}
+{{- if and $v.api.enabled (not $v.secret.existingSecret) (not $v.secret.apiTokens) }}
+{{- fail "api.enabled: tally api needs its read tokens: secret.apiTokens, or secret.existingSecret with the key secret.keys.apiTokens" }}
+{{- end }}
+{{- if and $v.api.enabled $v.api.alerts (not $v.secret.existingSecret) (not $v.secret.alertRules) }}
+{{- fail "api.alerts: the alert rules go into the Secret: secret.alertRules, or secret.existingSecret with the key secret.keys.alertRules" }}
 {{- end }}
 {{- if and $v.ingest.enabled (not $v.secret.existingSecret) (not $v.secret.ingestTokens) }}
 {{- fail "ingest.enabled: producer serve needs its tokens: secret.ingestTokens, or secret.existingSecret with the key secret.keys.ingestTokens" }}
@@ -165,7 +171,8 @@ A stage's or the init Job's pod template.
 {{- $secretDir := include "tally.secretDir" $ }}
 {{- $dbPassword := and .database (include "tally.useDatabasePassword" $) }}
 {{- $saslPassword := include "tally.useKafkaSaslPassword" $ }}
-{{- $tokens := .ingest }}
+{{- $tokens := or .ingest .api }}
+{{- $rules := and .api $v.api.alerts }}
 {{- $anySecret := or $dbPassword $saslPassword $tokens -}}
 metadata:
   labels:
@@ -248,7 +255,7 @@ spec:
       {{- if .http }}
       ports:
         - name: http
-          containerPort: 9100
+          containerPort: {{ .httpPort | default 9100 }}
           protocol: TCP
         {{- if .ingest }}
         - name: ingest
@@ -287,6 +294,11 @@ spec:
           mountPath: /etc/tally/ingest-tls
           readOnly: true
         {{- end }}
+        {{- if and .api $v.api.tlsSecretName }}
+        - name: api-tls
+          mountPath: /etc/tally/api-tls
+          readOnly: true
+        {{- end }}
         {{- with $v.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -320,15 +332,29 @@ spec:
           - key: {{ $v.secret.keys.kafkaSaslPassword }}
             path: {{ $v.secret.keys.kafkaSaslPassword }}
           {{- end }}
-          {{- if $tokens }}
+          {{- if .ingest }}
           - key: {{ $v.secret.keys.ingestTokens }}
             path: {{ $v.secret.keys.ingestTokens }}
+          {{- end }}
+          {{- if .api }}
+          - key: {{ $v.secret.keys.apiTokens }}
+            path: {{ $v.secret.keys.apiTokens }}
+          {{- end }}
+          {{- if $rules }}
+          - key: {{ $v.secret.keys.alertRules }}
+            path: {{ $v.secret.keys.alertRules }}
           {{- end }}
     {{- end }}
     {{- if and .ingest $v.ingest.tlsSecretName }}
     - name: ingest-tls
       secret:
         secretName: {{ $v.ingest.tlsSecretName }}
+        defaultMode: 0440
+    {{- end }}
+    {{- if and .api $v.api.tlsSecretName }}
+    - name: api-tls
+      secret:
+        secretName: {{ $v.api.tlsSecretName }}
         defaultMode: 0440
     {{- end }}
     {{- with $v.extraVolumes }}
