@@ -61,10 +61,10 @@ pub async fn zones(api: &crate::routes::Api) -> Result<&HashSet<String>, Refusal
         .await
 }
 
-/// One window of an answer.
-struct Row {
-    start: i64,
-    start_offset: i64,
+/// One window of an answer: its start and end (Unix seconds) with the zone's offsets there.
+pub(crate) struct Row {
+    pub(crate) start: i64,
+    pub(crate) start_offset: i64,
     stop: i64,
     stop_offset: i64,
     usage: String,
@@ -157,14 +157,15 @@ async fn parse(
 }
 
 /// Reads and checks a usage request: its parameters, then its window boundaries against
-/// the stored periods (one query over the windows, no usage read).
+/// the stored periods (one query over the windows, no usage read). The request, and its
+/// windows in order.
 pub(crate) async fn checked(
     api: &crate::routes::Api,
     params: &HashMap<String, String>,
-) -> Result<Usage, Refusal> {
+) -> Result<(Usage, Vec<Row>), Refusal> {
     let usage = parse(api, params).await?;
-    windows(api, &usage, "", "SELECT $6::bigint", 0).await?;
-    Ok(usage)
+    let windows = windows(api, &usage, "", "SELECT $6::bigint", 0).await?;
+    Ok((usage, windows))
 }
 
 /// `GET /v1/consumers/{id}/usage?from=&to=&window=&tz=`.
