@@ -57,6 +57,40 @@ pub fn link(name: &str, token: &str, expiry: u64, nonce: &[u8]) -> String {
     format!("{}.{expiry}.{nonce}.{}", hex(name.as_bytes()), hex(&signed))
 }
 
+/// A signed value split on `.`: the name (hex), the expiry, the middle fields, the MAC (hex),
+/// when it has `middle + 3` fields, the name decodes, and the expiry lies after `now` and at
+/// most `longest` seconds ahead.
+fn signed(
+    value: &str,
+    middle: usize,
+    now: u64,
+    longest: u64,
+) -> Option<(String, u64, Vec<&str>, Vec<u8>)> {
+    let parts: Vec<&str> = value.split('.').collect();
+    if parts.len() != middle + 3 {
+        return None;
+    }
+    let name = String::from_utf8(unhex(parts[0])?).ok()?;
+    let expiry: u64 = parts[1].parse().ok()?;
+    if expiry <= now || expiry > now + longest {
+        return None;
+    }
+    let given = unhex(parts[parts.len() - 1])?;
+    Some((name, expiry, parts[2..parts.len() - 1].to_vec(), given))
+}
+
+/// Whether `given` is the MAC of `message` under one of `name`'s tokens.
+fn signed_by(
+    tokens_of: impl Fn(&str) -> Vec<String>,
+    name: &str,
+    message: &str,
+    given: &[u8],
+) -> bool {
+    tokens_of(name)
+        .iter()
+        .any(|token| verify(token, message, given))
+}
+
 /// The name a session cookie was made for, if its MAC is right under one of the name's
 /// tokens (`tokens_of`) and it has not expired at `now`.
 pub fn check_session(
@@ -64,22 +98,9 @@ pub fn check_session(
     now: u64,
     tokens_of: impl Fn(&str) -> Vec<String>,
 ) -> Option<String> {
-    let mut parts = value.split('.');
-    let (name, expiry, given) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() {
-        return None;
-    }
-    let name = String::from_utf8(unhex(name)?).ok()?;
-    let expiry: u64 = expiry.parse().ok()?;
-    if expiry <= now || expiry > now + SESSION_SECONDS + 60 {
-        return None;
-    }
-    let given = unhex(given)?;
+    let (name, expiry, _, given) = signed(value, 0, now, SESSION_SECONDS + 60)?;
     let message = format!("session|{name}|{expiry}");
-    tokens_of(&name)
-        .iter()
-        .any(|token| verify(token, &message, &given))
-        .then_some(name)
+    signed_by(tokens_of, &name, &message, &given).then_some(name)
 }
 
 /// A login link checked: `(name, nonce)` when its MAC is right and it has not expired at
@@ -89,22 +110,13 @@ pub fn check_link(
     now: u64,
     tokens_of: impl Fn(&str) -> Vec<String>,
 ) -> Option<(String, String)> {
-    let mut parts = value.split('.');
-    let (name, expiry, nonce, given) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || nonce.len() != 32 || unhex(nonce).is_none() {
+    let (name, expiry, middle, given) = signed(value, 1, now, LINK_SECONDS + 5)?;
+    let nonce = middle[0];
+    if nonce.len() != 32 || unhex(nonce).is_none() {
         return None;
     }
-    let name = String::from_utf8(unhex(name)?).ok()?;
-    let expiry: u64 = expiry.parse().ok()?;
-    if expiry <= now || expiry > now + LINK_SECONDS + 5 {
-        return None;
-    }
-    let given = unhex(given)?;
     let message = format!("link|{name}|{expiry}|{nonce}");
-    tokens_of(&name)
-        .iter()
-        .any(|token| verify(token, &message, &given))
-        .then(|| (name, nonce.to_owned()))
+    signed_by(tokens_of, &name, &message, &given).then(|| (name, nonce.to_owned()))
 }
 
 #[cfg(test)]

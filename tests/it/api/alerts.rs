@@ -11,8 +11,8 @@ use serde_json::Value;
 use tally_api::alerts::rules::signature;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use super::{Pipeline, TIMEOUT, TOKEN};
-use crate::support::{free_port, wait_http};
+use super::{start_api_with, Pipeline, TIMEOUT};
+use crate::support::free_port;
 
 const SECRET: &str = "webhook-secret-0123456789";
 
@@ -130,26 +130,8 @@ fn crossings(got: &[Received]) -> BTreeMap<(String, i64), BTreeSet<String>> {
 }
 
 async fn start_api(p: &mut Pipeline, rules: &std::path::Path) -> (crate::support::Stage, u16) {
-    let tokens = p.dir.join("read-tokens");
-    std::fs::write(&tokens, format!("console {TOKEN}\n")).unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let api = p.spawn(
-        "api",
-        &[
-            "api",
-            "--listen",
-            &listen,
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--alert-rules",
-            rules.to_str().unwrap(),
-            "--alert-interval-ms",
-            "300",
-        ],
-    );
-    wait_http(port, "/readyz", TIMEOUT, |status, _| status == 200).await;
-    (api, port)
+    let rules = rules.to_str().unwrap();
+    start_api_with(p, &["--alert-rules", rules, "--alert-interval-ms", "300"]).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

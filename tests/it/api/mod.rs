@@ -132,20 +132,24 @@ fn same_rows(got: &[String], expected: &[String], what: &str) {
 
 /// Starts `tally api` on `p` with a fresh read-tokens file; returns (stage, port).
 async fn start_api(p: &mut Pipeline) -> (crate::support::Stage, u16) {
+    start_api_with(p, &[]).await
+}
+
+/// [`start_api`] with `extra` flags.
+async fn start_api_with(p: &mut Pipeline, extra: &[&str]) -> (crate::support::Stage, u16) {
     let tokens = p.dir.join("read-tokens");
     std::fs::write(&tokens, format!("# readers\nconsole {TOKEN}\n")).unwrap();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let api = p.spawn(
+    let mut args = vec![
         "api",
-        &[
-            "api",
-            "--listen",
-            &listen,
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-        ],
-    );
+        "--listen",
+        &listen,
+        "--tokens-file",
+        tokens.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let api = p.spawn("api", &args);
     wait_http(port, "/readyz", TIMEOUT, |status, _| status == 200).await;
     (api, port)
 }
