@@ -1,6 +1,6 @@
 //! `GET /v1/changes`: the totals' changes as Server-Sent Events, read from the change log the
 //! writers add to in the same transactions as their upserts (`tally_changes`,
-//! [`tally_db_client::changes`]).
+//! `tally_db_client::changes`).
 //!
 //! Each event is one row of the log: `event: totals` carries consumers' running totals after
 //! a transaction, `event: periods` the deltas it added to their periods; at most 1,000
