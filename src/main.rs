@@ -257,8 +257,16 @@ mod tests {
     /// `--switch-input`), and what names a single run (`--once`, `-X` which is repeatable
     /// `key=value`). docs/operations.md says the same.
     const NO_ENV: &[&str] = &[
-        "generate", "report", "rollup", "verify", "inspect", "status", "sum", "config",
-        "push", // its files; --watch and --once below
+        "generate",
+        "report",
+        "rollup",
+        "verify",
+        "inspect",
+        "status",
+        "sum",
+        "config",
+        "push",       // its files; --watch and --once below
+        "login-link", // a one-off link for one person
     ];
 
     fn walk(command: &clap::Command, path: &mut Vec<String>, missing: &mut Vec<String>) {
