@@ -72,9 +72,15 @@ fn partitions(tpl: &rdkafka::TopicPartitionList) -> Vec<i32> {
 
 impl ClientContext for RebalanceLog {
     /// As rdkafka's own, but a partition's end (told because stages ask for it, see
-    /// `enable.partition.eof` in `consume::group`) is no error.
+    /// `enable.partition.eof` in `consume::group`) is no error. It also comes as a client-wide
+    /// event (`Global(PartitionEOF)`, "Fetch from broker … reached end of partition"), which
+    /// rdkafka logged at ERROR level once per partition and fetch.
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        if matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        if matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
             return;
         }
         tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");

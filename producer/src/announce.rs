@@ -237,10 +237,7 @@ impl Announcer {
         // Infinite timeout: a finite one can desynchronise librdkafka's transaction state.
         let mut tries = 0;
         loop {
-            match self
-                .producer
-                .commit_transaction(rdkafka::util::Timeout::Never)
-            {
+            match kafka::commit_transaction(&self.producer, rdkafka::util::Timeout::Never) {
                 Ok(()) => return Ok(()),
                 Err(e) if kafka::classify_txn_error(&e) == TxnErrorKind::Retriable && tries < 5 => {
                     tries += 1;

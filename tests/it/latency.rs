@@ -138,12 +138,15 @@ fn a_batch_waits_for_a_transaction_open_upstream_then_ends_at_once() {
     let committer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(3));
         second.commit_transaction(Duration::from_secs(30)).unwrap();
-        second
+        (second, Instant::now())
     });
     let started = Instant::now();
     let batch = next_batch();
     let took = started.elapsed();
-    let second = committer.join().unwrap();
+    let (second, committed) = committer.join().unwrap();
+    // The broker does not end a read_committed fetch's long poll at this commit: the records
+    // come when the fetch wait runs out (librdkafka's default 500 ms; tally's consumers 50).
+    let late = Instant::now().saturating_duration_since(committed);
     assert_eq!(
         batch.len(),
         2,
@@ -152,6 +155,11 @@ fn a_batch_waits_for_a_transaction_open_upstream_then_ends_at_once() {
     assert!(
         took < Duration::from_secs(15),
         "{took:?}: waited out max_wait"
+    );
+    assert!(
+        late < Duration::from_millis(300),
+        "the batch ended {late:?} after the open transaction committed: a fetch wait on the \
+         critical path"
     );
 
     // Nothing open: a drained batch ends at once.
@@ -166,4 +174,47 @@ fn a_batch_waits_for_a_transaction_open_upstream_then_ends_at_once() {
         started.elapsed()
     );
     group.leave();
+}
+
+/// A stage's commit costs a broker round trip: no poll step of the client library in it.
+/// Before, each commit of a threaded producer slept out rust-rdkafka's 100 ms flush step (the
+/// producer's own polling thread took the delivery reports the flush waited for): 100 ms per
+/// parser transaction and per announced file.
+#[test]
+fn a_commit_waits_out_no_poll_step() {
+    let args = tally_core::KafkaArgs::plaintext(
+        &tally_testkit::services().kafka_bootstrap,
+        &tally_testkit::unique("quick"),
+    );
+    let topic = crate::liveness::input_topic(&args);
+    let producer = tally_core::txn::producer::create(
+        &args,
+        &format!("{}.quick", args.topic_prefix),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let mut commits = Vec::new();
+    for i in 0..12 {
+        rdkafka::producer::Producer::begin_transaction(&producer).unwrap();
+        for partition in 0..2 {
+            let payload = format!("record {i}");
+            tally_core::txn::producer::send(
+                &producer,
+                &topic,
+                Some(partition),
+                None,
+                payload.as_bytes(),
+            )
+            .unwrap();
+        }
+        let started = Instant::now();
+        tally_core::txn::commit(&producer).unwrap();
+        commits.push(started.elapsed());
+    }
+    commits.sort();
+    let median = commits[commits.len() / 2];
+    assert!(
+        median < Duration::from_millis(60),
+        "a commit takes {median:?} (median of {commits:?}): it waits out a poll step"
+    );
 }

@@ -79,7 +79,14 @@ pub fn consumer_config(args: &KafkaArgs, group: &str) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // How long the broker may hold a fetch that finds nothing new. A producer's commit
+        // does not always end that wait for a read_committed consumer (not when the batch's
+        // last partition to turn readable was held by an open transaction): the records then
+        // arrive when the wait runs out. librdkafka's default, 500 ms, was half a second per
+        // stage between a parser's commit and the aggregator's, and again to the db-client;
+        // at 50 ms an idle consumer fetches 20 times a second, which a broker does not feel.
+        .set("fetch.wait.max.ms", "50");
     apply_overrides(&mut config, args);
     config
 }
@@ -187,6 +194,45 @@ where
             Err((e, _)) => return Err(e),
         }
     }
+}
+
+/// Commits the open transaction of a [`ThreadedProducer`](rdkafka::producer::ThreadedProducer),
+/// first waiting here until every record sent in it is delivered.
+///
+/// rust-rdkafka's `commit_transaction` flushes first, and its flush polls the event queue in
+/// steps of 100 ms; the threaded producer's own thread polls the same queue, so when that
+/// thread takes the last delivery report the flush sleeps out its step: every commit cost up
+/// to 100 ms of idle time (seen as ~110 ms gaps between a parser's units, and 100 ms per file
+/// announced). The producer's thread serves delivery reports as they come, so the count of
+/// records in flight reaches zero on its own; polled here in short naps, the flush inside the
+/// commit then has nothing to wait for. `timeout` bounds the wait and the commit together.
+pub fn commit_transaction<C>(
+    producer: &rdkafka::producer::ThreadedProducer<C>,
+    timeout: rdkafka::util::Timeout,
+) -> Result<(), KafkaError>
+where
+    C: rdkafka::producer::ProducerContext + 'static,
+{
+    use rdkafka::producer::Producer;
+    let deadline = match timeout {
+        rdkafka::util::Timeout::After(after) => Some(std::time::Instant::now() + after),
+        rdkafka::util::Timeout::Never => None,
+    };
+    let mut nap = Duration::from_micros(50);
+    while producer.in_flight_count() > 0 {
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            break; // the commit's own flush reports the timeout
+        }
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(2));
+    }
+    let left = match deadline {
+        Some(d) => {
+            rdkafka::util::Timeout::After(d.saturating_duration_since(std::time::Instant::now()))
+        }
+        None => rdkafka::util::Timeout::Never,
+    };
+    producer.commit_transaction(left)
 }
 
 /// Number of partitions of `topic`, from a metadata request.

@@ -271,7 +271,7 @@ pub fn commit(producer: &TxnProducer) -> Result<(), KafkaError> {
     let mut tries = 0;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     loop {
-        match producer.commit_transaction(Timeout::Never) {
+        match kafka::commit_transaction(producer, Timeout::Never) {
             Ok(()) => return Ok(()),
             Err(e) if kafka::classify_txn_error(&e) == TxnErrorKind::Retriable && tries < 10 => {
                 tries += 1;
@@ -329,7 +329,8 @@ pub fn commit_within(producer: &TxnProducer, within: Duration) -> Result<(), Fai
                 "the commit did not finish within {within:?}"
             )));
         }
-        match producer.commit_transaction(left.min(Duration::from_secs(10))) {
+        match kafka::commit_transaction(producer, Timeout::After(left.min(Duration::from_secs(10))))
+        {
             Ok(()) => return Ok(()),
             Err(e) if kafka::classify_txn_error(&e) == TxnErrorKind::Retriable => {
                 tracing::debug!(error = %e, "commit not finished yet, resuming it");
