@@ -165,13 +165,16 @@ mod tests {
         assert!(source.intact(&again).is_ok());
     }
 
+    /// An unlinked file holding `bytes`, a name of its own per call: tests run in parallel,
+    /// and a shared name let one test's `truncate` empty another's file (a red CI run).
     fn tempfile_with(bytes: &[u8]) -> File {
-        let path = std::env::temp_dir().join(format!("tally-source-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("tally-source-{}-{n}", std::process::id()));
         let mut f = File::options()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&path)
             .unwrap();
         f.write_all(bytes).unwrap();
