@@ -24,6 +24,7 @@ mod secure;
 mod standalone;
 mod status;
 mod sum_cli;
+mod write_races;
 
 /// The pipeline harness (tally-testkit).
 use tally_testkit::pipeline as support;
