@@ -45,11 +45,12 @@ async fn a_batch_meeting_a_concurrent_writer_of_its_keys_adds_everything_or_fail
             .unwrap_or(0)
         }
     };
-    // A batch of consumer `id` adding 7, retried until it commits, as the db-client does;
-    // returns the errors of the attempts that failed.
-    let batch = |id: i64| {
+    // A batch of consumer `id` adding 7, retried until it commits, as the db-client does,
+    // started while `other` holds its uncommitted change, which commits 500 ms later; returns
+    // the errors of the attempts that failed.
+    let race = |other: sqlx::Transaction<'static, sqlx::Postgres>, id: i64| {
         let pool = p.pool.clone();
-        tokio::spawn(async move {
+        let batch = tokio::spawn(async move {
             let mut failed = Vec::new();
             loop {
                 let mut tx = pool.begin().await.unwrap();
@@ -67,7 +68,12 @@ async fn a_batch_meeting_a_concurrent_writer_of_its_keys_adds_everything_or_fail
                 }
                 assert!(failed.len() < 5, "{failed:?}");
             }
-        })
+        });
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            other.commit().await.unwrap();
+            batch.await.unwrap()
+        }
     };
 
     // 1. Another writer inserts the same keys (5) and commits while the batch waits on them.
@@ -84,10 +90,7 @@ async fn a_batch_meeting_a_concurrent_writer_of_its_keys_adds_everything_or_fail
     .execute(&mut *other)
     .await
     .unwrap();
-    let racing = batch(1);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    other.commit().await.unwrap();
-    let failed = racing.await.unwrap();
+    let failed = race(other, 1).await;
     assert_eq!(
         running_total(1).await,
         12,
@@ -119,10 +122,7 @@ async fn a_batch_meeting_a_concurrent_writer_of_its_keys_adds_everything_or_fail
     .execute(&mut *other)
     .await
     .unwrap();
-    let racing = batch(2);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    other.commit().await.unwrap();
-    let failed = racing.await.unwrap();
+    let failed = race(other, 2).await;
     assert_eq!(
         period_total(2).await,
         10,
