@@ -236,6 +236,47 @@ fn empty_input_and_missing_final_newline() {
 }
 
 #[test]
+fn every_pair_is_added_whatever_the_number_of_lines_per_chunk() {
+    // Pairs are added a few lines after their parse (PREFETCH_LINES): chunks with fewer lines
+    // than that, exactly that many, and many more must all add every pair, across bad lines
+    // (the careful path) and 13-digit ids in between.
+    for lines in [
+        1,
+        PREFETCH_LINES - 1,
+        PREFETCH_LINES,
+        PREFETCH_LINES + 1,
+        1000,
+    ] {
+        let mut data = Vec::new();
+        let mut expected = Outcome::default();
+        for i in 0..lines as i64 {
+            let id = i % 7;
+            if i % 5 == 3 {
+                data.extend_from_slice(format!("{} {}\n", 1_000_000_000_000 + id, i).as_bytes());
+                *expected.totals.entry(1_000_000_000_000 + id).or_default() += i128::from(i);
+            } else {
+                data.extend_from_slice(format!("{id} {i}\n").as_bytes());
+                *expected.totals.entry(id).or_default() += i128::from(i);
+            }
+            if i % 11 == 10 {
+                data.extend_from_slice(b"bad\n");
+            }
+        }
+        for chunk_bytes in [16, 64, 1 << 20] {
+            let config = EngineConfig {
+                chunk_bytes,
+                ..EngineConfig::default()
+            };
+            let got = engine_outcome(&data, &[], &config, 1);
+            assert_eq!(
+                got.totals, expected.totals,
+                "{lines} lines, {chunk_bytes}-byte chunks"
+            );
+        }
+    }
+}
+
+#[test]
 fn one_huge_line_is_one_bad_line() {
     let mut data = vec![b'1'; 5 << 20];
     data.extend_from_slice(b"\n1 1\n");

@@ -80,6 +80,15 @@ impl Aggregator {
         }
     }
 
+    /// Prefetches where [`Aggregator::add`] of `id` will look first (one table only: the
+    /// partitioned state buffers its pairs instead).
+    #[inline(always)]
+    pub fn prefetch(&self, id: i64) {
+        if let Aggregator::Direct(map) = self {
+            map.prefetch(id);
+        }
+    }
+
     fn partition(&mut self, keys_max: usize, out: &mut Vec<(i64, i64)>) {
         let per_partition = (keys_max / PARTITIONS).max(1);
         let mut parts = Box::new(Partitioned {
