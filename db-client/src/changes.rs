@@ -40,7 +40,8 @@ pub struct ChangeLogArgs {
     /// Add what each transaction changed to the change log (`GET /v1/changes` of `tally api`):
     /// `on` or `off`. Off saves its cost (docs/benchmarks.md); readers are told that changes
     /// are missing from the switch on.
-    #[arg(long = "change-log", env = "TALLY_CHANGE_LOG", default_value = "on", value_parser = on_off)]
+    #[arg(long = "change-log", env = "TALLY_CHANGE_LOG", default_value = "on", value_name = "on|off",
+          value_parser = on_off, action = clap::ArgAction::Set)]
     pub enabled: bool,
     /// How long the change log keeps a transaction's changes, in minutes: a reader away for
     /// longer is told to read the totals again (410).
@@ -147,5 +148,32 @@ pub async fn keep_pruned(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(PRUNE_EVERY) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ChangeLogArgs;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        change_log: ChangeLogArgs,
+    }
+
+    fn enabled(args: &[&str]) -> Result<bool, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tally").chain(args.iter().copied()))
+            .map(|cli| cli.change_log.enabled)
+    }
+
+    #[test]
+    fn the_change_log_is_switched_with_on_or_off() {
+        assert!(enabled(&[]).unwrap());
+        assert!(!enabled(&["--change-log", "off"]).unwrap());
+        assert!(!enabled(&["--change-log=off"]).unwrap());
+        assert!(enabled(&["--change-log", "on"]).unwrap());
+        assert!(enabled(&["--change-log", "maybe"]).is_err());
     }
 }
