@@ -18,32 +18,30 @@ async fn a_batch_meeting_a_concurrent_writer_of_its_keys_adds_everything_or_fail
     let p = Pipeline::new("merge-race").await;
     let start = 1_798_761_600; // 2027-01-01T00:00:00Z, an hour and a day start
     copy::ensure_partitions(&p.pool, &[start]).await.unwrap();
-    let period_total = |id: i64| {
+    // One consumer's sum of a `SELECT …::bigint … WHERE consumer_id = $1` (0 without rows).
+    let sum_of = |sql: &'static str, id: i64| {
         let pool = p.pool.clone();
         async move {
-            sqlx::query_scalar::<_, Option<i64>>(
-                "SELECT sum(total)::bigint FROM consumer_period_totals WHERE consumer_id = $1",
-            )
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-            .unwrap_or(0)
+            sqlx::query_scalar::<_, Option<i64>>(sql)
+                .bind(id)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+                .flatten()
+                .unwrap_or(0)
         }
     };
+    let period_total = |id: i64| {
+        sum_of(
+            "SELECT sum(total)::bigint FROM consumer_period_totals WHERE consumer_id = $1",
+            id,
+        )
+    };
     let running_total = |id: i64| {
-        let pool = p.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, Option<i64>>(
-                "SELECT total::bigint FROM consumer_totals WHERE consumer_id = $1",
-            )
-            .bind(id)
-            .fetch_optional(&pool)
-            .await
-            .unwrap()
-            .flatten()
-            .unwrap_or(0)
-        }
+        sum_of(
+            "SELECT total::bigint FROM consumer_totals WHERE consumer_id = $1",
+            id,
+        )
     };
     // A batch of consumer `id` adding 7, retried until it commits, as the db-client does,
     // started while `other` holds its uncommitted change, which commits 500 ms later; returns
