@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::Offset;
 use std::collections::VecDeque;
@@ -14,6 +15,26 @@ use super::Group;
 use crate::backoff::Backoff;
 use crate::liveness::{self, Throttle};
 use crate::rebalance::RebalanceLog;
+
+/// How long a seek refused because the partition is not ready yet is retried before it
+/// counts as a failure (see [`Group::seek_when_ready`]).
+const SEEK_READY_WITHIN: Duration = Duration::from_secs(2);
+/// The pause between those retries.
+const SEEK_READY_STEP: Duration = Duration::from_millis(5);
+
+/// Whether `error` is librdkafka refusing a seek on a partition whose fetcher has not
+/// started yet (`RD_KAFKA_RESP_ERR__STATE`). rust-rdkafka passes a seek's error on as
+/// librdkafka's text only; the code's `Display` is `State (<that text>)`.
+pub(super) fn is_not_ready(error: &anyhow::Error) -> bool {
+    let Some(KafkaError::Seek(text)) = error.downcast_ref::<KafkaError>() else {
+        return false;
+    };
+    let state = RDKafkaErrorCode::State.to_string();
+    state
+        .strip_suffix(')')
+        .and_then(|s| s.split_once(" ("))
+        .is_some_and(|(_, expected)| text == expected)
+}
 
 /// How loading a partition's state ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,10 +100,7 @@ impl Group {
             self.pause_assignment(true);
             let loaded = self.load_one(partition, state);
             let loaded = match loaded {
-                Ok(Loaded::ReadyAt(offset)) => match self.seek(partition, offset) {
-                    Ok(()) => Ok(Loaded::Ready),
-                    Err(error) => Err(error),
-                },
+                Ok(Loaded::ReadyAt(offset)) => self.seek_when_ready(partition, offset),
                 other => other,
             };
             match loaded {
@@ -141,6 +159,28 @@ impl Group {
             &mut self.errors,
         );
         self.events.is_empty()
+    }
+
+    /// Moves `partition` to `offset` as soon as librdkafka lets it: a partition assigned a
+    /// moment ago refuses a seek (`Local: Erroneous state`) until its fetcher knows where to
+    /// start, a few milliseconds later. That refusal is waited out in short steps while the
+    /// group is served, for up to [`SEEK_READY_WITHIN`]; it used to cost a failure's backoff
+    /// (200 ms and more) at every start and rebalance. Other errors, and a refusal that
+    /// lasts, go to the caller's backoff.
+    fn seek_when_ready(&mut self, partition: i32, offset: Offset) -> anyhow::Result<Loaded> {
+        let deadline = Instant::now() + SEEK_READY_WITHIN;
+        loop {
+            match self.seek(partition, offset) {
+                Ok(()) => return Ok(Loaded::Ready),
+                Err(error) if is_not_ready(&error) && Instant::now() < deadline => {
+                    if !self.keep_alive() {
+                        return Ok(Loaded::Interrupted);
+                    }
+                    std::thread::sleep(SEEK_READY_STEP);
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Moves `partition` to `offset`, and drops what was polled of it before.

@@ -297,3 +297,25 @@ fn shutdown_during_a_retry_ends_the_loop_without_a_commit() {
     assert!(book.written.is_empty());
     assert!(failures >= 1);
 }
+
+#[test]
+fn a_seek_refused_before_the_fetcher_starts_is_told_apart_from_other_errors() {
+    use anyhow::Context;
+    use rdkafka::error::KafkaError;
+    // The text librdkafka gives RD_KAFKA_RESP_ERR__STATE, as seen in the stages' logs.
+    let refused = Err::<(), _>(KafkaError::Seek("Local: Erroneous state".into()))
+        .context("cannot move partition 0 to Beginning")
+        .unwrap_err();
+    assert!(load::is_not_ready(&refused));
+    for other in [
+        KafkaError::Seek("Local: Unknown partition".into()),
+        KafkaError::Seek("Local: Timed out".into()),
+        KafkaError::Canceled,
+    ] {
+        let other = Err::<(), _>(other).context("seek").unwrap_err();
+        assert!(!load::is_not_ready(&other), "{other:#}");
+    }
+    assert!(!load::is_not_ready(&anyhow::anyhow!(
+        "Local: Erroneous state"
+    )));
+}
