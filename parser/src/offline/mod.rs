@@ -91,14 +91,47 @@ impl EngineArgs {
 
     /// A rayon pool with the configured thread count.
     pub fn pool(&self) -> anyhow::Result<rayon::ThreadPool> {
+        self.pool_at(0)
+    }
+
+    /// A rayon pool with the configured thread count, its threads at CPU niceness `nice` or
+    /// the process's own, whichever is lower in priority.
+    pub fn pool_at(&self, nice: i32) -> anyhow::Result<rayon::ThreadPool> {
         let threads = self
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("tally-parse-{i}"))
+            .start_handler(move |i| lower_priority(nice, i == 0))
             .build()
             .context("cannot start the parse thread pool")
+    }
+}
+
+/// Lowers the calling thread's CPU priority to niceness `nice` (0 to 19), unless it is lower
+/// already: on Linux a thread's nice value is its own, so the parse threads yield to the
+/// process's other threads and to other processes (PostgreSQL, the broker, `tally api`)
+/// while they keep every idle core. Raising niceness needs no privilege; a failure is
+/// logged (when `log`) and the thread runs as it is.
+fn lower_priority(nice: i32, log: bool) {
+    if nice <= 0 {
+        return;
+    }
+    let result = rustix::process::getpriority_process(None).and_then(|now| {
+        if now >= nice {
+            Ok(now)
+        } else {
+            rustix::process::setpriority_process(None, nice.min(19)).map(|()| nice.min(19))
+        }
+    });
+    match result {
+        Ok(now) if log => tracing::info!(nice = now, "parse threads at lower CPU priority"),
+        Ok(_) => {}
+        Err(error) if log => {
+            tracing::warn!(%error, nice, "cannot lower the parse threads' CPU priority")
+        }
+        Err(_) => {}
     }
 }
 
@@ -198,4 +231,36 @@ pub fn run(args: &SumArgs) -> anyhow::Result<()> {
         stats.bytes as f64 / secs.max(1e-9) / 1e9
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        engine: super::EngineArgs,
+    }
+
+    fn nice_of_this_thread() -> i32 {
+        rustix::process::getpriority_process(None).unwrap()
+    }
+
+    #[test]
+    fn parse_threads_run_at_their_niceness_and_the_caller_keeps_its_own() {
+        let args = Cli::parse_from(["test", "--threads", "2"]).engine;
+        let caller = nice_of_this_thread();
+        let want = (caller + 7).min(19);
+        let pool = args.pool_at(want).unwrap();
+        let seen = pool.broadcast(|_| nice_of_this_thread());
+        assert_eq!(seen, vec![want; 2]);
+        assert_eq!(nice_of_this_thread(), caller);
+        // 0 leaves the threads at the caller's niceness.
+        let seen = args
+            .pool_at(0)
+            .unwrap()
+            .broadcast(|_| nice_of_this_thread());
+        assert_eq!(seen, vec![caller; 2]);
+    }
 }

@@ -79,6 +79,13 @@ pub struct ParserArgs {
     /// reason. Bounds what a file of garbage costs the topic, its transaction and `status`.
     #[arg(long, env = "TALLY_DEAD_LETTER_LINES", default_value_t = 100)]
     pub dead_letter_lines: u64,
+    /// CPU niceness of the parse threads (0 to 19; 0 leaves them as the process). On a host
+    /// shared with latency work (PostgreSQL, `tally api`), niced parse threads still take
+    /// every idle core but yield to it; the price is some throughput (the scheduler balances
+    /// niced threads by weight). docs/operations.md has the figures.
+    #[arg(long, env = "TALLY_PARSE_NICE", default_value_t = 0,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub parse_nice: i32,
 }
 
 /// Counts since start, logged at exit.
@@ -227,7 +234,7 @@ fn start_loop<'a>(
                 data_root,
                 config: args.engine.config(),
                 merge_keys_max: args.engine.merge_keys_max(),
-                pool: args.engine.pool()?,
+                pool: args.engine.pool_at(args.parse_nice)?,
                 done: done_set,
                 sums_partitions,
                 forced_reject: HashMap::new(),
