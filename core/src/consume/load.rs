@@ -26,14 +26,8 @@ const SEEK_READY_STEP: Duration = Duration::from_millis(5);
 /// started yet (`RD_KAFKA_RESP_ERR__STATE`). rust-rdkafka passes a seek's error on as
 /// librdkafka's text only; the code's `Display` is `State (<that text>)`.
 pub(super) fn is_not_ready(error: &anyhow::Error) -> bool {
-    let Some(KafkaError::Seek(text)) = error.downcast_ref::<KafkaError>() else {
-        return false;
-    };
-    let state = RDKafkaErrorCode::State.to_string();
-    state
-        .strip_suffix(')')
-        .and_then(|s| s.split_once(" ("))
-        .is_some_and(|(_, expected)| text == expected)
+    matches!(error.downcast_ref::<KafkaError>(), Some(KafkaError::Seek(text))
+        if RDKafkaErrorCode::State.to_string().ends_with(&format!(" ({text})")))
 }
 
 /// How loading a partition's state ended.

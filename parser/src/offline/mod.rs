@@ -115,15 +115,13 @@ impl EngineArgs {
 /// while they keep every idle core. Raising niceness needs no privilege; a failure is
 /// logged (when `log`) and the thread runs as it is.
 fn lower_priority(nice: i32, log: bool) {
+    let nice = nice.min(19);
     if nice <= 0 {
         return;
     }
-    let result = rustix::process::getpriority_process(None).and_then(|now| {
-        if now >= nice {
-            Ok(now)
-        } else {
-            rustix::process::setpriority_process(None, nice.min(19)).map(|()| nice.min(19))
-        }
+    let result = rustix::process::getpriority_process(None).and_then(|now| match now >= nice {
+        true => Ok(now),
+        false => rustix::process::setpriority_process(None, nice).map(|()| nice),
     });
     match result {
         Ok(now) if log => tracing::info!(nice = now, "parse threads at lower CPU priority"),
