@@ -149,6 +149,8 @@ pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
             let pool = PgPoolOptions::new()
                 .max_connections(u32::try_from(args.database_connections).unwrap_or(u32::MAX))
                 .acquire_timeout(Duration::from_millis(args.query_timeout_ms))
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| Box::pin(ping_if_idle(conn, meta.idle_for)))
                 .connect_lazy_with(args.database.connect_options()?);
             let state = Arc::new(routes::Api {
                 pool,
@@ -184,4 +186,21 @@ pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
             Ok::<(), anyhow::Error>(())
         })
         .context("the API server stopped")
+}
+
+/// A pooled connection idle at least this long is pinged before a request uses it: one that
+/// died while idle (PostgreSQL restarted, a proxy cut it) is replaced instead of failing the
+/// request. A busy connection is not: sqlx's default pings before every acquire, a second
+/// round trip to PostgreSQL on each request, which doubled the wake-ups a request waits for
+/// on a loaded host (docs/benchmarks.md, "The api's round trips"). sqlx also pings every
+/// connection when it is released, so one a request broke never returns to the pool.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// `before_acquire`: pings a connection idle for [`PING_AFTER_IDLE`] or longer; an error
+/// closes it and the pool takes (or opens) another.
+async fn ping_if_idle(conn: &mut sqlx::PgConnection, idle_for: Duration) -> sqlx::Result<bool> {
+    if idle_for >= PING_AFTER_IDLE {
+        sqlx::Connection::ping(conn).await?;
+    }
+    Ok(true)
 }

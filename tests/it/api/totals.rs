@@ -3,7 +3,12 @@
 
 use serde_json::Value;
 
-use super::{conforms, get, response_schema, start_api, Pipeline, TIMEOUT, TOKEN};
+use std::time::Duration;
+
+use tally_testkit::proxy::FaultProxy;
+
+use super::{conforms, get, response_schema, start_api, start_api_with, Pipeline, TIMEOUT, TOKEN};
+use crate::support::free_port;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn consumer_totals_are_what_postgres_holds_and_need_a_read_token() {
@@ -207,4 +212,50 @@ async fn files_carry_their_rejection_reasons() {
         )
     })
     .await;
+}
+
+/// The api's pooled PostgreSQL connections die while idle (PostgreSQL restarts, a proxy or a
+/// firewall drops them): the requests after that still answer, none fails for a dead
+/// connection. The api pings only a connection idle for a second or more before using it
+/// (not one per request, which cost a round trip each); this holds it to that.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_that_died_while_idle_fail_no_request() {
+    let mut p = Pipeline::new("api-cut").await;
+    sqlx::query("INSERT INTO consumer_totals (consumer_id, total) VALUES (1, 42)")
+        .execute(&p.pool)
+        .await
+        .unwrap();
+    // The api reaches PostgreSQL through a proxy that can close every connection at once.
+    let (head, tail) = p
+        .database_url
+        .rsplit_once('@')
+        .expect("user@host in the URL");
+    let (upstream, rest) = tail.split_once('/').expect("a database in the URL");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let proxy = FaultProxy::start(&listen, upstream).await.unwrap();
+    let url = format!("{head}@{listen}/{rest}");
+    let (_api, port) = start_api_with(&mut p, &["--database-url", &url]).await;
+
+    for round in 0..3 {
+        // Requests at once, so that the pool holds several connections.
+        let answers = futures_util::future::join_all(
+            (0..6).map(|_| get(port, "/v1/consumers/1", Some(TOKEN))),
+        )
+        .await;
+        for (status, body) in answers {
+            assert_eq!(status, 200, "round {round}: {body}");
+            assert_eq!(body["total"], 42, "{body}");
+        }
+        assert!(proxy.open_connections() > 0);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        proxy.cut();
+        // Every idle connection is dead now; each request takes one while it can.
+        for i in 0..6 {
+            let (status, body) = get(port, "/v1/consumers/1", Some(TOKEN)).await;
+            assert_eq!(
+                status, 200,
+                "round {round}, request {i} after the cut: {body}"
+            );
+        }
+    }
 }
