@@ -169,6 +169,7 @@ pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
                     scan_records: args.status_scan_records,
                     last: tokio::sync::Mutex::new(None),
                 },
+                top: status::TopSource::default(),
             });
             tokio::spawn(alerts::run(
                 state.pool.clone(),

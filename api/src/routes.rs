@@ -51,6 +51,8 @@ pub struct Api {
     pub tls: bool,
     /// Reads `tally status`'s report (`/v1/status`), and the last one with when it was read.
     pub status: crate::status::StatusSource,
+    /// Reads `/v1/top`, one at a time.
+    pub top: crate::status::TopSource,
 }
 
 pub(crate) type Shared = Arc<Api>;

@@ -51,6 +51,9 @@ pub const PRODUCER_INGEST_BYTES: &str = "tally_producer_ingest_bytes_total";
 pub const PRODUCER_INGEST_REFUSED: &str = "tally_producer_ingest_refused_total";
 /// Change events `tally api` sent to `/v1/changes` followers.
 pub const API_CHANGE_EVENTS: &str = "tally_api_change_events_total";
+/// Reads of the top consumers from PostgreSQL by `tally api` (`/v1/top`; concurrent requests
+/// share one).
+pub const API_TOP_READS: &str = "tally_api_top_reads_total";
 
 /// The metrics every long-running stage has, under its own prefix.
 #[derive(Debug)]
@@ -103,6 +106,10 @@ pub fn stage(stage: &str) -> &'static StageMetrics {
 
 /// The unlabelled counters of `stage` (a stage name as the stages log it).
 pub fn counters(stage: &str) -> Vec<&'static str> {
+    if stage == "api" {
+        // No consumer group, no Kafka transactions: no rebalances or retries.
+        return vec![API_CHANGE_EVENTS, API_TOP_READS];
+    }
     let own: &[&'static str] = match stage {
         "parser" => &[PARSER_LINES, PARSER_BYTES, PARSER_SUMS_RECORDS],
         "aggregator" => &[AGGREGATOR_RECORDS_IN, AGGREGATOR_RECORDS_OUT],
@@ -191,6 +198,10 @@ fn describe() {
     describe_counter!(
         API_CHANGE_EVENTS,
         "Change events sent to /v1/changes followers."
+    );
+    describe_counter!(
+        API_TOP_READS,
+        "Reads of the top consumers from PostgreSQL (/v1/top); concurrent requests share one."
     );
     for m in ALL {
         describe_histogram!(

@@ -104,7 +104,7 @@ async fn the_console_shows_what_postgres_holds_in_a_real_browser() {
         serde_json::from_str(&p.tally(&["status", "--json"]).await).expect("status JSON");
     let top: Vec<(i64, String)> = sqlx::query_as(
         "SELECT consumer_id, total::text FROM consumer_totals
-         ORDER BY total DESC, consumer_id LIMIT 20",
+         ORDER BY consumer_totals.total DESC, consumer_id LIMIT 20",
     )
     .fetch_all(&p.pool)
     .await

@@ -259,3 +259,89 @@ async fn connections_that_died_while_idle_fail_no_request() {
         }
     }
 }
+
+/// `tally_api_top_reads_total` on the api's `/metrics`.
+async fn top_reads(port: u16) -> u64 {
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        crate::support::http_get_with(port, "/metrics", &[]).expect("the API answers")
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert!(!body.contains("tally_producer_"), "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix("tally_api_top_reads_total "))
+        .unwrap_or_else(|| panic!("no tally_api_top_reads_total: {body}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `/v1/top` answers what PostgreSQL holds when the request arrives, and a crowd of requests
+/// costs PostgreSQL one read of the table at a time, not one each.
+#[tokio::test(flavor = "multi_thread")]
+async fn top_consumers_are_current_and_a_crowd_shares_the_reads() {
+    let mut p = Pipeline::new("api-top").await;
+    sqlx::query(
+        "INSERT INTO consumer_totals (consumer_id, total)
+         SELECT g, g % 100003 FROM generate_series(1, 1000000) g",
+    )
+    .execute(&p.pool)
+    .await
+    .unwrap();
+    let (_api, port) = start_api(&mut p).await;
+    assert_eq!(top_reads(port).await, 0, "exported from the start");
+    let top = |n: i64| {
+        let pool = p.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT consumer_id FROM consumer_totals ORDER BY total DESC, consumer_id LIMIT $1",
+            )
+            .bind(n)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let ids = |body: &Value| -> Vec<i64> {
+        body["consumers"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{body}"))
+            .iter()
+            .map(|c| c["consumer_id"].as_i64().unwrap())
+            .collect()
+    };
+    for limit in [1i64, 5, 100] {
+        let (status, body) = get(port, &format!("/v1/top?limit={limit}"), Some(TOKEN)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(ids(&body), top(limit).await, "limit {limit}");
+    }
+    // A change committed before a request is in its answer.
+    for id in [7i64, 11, 13] {
+        sqlx::query(
+            "UPDATE consumer_totals SET total = total + 1000000000000 WHERE consumer_id = $1",
+        )
+        .bind(id)
+        .execute(&p.pool)
+        .await
+        .unwrap();
+        let (_, body) = get(port, "/v1/top?limit=3", Some(TOKEN)).await;
+        assert_eq!(ids(&body), top(3).await, "after consumer {id}'s change");
+        assert_eq!(ids(&body)[0], id, "{body}");
+    }
+    // 40 requests at once: a few reads serve them all.
+    let before = top_reads(port).await;
+    let answers =
+        futures_util::future::join_all((0..40).map(|_| get(port, "/v1/top?limit=10", Some(TOKEN))))
+            .await;
+    let expected = top(10).await;
+    for (status, body) in answers {
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(ids(&body), expected);
+    }
+    let reads = top_reads(port).await - before;
+    assert!(
+        (1..=10).contains(&reads),
+        "40 requests at once cost {reads} reads of the table"
+    );
+}
