@@ -105,6 +105,14 @@ impl Refusal {
         }
     }
 
+    /// The 503 of a query that failed or took too long.
+    pub(crate) fn database_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the database did not answer; try again",
+        )
+    }
+
     /// Why.
     pub(crate) fn why(&self) -> &str {
         &self.why
@@ -148,10 +156,7 @@ pub(crate) async fn timed<T>(
         Err(_) => format!("no answer within {:?}", api.query_timeout),
     };
     tracing::warn!(error = failed, "query failed");
-    Err(Refusal::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the database did not answer; try again",
-    ))
+    Err(Refusal::database_unavailable())
 }
 
 async fn openapi(State(api): State<Shared>, headers: HeaderMap) -> Result<Response, Refusal> {

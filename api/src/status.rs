@@ -109,10 +109,10 @@ impl TopSource {
                 return Ok(rows.clone());
             }
         }
-        // Everyone counted so far arrived before this read starts. The order names the
-        // table's column: a bare `total` would be the text column of the select list, and sort
-        // 99999 above 100002.
+        // Everyone counted so far arrived before this read starts.
         let covers = self.arrived.load(Ordering::SeqCst);
+        // The order names the table's column: a bare `total` would be the select list's text,
+        // which sorts 99999 above 100002.
         let rows: Vec<TopRow> = timed(
             api,
             sqlx::query_as(
@@ -143,12 +143,7 @@ pub async fn top(
     let arrived = api.top.arrived.fetch_add(1, Ordering::SeqCst) + 1;
     let rows = tokio::time::timeout(api.query_timeout, api.top.read(&api, arrived))
         .await
-        .map_err(|_| {
-            Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the database did not answer; try again",
-            )
-        })??;
+        .map_err(|_| Refusal::database_unavailable())??;
     let consumers: Vec<_> = rows
         .iter()
         .take(usize::try_from(limit).unwrap_or(usize::MAX))
