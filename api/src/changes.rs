@@ -8,10 +8,13 @@
 //! it), and events come in id order.
 //!
 //! - Nothing twice, nothing missed, nothing rolled back: only events of transactions older
-//!   than the oldest still running are read (`pg_snapshot_xmin`), so every transaction before a
-//!   reader's position has ended and no event can appear behind it later, however the parallel
-//!   writers' commits interleave. A change is sent once every transaction that began before it
-//!   has ended (a batch transaction lasts at most 120 s).
+//!   than the oldest writer of the log still running are read (`tally_change_log_horizon()`,
+//!   migration `20261203000004_change_log_writers.sql`), so every writer before a reader's
+//!   position has ended and no event can appear behind it later, however the parallel writers'
+//!   commits interleave. A change is sent once every writer that began before it has ended (a
+//!   batch transaction lasts at most 120 s); other transactions on the server, however long
+//!   they stay open, hold nothing back. The horizon is read in a statement before the events:
+//!   the events' snapshot must be later than its look at the running writers.
 //! - Resuming: `Last-Event-ID` (the header a browser's EventSource sends on reconnect, or the
 //!   `last_event_id` parameter) continues after that event, also on another replica or after a
 //!   restart. Without it the stream starts now (`from=oldest`: at the oldest change kept).
@@ -72,7 +75,7 @@ impl std::fmt::Display for Position {
     }
 }
 
-/// The log's setting and its gone mark, with the oldest transaction still running.
+/// The log's setting and its gone mark, with the oldest writer still running.
 struct LogState {
     enabled: bool,
     gone: Option<Position>,
@@ -80,11 +83,10 @@ struct LogState {
 }
 
 async fn log_state(api: &crate::routes::Api) -> Result<LogState, Refusal> {
-    let (enabled, gone_tx, gone_seq, xmin): (bool, Option<String>, Option<i64>, String) = timed(
+    let (enabled, gone_tx, gone_seq, horizon): (bool, Option<String>, Option<i64>, String) = timed(
         api,
         sqlx::query_as(
-            "SELECT enabled, gone_tx::text, gone_seq,
-                    pg_snapshot_xmin(pg_current_snapshot())::text
+            "SELECT enabled, gone_tx::text, gone_seq, tally_change_log_horizon()::text
              FROM tally_change_log",
         )
         .fetch_one(&api.pool),
@@ -97,7 +99,7 @@ async fn log_state(api: &crate::routes::Api) -> Result<LogState, Refusal> {
     Ok(LogState {
         enabled,
         gone,
-        running_from: xmin.parse().unwrap_or(0),
+        running_from: horizon.parse().unwrap_or(0),
     })
 }
 
@@ -192,8 +194,44 @@ type Row = (
     Option<Vec<String>>, // deltas
 );
 
+/// The change log's horizon ([module docs](self)), computed at most once per half [`POLL`]
+/// and shared by the replica's streams: it looks at the server's lock table, which a
+/// thousand followers should not each do five times a second. A horizon stays true later (it
+/// only trails), so a shared one delays a change by at most that much.
+#[derive(Default)]
+pub struct Horizon {
+    last: tokio::sync::Mutex<Option<(Instant, u64)>>,
+}
+
+impl Horizon {
+    async fn get(&self, api: &crate::routes::Api) -> Result<u64, Refusal> {
+        let mut last = self.last.lock().await;
+        if let Some((at, horizon)) = *last {
+            if at.elapsed() < POLL / 2 {
+                return Ok(horizon);
+            }
+        }
+        let asked = Instant::now();
+        let horizon: String = timed(
+            api,
+            sqlx::query_scalar("SELECT tally_change_log_horizon()::text").fetch_one(&api.pool),
+        )
+        .await?;
+        let horizon = horizon.parse().unwrap_or(0);
+        *last = Some((asked, horizon));
+        Ok(horizon)
+    }
+}
+
 /// The events after `at` that can no longer change, at most [`READ`].
 async fn read_after(api: &crate::routes::Api, at: Position) -> Result<Vec<Row>, Refusal> {
+    // First the horizon, then the events, each statement with a snapshot of its own (see the
+    // module docs): in one statement the events would be read with a snapshot older than the
+    // horizon's look at the running writers.
+    let horizon = api.horizon.get(api).await?;
+    if horizon <= at.tx {
+        return Ok(Vec::new());
+    }
     timed(
         api,
         sqlx::query_as(
@@ -203,14 +241,14 @@ async fn read_after(api: &crate::routes::Api, at: Position) -> Result<Vec<Row>, 
                     ARRAY(SELECT extract(epoch FROM s)::bigint FROM unnest(period_starts) s),
                     deltas::text[]
              FROM tally_changes
-             WHERE (tx, seq) > ($1::text::xid8, $2)
-               AND tx < pg_snapshot_xmin(pg_current_snapshot())
+             WHERE (tx, seq) > ($1::text::xid8, $2) AND tx < $4::text::xid8
              ORDER BY tx, seq
              LIMIT $3",
         )
         .bind(at.tx.to_string())
         .bind(at.seq)
         .bind(READ)
+        .bind(horizon.to_string())
         .fetch_all(&api.pool),
     )
     .await

@@ -170,6 +170,7 @@ pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
                     last: tokio::sync::Mutex::new(None),
                 },
                 top: status::TopSource::default(),
+                horizon: changes::Horizon::default(),
             });
             tokio::spawn(alerts::run(
                 state.pool.clone(),

@@ -53,6 +53,8 @@ pub struct Api {
     pub status: crate::status::StatusSource,
     /// Reads `/v1/top`, one at a time.
     pub top: crate::status::TopSource,
+    /// The change log's horizon, shared by the replica's `/v1/changes` streams.
+    pub horizon: crate::changes::Horizon,
 }
 
 pub(crate) type Shared = Arc<Api>;

@@ -17,11 +17,27 @@
 //! so writers that may overlap serialize before their first write: the db-client locks its
 //! batch's partitions (advisory, in partition order: a consumer lives in one partition), and
 //! `tally standalone` takes [`WRITER_LOCK`].
+//!
+//! Readers read a transaction's events once no transaction with a lower id can still commit
+//! any. They wait only for the log's writers, which say so before their first write
+//! ([`writing`], migration `20261203000004_change_log_writers.sql`): a session of another
+//! application left open in a transaction holds no reader back.
 
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
+
+/// Marks the open transaction as a writer of the change log, so readers wait for it. Call it
+/// before the transaction's first write (which takes its id); a transaction that writes events
+/// without it may have them skipped by readers.
+pub async fn writing(tx: &mut PgConnection) -> anyhow::Result<()> {
+    sqlx::query("SELECT tally_change_log_writing()")
+        .execute(tx)
+        .await
+        .context("mark the transaction as a change log writer")?;
+    Ok(())
+}
 
 /// Most consumers in one event: a transaction that changes more spans several events.
 pub const PER_EVENT: i64 = 1000;

@@ -92,6 +92,7 @@ async fn try_count(
 
     let mut tx = pool.begin().await.context("begin")?;
     if engine.log_changes {
+        tally_db_client::changes::writing(&mut tx).await?;
         // Writers of the same consumers must take their transaction ids in the order they
         // change the totals (the change log is read in that order): one writer at a time,
         // locked before the first write takes an id.

@@ -25,7 +25,7 @@ use anyhow::Context;
 use rdkafka::message::{Message, OwnedMessage};
 use sqlx::PgPool;
 
-use crate::copy;
+use crate::{changes, copy};
 
 mod gaps;
 mod ledger;
@@ -175,6 +175,9 @@ pub async fn apply(
         .collect();
     copy::ensure_partitions(pool, &starts.into_iter().collect::<Vec<_>>()).await?;
     let mut tx = pool.begin().await.context("begin")?;
+    if checks.log_changes {
+        changes::writing(&mut tx).await?;
+    }
     // The partitions first, before anything that writes: a transaction takes its id at its
     // first write, so one that waited here for another writer of the same partitions (and so
     // of the same consumers) takes a later id than that one, and the change log's order (by

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sqlx::Connection;
 use tally_db_client::{changes, copy};
 use tally_testkit::pipeline::sse::{Next, Sse, SseEvent};
 
@@ -66,6 +67,7 @@ fn totals(event: &SseEvent) -> Vec<(i64, i64)> {
 /// Writes `rows` as one transaction of its own, committed (or rolled back) after `hold`.
 async fn write(pool: &sqlx::PgPool, rows: &[(i64, i128)], hold: Duration, commit: bool) {
     let mut tx = pool.begin().await.unwrap();
+    changes::writing(&mut tx).await.unwrap();
     copy::upsert_totals(&mut tx, rows, true).await.unwrap();
     tokio::time::sleep(hold).await;
     if commit {
@@ -84,6 +86,7 @@ async fn a_change_committed_before_an_older_open_transaction_waits_for_it() {
 
     // A writes first (it takes the lower transaction id); B writes after it and commits first.
     let mut a = p.pool.begin().await.unwrap();
+    changes::writing(&mut a).await.unwrap();
     copy::upsert_totals(&mut a, &[(1, 5), (2, 6)], true)
         .await
         .unwrap();
@@ -119,6 +122,35 @@ async fn a_change_committed_before_an_older_open_transaction_waits_for_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_that_writes_no_change_holds_none_back() {
+    let mut p = Pipeline::new("changes-bystander").await;
+    let (_api, port) = start_api(&mut p).await;
+    let mut sse = open(port, None, "").await;
+    assert_eq!(sse.status, 200);
+
+    // Another application's session, left open in a transaction that wrote (so it has a
+    // transaction id, older than the writer's below), here and in another database.
+    let mut bystander = p.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *bystander)
+        .await
+        .unwrap();
+    let other_database = tally_testkit::with_database(&p.database_url, "postgres");
+    let mut elsewhere = sqlx::PgConnection::connect(&other_database).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut elsewhere).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut elsewhere)
+        .await
+        .unwrap();
+
+    // A writer of the change log after them: its change is sent while they stay open.
+    write(&p.pool, &[(3, 4)], Duration::ZERO, true).await;
+    let sent = event(next(&mut sse, Duration::from_secs(10)).await);
+    assert_eq!(totals(&sent), vec![(3, 4)]);
+    bystander.rollback().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn readers_resuming_across_api_restarts_get_every_committed_change_once() {
     let mut p = Pipeline::new("changes-parallel").await;
     let (mut api, mut port) = start_api(&mut p).await;
@@ -126,13 +158,20 @@ async fn readers_resuming_across_api_restarts_get_every_committed_change_once() 
     let mut sse = open(port, None, "?from=oldest").await;
     assert_eq!(sse.status, 200);
 
-    // Writers, each for its own consumers (as the db-client's shares are), with random
-    // holds between write and commit, so commits land out of id order; one in five rolls back.
+    // Writers, each for its own consumers (as the db-client's shares are) on a connection of
+    // its own, with random holds between write and commit, so commits land out of id order
+    // (a reader that skips a writer still open behind a committed one is red here); one in
+    // five rolls back.
     let start = 1_798_761_600; // 2027-01-01T00:00:00Z
     copy::ensure_partitions(&p.pool, &[start]).await.unwrap();
+    let writers_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(6)
+        .connect(&p.database_url)
+        .await
+        .unwrap();
     let writers: Vec<_> = (0..6i64)
         .map(|w| {
-            let pool = p.pool.clone();
+            let pool = writers_pool.clone();
             tokio::spawn(async move {
                 let mut rng = tally_testkit::pipeline::clock_rng(&format!("writer {w}"));
                 let mut expected: HashMap<i64, i64> = HashMap::new();
@@ -143,8 +182,9 @@ async fn readers_resuming_across_api_restarts_get_every_committed_change_once() 
                         .map(|i| (w * 10_000 + i as i64, 1 + (rng() % 100) as i128))
                         .collect();
                     let commit = !rng().is_multiple_of(5);
-                    let hold = Duration::from_millis(rng() % 60);
+                    let hold = Duration::from_millis(rng() % 150);
                     let mut tx = pool.begin().await.unwrap();
+                    changes::writing(&mut tx).await.unwrap();
                     copy::upsert_totals(&mut tx, &rows, true).await.unwrap();
                     let period_rows: Vec<((i64, i64), i128)> =
                         rows.iter().map(|&(id, n)| ((id, start), n)).collect();
