@@ -195,7 +195,8 @@ pub async fn consumer_usage(
 }
 
 /// `GET /v1/usage/total?from=&to=&window=&tz=`: all consumers' usage per window, as a
-/// consumer's (the console's chart). The range's periods are summed once, then per window.
+/// consumer's (the console's chart), from `usage_period_totals` (all consumers' usage per
+/// period, kept by the writers): a few rows per period, however many consumers there are.
 pub async fn total_usage(
     State(api): State<Shared>,
     headers: HeaderMap,
@@ -207,9 +208,9 @@ pub async fn total_usage(
         &api,
         &usage,
         ", per_period AS (
-           SELECT period_start, sum(total) AS total FROM consumer_period_totals
+           SELECT period_start, sum(total) AS total FROM usage_period_totals
            WHERE period_start >= to_timestamp($1) AND period_start < to_timestamp($2)
-             AND consumer_id >= $6
+             AND $6::bigint = 0 -- no consumer here
            GROUP BY period_start)",
         "SELECT coalesce(sum(p.total), 0) FROM per_period p
          WHERE p.period_start >= greatest(w.start, to_timestamp($1))

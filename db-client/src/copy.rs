@@ -2,11 +2,14 @@
 //! total)` rows go into a session-local staging table with binary COPY, then one
 //! `INSERT … SELECT … ORDER BY consumer_id ON CONFLICT DO UPDATE` adds them to
 //! `consumer_totals`, inside the batch's transaction (with its offsets and ledger); the
-//! `(consumer_id, period_start, total)` rows go the same way into `consumer_period_totals`. Rows are
+//! `(consumer_id, period_start, total)` rows go the same way into `consumer_period_totals`, and
+//! their sums per period into `usage_period_totals`. Rows are
 //! upserted in key order, so concurrent instances lock rows in the same order and never
 //! deadlock. The staging table is `ON COMMIT DELETE ROWS`: a rolled-back or committed batch
 //! leaves it empty. With the change log on, the same statements log what they changed
 //! ([`crate::changes`]).
+
+use std::collections::BTreeMap;
 
 use anyhow::Context;
 use sqlx::PgConnection;
@@ -61,7 +64,36 @@ pub async fn upsert_period_totals(
          ORDER BY consumer_id, period_start",
         log,
     )
+    .await?;
+    let mut usage: BTreeMap<i64, i128> = BTreeMap::new();
+    for &((_, start), total) in rows {
+        *usage.entry(start).or_default() += total;
+    }
+    let (starts, totals): (Vec<i64>, Vec<String>) = usage
+        .into_iter()
+        .map(|(start, total)| (start, total.to_string()))
+        .unzip();
+    sqlx::query(&add_period_usage(
+        "SELECT to_timestamp(s), t::numeric FROM UNNEST($1::bigint[], $2::text[]) AS u (s, t)",
+    ))
+    .bind(starts)
+    .bind(totals)
+    .execute(&mut *tx)
     .await
+    .context("add to the usage per period")?;
+    Ok(())
+}
+
+/// A statement that adds the `(period_start, total)` rows `select` yields (each period once)
+/// to `usage_period_totals`, all consumers' usage per period (migration
+/// `20261203000005_usage_period_totals.sql`), at this session's slot, in period order.
+pub fn add_period_usage(select: &str) -> String {
+    format!(
+        "INSERT INTO usage_period_totals (period_start, slot, total)
+         SELECT p, pg_backend_pid() % 64, t FROM ({select}) AS s (p, t) ORDER BY p
+         ON CONFLICT (period_start, slot) DO UPDATE
+           SET total = usage_period_totals.total + EXCLUDED.total, updated_at = now()"
+    )
 }
 
 /// Adds the `(consumer_id, total)` rows `select` yields (each id once, in id order) to
@@ -164,7 +196,15 @@ pub async fn upsert_staged(tx: &mut PgConnection, log: bool) -> anyhow::Result<(
          GROUP BY consumer_id, period_start ORDER BY consumer_id, period_start",
         log,
     )
+    .await?;
+    sqlx::query(&add_period_usage(
+        "SELECT period_start, sum(total) FROM tally_sums_staging
+         WHERE period_start IS NOT NULL GROUP BY period_start",
+    ))
+    .execute(&mut *tx)
     .await
+    .context("add to the usage per period")?;
+    Ok(())
 }
 
 /// Adds `rows` (sorted by id, each id once) to `consumer_totals` in the open transaction;

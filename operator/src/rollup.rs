@@ -1,6 +1,7 @@
 //! `tally rollup --older-than 30d --to 1d`: folds the fine rows of old periods in
-//! `consumer_period_totals` into coarse ones, in one transaction, so that the table stays
-//! bounded while every sum is kept exactly.
+//! `consumer_period_totals` (and `usage_period_totals`, all consumers' usage per period) into
+//! coarse ones, in one transaction, so that the table stays bounded while every sum is kept
+//! exactly.
 //!
 //! Only whole coarse periods are folded: those that end before the cutoff (now minus
 //! `--older-than`, floored to `--to`). Rows already aligned to `--to` stay and receive the
@@ -107,6 +108,26 @@ async fn fold(pool: &sqlx::PgPool, cutoff: i64, to: i64) -> Result<(u64, u64), s
     .bind(cutoff)
     .bind(to)
     .fetch_one(&mut *tx)
+    .await?;
+    // The usage of all consumers per period, folded the same way in the same transaction, so
+    // each period's total there stays the sum of its rows here.
+    sqlx::query(
+        "WITH gone AS (
+           DELETE FROM usage_period_totals
+           WHERE period_start < to_timestamp($1)
+             AND extract(epoch FROM period_start)::bigint % $2 <> 0
+           RETURNING period_start, slot, total
+         )
+         INSERT INTO usage_period_totals (period_start, slot, total)
+         SELECT to_timestamp(floor(extract(epoch FROM period_start)::bigint / $2::float8) * $2),
+                slot, sum(total)
+         FROM gone GROUP BY 1, 2 ORDER BY 1, 2
+         ON CONFLICT (period_start, slot) DO UPDATE
+           SET total = usage_period_totals.total + EXCLUDED.total, updated_at = now()",
+    )
+    .bind(cutoff)
+    .bind(to)
+    .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok((folded as u64, into as u64))

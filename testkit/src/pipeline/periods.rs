@@ -59,8 +59,8 @@ pub async fn period_totals(p: &Pipeline) -> HashMap<(i64, i64), i128> {
         .collect()
 }
 
-/// Asserts the period totals equal `expected`, and per consumer the sum over its periods
-/// equals its running total.
+/// Asserts the period totals equal `expected`, per consumer the sum over its periods equals its
+/// running total, and per period the usage of all consumers equals the sum of its rows.
 pub async fn assert_periods(p: &Pipeline, expected: &HashMap<(i64, i64), i128>, after: &str) {
     let got = period_totals(p).await;
     let wrong: Vec<_> = expected
@@ -88,5 +88,21 @@ pub async fn assert_periods(p: &Pipeline, expected: &HashMap<(i64, i64), i128>, 
     assert_eq!(
         mismatched, 0,
         "consumers whose periods do not add up to their total"
+    );
+    let periods_off: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT period_start::text, coalesce(u.total, 0)::text, coalesce(c.total, 0)::text
+         FROM (SELECT period_start, sum(total) AS total FROM usage_period_totals GROUP BY 1) u
+         FULL JOIN
+           (SELECT period_start, sum(total) AS total FROM consumer_period_totals GROUP BY 1) c
+         USING (period_start)
+         WHERE coalesce(u.total, 0) <> coalesce(c.total, 0)",
+    )
+    .fetch_all(&p.pool)
+    .await
+    .unwrap();
+    assert!(
+        periods_off.is_empty(),
+        "periods whose usage of all consumers (usage_period_totals) is not the sum of their \
+         rows (period, usage, rows' sum): {periods_off:?}"
     );
 }
