@@ -12,10 +12,14 @@
 //! (PostgreSQL re-reads a row changed by a concurrent commit before deleting it). Either way
 //! nothing is lost or counted twice; a late row is folded by the next rollup. A deadlock with a
 //! db-client batch is retried (PostgreSQL aborts one of the two; the db-client retries too).
+//! With the change log on, a fold is in it as period deltas (`GET /v1/changes`).
 
 use anyhow::{bail, Context};
 use tally_core::DatabaseArgs;
 use tally_model::period::Period;
+
+/// Most consumers in one change log event (as the writers' `PER_EVENT`).
+const EVENT_CONSUMERS_MAX: i64 = 1000;
 
 /// Arguments of `tally rollup`.
 #[derive(Debug, Clone, clap::Args)]
@@ -87,26 +91,49 @@ pub async fn rollup(
 
 async fn fold(pool: &sqlx::PgPool, cutoff: i64, to: i64) -> Result<(u64, u64), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    // A writer of the change log, before its first write (see `tally_db_client::changes`).
+    sqlx::query("SELECT tally_change_log_writing()")
+        .execute(&mut *tx)
+        .await?;
+    // With the change log on, the fold is logged as period deltas (each fine row taken away,
+    // each coarse row added to), so a follower's periods stay the table's; totals do not move.
     let (folded, into): (i64, i64) = sqlx::query_as(
         "WITH gone AS (
            DELETE FROM consumer_period_totals
            WHERE period_start < to_timestamp($1)
              AND extract(epoch FROM period_start)::bigint % $2 <> 0
            RETURNING consumer_id, period_start, total
+         ), folded AS (
+           SELECT consumer_id,
+                  to_timestamp(floor(extract(epoch FROM period_start)::bigint / $2::float8) * $2)
+                    AS period_start,
+                  sum(total) AS total
+           FROM gone GROUP BY 1, 2
          ), coarse AS (
            INSERT INTO consumer_period_totals (consumer_id, period_start, total)
-           SELECT consumer_id,
-                  to_timestamp(floor(extract(epoch FROM period_start)::bigint / $2::float8) * $2),
-                  sum(total)
-           FROM gone GROUP BY 1, 2 ORDER BY 1, 2
+           SELECT consumer_id, period_start, total FROM folded ORDER BY 1, 2
            ON CONFLICT (consumer_id, period_start) DO UPDATE
              SET total = consumer_period_totals.total + EXCLUDED.total, updated_at = now()
+           RETURNING 1
+         ), deltas AS (
+           SELECT consumer_id, period_start, -total AS delta FROM gone
+           UNION ALL
+           SELECT consumer_id, period_start, total FROM folded
+         ), logged AS (
+           INSERT INTO tally_changes (consumer_ids, period_starts, deltas)
+           SELECT array_agg(consumer_id), array_agg(period_start), array_agg(delta)
+           FROM (SELECT consumer_id, period_start, delta,
+                        (row_number() OVER (ORDER BY consumer_id, period_start) - 1) / $3 AS part
+                 FROM deltas) n
+           WHERE (SELECT enabled FROM tally_change_log)
+           GROUP BY part ORDER BY part
            RETURNING 1
          )
          SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM coarse)",
     )
     .bind(cutoff)
     .bind(to)
+    .bind(EVENT_CONSUMERS_MAX)
     .fetch_one(&mut *tx)
     .await?;
     // The usage of all consumers per period, folded the same way in the same transaction, so
