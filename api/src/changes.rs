@@ -75,32 +75,24 @@ impl std::fmt::Display for Position {
     }
 }
 
-/// The log's setting and its gone mark, with the oldest writer still running.
+/// The log's setting and its gone mark.
 struct LogState {
     enabled: bool,
     gone: Option<Position>,
-    running_from: u64,
 }
 
 async fn log_state(api: &crate::routes::Api) -> Result<LogState, Refusal> {
-    let (enabled, gone_tx, gone_seq, horizon): (bool, Option<String>, Option<i64>, String) = timed(
+    let (enabled, gone_tx, gone_seq): (bool, Option<String>, Option<i64>) = timed(
         api,
-        sqlx::query_as(
-            "SELECT enabled, gone_tx::text, gone_seq, tally_change_log_horizon()::text
-             FROM tally_change_log",
-        )
-        .fetch_one(&api.pool),
+        sqlx::query_as("SELECT enabled, gone_tx::text, gone_seq FROM tally_change_log")
+            .fetch_one(&api.pool),
     )
     .await?;
     let gone = match (gone_tx.and_then(|t| t.parse().ok()), gone_seq) {
         (Some(tx), Some(seq)) => Some(Position { tx, seq }),
         _ => None,
     };
-    Ok(LogState {
-        enabled,
-        gone,
-        running_from: horizon.parse().unwrap_or(0),
-    })
+    Ok(LogState { enabled, gone })
 }
 
 fn gone_refusal(at: Position) -> Refusal {
@@ -159,7 +151,7 @@ pub async fn changes(
             let from = if oldest {
                 Position::before(0)
             } else {
-                Position::before(state.running_from)
+                Position::before(api.horizon.get(&api).await?)
             };
             state.gone.map_or(from, |gone| gone.max(from))
         }
