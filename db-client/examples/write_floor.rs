@@ -17,7 +17,7 @@
 
 use anyhow::Context;
 use sqlx::postgres::PgPoolOptions;
-use tally_db_client::copy;
+use tally_db_client::{changes, copy};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -49,6 +49,9 @@ async fn main() -> anyhow::Result<()> {
         let pool = pool.clone();
         async move {
             let mut tx = pool.begin().await?;
+            if log {
+                changes::writing(&mut tx).await?;
+            }
             copy::upsert_totals(&mut tx, rows, log).await?;
             if let Some(start) = period {
                 let rows: Vec<((i64, i64), i128)> = rows

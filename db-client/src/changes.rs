@@ -29,8 +29,10 @@ use anyhow::Context;
 use sqlx::{PgConnection, PgPool};
 
 /// Marks the open transaction as a writer of the change log, so readers wait for it. Call it
-/// before the transaction's first write (which takes its id); a transaction that writes events
-/// without it may have them skipped by readers.
+/// before the transaction's first write (which takes its id), outside any savepoint (rolling
+/// one back would release the lock); a transaction that writes events without it may have them
+/// skipped by readers. A prepared (two-phase) transaction holds the lock without a process:
+/// readers would not wait for it, so writers of the log never `PREPARE`.
 pub async fn writing(tx: &mut PgConnection) -> anyhow::Result<()> {
     sqlx::query("SELECT tally_change_log_writing()")
         .execute(tx)

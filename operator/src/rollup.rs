@@ -1,7 +1,7 @@
 //! `tally rollup --older-than 30d --to 1d`: folds the fine rows of old periods in
-//! `consumer_period_totals` (and `usage_period_totals`, all consumers' usage per period) into
-//! coarse ones, in one transaction, so that the table stays bounded while every sum is kept
-//! exactly.
+//! `consumer_period_totals` into coarse ones, in one transaction, so that the table stays
+//! bounded while every sum is kept exactly; all consumers' usage per period
+//! (`usage_period_totals`) moves with them.
 //!
 //! Only whole coarse periods are folded: those that end before the cutoff (now minus
 //! `--older-than`, floored to `--to`). Rows already aligned to `--to` stay and receive the
@@ -95,8 +95,11 @@ async fn fold(pool: &sqlx::PgPool, cutoff: i64, to: i64) -> Result<(u64, u64), s
     sqlx::query("SELECT tally_change_log_writing()")
         .execute(&mut *tx)
         .await?;
-    // With the change log on, the fold is logged as period deltas (each fine row taken away,
-    // each coarse row added to), so a follower's periods stay the table's; totals do not move.
+    // One statement, so one snapshot: the usage of all consumers per period moves by exactly
+    // the rows it deletes (in a statement of its own it would see batches that committed in
+    // between, and move usage whose rows stayed). With the change log on, the fold is logged as
+    // period deltas (each fine row taken away, each coarse row added to), so a follower's
+    // periods stay the table's; totals do not move.
     let (folded, into): (i64, i64) = sqlx::query_as(
         "WITH gone AS (
            DELETE FROM consumer_period_totals
@@ -119,6 +122,14 @@ async fn fold(pool: &sqlx::PgPool, cutoff: i64, to: i64) -> Result<(u64, u64), s
            SELECT consumer_id, period_start, -total AS delta FROM gone
            UNION ALL
            SELECT consumer_id, period_start, total FROM folded
+         ), usage AS (
+           -- All consumers' usage moves with exactly the rows moved here (the ones this
+           -- statement deleted, whatever commits meanwhile), at this session's slot: a folded
+           -- period keeps its usage rows, which now add up to what it still holds.
+           INSERT INTO usage_period_totals (period_start, slot, total)
+           SELECT period_start, pg_backend_pid() % 64, sum(delta) FROM deltas GROUP BY 1 ORDER BY 1
+           ON CONFLICT (period_start, slot) DO UPDATE
+             SET total = usage_period_totals.total + EXCLUDED.total, updated_at = now()
          ), logged AS (
            INSERT INTO tally_changes (consumer_ids, period_starts, deltas)
            SELECT array_agg(consumer_id), array_agg(period_start), array_agg(delta)
@@ -135,26 +146,6 @@ async fn fold(pool: &sqlx::PgPool, cutoff: i64, to: i64) -> Result<(u64, u64), s
     .bind(to)
     .bind(EVENT_CONSUMERS_MAX)
     .fetch_one(&mut *tx)
-    .await?;
-    // The usage of all consumers per period, folded the same way in the same transaction, so
-    // each period's total there stays the sum of its rows here.
-    sqlx::query(
-        "WITH gone AS (
-           DELETE FROM usage_period_totals
-           WHERE period_start < to_timestamp($1)
-             AND extract(epoch FROM period_start)::bigint % $2 <> 0
-           RETURNING period_start, slot, total
-         )
-         INSERT INTO usage_period_totals (period_start, slot, total)
-         SELECT to_timestamp(floor(extract(epoch FROM period_start)::bigint / $2::float8) * $2),
-                slot, sum(total)
-         FROM gone GROUP BY 1, 2 ORDER BY 1, 2
-         ON CONFLICT (period_start, slot) DO UPDATE
-           SET total = usage_period_totals.total + EXCLUDED.total, updated_at = now()",
-    )
-    .bind(cutoff)
-    .bind(to)
-    .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok((folded as u64, into as u64))
