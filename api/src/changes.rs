@@ -75,7 +75,7 @@ impl std::fmt::Display for Position {
     }
 }
 
-/// The log's setting and its gone mark.
+/// The log's setting and its gone mark (the last event pruned, or where it was switched).
 struct LogState {
     enabled: bool,
     gone: Option<Position>,
@@ -88,11 +88,18 @@ async fn log_state(api: &crate::routes::Api) -> Result<LogState, Refusal> {
             .fetch_one(&api.pool),
     )
     .await?;
-    let gone = match (gone_tx.and_then(|t| t.parse().ok()), gone_seq) {
-        (Some(tx), Some(seq)) => Some(Position { tx, seq }),
-        _ => None,
-    };
-    Ok(LogState { enabled, gone })
+    Ok(LogState {
+        enabled,
+        gone: gone_mark(gone_tx.as_deref(), gone_seq),
+    })
+}
+
+/// The gone mark's columns as a position (none: nothing was ever lost).
+fn gone_mark(tx: Option<&str>, seq: Option<i64>) -> Option<Position> {
+    Some(Position {
+        tx: tx?.parse().ok()?,
+        seq: seq?,
+    })
 }
 
 fn gone_refusal(at: Position) -> Refusal {
@@ -216,26 +223,56 @@ impl Horizon {
 }
 
 /// The events after `at` that can no longer change, at most [`READ`].
-async fn read_after(api: &crate::routes::Api, at: Position) -> Result<Vec<Row>, Refusal> {
+/// What one read of the log saw: the gone mark and the events after a position, both from
+/// the same snapshot.
+struct Read {
+    gone: Option<Position>,
+    rows: Vec<Row>,
+}
+
+/// The mark's columns and an event's, as read; the event's are NULL when none was there.
+type ReadRow = (
+    Option<String>,      // gone_tx
+    Option<i64>,         // gone_seq
+    Option<String>,      // tx
+    Option<i64>,         // seq
+    Option<String>,      // written_at
+    Option<Vec<i64>>,    // consumer ids
+    Option<Vec<String>>, // totals
+    Option<Vec<i64>>,    // period starts
+    Option<Vec<String>>, // deltas
+);
+
+async fn read_after(api: &crate::routes::Api, at: Position) -> Result<Read, Refusal> {
     // First the horizon, then the events, each statement with a snapshot of its own (see the
     // module docs): in one statement the events would be read with a snapshot older than the
     // horizon's look at the running writers.
     let horizon = api.horizon.get(api).await?;
     if horizon <= at.tx {
-        return Ok(Vec::new());
+        return Ok(Read {
+            gone: None,
+            rows: Vec::new(),
+        });
     }
-    timed(
+    // The gone mark in the events' statement: a prune deletes events and moves the mark in
+    // one transaction, so a snapshot without the events it deleted has the mark past them.
+    // Read apart, a prune between the two would leave a gap no mark tells of.
+    let read: Vec<ReadRow> = timed(
         api,
         sqlx::query_as(
-            "SELECT tx::text, seq,
-                    to_char(written_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-                    consumer_ids, totals::text[],
-                    ARRAY(SELECT extract(epoch FROM s)::bigint FROM unnest(period_starts) s),
-                    deltas::text[]
-             FROM tally_changes
-             WHERE (tx, seq) > ($1::text::xid8, $2) AND tx < $4::text::xid8
-             ORDER BY tx, seq
-             LIMIT $3",
+            "SELECT l.gone_tx::text, l.gone_seq, e.tx::text, e.seq,
+                    to_char(e.written_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                    e.consumer_ids, e.totals::text[],
+                    ARRAY(SELECT extract(epoch FROM s)::bigint FROM unnest(e.period_starts) s),
+                    e.deltas::text[]
+             FROM tally_change_log l
+             LEFT JOIN LATERAL (
+               SELECT * FROM tally_changes
+               WHERE (tx, seq) > ($1::text::xid8, $2) AND tx < $4::text::xid8
+               ORDER BY tx, seq
+               LIMIT $3
+             ) e ON true
+             ORDER BY e.tx, e.seq",
         )
         .bind(at.tx.to_string())
         .bind(at.seq)
@@ -243,7 +280,17 @@ async fn read_after(api: &crate::routes::Api, at: Position) -> Result<Vec<Row>, 
         .bind(horizon.to_string())
         .fetch_all(&api.pool),
     )
-    .await
+    .await?;
+    let gone = read
+        .first()
+        .and_then(|(tx, seq, ..)| gone_mark(tx.as_deref(), *seq));
+    let rows = read
+        .into_iter()
+        .filter_map(|(_, _, tx, seq, written_at, ids, totals, starts, deltas)| {
+            Some((tx?, seq?, written_at?, ids?, totals, starts, deltas))
+        })
+        .collect();
+    Ok(Read { gone, rows })
 }
 
 /// A row as one event.
@@ -309,20 +356,20 @@ async fn follow(api: Shared, mut at: Position, out: tokio::sync::mpsc::Sender<By
                 .await;
                 return;
             }
-            Ok(state) if state.gone.is_some_and(|gone| at < gone) => {
-                let why = gone_refusal(at).why().to_owned();
-                send(format!(
-                    "event: gone\ndata: {}\n\n",
-                    json!({ "error": why })
-                ))
-                .await;
-                return;
-            }
             // PostgreSQL away (here or below): the stream stays open and tries again.
-            Ok(_) => {
-                if let Ok(rows) = read_after(&api, at).await {
-                    read_all = (rows.len() as i64) < READ;
-                    for row in &rows {
+            Ok(_) => match read_after(&api, at).await {
+                Ok(read) if read.gone.is_some_and(|gone| at < gone) => {
+                    let why = gone_refusal(at).why().to_owned();
+                    send(format!(
+                        "event: gone\ndata: {}\n\n",
+                        json!({ "error": why })
+                    ))
+                    .await;
+                    return;
+                }
+                Ok(read) => {
+                    read_all = (read.rows.len() as i64) < READ;
+                    for row in &read.rows {
                         let (next, text) = event(row);
                         if !send(text).await {
                             return;
@@ -331,9 +378,10 @@ async fn follow(api: Shared, mut at: Position, out: tokio::sync::mpsc::Sender<By
                         last_sent = Instant::now();
                     }
                     metrics::counter!(tally_core::metrics::API_CHANGE_EVENTS)
-                        .increment(rows.len() as u64);
+                        .increment(read.rows.len() as u64);
                 }
-            }
+                Err(_) => {}
+            },
             Err(_) => {}
         }
         if last_sent.elapsed() >= KEEP_ALIVE {

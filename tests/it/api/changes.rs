@@ -119,6 +119,19 @@ async fn a_change_committed_before_an_older_open_transaction_waits_for_it() {
         next(&mut again, Duration::from_millis(800)).await,
         Next::Quiet
     );
+
+    // Held back by an open writer while the events after it are pruned, a follower is told
+    // (`event: gone`), not moved past the gap by that writer's event when it commits: the gone
+    // mark is read with the events, in one snapshot.
+    let mut held = p.pool.begin().await.unwrap();
+    changes::writing(&mut held).await.unwrap();
+    copy::upsert_totals(&mut held, &[(30, 1)], true)
+        .await
+        .unwrap();
+    write(&p.pool, &[(31, 1)], Duration::ZERO, true).await;
+    assert!(changes::prune(&p.pool, Duration::ZERO).await.unwrap() > 0);
+    held.commit().await.unwrap();
+    assert_eq!(event(next(&mut again, TIMEOUT).await).event, "gone");
 }
 
 #[tokio::test(flavor = "multi_thread")]
