@@ -222,7 +222,6 @@ impl Horizon {
     }
 }
 
-/// The events after `at` that can no longer change, at most [`READ`].
 /// What one read of the log saw: the gone mark and the events after a position, both from
 /// the same snapshot.
 struct Read {
@@ -243,6 +242,7 @@ type ReadRow = (
     Option<Vec<String>>, // deltas
 );
 
+/// The events after `at` that can no longer change (at most [`READ`]), with the gone mark.
 async fn read_after(api: &crate::routes::Api, at: Position) -> Result<Read, Refusal> {
     // First the horizon, then the events, each statement with a snapshot of its own (see the
     // module docs): in one statement the events would be read with a snapshot older than the
