@@ -45,7 +45,7 @@ pub struct TopicSpec {
 }
 
 /// Creates the topics that do not exist yet, and returns once every topic shows in the
-/// brokers' metadata. Existing topics are left as they are.
+/// brokers' metadata with a leader for each partition. Existing topics are left as they are.
 pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec]) -> Result<(), AdminError> {
     let mut config = base_config(args);
     config.remove("acks");
@@ -85,8 +85,9 @@ pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec]) -> Result<(),
             Err((topic, code)) => return Err(AdminError::Topic { topic, code }),
         }
     }
-    // A created topic reaches the brokers' metadata a moment later: a client started right
-    // after `tally init` (a script's next line) must find it.
+    // A created topic reaches the brokers' metadata a moment later, and its partitions' leaders
+    // are elected after that: a client started right after `tally init` (a script's next
+    // line) must find it and be able to read its ends.
     let deadline = std::time::Instant::now() + VISIBLE_WITHIN;
     loop {
         let metadata = admin
@@ -97,7 +98,7 @@ pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec]) -> Result<(),
             !metadata
                 .topics()
                 .iter()
-                .any(|m| m.name() == t.name && m.error().is_none() && !m.partitions().is_empty())
+                .any(|m| m.name() == t.name && m.error().is_none() && usable(m.partitions()))
         });
         match missing {
             None => return Ok(()),
@@ -107,6 +108,14 @@ pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec]) -> Result<(),
             Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// Whether a topic's partitions are all there with a leader.
+fn usable(partitions: &[rdkafka::metadata::MetadataPartition]) -> bool {
+    !partitions.is_empty()
+        && partitions
+            .iter()
+            .all(|p| p.error().is_none() && p.leader() >= 0)
 }
 
 /// How long a created topic may take to show in the brokers' metadata.

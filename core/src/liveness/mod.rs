@@ -30,7 +30,7 @@ mod group;
 mod outage;
 mod watchdog;
 
-pub use outage::{is_transient, restart_if_fatal, retry, Throttle};
+pub use outage::{is_transient, restart_if_fatal, retry, retry_transient, Throttle};
 pub use watchdog::restart_in_place;
 
 use std::sync::atomic::{AtomicU64, Ordering};

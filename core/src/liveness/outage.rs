@@ -72,6 +72,39 @@ pub fn retry<T>(
     }
 }
 
+/// Retries `op` while it fails with a [transient](is_transient) client error (a topic just
+/// created whose leader is not elected yet, a broker restarting), with [`Backoff::stage`],
+/// for up to `within` or until `shutdown`; any other error, or the last one at the deadline,
+/// returns at once.
+pub fn retry_transient<T>(
+    shutdown: &CancellationToken,
+    within: Duration,
+    what: &str,
+    mut op: impl FnMut() -> Result<T, KafkaError>,
+) -> anyhow::Result<T> {
+    use anyhow::Context as _;
+    let deadline = Instant::now() + within;
+    let mut backoff = Backoff::stage();
+    let mut log = Throttle::new(Duration::from_secs(10));
+    loop {
+        let error = match op() {
+            Ok(v) => return Ok(v),
+            Err(error) => error,
+        };
+        let delay = backoff.next_delay();
+        if !is_transient(&error) || shutdown.is_cancelled() || Instant::now() + delay > deadline {
+            return Err(error).with_context(|| format!("cannot {what}"));
+        }
+        if let Some(skipped) = log.allow() {
+            tracing::warn!(%error, skipped, retry_in_ms = delay.as_millis() as u64, "cannot {what}, retrying");
+        }
+        let until = Instant::now() + delay;
+        while Instant::now() < until && !shutdown.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// Whether `error` is a configuration that no retry can fix: librdkafka refused to create a
 /// client (an unknown or invalid setting, a feature it was built without).
 pub fn will_not_heal(error: &anyhow::Error) -> bool {
@@ -141,6 +174,38 @@ mod tests {
         assert_eq!(t.allow(), None);
         t.last = Some(Instant::now() - Duration::from_secs(3601));
         assert_eq!(t.allow(), Some(2));
+    }
+
+    #[test]
+    fn transient_errors_are_retried_and_others_are_not() {
+        let shutdown = CancellationToken::new();
+        let within = Duration::from_secs(30);
+        let mut calls = 0;
+        let got = retry_transient(&shutdown, within, "elect", || {
+            calls += 1;
+            if calls < 3 {
+                Err(KafkaError::MetadataFetch(
+                    RDKafkaErrorCode::NotLeaderForPartition,
+                ))
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(got.unwrap(), 3);
+        let mut calls = 0;
+        let got: anyhow::Result<()> = retry_transient(&shutdown, within, "read", || {
+            calls += 1;
+            Err(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::TopicAuthorizationFailed,
+            ))
+        });
+        assert!(format!("{:#}", got.unwrap_err()).starts_with("cannot read"));
+        assert_eq!(calls, 1);
+        let started = Instant::now();
+        let got: anyhow::Result<()> = retry_transient(&shutdown, Duration::ZERO, "wait", || {
+            Err(KafkaError::MetadataFetch(RDKafkaErrorCode::AllBrokersDown))
+        });
+        assert!(got.is_err() && started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

@@ -18,9 +18,9 @@ use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use tally_core::kafka;
 use tally_core::shutdown::CancellationToken;
 use tally_core::KafkaArgs;
+use tally_core::{kafka, liveness};
 
 /// A file's mark on the ingested topic (its value; its key is [`key`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,16 +113,22 @@ impl Ingested {
             .create()
             .map_err(kafka::quiet)
             .context("cannot create a Kafka client for the ingested topic")?;
-        let partitions = kafka::partition_count(&consumer, &topic).context("cannot reach Kafka")?;
+        // A broker restarting, or a topic just created whose leaders are not elected yet, is
+        // waited for as long as an outage of the read below.
+        let patience = Duration::from_secs(120);
+        let partitions = liveness::retry_transient(shutdown, patience, "reach Kafka", || {
+            kafka::partition_count(&consumer, &topic)
+        })?;
         if partitions == 0 {
             bail!("topic {topic} does not exist: run `tally init` (it adds missing topics)");
         }
         let mut tpl = TopicPartitionList::new();
         let mut ends = Vec::new();
         for p in 0..partitions {
-            let (_, high) = consumer
-                .fetch_watermarks(&topic, p, Duration::from_secs(30))
-                .context("cannot read the ingested topic's ends")?;
+            let what = "read the ingested topic's ends";
+            let (_, high) = liveness::retry_transient(shutdown, patience, what, || {
+                consumer.fetch_watermarks(&topic, p, Duration::from_secs(30))
+            })?;
             tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
             ends.push((p, high));
         }
