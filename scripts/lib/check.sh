@@ -28,11 +28,13 @@ eventually() {
   done
 }
 
-# A TCP port nothing listens on now (from the ephemeral range's low end, skipping a random stretch).
+# A TCP port nothing listens on now, at random in 21000-28999: below the kernel's ephemeral
+# range (32768-60999), where client connections take their local ports, so none can take it
+# before the server binds it (testkit's free_port does the same).
 free_port() {
   local port
   for _ in $(seq 1 200); do
-    port=$((20000 + RANDOM % 20000))
+    port=$((21000 + RANDOM % 8000))
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
   done
   return 1

@@ -11,10 +11,10 @@
 //!   the containers with that label and their volumes. Containers of owners that are gone are
 //!   removed at the next start too; scripts/test-containers sweeps the label at its end.
 
-use std::net::TcpListener;
 use std::process::Stdio;
 
 use crate::docker_api::docker;
+use crate::pipeline::free_port;
 
 use testcontainers::core::WaitFor;
 use testcontainers::runners::SyncRunner;
@@ -58,7 +58,7 @@ impl Containers {
 
         let (name, tag) = kafka_image();
         require_image(&name, &tag)?;
-        let (port, controller) = (free_port()?, free_port()?);
+        let (port, controller) = (free_port(), free_port());
         let kafka = GenericImage::new(name.as_str(), tag.as_str())
             .with_wait_for(WaitFor::healthcheck())
             .with_network("host")
@@ -78,7 +78,7 @@ impl Containers {
 
         let (name, tag) = POSTGRES_IMAGE;
         require_image(name, tag)?;
-        let pg_port = free_port()?;
+        let pg_port = free_port();
         let postgres = GenericImage::new(name, tag)
             .with_wait_for(WaitFor::healthcheck())
             .with_network("host")
@@ -161,14 +161,6 @@ fn require_image(name: &str, tag: &str) -> Result<(), String> {
             "no image {name}:{tag}: build the images with `scripts/images` first"
         ))
     }
-}
-
-/// A loopback port nothing listens on now.
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
 }
 
 /// A process of its own (own process group, so a signal to the test's group spares it) that

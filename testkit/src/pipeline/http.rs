@@ -6,13 +6,30 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, for a server the test starts next.
+///
+/// Taken below the kernel's ephemeral range (32768–60999 by default, where `bind(0)` picks):
+/// every client connection of every process also takes its local port there, so a port
+/// found with `bind(0)` can be taken by an outgoing connection (a Kafka client's, a pool's)
+/// before the server binds it. Ports 21000–28999 hold no service of `scripts/services` and are
+/// tried from a point of this process's own; a process never hands out one twice.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 21_000;
+    const SPAN: u32 = 8_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    let _ = NEXT.compare_exchange(u32::MAX, seed % SPAN, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// `GET path` from `127.0.0.1:port`: (status, body); `None` if nothing answers.
