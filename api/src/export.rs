@@ -8,8 +8,11 @@
 //! - CSV (`Accept: text/csv`): all rows, in constant memory. The period rows are read in
 //!   primary-key order (an index scan, no grouping or sort in PostgreSQL) and each consumer's
 //!   windows summed here as they pass, through a bounded channel to the response body (a slow
-//!   client slows the query down, a gone one stops it). Header
-//!   `consumer_id,window_start,usage`.
+//!   client slows the query down, a gone one stops it, and one that takes nothing for the
+//!   server's idle timeout is disconnected as an idle connection: `core/src/server/listen.rs`).
+//!   Header `consumer_id,window_start,usage`. An export holds a database connection for its
+//!   whole length, so a replica runs at most half its `--database-connections` at once; one
+//!   more is a 503 with `Retry-After`.
 //!
 //! Only consumers with usage in a window have a row for it. The request is checked as for a
 //! consumer's usage (`usage::checked`).
@@ -96,7 +99,14 @@ pub async fn all_usage(
         None => (0, i64::MIN),
     };
     if wants_csv(&headers) {
-        return Ok(csv(&api, usage, &windows, after));
+        let Ok(permit) = api.exports.clone().try_acquire_owned() else {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "as many CSV exports as this replica runs at once (half its database \
+                 connections) are running; try again",
+            ));
+        };
+        return Ok(csv(&api, usage, &windows, after, permit));
     }
     let limit = page_limit(&params, LIMIT_DEFAULT, LIMIT_MAX)?;
     let rows: Vec<(i64, i64, i64, String)> = timed(
@@ -182,7 +192,13 @@ impl Fold<'_> {
 /// The CSV export: a task reads the period rows in key order and sums each consumer's windows
 /// as they pass (the windows' labels formatted once), sending the body in pieces through a
 /// channel of two pieces, so memory stays constant whatever the number of rows.
-fn csv(api: &Shared, usage: Usage, windows: &[crate::usage::Row], after: (i64, i64)) -> Response {
+fn csv(
+    api: &Shared,
+    usage: Usage,
+    windows: &[crate::usage::Row],
+    after: (i64, i64),
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
     let pool = api.pool.clone();
     let starts: Vec<i64> = windows.iter().map(|w| w.start).collect();
@@ -191,6 +207,7 @@ fn csv(api: &Shared, usage: Usage, windows: &[crate::usage::Row], after: (i64, i
         .map(|w| rfc3339(w.start, w.start_offset))
         .collect();
     tokio::spawn(async move {
+        let _permit = permit; // held while the query runs
         let mut piece = Vec::with_capacity(CHUNK_BYTES + 128);
         piece.extend_from_slice(b"consumer_id,window_start,usage\n");
         let mut rows = sqlx::query_as::<_, (i64, i64, String)>(PERIODS)

@@ -73,7 +73,8 @@ pub struct ApiArgs {
     /// The certificate's private key (PEM, unencrypted).
     #[arg(long, env = "TALLY_API_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
-    /// PostgreSQL connections at most (queries wait for a free one).
+    /// PostgreSQL connections at most (queries wait for a free one). CSV exports, each on a
+    /// connection for its whole length, run at most half of them at once.
     #[arg(long, env = "TALLY_API_DATABASE_CONNECTIONS", default_value_t = 8, value_parser = tally_core::args::positive_u64)]
     pub database_connections: u64,
     /// Longest a query may run before the request fails with 503.
@@ -171,6 +172,10 @@ pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
                 },
                 top: status::TopSource::default(),
                 horizon: changes::Horizon::default(),
+                keep_alive: changes::keep_alive(bounds.idle_timeout),
+                exports: Arc::new(tokio::sync::Semaphore::new(
+                    (args.database_connections / 2).max(1) as usize,
+                )),
             });
             tokio::spawn(alerts::run(
                 state.pool.clone(),

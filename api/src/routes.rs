@@ -55,6 +55,11 @@ pub struct Api {
     pub top: crate::status::TopSource,
     /// The change log's horizon, shared by the replica's `/v1/changes` streams.
     pub horizon: crate::changes::Horizon,
+    /// CSV exports running at once, each on a database connection for its whole length: at
+    /// most half the pool, so that the other requests keep theirs.
+    pub exports: Arc<tokio::sync::Semaphore>,
+    /// Longest a change stream stays silent ([`crate::changes::keep_alive`]).
+    pub keep_alive: Duration,
 }
 
 pub(crate) type Shared = Arc<Api>;
@@ -129,6 +134,11 @@ impl IntoResponse for Refusal {
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
             );
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
         }
         response
     }

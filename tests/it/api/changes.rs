@@ -10,7 +10,7 @@ use sqlx::Connection;
 use tally_db_client::{changes, copy};
 use tally_testkit::pipeline::sse::{Next, Sse, SseEvent};
 
-use super::{conforms, get, start_api, Pipeline, TIMEOUT, TOKEN};
+use super::{conforms, get, start_api, start_api_with, Pipeline, TIMEOUT, TOKEN};
 
 /// Opens `/v1/changes` (after `last`, if given; `query` appended), as a browser would.
 async fn open(port: u16, last: Option<&str>, query: &str) -> Sse {
@@ -436,4 +436,24 @@ async fn a_pipeline_s_changes_add_up_to_its_totals() {
         periods == stored,
         "the period deltas add up to the period totals"
     );
+}
+
+/// A quiet stream outlives a server idle timeout shorter than the usual keep-alive: it speaks
+/// within a third of it, and a change after the quiet still arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_stream_outlives_a_short_idle_timeout() {
+    let mut p = Pipeline::new("changes-quiet").await;
+    let (_api, port) = start_api_with(&mut p, &["--idle-timeout-ms", "1500"]).await;
+    let mut sse = open(port, None, "").await;
+    assert_eq!(sse.status, 200);
+    let quiet_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < quiet_until {
+        match next(&mut sse, Duration::from_millis(500)).await {
+            Next::Quiet => {}
+            other => panic!("a quiet stream gave {other:?}"),
+        }
+    }
+    write(&p.pool, &[(5, 6)], Duration::ZERO, true).await;
+    let sent = event(next(&mut sse, Duration::from_secs(10)).await);
+    assert_eq!(totals(&sent), vec![(5, 6)]);
 }

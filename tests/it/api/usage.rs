@@ -1,9 +1,12 @@
 //! `tally api`'s usage per window in a zone (or a refusal that says why), every consumer's
 //! usage in pages and as CSV, and the files ledger in pages, against PostgreSQL.
 
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
 use super::{
-    all_pages, conforms, get, http_get_with, response_schema, same_rows, start_api, windows,
-    Pipeline, TIMEOUT, TOKEN,
+    all_pages, conforms, get, http_get_with, response_schema, same_rows, start_api, start_api_with,
+    windows, Pipeline, TIMEOUT, TOKEN,
 };
 
 /// Windows cut in the zone asked for or refused with why; every consumer in pages and as
@@ -255,4 +258,107 @@ async fn usage_per_window_pages_csv_and_files_are_what_postgres_holds() {
         let (status, body) = get(port, &format!("/v1/files?{query}"), Some(TOKEN)).await;
         assert_eq!(status, 400, "{query}: {body}");
     }
+}
+
+/// `GET /v1/usage` as CSV with the read token: (status, body), `None` if the body is cut short.
+async fn export(port: u16, query: &str) -> Option<(u16, String)> {
+    let path = format!("/v1/usage?{query}");
+    tokio::task::spawn_blocking(move || {
+        let bearer = format!("Bearer {TOKEN}");
+        let headers = [("Authorization", bearer.as_str()), ("Accept", "text/csv")];
+        http_get_with(port, &path, &headers)
+    })
+    .await
+    .unwrap()
+}
+
+/// A CSV export holds a database connection for its whole length: a replica runs at most half
+/// its connections' worth at once (one more is a 503 that says why), the other requests keep
+/// theirs meanwhile, and a client that stops reading is disconnected after the idle timeout,
+/// which ends its export and frees its connection for the next.
+#[tokio::test(flavor = "multi_thread")]
+async fn exports_are_bounded_and_a_reader_that_stops_is_let_go() {
+    let mut p = Pipeline::new("api-export-stall").await;
+    let hour = 1_793_491_200; // 2026-11-01T00:00Z
+    tally_db_client::copy::ensure_partitions(&p.pool, &[hour])
+        .await
+        .unwrap();
+    // About 14 MB of CSV: more than the socket buffers between the api and a client hold.
+    let rows = 400_000;
+    sqlx::query(
+        "INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+         SELECT g, to_timestamp($1), g FROM generate_series(1, $2) g",
+    )
+    .bind(hour as f64)
+    .bind(rows)
+    .execute(&p.pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO consumer_totals (consumer_id, total) VALUES (7, 7)")
+        .execute(&p.pool)
+        .await
+        .unwrap();
+    let idle = Duration::from_secs(3);
+    let idle_ms = idle.as_millis().to_string();
+    let extra = ["--database-connections", "2", "--idle-timeout-ms", &idle_ms];
+    let (_api, port) = start_api_with(&mut p, &extra).await;
+    let query = "from=2026-11-01T00:00:00Z&to=2026-11-02T00:00:00Z&window=hour";
+
+    // A reader that takes the response's first bytes and then nothing.
+    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stalled,
+        "GET /v1/usage?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Accept: text/csv\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 1024];
+    let n = stalled.read(&mut head).unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let stalled_at = Instant::now();
+
+    // Its export runs (or waits on it): a second one is refused, a total still answers.
+    let (status, body) = export(port, query).await.expect("a whole answer");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("CSV exports"), "{body}");
+    let (status, body) = get(port, "/v1/consumers/7", Some(TOKEN)).await;
+    assert_eq!(
+        (status, &body["total"]),
+        (200, &serde_json::json!(7)),
+        "{body}"
+    );
+
+    // Once the idle timeout has passed with nothing taken, the reader is let go and the next
+    // export runs whole.
+    let csv = loop {
+        assert!(
+            stalled_at.elapsed() < idle + Duration::from_secs(20),
+            "the stalled export still holds its connection"
+        );
+        match export(port, query).await {
+            Some((200, csv)) => break csv,
+            Some((503, _)) => tokio::time::sleep(Duration::from_millis(250)).await,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(
+        stalled_at.elapsed() >= idle,
+        "let go before its idle timeout"
+    );
+    assert_eq!(csv.lines().count(), rows as usize + 1);
+    assert_eq!(csv.lines().nth(7), Some("7,2026-11-01T00:00:00Z,7"));
+
+    // The stalled reader's body ends short: no last chunk, so it cannot pass for a whole export.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = stalled.read_to_end(&mut rest);
+    assert!(
+        rest.len() < 13_000_000,
+        "{} bytes after the stall",
+        rest.len()
+    );
+    assert!(!rest.ends_with(b"\r\n0\r\n\r\n"), "a complete-looking body");
 }
