@@ -24,8 +24,9 @@
 //!   retention ends with `event: gone`; one that sees the log switched off ends with
 //!   `event: off`.
 //! - Backpressure: events go through a bounded channel; a slow client slows its own reads, a
-//!   gone one ends them. A comment line every 15 s (a third of `--idle-timeout-ms` when that is
-//!   shorter) keeps quiet streams open, through proxies and the server's own idle timeout.
+//!   gone one ends them. A comment line every 15 s keeps idle connections open through proxies.
+//!   A stream is a request in flight for as long as it lasts, so the server's idle timeout
+//!   does not end a quiet one; a client that takes nothing of it for that long is let go.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -42,16 +43,8 @@ use crate::window::rfc3339;
 
 /// How often a follower asks for new changes when it has read all there were.
 pub const POLL: Duration = Duration::from_millis(200);
-/// Longest a stream stays silent: then a comment line goes out (sooner when the server's idle
-/// timeout is shorter: [`keep_alive`]).
+/// Longest a stream stays silent: then a comment line goes out.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
-
-/// How long a stream may stay silent under the server's `idle_timeout`: a streamed response
-/// that moves no byte for that long is closed as idle (`core/src/server/listen.rs`), so a
-/// quiet stream speaks at least three times within it.
-pub fn keep_alive(idle_timeout: Duration) -> Duration {
-    KEEP_ALIVE.min(idle_timeout / 3)
-}
 /// Events read per query.
 const READ: i64 = 64;
 
@@ -393,7 +386,7 @@ async fn follow(api: Shared, mut at: Position, out: tokio::sync::mpsc::Sender<By
             },
             Err(_) => {}
         }
-        if last_sent.elapsed() >= api.keep_alive {
+        if last_sent.elapsed() >= KEEP_ALIVE {
             if !send(": keep-alive\n\n".to_owned()).await {
                 return;
             }

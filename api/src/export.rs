@@ -9,7 +9,7 @@
 //!   primary-key order (an index scan, no grouping or sort in PostgreSQL) and each consumer's
 //!   windows summed here as they pass, through a bounded channel to the response body (a slow
 //!   client slows the query down, a gone one stops it, and one that takes nothing for the
-//!   server's idle timeout is disconnected as an idle connection: `core/src/server/listen.rs`).
+//!   server's idle timeout is disconnected: `core/src/server/listen.rs`).
 //!   Header `consumer_id,window_start,usage`. An export holds a database connection for its
 //!   whole length, so a replica runs at most half its `--database-connections` at once; one
 //!   more is a 503 with `Retry-After`.

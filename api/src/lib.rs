@@ -172,7 +172,6 @@ pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
                 },
                 top: status::TopSource::default(),
                 horizon: changes::Horizon::default(),
-                keep_alive: changes::keep_alive(bounds.idle_timeout),
                 exports: Arc::new(tokio::sync::Semaphore::new(
                     (args.database_connections / 2).max(1) as usize,
                 )),

@@ -58,8 +58,6 @@ pub struct Api {
     /// CSV exports running at once, each on a database connection for its whole length: at
     /// most half the pool, so that the other requests keep theirs.
     pub exports: Arc<tokio::sync::Semaphore>,
-    /// Longest a change stream stays silent ([`crate::changes::keep_alive`]).
-    pub keep_alive: Duration,
 }
 
 pub(crate) type Shared = Arc<Api>;

@@ -11,7 +11,12 @@
 //! - **A timeout for every phase**: the TLS handshake and the first complete request head
 //!   within `--request-timeout-ms`; headers within it too (hyper's header timer); no bytes
 //!   either way for `--idle-timeout-ms` while no request is in flight (between requests);
-//!   a request's body is timed by its handler (408 after `--idle-timeout-ms` without bytes).
+//!   a request's body is timed by its handler (408 after `--idle-timeout-ms` without bytes);
+//!   a response the client takes nothing of for `--idle-timeout-ms` (every write waiting on a
+//!   full socket: a reader that stopped reading, holding a CSV export's query or a change
+//!   stream's memory) closes the connection. A request is in flight until its response's
+//!   last byte is out, so a streamed response (an export, a change stream) is neither idle
+//!   nor evicted while it lasts.
 //! - **HTTP/1.1 only**: an HTTP/2 preface is a protocol error, so no stream multiplexing
 //!   escapes the limits above.
 //! - **Every close frees its slot**: a connection's entry leaves the table when its task ends,
@@ -73,6 +78,9 @@ struct Conn {
     opened: Instant,
     /// Milliseconds since `opened` of the last byte read or written.
     last_io_ms: AtomicU64,
+    /// Milliseconds since `opened` when a write began to wait on a full socket; `u64::MAX`:
+    /// no write waits.
+    blocked_since_ms: AtomicU64,
     /// Whether a complete request head ever arrived.
     served: AtomicBool,
     /// Requests in the handlers now.
@@ -85,6 +93,31 @@ impl Conn {
     fn idle_for(&self) -> Duration {
         let last = Duration::from_millis(self.last_io_ms.load(Ordering::Relaxed));
         self.opened.elapsed().saturating_sub(last)
+    }
+
+    /// How long a write has waited on the client, if one does.
+    fn write_blocked_for(&self) -> Option<Duration> {
+        let since = self.blocked_since_ms.load(Ordering::Relaxed);
+        (since != u64::MAX).then(|| {
+            self.opened
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since))
+        })
+    }
+
+    /// Notes whether a write waits on a full socket (`Pending`) or went through.
+    fn note_write<T>(&self, polled: &Poll<T>) {
+        if polled.is_pending() {
+            let ms = self.opened.elapsed().as_millis() as u64;
+            let _ = self.blocked_since_ms.compare_exchange(
+                u64::MAX,
+                ms,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        } else {
+            self.blocked_since_ms.store(u64::MAX, Ordering::Relaxed);
+        }
     }
 
     fn touch(&self) {
@@ -178,6 +211,7 @@ pub async fn serve(
         let conn = Arc::new(Conn {
             opened: Instant::now(),
             last_io_ms: AtomicU64::new(0),
+            blocked_since_ms: AtomicU64::new(u64::MAX),
             served: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             close: shutdown.child_token(),
@@ -239,8 +273,14 @@ where
             async move {
                 conn.served.store(true, Ordering::Relaxed);
                 conn.in_flight.fetch_add(1, Ordering::Relaxed);
-                let _done = InFlight(conn);
-                app.oneshot(request.map(axum::body::Body::new)).await
+                let in_flight = InFlight(conn);
+                let response = app.oneshot(request.map(axum::body::Body::new)).await?;
+                // In flight until its body has gone out (or the connection is gone): a
+                // streamed response (an export, a change stream) is not an idle connection.
+                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {
+                    body,
+                    _in_flight: in_flight,
+                }))
             }
         })
     };
@@ -269,7 +309,10 @@ where
                 let idle = conn.in_flight.load(Ordering::Relaxed) == 0;
                 let first_late = !conn.served.load(Ordering::Relaxed)
                     && conn.opened.elapsed() > bounds.request_timeout;
-                if idle && (first_late || conn.idle_for() > bounds.idle_timeout) {
+                let stalled = conn
+                    .write_blocked_for()
+                    .is_some_and(|blocked| blocked > bounds.idle_timeout);
+                if stalled || idle && (first_late || conn.idle_for() > bounds.idle_timeout) {
                     counts.timed_out.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -285,6 +328,33 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.0.touch();
+    }
+}
+
+/// A response body that keeps its request counted in flight until it is dropped (hyper drops
+/// it once its last frame is out, or with the connection).
+struct Tracked {
+    body: axum::body::Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -316,6 +386,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        self.conn.note_write(&polled);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             self.conn.touch();
         }
@@ -323,7 +394,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.conn.note_write(&polled);
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
