@@ -23,6 +23,9 @@
 //!   may be missing, read the totals again and follow from now. A stream that falls behind the
 //!   retention ends with `event: gone`; one that sees the log switched off ends with
 //!   `event: off`.
+//! - Bounds: a replica serves at most half its `--max-connections` as streams at once (one
+//!   more is a 503 with `Retry-After`), so that streams, which are never closed for room,
+//!   cannot take every connection.
 //! - Backpressure: events go through a bounded channel; a slow client slows its own reads, a
 //!   gone one ends them. A comment line every 15 s keeps idle connections open through proxies.
 //!   A stream is a request in flight for as long as it lasts, so the server's idle timeout
@@ -165,8 +168,18 @@ pub async fn changes(
             state.gone.map_or(from, |gone| gone.max(from))
         }
     };
+    let Ok(permit) = api.streams.clone().try_acquire_owned() else {
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "as many change streams as this replica serves at once (half its connection \
+             limit) are open; try again",
+        ));
+    };
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(4);
-    tokio::spawn(follow(api.clone(), start, sender));
+    tokio::spawn(async move {
+        let _permit = permit; // held while the stream lasts
+        follow(api, start, sender).await;
+    });
     let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
         receiver
             .recv()

@@ -89,7 +89,8 @@ pub struct ApiArgs {
     #[arg(long, env = "TALLY_API_REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = tally_core::args::positive_u64)]
     pub request_timeout_ms: u64,
     /// A connection without a request in flight that sends and receives nothing for this long
-    /// is closed.
+    /// is closed, and so is one whose client takes nothing of a response (an export, a
+    /// change stream) for this long.
     #[arg(long, env = "TALLY_API_IDLE_TIMEOUT_MS", default_value_t = 30_000, value_parser = tally_core::args::positive_u64)]
     pub idle_timeout_ms: u64,
     /// `/v1/status` (the console's health page) reads at most this many of the latest records
@@ -172,6 +173,9 @@ pub fn run(args: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
                 },
                 top: status::TopSource::default(),
                 horizon: changes::Horizon::default(),
+                streams: Arc::new(tokio::sync::Semaphore::new(
+                    (bounds.max_connections / 2).max(1),
+                )),
                 exports: Arc::new(tokio::sync::Semaphore::new(
                     (args.database_connections / 2).max(1) as usize,
                 )),

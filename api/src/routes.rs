@@ -58,6 +58,9 @@ pub struct Api {
     /// CSV exports running at once, each on a database connection for its whole length: at
     /// most half the pool, so that the other requests keep theirs.
     pub exports: Arc<tokio::sync::Semaphore>,
+    /// Change streams open at once: at most half the connection limit, so that streams
+    /// (never closed for room) leave room for other requests.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 pub(crate) type Shared = Arc<Api>;

@@ -50,7 +50,8 @@ pub struct Bounds {
     /// From accept to the first complete request head (TLS handshake included); also the
     /// limit for any request's headers.
     pub request_timeout: Duration,
-    /// No bytes either way, with no request in flight.
+    /// No bytes either way, with no request in flight; and longest a write may wait on a
+    /// client that takes nothing, in flight or not.
     pub idle_timeout: Duration,
 }
 
@@ -83,7 +84,7 @@ struct Conn {
     blocked_since_ms: AtomicU64,
     /// Whether a complete request head ever arrived.
     served: AtomicBool,
-    /// Requests in the handlers now.
+    /// Requests in flight now: from their head until their response's body is done.
     in_flight: AtomicUsize,
     /// Asks the connection's task to close it.
     close: CancellationToken,
@@ -321,7 +322,7 @@ where
     }
 }
 
-/// Counts a request in the handlers until dropped.
+/// Counts a request in flight until dropped (with its response's body).
 struct InFlight(Arc<Conn>);
 
 impl Drop for InFlight {
@@ -401,5 +402,24 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    // Vectored writes pass through (hyper then sends a head and a body chunk without copying
+    // them into one buffer).
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.conn.note_write(&polled);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.conn.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }

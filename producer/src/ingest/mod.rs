@@ -86,7 +86,8 @@ pub struct ServeArgs {
     pub request_timeout_ms: u64,
     /// A body that sends nothing for this long ends with 408 (a resumable upload keeps its
     /// bytes until `--partial-ttl`); a connection without a request in flight that sends and
-    /// receives nothing for this long is closed.
+    /// receives nothing for this long is closed, and so is one whose client takes nothing of
+    /// a response for this long.
     #[arg(long, env = "TALLY_INGEST_IDLE_TIMEOUT_MS", default_value_t = 30_000, value_parser = tally_core::args::positive_u64)]
     pub idle_timeout_ms: u64,
     /// An upload not continued for this long is forgotten, its bytes removed.

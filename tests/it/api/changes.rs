@@ -464,7 +464,8 @@ async fn a_quiet_stream_outlives_a_short_idle_timeout() {
 }
 
 /// At the connection limit a new connection closes an idle one, never a stream: a stream is a
-/// request in flight while it lasts, however long it has been quiet.
+/// request in flight while it lasts, however long it has been quiet. Streams take at most
+/// half the connections, so that they cannot take them all.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_server_closes_idle_connections_not_streams() {
     use std::io::{Read, Write};
@@ -474,6 +475,8 @@ async fn a_full_server_closes_idle_connections_not_streams() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut sse = open(port, None, "").await;
     assert_eq!(sse.status, 200);
+    // Streams take at most half the connections (here one): a second is refused.
+    assert_eq!(open(port, None, "").await.status, 503);
     // Two keep-alive connections that completed a request: the server is full.
     let keep_alive = |_| {
         let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
