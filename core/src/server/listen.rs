@@ -121,6 +121,15 @@ impl Conn {
         }
     }
 
+    /// A write's outcome, noted: whether it waits on the client, and bytes gone out.
+    fn wrote(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        self.note_write(&polled);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        polled
+    }
+
     fn touch(&self) {
         let ms = self.opened.elapsed().as_millis() as u64;
         self.last_io_ms.store(ms, Ordering::Relaxed);
@@ -387,11 +396,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, data);
-        self.conn.note_write(&polled);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.conn.touch();
-        }
-        polled
+        self.conn.wrote(polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -412,11 +417,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.conn.note_write(&polled);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.conn.touch();
-        }
-        polled
+        self.conn.wrote(polled)
     }
 
     fn is_write_vectored(&self) -> bool {

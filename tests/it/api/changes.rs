@@ -10,10 +10,10 @@ use sqlx::Connection;
 use tally_db_client::{changes, copy};
 use tally_testkit::pipeline::sse::{Next, Sse, SseEvent};
 
-use super::{conforms, get, http_get_with, start_api, start_api_with, Pipeline, TIMEOUT, TOKEN};
+use super::{conforms, get, start_api, Pipeline, TIMEOUT, TOKEN};
 
 /// Opens `/v1/changes` (after `last`, if given; `query` appended), as a browser would.
-async fn open(port: u16, last: Option<&str>, query: &str) -> Sse {
+pub(super) async fn open(port: u16, last: Option<&str>, query: &str) -> Sse {
     let last = last.map(str::to_owned);
     let path = format!("/v1/changes{query}");
     tokio::task::spawn_blocking(move || {
@@ -29,22 +29,11 @@ async fn open(port: u16, last: Option<&str>, query: &str) -> Sse {
 }
 
 /// The next event within `within`, or what came instead.
-async fn next(sse: &mut Sse, within: Duration) -> Next {
+pub(super) async fn next(sse: &mut Sse, within: Duration) -> Next {
     tokio::task::block_in_place(|| sse.next(within))
 }
 
-/// The stream stays open and sends nothing for `time`.
-async fn stays_quiet(sse: &mut Sse, time: Duration) {
-    let until = Instant::now() + time;
-    while Instant::now() < until {
-        match next(sse, Duration::from_millis(500)).await {
-            Next::Quiet => {}
-            other => panic!("a quiet stream gave {other:?}"),
-        }
-    }
-}
-
-fn event(next: Next) -> SseEvent {
+pub(super) fn event(next: Next) -> SseEvent {
     match next {
         Next::Event(event) => event,
         other => panic!("no event but {other:?}"),
@@ -59,7 +48,7 @@ fn position(event: &SseEvent) -> (u64, i64) {
 }
 
 /// (consumer, total) pairs of a totals event.
-fn totals(event: &SseEvent) -> Vec<(i64, i64)> {
+pub(super) fn totals(event: &SseEvent) -> Vec<(i64, i64)> {
     assert_eq!(event.event, "totals", "{event:?}");
     let data: Value = serde_json::from_str(&event.data).unwrap();
     data["consumers"]
@@ -76,7 +65,7 @@ fn totals(event: &SseEvent) -> Vec<(i64, i64)> {
 }
 
 /// Writes `rows` as one transaction of its own, committed (or rolled back) after `hold`.
-async fn write(pool: &sqlx::PgPool, rows: &[(i64, i128)], hold: Duration, commit: bool) {
+pub(super) async fn write(pool: &sqlx::PgPool, rows: &[(i64, i128)], hold: Duration, commit: bool) {
     let mut tx = pool.begin().await.unwrap();
     changes::writing(&mut tx).await.unwrap();
     copy::upsert_totals(&mut tx, rows, true).await.unwrap();
@@ -447,56 +436,4 @@ async fn a_pipeline_s_changes_add_up_to_its_totals() {
         periods == stored,
         "the period deltas add up to the period totals"
     );
-}
-
-/// A quiet stream outlives a server idle timeout shorter than its keep-alive: a stream is a
-/// request in flight while it lasts, not an idle connection; a change after the quiet arrives.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_quiet_stream_outlives_a_short_idle_timeout() {
-    let mut p = Pipeline::new("changes-quiet").await;
-    let (_api, port) = start_api_with(&mut p, &["--idle-timeout-ms", "1500"]).await;
-    let mut sse = open(port, None, "").await;
-    assert_eq!(sse.status, 200);
-    stays_quiet(&mut sse, Duration::from_secs(6)).await;
-    write(&p.pool, &[(5, 6)], Duration::ZERO, true).await;
-    let sent = event(next(&mut sse, Duration::from_secs(10)).await);
-    assert_eq!(totals(&sent), vec![(5, 6)]);
-}
-
-/// At the connection limit a new connection closes an idle one, never a stream: a stream is a
-/// request in flight while it lasts, however long it has been quiet. Streams take at most
-/// half the connections, so that they cannot take them all.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_full_server_closes_idle_connections_not_streams() {
-    use std::io::{Read, Write};
-    let mut p = Pipeline::new("changes-evict").await;
-    let (_api, port) = start_api_with(&mut p, &["--max-connections", "3"]).await;
-    // Let the readiness check's connection go before the stream takes its slot.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut sse = open(port, None, "").await;
-    assert_eq!(sse.status, 200);
-    // Streams take at most half the connections (here one): a second is refused.
-    assert_eq!(open(port, None, "").await.status, 503);
-    // Two keep-alive connections that completed a request: the server is full.
-    let keep_alive = |_| {
-        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(c, "GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-        let mut head = [0u8; 256];
-        let n = c.read(&mut head).unwrap();
-        assert!(head[..n].starts_with(b"HTTP/1.1 200"));
-        c
-    };
-    let _idle: Vec<_> = (0..2).map(keep_alive).collect();
-    // More connections, each answered, each closing an idle one.
-    for _ in 0..3 {
-        let answered = tokio::task::spawn_blocking(move || http_get_with(port, "/livez", &[]))
-            .await
-            .unwrap();
-        assert_eq!(answered.map(|(status, _)| status), Some(200));
-    }
-    // A closed connection's response may finish for 10 s: the stream must outlast that.
-    stays_quiet(&mut sse, Duration::from_secs(11)).await;
-    write(&p.pool, &[(8, 9)], Duration::ZERO, true).await;
-    let sent = event(next(&mut sse, Duration::from_secs(10)).await);
-    assert_eq!(totals(&sent), vec![(8, 9)]);
 }

@@ -12,6 +12,7 @@ use crate::support::{free_port, http_get_with, wait_http, Pipeline};
 mod alerts;
 mod changes;
 mod console;
+mod streams;
 mod totals;
 mod usage;
 
