@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 
@@ -130,8 +130,13 @@ impl ConsumerContext for RebalanceLog {
         if let Rebalance::Revoke(tpl) = rebalance {
             self.record(RebalanceEvent::Revoked(partitions(tpl)));
             if let Some(stage) = &self.stage {
+                // A partition the stage paused (`consume::intake`: only ones that fetch) would
+                // stay paused past its revocation, into a later assignment. Resuming one that
+                // is not paused does nothing (librdkafka numbers no new version for it).
+                if let Err(error) = consumer.resume(tpl) {
+                    tracing::warn!(%error, "cannot resume the partitions revoked");
+                }
                 metrics::counter!(crate::metrics::stage(stage.stage()).rebalances).increment(1);
-                use rdkafka::consumer::Consumer;
                 let left = consumer.assignment().map_or(0, |a| a.count());
                 if left <= tpl.count() {
                     stage.not_ready(ASSIGNMENT, "partitions revoked, waiting for an assignment");

@@ -8,6 +8,7 @@
 mod api;
 mod broker;
 mod config;
+mod consume;
 mod crash;
 mod files;
 mod hostile;

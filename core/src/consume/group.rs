@@ -2,17 +2,19 @@
 //! for each ([`PartitionState`]), and batches of records polled from them.
 //!
 //! Rebalance callbacks run inside `poll`, which is called only between transactions, so a
-//! rebalance never cuts a transaction in two. A newly assigned partition is paused until its
-//! state is loaded (the parser's done-set); meanwhile the group consumer keeps being polled
-//! (heartbeats, `max.poll.interval.ms`, further rebalances), so a long load never costs the
-//! membership, and anything polled meanwhile is kept in order, never dropped.
+//! rebalance never cuts a transaction in two. No record of a newly assigned partition is
+//! processed before its state is loaded (the parser's done-set); meanwhile the group consumer
+//! keeps being polled (heartbeats, `max.poll.interval.ms`, further rebalances), so a long load
+//! never costs the membership, and anything polled meanwhile is kept in order, never dropped
+//! (see [`super::intake`], also for why partitions are not paused for the load).
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
+use super::intake::Intake;
 pub use super::load::{Loaded, PartitionState, Stop};
 use crate::backoff::Backoff;
-use crate::liveness::{self, Liveness, Throttle};
+use crate::liveness::{self, Liveness};
 use crate::rebalance::{RebalanceEvent, RebalanceLog};
 use crate::shutdown::CancellationToken;
 use anyhow::Context;
@@ -49,23 +51,14 @@ pub struct Group {
     pub(super) assigned: HashSet<i32>,
     /// Partitions assigned whose state is not loaded yet (paused meanwhile).
     pub(super) loading: BTreeSet<i32>,
-    /// Records polled while states were loading, in order; processed before new polls.
-    pub(super) stash: VecDeque<OwnedMessage>,
-    /// Consumer errors (a broker outage), logged at a bounded rate.
-    pub(super) errors: Throttle,
+    /// Records polled while states were loading, and which partitions were heard of.
+    pub(super) intake: Intake,
     pub(super) liveness: Liveness,
     pub(super) shutdown: CancellationToken,
-    /// When the assignment was last resumed (see [`Group::collect`]).
-    pub(super) resumed_at: Instant,
     /// Assigned partitions whose end (the last stable offset) was reached, with nothing read
     /// since: when every one is, a batch ends at once instead of waiting out its idle time.
     pub(super) at_end: HashSet<i32>,
 }
-
-/// How often the whole assignment is resumed again while nothing loads: a resume that did not
-/// take (it is never retried otherwise) would leave a partition paused for good, its records
-/// never read while the others' progress hides it from the watchdog.
-const RESUME_EVERY: Duration = Duration::from_secs(10);
 
 impl Group {
     /// A group consumer of `stage` from `config` for `topic` (not subscribed yet).
@@ -108,13 +101,29 @@ impl Group {
             topic: topic.to_owned(),
             assigned: HashSet::new(),
             loading: BTreeSet::new(),
-            stash: VecDeque::new(),
-            errors: Throttle::new(Duration::from_secs(10)),
+            intake: Intake::new(stage, topic, liveness.clone()),
             liveness,
             shutdown,
-            resumed_at: Instant::now(),
             at_end: HashSet::new(),
         })
+    }
+
+    /// Bounds the records kept while partition states load to `bytes` of payload (64 MiB by
+    /// default): past it, the partitions that fetch are paused until every state is loaded
+    /// (the bound is passed by at most a record of each partition).
+    pub fn with_stash_limit(mut self, bytes: u64) -> Self {
+        self.intake.limit = bytes;
+        self
+    }
+
+    /// The most payload bytes kept at once while partition states loaded.
+    pub fn stash_peak(&self) -> u64 {
+        self.intake.peak
+    }
+
+    /// Whether a record or the end of every partition held came since it was assigned.
+    pub fn all_heard(&self) -> bool {
+        self.intake.all_heard()
     }
 
     /// Number of partitions of `topic` (a metadata request).
@@ -172,7 +181,7 @@ impl Group {
         let called = Instant::now();
         let mut started = called;
         while batch.len() < limits.records && weight < limits.weight {
-            let polled = match self.stash.pop_front() {
+            let polled = match self.intake.pop() {
                 Some(message) => Some(Ok(message)),
                 None => {
                     let wait = if batch.is_empty() {
@@ -189,12 +198,16 @@ impl Group {
             if !self.loading.is_empty() {
                 self.load_pending(&mut batch, state)?;
             }
+            if self.loading.is_empty() {
+                self.intake.release(&self.consumer);
+            }
             if self.shutdown.is_cancelled() {
                 break;
             }
             match polled {
                 None => break,
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+                    self.intake.heard(partition);
                     if self.assigned.contains(&partition) {
                         self.at_end.insert(partition);
                     }
@@ -208,17 +221,18 @@ impl Group {
                 }
                 Some(Err(error)) => {
                     liveness::restart_if_fatal(self.stage, &error);
-                    if let Some(skipped) = self.errors.allow() {
+                    if let Some(skipped) = self.intake.errors.allow() {
                         tracing::warn!(%error, skipped, "consumer error");
                     }
                     break;
                 }
                 Some(Ok(message)) => {
                     if self.loading.contains(&message.partition()) {
-                        // Polled before its partition was paused: keep it for after the load.
-                        self.stash.push_back(message);
+                        // Its state is not loaded yet: keep it for after the load.
+                        self.intake.push(message);
                         continue;
                     }
+                    self.intake.heard(message.partition());
                     if !self.assigned.contains(&message.partition()) {
                         continue;
                     }
@@ -235,9 +249,6 @@ impl Group {
                 break;
             }
         }
-        if self.loading.is_empty() && self.resumed_at.elapsed() >= RESUME_EVERY {
-            self.pause_assignment(false);
-        }
         self.liveness.positions(&self.consumer, &self.topic);
         Ok(batch)
     }
@@ -245,7 +256,7 @@ impl Group {
     /// Whether every partition held is at its end, none loading, nothing stashed.
     fn drained(&self) -> bool {
         self.loading.is_empty()
-            && self.stash.is_empty()
+            && self.intake.is_empty()
             && self.assigned.iter().all(|p| self.at_end.contains(p))
     }
 
@@ -286,7 +297,7 @@ impl Group {
                 RebalanceEvent::Revoked(parts) => {
                     tracing::info!(?parts, "partitions revoked");
                     batch.retain(|m| !parts.contains(&m.partition()));
-                    self.stash.retain(|m| !parts.contains(&m.partition()));
+                    self.intake.revoked(&parts);
                     state.revoked(&parts);
                     for p in &parts {
                         self.assigned.remove(p);
@@ -296,6 +307,7 @@ impl Group {
                 }
                 RebalanceEvent::Assigned(parts) => {
                     tracing::info!(?parts, "partitions assigned");
+                    self.intake.assigned(&parts);
                     for p in parts {
                         self.assigned.remove(&p);
                         self.at_end.remove(&p);
@@ -328,25 +340,6 @@ impl Group {
             .commit(&tpl, rdkafka::consumer::CommitMode::Async)
         {
             tracing::debug!(%error, "kafka offset commit failed (harmless)");
-        }
-    }
-
-    /// Pauses (or resumes) every partition assigned to this instance.
-    pub(super) fn pause_assignment(&mut self, pause: bool) {
-        if !pause {
-            self.resumed_at = Instant::now();
-        }
-        let result = self.consumer.assignment().and_then(|tpl| {
-            if pause {
-                self.consumer.pause(&tpl)
-            } else {
-                self.consumer.resume(&tpl)
-            }
-        });
-        // A failed pause is harmless: whatever is polled meanwhile is stashed, not lost. A
-        // failed resume is tried again within RESUME_EVERY.
-        if let Err(error) = result {
-            tracing::warn!(%error, pause, "cannot pause or resume the assignment");
         }
     }
 

@@ -5,16 +5,14 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::Offset;
-use std::collections::VecDeque;
 
 use super::Group;
 use crate::backoff::Backoff;
-use crate::liveness::{self, Throttle};
-use crate::rebalance::RebalanceLog;
+use crate::liveness::Throttle;
 
 /// How long a seek refused because the partition is not ready yet is retried before it
 /// counts as a failure (see [`Group::seek_when_ready`]).
@@ -91,7 +89,6 @@ impl Group {
             if self.shutdown.is_cancelled() {
                 return Ok(());
             }
-            self.pause_assignment(true);
             let loaded = self.load_one(partition, state);
             let loaded = match loaded {
                 Ok(Loaded::ReadyAt(offset)) => self.seek_when_ready(partition, offset),
@@ -122,7 +119,6 @@ impl Group {
             }
             self.handle_rebalance(batch, state);
         }
-        self.pause_assignment(false);
         Ok(())
     }
 
@@ -134,11 +130,9 @@ impl Group {
     ) -> anyhow::Result<Loaded> {
         let consumer = &self.consumer;
         let events = &self.events;
-        let stash = &mut self.stash;
-        let errors = &mut self.errors;
-        let stage = self.stage;
+        let intake = &mut self.intake;
         let mut keep_alive = || {
-            serve_group(stage, consumer, stash, errors);
+            intake.serve(consumer);
             events.is_empty()
         };
         state.load(partition, &mut keep_alive)
@@ -146,12 +140,7 @@ impl Group {
 
     /// Serves the group once; false once a rebalance came in.
     fn keep_alive(&mut self) -> bool {
-        serve_group(
-            self.stage,
-            &self.consumer,
-            &mut self.stash,
-            &mut self.errors,
-        );
+        self.intake.serve(&self.consumer);
         self.events.is_empty()
     }
 
@@ -182,30 +171,8 @@ impl Group {
         self.consumer
             .seek(&self.topic, partition, offset, Duration::from_secs(5))
             .with_context(|| format!("cannot move partition {partition} to {offset:?}"))?;
-        self.stash.retain(|m| m.partition() != partition);
+        self.intake.retain(|m| m.partition() != partition);
         tracing::info!(partition, ?offset, "resuming at the stage's own offset");
         Ok(())
-    }
-}
-
-/// Polls the group consumer without taking work: keeps the instance in its group while a
-/// long step runs. Anything it returns (only from partitions not yet paused) is kept in order.
-pub(super) fn serve_group(
-    stage: &'static str,
-    consumer: &BaseConsumer<RebalanceLog>,
-    stash: &mut VecDeque<OwnedMessage>,
-    errors: &mut Throttle,
-) {
-    match consumer.poll(Duration::ZERO) {
-        None => {}
-        Some(Ok(message)) => stash.push_back(message.detach()),
-        // A partition's end: the next batch learns it again.
-        Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
-        Some(Err(error)) => {
-            liveness::restart_if_fatal(stage, &error);
-            if let Some(skipped) = errors.allow() {
-                tracing::warn!(%error, skipped, "consumer error");
-            }
-        }
     }
 }

@@ -18,6 +18,7 @@
 //! as several database transactions, one per writer share).
 
 mod group;
+mod intake;
 mod load;
 #[cfg(test)]
 mod tests;

@@ -319,3 +319,35 @@ fn a_seek_refused_before_the_fetcher_starts_is_told_apart_from_other_errors() {
         "Local: Erroneous state"
     )));
 }
+
+/// A partition assigned but never heard of (neither a record nor its end: librdkafka dropped
+/// the start of its fetch) keeps a liveness step open, which the watchdog restarts the process
+/// on; a record or the end of each partition closes it, and so does a revocation.
+#[test]
+fn an_assigned_partition_never_heard_of_is_an_open_step() {
+    let liveness = crate::liveness::Liveness::unwatched("test");
+    let mut intake = intake::Intake::new("test", "in", liveness.clone());
+    assert!(!liveness.has_open_step());
+    intake.assigned(&[0, 1, 2]);
+    assert!(liveness.has_open_step());
+    intake.heard(0);
+    intake.push(OwnedMessage::new(
+        Some(b"x".to_vec()),
+        None,
+        "in".to_owned(),
+        Timestamp::NotAvailable,
+        1,
+        0,
+        None,
+    ));
+    assert!(liveness.has_open_step(), "partition 2 was not heard of");
+    intake.revoked(&[2]);
+    assert!(!liveness.has_open_step());
+    intake.assigned(&[2]);
+    assert!(liveness.has_open_step());
+    intake.heard(2);
+    assert!(!liveness.has_open_step());
+    assert!(intake.all_heard());
+    assert_eq!(intake.pop().map(|m| m.partition()), Some(1));
+    assert!(intake.is_empty());
+}

@@ -314,7 +314,7 @@ impl Liveness {
         Some(reason)
     }
 
-    fn has_open_step(&self) -> bool {
+    pub(crate) fn has_open_step(&self) -> bool {
         !self
             .shared
             .steps
