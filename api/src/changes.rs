@@ -168,13 +168,7 @@ pub async fn changes(
             state.gone.map_or(from, |gone| gone.max(from))
         }
     };
-    let Ok(permit) = api.streams.clone().try_acquire_owned() else {
-        return Err(Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "as many change streams as this replica serves at once (half its connection \
-             limit) are open; try again",
-        ));
-    };
+    let permit = Refusal::take_slot(&api.streams, "change streams", "half its connection limit")?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(4);
     tokio::spawn(async move {
         let _permit = permit; // held while the stream lasts

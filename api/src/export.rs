@@ -99,13 +99,8 @@ pub async fn all_usage(
         None => (0, i64::MIN),
     };
     if wants_csv(&headers) {
-        let Ok(permit) = api.exports.clone().try_acquire_owned() else {
-            return Err(Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "as many CSV exports as this replica runs at once (half its database \
-                 connections) are running; try again",
-            ));
-        };
+        let permit =
+            Refusal::take_slot(&api.exports, "CSV exports", "half its database connections")?;
         return Ok(csv(&api, usage, &windows, after, permit));
     }
     let limit = page_limit(&params, LIMIT_DEFAULT, LIMIT_MAX)?;

@@ -113,6 +113,23 @@ impl Refusal {
         }
     }
 
+    /// One of `slots`' permits, held as long as the response lasts; a 503 saying that as many
+    /// `what` as this replica serves at once (`bound`) are running when none is free.
+    pub(crate) fn take_slot(
+        slots: &Arc<tokio::sync::Semaphore>,
+        what: &str,
+        bound: &str,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Self> {
+        slots.clone().try_acquire_owned().map_err(|_| {
+            Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "as many {what} as this replica serves at once ({bound}) are running; try again"
+                ),
+            )
+        })
+    }
+
     /// The 503 of a query that failed or took too long.
     pub(crate) fn database_unavailable() -> Self {
         Self::new(
