@@ -43,13 +43,12 @@ pub struct BatchLimits {
 
 /// The partitions this instance holds and what it knows of them.
 pub struct Group {
-    pub(super) stage: &'static str,
     pub(super) consumer: BaseConsumer<RebalanceLog>,
     pub(super) events: RebalanceLog,
     pub(super) topic: String,
     /// Partitions whose state is loaded: their records may be processed.
     pub(super) assigned: HashSet<i32>,
-    /// Partitions assigned whose state is not loaded yet (paused meanwhile).
+    /// Partitions assigned whose state is not loaded yet (their records are stashed meanwhile).
     pub(super) loading: BTreeSet<i32>,
     /// Records polled while states were loading, and which partitions were heard of.
     pub(super) intake: Intake,
@@ -95,7 +94,6 @@ impl Group {
             .map_err(crate::kafka::quiet)
             .context("cannot create the Kafka consumer")?;
         Ok(Self {
-            stage,
             consumer,
             events,
             topic: topic.to_owned(),
@@ -220,10 +218,7 @@ impl Group {
                     }
                 }
                 Some(Err(error)) => {
-                    liveness::restart_if_fatal(self.stage, &error);
-                    if let Some(skipped) = self.intake.errors.allow() {
-                        tracing::warn!(%error, skipped, "consumer error");
-                    }
+                    self.intake.consumer_error(&error);
                     break;
                 }
                 Some(Ok(message)) => {

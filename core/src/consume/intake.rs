@@ -48,7 +48,7 @@ pub(super) struct Intake {
     /// Partitions paused because the stash was full: resumed by [`Intake::release`].
     held: Vec<i32>,
     /// Consumer errors (a broker outage), logged at a bounded rate.
-    pub(super) errors: Throttle,
+    errors: Throttle,
 }
 
 impl Intake {
@@ -77,8 +77,8 @@ impl Intake {
         }
     }
 
-    /// `partitions` were taken away: their stashed records go (librdkafka resumed the held
-    /// ones already, see `RebalanceLog`).
+    /// `partitions` were taken away: their stashed records go (the rebalance callback resumed
+    /// the held ones already, see `RebalanceLog`).
     pub(super) fn revoked(&mut self, partitions: &[i32]) {
         self.retain(|m| !partitions.contains(&m.partition()));
         self.held.retain(|p| !partitions.contains(p));
@@ -146,12 +146,16 @@ impl Intake {
             }
             // A partition's end: the next batch learns it again.
             Some(Err(KafkaError::PartitionEOF(partition))) => self.heard(partition),
-            Some(Err(error)) => {
-                liveness::restart_if_fatal(self.stage, &error);
-                if let Some(skipped) = self.errors.allow() {
-                    tracing::warn!(%error, skipped, "consumer error");
-                }
-            }
+            Some(Err(error)) => self.consumer_error(&error),
+        }
+    }
+
+    /// A consumer error (a broker outage): restarts the process if it is fatal, else logs it
+    /// at a bounded rate.
+    pub(super) fn consumer_error(&mut self, error: &KafkaError) {
+        liveness::restart_if_fatal(self.stage, error);
+        if let Some(skipped) = self.errors.allow() {
+            tracing::warn!(%error, skipped, "consumer error");
         }
     }
 
