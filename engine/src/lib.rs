@@ -6,23 +6,27 @@
 //! inside it, so any split of a file into units counts every line once. [`sum_range`] cuts the
 //! unit into chunks with the same ownership rule and runs them on a rayon pool, one bounded
 //! [`SumMap`] per worker: when a worker's map holds its share of `keys_max`, its sums go to the
-//! [`Sink`] and the map starts over, so memory does not grow with the input.
+//! [`Sink`] and the map starts over, so memory does not grow with the input. A range's workers
+//! (`worker.rs`) send their maps at its end; [`sum_range_held`] keeps them instead, for the
+//! next range of the same caller ([`Held`], `held.rs`).
 
+mod held;
 mod line;
 pub mod source;
 pub mod stream;
 #[cfg(test)]
 mod tests;
+mod worker;
 
 use std::ops::{Deref, Range};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 pub use line::{check_line_parsers, parse_line, Reason};
-use tally_model::sums::agg;
 pub use tally_model::sums::{Added, Merger, SumMap};
 
-use line::{parse_fast, FAST_LOOKAHEAD};
+pub use held::Held;
+use worker::Worker;
 
 /// What happens to a bad line. It is always counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -171,6 +175,39 @@ pub fn sum_range<S: Source + ?Sized>(
     pool: &rayon::ThreadPool,
     sink: &dyn Sink,
 ) -> Result<Stats, EngineError> {
+    run(source, range, config, pool, sink, None)
+}
+
+/// As [`sum_range`], but the workers' maps are kept in `held` when the range is done, with
+/// the sums not sent yet, and taken up again by the next call: a caller summing several
+/// ranges (a parser's transaction of units) merges them in the workers' maps and sends each
+/// consumer once, by [`Held::flush`], instead of at every range's end. Flush before summing
+/// input whose sums must not merge with what is held (another period). After an error,
+/// `held` is empty: what it held is lost with the failed range, and the caller discards its
+/// output.
+pub fn sum_range_held<S: Source + ?Sized>(
+    source: &S,
+    range: Range<u64>,
+    config: &EngineConfig,
+    pool: &rayon::ThreadPool,
+    sink: &dyn Sink,
+    held: &Held,
+) -> Result<Stats, EngineError> {
+    let result = run(source, range, config, pool, sink, Some(held));
+    if result.is_err() {
+        held.clear();
+    }
+    result
+}
+
+fn run<S: Source + ?Sized>(
+    source: &S,
+    range: Range<u64>,
+    config: &EngineConfig,
+    pool: &rayon::ThreadPool,
+    sink: &dyn Sink,
+    held: Option<&Held>,
+) -> Result<Stats, EngineError> {
     let len = source.len();
     let range = range.start.min(len)..range.end.min(len);
     if range.is_empty() {
@@ -179,7 +216,12 @@ pub fn sum_range<S: Source + ?Sized>(
     let chunk_bytes = config.chunk_bytes.max(1) as u64;
     let chunks = (range.end - range.start).div_ceil(chunk_bytes) as usize;
     let workers = pool.current_num_threads().min(chunks).max(1);
-    let keys_per_worker = (config.keys_max / workers).max(1);
+    // Held maps outlive this call and may meet more workers later: each gets a thread's share.
+    let shares = match held {
+        Some(_) => pool.current_num_threads().max(1),
+        None => workers,
+    };
+    let keys_per_worker = (config.keys_max / shares).max(1);
     let line_bytes_max = config.line_bytes_max.max(EngineConfig::LINE_BYTES_MIN);
 
     let next_chunk = AtomicUsize::new(0);
@@ -189,8 +231,9 @@ pub fn sum_range<S: Source + ?Sized>(
     pool.scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|_| {
+                let map = held.and_then(Held::take);
                 let mut worker =
-                    Worker::new(keys_per_worker, line_bytes_max, config.bad_lines, sink);
+                    Worker::new(keys_per_worker, map, line_bytes_max, config.bad_lines, sink);
                 let result = (|| {
                     loop {
                         let i = next_chunk.fetch_add(1, Ordering::Relaxed);
@@ -212,8 +255,18 @@ pub fn sum_range<S: Source + ?Sized>(
                         )?;
                         source.intact(&window)?;
                     }
-                    worker.flush()?;
-                    Ok(worker.stats)
+                    match held {
+                        Some(held) => {
+                            worker.emit_spilled()?;
+                            let stats = worker.stats;
+                            held.put(worker.agg);
+                            Ok(stats)
+                        }
+                        None => {
+                            worker.flush()?;
+                            Ok(worker.stats)
+                        }
+                    }
                 })();
                 if result.is_err() {
                     abort.store(true, Ordering::Relaxed);
@@ -248,167 +301,4 @@ pub fn sum_range<S: Source + ?Sized>(
     }
     stats.bytes = range.end - range.start;
     Ok(stats)
-}
-
-/// How many lines after its parse a line's pair is added to the sums. Its table slot is
-/// prefetched when it is parsed, so the add finds it in cache instead of waiting on memory
-/// (with 10k consumers the table is 512 KiB, and the file's bytes stream through the same
-/// caches). A power of two. docs/benchmarks.md has the figures.
-const PREFETCH_LINES: usize = 8;
-
-/// One worker's state: its bounded aggregation, its counts, and the sums on their way out.
-struct Worker<'s> {
-    agg: agg::Aggregator,
-    /// This worker's share of `keys_max`.
-    keys_max: usize,
-    /// Sums leaving the aggregation (flushed tables, overflow splits), sent as one batch once
-    /// `emit_at` of them are here: bounded, and few, large batches.
-    spilled: Vec<(i64, i64)>,
-    emit_at: usize,
-    stats: Stats,
-    line_bytes_max: usize,
-    policy: BadLinePolicy,
-    sink: &'s dyn Sink,
-}
-
-impl<'s> Worker<'s> {
-    fn new(
-        keys_max: usize,
-        line_bytes_max: usize,
-        policy: BadLinePolicy,
-        sink: &'s dyn Sink,
-    ) -> Self {
-        Self {
-            agg: agg::Aggregator::new(keys_max),
-            keys_max,
-            spilled: Vec::new(),
-            emit_at: keys_max.clamp(1, 1 << 16),
-            stats: Stats::default(),
-            line_bytes_max,
-            policy,
-            sink,
-        }
-    }
-
-    /// Processes the lines starting in `own` of `data`. `data[0]` is at `base` in the source;
-    /// `at_eof` says whether `data` ends where the source ends.
-    fn chunk(
-        &mut self,
-        data: &[u8],
-        base: u64,
-        own: Range<usize>,
-        at_eof: bool,
-    ) -> Result<(), EngineError> {
-        let mut p = own.start;
-        if p > 0 && data[p - 1] != b'\n' {
-            // The line running into this chunk belongs to the previous one.
-            p = match memchr::memchr(b'\n', &data[p..]) {
-                Some(i) => p + i + 1,
-                None => return Ok(()),
-            };
-        }
-        let fast_end = data.len().saturating_sub(FAST_LOOKAHEAD);
-        let mut lines = 0u64;
-        // The last PREFETCH_LINES pairs parsed, not yet added; all are added before returning.
-        let mut pending = [(0i64, 0i64); PREFETCH_LINES];
-        let mut parsed = 0usize;
-        while p < own.end {
-            lines += 1;
-            if p < fast_end {
-                if let Some((id, amount, next)) = parse_fast(data, p) {
-                    self.agg.prefetch(id);
-                    let (due_id, due_amount) =
-                        std::mem::replace(&mut pending[parsed % PREFETCH_LINES], (id, amount));
-                    parsed += 1;
-                    if parsed > PREFETCH_LINES {
-                        self.add(due_id, due_amount)?;
-                    }
-                    p = next;
-                    continue;
-                }
-            }
-            p = self.slow_line(data, base, p, at_eof)?;
-        }
-        for k in parsed.saturating_sub(PREFETCH_LINES)..parsed {
-            let (id, amount) = pending[k % PREFETCH_LINES];
-            self.add(id, amount)?;
-        }
-        self.stats.lines += lines;
-        Ok(())
-    }
-
-    /// The careful path for the line at `p`; returns the next line's start.
-    #[cold]
-    fn slow_line(
-        &mut self,
-        data: &[u8],
-        base: u64,
-        p: usize,
-        at_eof: bool,
-    ) -> Result<usize, EngineError> {
-        let limit = (p + self.line_bytes_max + 1).min(data.len());
-        let (line, next) = match memchr::memchr(b'\n', &data[p..limit]) {
-            Some(i) => (&data[p..p + i], p + i + 1),
-            None if at_eof && limit == data.len() => (&data[p..], data.len()),
-            None => {
-                // Longer than allowed: the rest of it is skipped, up to its LF.
-                let next =
-                    memchr::memchr(b'\n', &data[limit..]).map_or(data.len(), |i| limit + i + 1);
-                (&data[p..limit], next)
-            }
-        };
-        match parse_line(line, self.line_bytes_max) {
-            Ok((id, amount)) => self.add(id, amount)?,
-            Err(reason) => self.bad(base + p as u64, reason, line)?,
-        }
-        Ok(next)
-    }
-
-    #[inline(always)]
-    fn add(&mut self, id: i64, amount: i64) -> Result<(), EngineError> {
-        self.agg.add(id, amount, self.keys_max, &mut self.spilled);
-        if self.spilled.len() >= self.emit_at {
-            self.emit()?;
-        }
-        Ok(())
-    }
-
-    fn emit(&mut self) -> Result<(), EngineError> {
-        let batch = std::mem::take(&mut self.spilled);
-        self.stats.batches += 1;
-        self.sink.sums(batch).map_err(|_| EngineError::Stopped)
-    }
-
-    fn bad(&mut self, offset: u64, reason: Reason, line: &[u8]) -> Result<(), EngineError> {
-        self.stats.bad_lines += 1;
-        let report = || BadLine {
-            offset,
-            reason,
-            raw: line[..line.len().min(EngineConfig::RAW_BYTES_MAX)].to_vec(),
-        };
-        match self.policy {
-            BadLinePolicy::Skip => Ok(()),
-            BadLinePolicy::DeadLetter => self
-                .sink
-                .bad_line(report())
-                .map_err(|_| EngineError::Stopped),
-            BadLinePolicy::Fail => Err(EngineError::BadLine(report())),
-        }
-    }
-
-    /// Sends everything held, in batches of about `emit_at` sums.
-    fn flush(&mut self) -> Result<(), EngineError> {
-        if !self.agg.is_empty() {
-            for piece in 0..self.agg.pieces() {
-                self.agg.drain_piece(piece, &mut self.spilled);
-                if self.spilled.len() >= self.emit_at {
-                    self.emit()?;
-                }
-            }
-        }
-        if self.spilled.is_empty() {
-            return Ok(());
-        }
-        self.emit()
-    }
 }

@@ -9,6 +9,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::stream::sum_reader;
+use crate::worker::PREFETCH_LINES;
+use tally_model::sums::agg;
 
 /// What the reference and the engine must agree on.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -116,8 +118,17 @@ fn pool(threads: usize) -> rayon::ThreadPool {
         .unwrap()
 }
 
-fn engine_outcome(data: &[u8], cuts: &[usize], config: &EngineConfig, threads: usize) -> Outcome {
+/// The engine's outcome over units cut at `cuts`; with `held`, the units' sums stay in the
+/// workers' maps ([`sum_range_held`]) and leave once at the end.
+fn engine_outcome(
+    data: &[u8],
+    cuts: &[usize],
+    config: &EngineConfig,
+    threads: usize,
+    held: bool,
+) -> Outcome {
     let sink = Record::default();
+    let maps = Held::new();
     let pool = pool(threads);
     let mut bounds: Vec<u64> = cuts.iter().map(|&c| (c.min(data.len())) as u64).collect();
     bounds.push(0);
@@ -127,11 +138,17 @@ fn engine_outcome(data: &[u8], cuts: &[usize], config: &EngineConfig, threads: u
     let mut lines = 0;
     let mut bad_lines = 0;
     for unit in bounds.windows(2) {
-        let stats = sum_range(data, unit[0]..unit[1], config, &pool, &sink).unwrap();
+        let stats = if held {
+            sum_range_held(data, unit[0]..unit[1], config, &pool, &sink, &maps).unwrap()
+        } else {
+            sum_range(data, unit[0]..unit[1], config, &pool, &sink).unwrap()
+        };
         assert_eq!(stats.bytes, unit[1] - unit[0]);
         lines += stats.lines;
         bad_lines += stats.bad_lines;
     }
+    maps.flush(&pool, &sink).unwrap();
+    assert!(maps.is_empty());
     let bad = sink.bad.into_inner().unwrap();
     assert_eq!(
         bad_lines,
@@ -201,10 +218,11 @@ proptest! {
         chunk_bytes in 1usize..200,
         keys_max in 1usize..12,
         line_bytes_max in 40usize..70,
+        held in any::<bool>(),
     ) {
         let config = EngineConfig { keys_max, line_bytes_max, chunk_bytes, bad_lines: BadLinePolicy::DeadLetter };
         let expected = reference(&data, line_bytes_max);
-        let got = engine_outcome(&data, &cuts, &config, threads);
+        let got = engine_outcome(&data, &cuts, &config, threads, held);
         prop_assert_eq!(got, expected);
     }
 
@@ -227,11 +245,14 @@ proptest! {
 #[test]
 fn empty_input_and_missing_final_newline() {
     let config = EngineConfig::default();
-    assert_eq!(engine_outcome(b"", &[], &config, 2), Outcome::default());
-    let got = engine_outcome(b"5 1\n5 2", &[], &config, 2);
+    assert_eq!(
+        engine_outcome(b"", &[], &config, 2, false),
+        Outcome::default()
+    );
+    let got = engine_outcome(b"5 1\n5 2", &[], &config, 2, false);
     assert_eq!(got.totals, BTreeMap::from([(5, 3)]));
     assert_eq!(got.lines, 2);
-    let got = engine_outcome(b"5 1\r\n6 2\r\n", &[3], &config, 1);
+    let got = engine_outcome(b"5 1\r\n6 2\r\n", &[3], &config, 1, false);
     assert_eq!(got.totals, BTreeMap::from([(5, 1), (6, 2)]));
 }
 
@@ -267,7 +288,7 @@ fn every_pair_is_added_whatever_the_number_of_lines_per_chunk() {
                 chunk_bytes,
                 ..EngineConfig::default()
             };
-            let got = engine_outcome(&data, &[], &config, 1);
+            let got = engine_outcome(&data, &[], &config, 1, false);
             assert_eq!(
                 got.totals, expected.totals,
                 "{lines} lines, {chunk_bytes}-byte chunks"
@@ -284,7 +305,7 @@ fn one_huge_line_is_one_bad_line() {
         chunk_bytes: 1 << 20,
         ..EngineConfig::default()
     };
-    let got = engine_outcome(&data, &[100, 3 << 20], &config, 2);
+    let got = engine_outcome(&data, &[100, 3 << 20], &config, 2, false);
     assert_eq!(got.lines, 2);
     assert_eq!(got.bad, BTreeMap::from([(0, Reason::TooLong)]));
     assert_eq!(got.totals, BTreeMap::from([(1, 1)]));
@@ -294,7 +315,7 @@ fn one_huge_line_is_one_bad_line() {
 fn partial_sums_split_instead_of_overflowing() {
     let line = format!("3 {}\n", i64::MAX);
     let data = line.repeat(5);
-    let got = engine_outcome(data.as_bytes(), &[], &EngineConfig::default(), 1);
+    let got = engine_outcome(data.as_bytes(), &[], &EngineConfig::default(), 1, false);
     assert_eq!(got.totals, BTreeMap::from([(3, 5 * i128::from(i64::MAX))]));
 }
 
@@ -369,7 +390,83 @@ fn partitioned_aggregation_matches_the_reference() {
             chunk_bytes: 1 << 20,
             ..EngineConfig::default()
         };
-        let got = engine_outcome(data.as_bytes(), &[5_000_000], &config, threads);
-        assert_eq!(got, expected, "keys_max {keys_max}, {threads} threads");
+        for held in [false, true] {
+            let got = engine_outcome(data.as_bytes(), &[5_000_000], &config, threads, held);
+            assert_eq!(
+                got, expected,
+                "keys_max {keys_max}, {threads} threads, held {held}"
+            );
+        }
     }
+}
+
+/// A sink that counts the pairs it receives.
+#[derive(Default)]
+struct Count(std::sync::atomic::AtomicUsize);
+
+impl Sink for Count {
+    fn sums(&self, batch: Vec<(i64, i64)>) -> Result<(), Stopped> {
+        self.0.fetch_add(batch.len(), Ordering::Relaxed);
+        Ok(())
+    }
+    fn bad_line(&self, _: BadLine) -> Result<(), Stopped> {
+        Ok(())
+    }
+}
+
+#[test]
+fn held_maps_send_a_consumer_of_many_ranges_once_per_worker() {
+    // 1,000 consumers in each of 5 ranges: summed one by one, each range sends them all
+    // again; held, nothing leaves until the flush, and then at most once per worker.
+    let data: String = (0..5_000).map(|i| format!("{} 1\n", i % 1000)).collect();
+    let data = data.as_bytes();
+    let cut = data.len() as u64 / 5;
+    let config = EngineConfig {
+        chunk_bytes: 1024,
+        ..EngineConfig::default()
+    };
+    let pool = pool(2);
+    let (apart, held_sink) = (Count::default(), Count::default());
+    let held = Held::new();
+    for i in 0..5 {
+        let range = i * cut..if i == 4 {
+            data.len() as u64
+        } else {
+            (i + 1) * cut
+        };
+        sum_range(data, range.clone(), &config, &pool, &apart).unwrap();
+        sum_range_held(data, range, &config, &pool, &held_sink, &held).unwrap();
+    }
+    assert!(apart.0.load(Ordering::Relaxed) >= 5 * 990);
+    assert_eq!(
+        held_sink.0.load(Ordering::Relaxed),
+        0,
+        "nothing left before the flush"
+    );
+    assert!(!held.is_empty());
+    held.flush(&pool, &held_sink).unwrap();
+    let sent = held_sink.0.load(Ordering::Relaxed);
+    assert!((1000..=2000).contains(&sent), "sent {sent}");
+    assert!(held.is_empty());
+}
+
+#[test]
+fn a_failed_range_leaves_nothing_held() {
+    let config = EngineConfig {
+        bad_lines: BadLinePolicy::Fail,
+        ..EngineConfig::default()
+    };
+    let pool = pool(2);
+    let sink = Record::default();
+    let held = Held::new();
+    sum_range_held(&b"1 2\n3 4\n"[..], 0..8, &config, &pool, &sink, &held).unwrap();
+    assert!(!held.is_empty());
+    let bad = b"5 6\nnot a line\n";
+    assert!(sum_range_held(&bad[..], 0..bad.len() as u64, &config, &pool, &sink, &held).is_err());
+    assert!(
+        held.is_empty(),
+        "the sums of the failed range's transaction are dropped"
+    );
+    held.flush(&pool, &sink).unwrap();
+    assert!(sink.totals.lock().unwrap().is_empty());
 }

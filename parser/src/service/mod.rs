@@ -285,11 +285,10 @@ impl Handler for Parser<'_> {
     ) -> Result<States, Failure> {
         self.pending = Pending::default();
         let mut states = States::new();
-        let mut txn = Txn {
+        let mut txn = Txn::new(
             producer,
-            merger: Merger::new(self.sums_partitions as usize, self.merge_keys_max),
-            ends: Vec::new(),
-        };
+            Merger::new(self.sums_partitions as usize, self.merge_keys_max),
+        );
         // The transaction shows as open on every sums partition from its start (an empty sums
         // record each): an aggregator or db-client whose input is drained meanwhile waits for
         // these sums (at most its interval) instead of writing its consumers without them

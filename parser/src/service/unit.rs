@@ -14,16 +14,38 @@ use super::Parser;
 use crate::sink::KafkaSink;
 use crate::streams::{self, Step};
 use tally_engine::source::FileSource;
-use tally_engine::{self as engine, EngineError, Merger, Stats};
+use tally_engine::{self as engine, EngineError, Held, Merger, Stats};
 
-/// What one transaction gathers until it ends: its units' merged sums, and their end markers.
+/// What one transaction gathers until it ends: its units' sums, and their end markers.
+///
+/// A unit's sums stay in the engine workers' maps ([`Held`]) and merge there with the next
+/// unit's, while the units have the same period; they go into the merger (split by sums
+/// partition) when the period changes and when the transaction ends. So a consumer met in
+/// every unit of a transaction is merged once per worker, not once per unit.
 pub(super) struct Txn<'p> {
     /// The producer of the open transaction.
     pub(super) producer: &'p TxnProducer,
     /// The sums of every unit so far, per sums partition.
     pub(super) merger: Merger,
+    /// Sums still in the workers' maps, of `held_as`'s period.
+    pub(super) held: Held,
+    /// The last unit summed into `held`, and its period.
+    pub(super) held_as: Option<(WorkUnit, Option<i64>)>,
     /// The units that summed something.
     pub(super) ends: Vec<UnitDone>,
+}
+
+impl<'p> Txn<'p> {
+    /// A transaction of `producer`, merging into `merger`.
+    pub(super) fn new(producer: &'p TxnProducer, merger: Merger) -> Self {
+        Self {
+            producer,
+            merger,
+            held: Held::new(),
+            held_as: None,
+            ends: Vec::new(),
+        }
+    }
 }
 
 impl Parser<'_> {
@@ -72,7 +94,7 @@ impl Parser<'_> {
     /// `file_bytes`, even if it grew since).
     fn sum_ranges(
         &mut self,
-        txn: &Txn<'_>,
+        txn: &mut Txn<'_>,
         unit: &WorkUnit,
         file: File,
         ranges: &[(u64, u64)],
@@ -89,6 +111,13 @@ impl Parser<'_> {
                 None
             }
         };
+        if txn
+            .held_as
+            .as_ref()
+            .is_some_and(|(_, held)| *held != period)
+        {
+            self.flush_held(txn).map_err(Failure::Kafka)?;
+        }
         let sink = KafkaSink::new(
             txn.producer,
             &self.topics,
@@ -101,7 +130,14 @@ impl Parser<'_> {
         let started = Instant::now();
         let mut stats = Stats::default();
         for &(start, end) in ranges {
-            let result = engine::sum_range(&source, start..end, &self.config, &self.pool, &sink);
+            let result = engine::sum_range_held(
+                &source,
+                start..end,
+                &self.config,
+                &self.pool,
+                &sink,
+                &txn.held,
+            );
             match result {
                 Ok(range) => stats.merge(&range),
                 Err(EngineError::Stopped) => {
@@ -123,6 +159,7 @@ impl Parser<'_> {
             }
         }
         sink.finish().map_err(Failure::Kafka)?;
+        txn.held_as = Some((unit.clone(), period));
         tracing::info!(
             lines = stats.lines,
             bad_lines = stats.bad_lines,
@@ -137,7 +174,8 @@ impl Parser<'_> {
     /// The transaction's output before its offsets: the merged sums of all its units, then
     /// one end marker per unit and sums partition, each after every sum of the unit there, so
     /// the db-client knows a unit is in the totals once it applied all of its markers.
-    pub(super) fn end_transaction(&mut self, txn: Txn<'_>) -> Result<(), KafkaError> {
+    pub(super) fn end_transaction(&mut self, mut txn: Txn<'_>) -> Result<(), KafkaError> {
+        self.flush_held(&mut txn)?;
         let producer = txn.producer;
         let mut records = 0;
         txn.merger.drain(|partition, period, sums| {
@@ -165,6 +203,27 @@ impl Parser<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Moves the sums held in the workers' maps into the transaction's merger, under the
+    /// period they were summed in (what must leave at once is sent).
+    fn flush_held(&self, txn: &mut Txn<'_>) -> Result<(), KafkaError> {
+        let Some((unit, period)) = txn.held_as.take() else {
+            return Ok(());
+        };
+        let sink = KafkaSink::new(
+            txn.producer,
+            &self.topics,
+            self.sums_partitions,
+            &txn.merger,
+            &unit,
+            period,
+            self.args.dead_letter_lines,
+        );
+        match txn.held.flush(&self.pool, &sink) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(sink.into_error().unwrap_or(KafkaError::Canceled)),
+        }
     }
 
     /// Rejects `unit`: a dead letter with the reason, and the rejected range in the stream's
