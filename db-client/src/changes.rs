@@ -5,7 +5,9 @@
 //! - [`log_totals`] wraps a totals upsert: the rows it returns (each consumer's new running
 //!   total) become events of at most [`PER_EVENT`] consumers;
 //! - [`log_periods`] turns the `(consumer_id, period_start, total)` rows a period upsert adds
-//!   into events of deltas;
+//!   into events of deltas, in the server (for sums staged in pieces, `tally standalone`); the
+//!   db-client, which holds its batch's deltas, builds the same events itself and copies them
+//!   in ([`crate::copy::encode_period_events`]);
 //! - [`start`] records whether this writer logs (`--change-log on|off`): switching marks the
 //!   events before it as gone, so a reader that followed across an unlogged stretch is told;
 //! - [`prune`] deletes whole transactions older than the retention and records the last event

@@ -1,7 +1,8 @@
 //! One batch against a real PostgreSQL: a record delivered twice in the same batch (a replay
 //! after a revoke and re-assign inside one collection window) is applied once, and so is one
 //! below the stored offset; a partition whose first new record lies past the stored offset
-//! with the records in between gone from the log is a gap, and nothing is written.
+//! with the records in between gone from the log is a gap, and nothing is written. A batch's
+//! period deltas reach the change log as events of at most 1,000 consumers, exactly.
 
 use std::collections::HashSet;
 
@@ -238,4 +239,63 @@ fn a_batch_split_over_writers_is_applied_once_after_a_partial_failure() {
     for p in 0..4 {
         assert_eq!(runtime.block_on(total(&pool, p)), "111");
     }
+}
+
+#[tokio::test]
+async fn a_batch_logs_its_period_deltas_in_events_of_at_most_a_thousand() {
+    let pool = database("batch_period_events").await;
+    let accepted = HashSet::new();
+    let log_start = |_| Ok(0);
+    let checks = Checks {
+        log_start: &log_start,
+        accepted: &accepted,
+        log_changes: true,
+    };
+    // 2,500 consumers in 2027-01-01 00:00 UTC, one of them twice and one at i64's edge.
+    let start = 1_798_761_600;
+    let mut sums: Vec<(i64, i64)> = (1..=2500).map(|id| (id, id * 3)).collect();
+    sums.push((7, -1));
+    sums[99].1 = i64::MAX;
+    let batch = [OwnedMessage::new(
+        Some(
+            serde_json::to_vec(&SumsRecord::Sums {
+                period: Some(start),
+                sums,
+            })
+            .unwrap(),
+        ),
+        None,
+        TOPIC.to_owned(),
+        Timestamp::NotAvailable,
+        0,
+        0,
+        Some(OwnedHeaders::new()),
+    )];
+    batch::apply(&pool, TOPIC, &batch, &checks).await.unwrap();
+    // (size, consumer ids, period starts, deltas)
+    type Event = (i32, Vec<i64>, Vec<String>, Vec<String>);
+    let events: Vec<Event> = sqlx::query_as(
+        "SELECT cardinality(consumer_ids), consumer_ids,
+                ARRAY(SELECT to_char(s AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM unnest(period_starts) s),
+                deltas::text[]
+         FROM tally_changes WHERE deltas IS NOT NULL ORDER BY tx, seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let sizes: Vec<i32> = events.iter().map(|e| e.0).collect();
+    assert_eq!(sizes, [1000, 1000, 500]);
+    let ids: Vec<i64> = events.iter().flat_map(|e| e.1.clone()).collect();
+    assert_eq!(
+        ids,
+        (1..=2500).collect::<Vec<_>>(),
+        "every consumer once, in order"
+    );
+    assert!(events
+        .iter()
+        .all(|e| e.2.iter().all(|s| s == "2027-01-01 00:00")));
+    let deltas: Vec<String> = events.iter().flat_map(|e| e.3.clone()).collect();
+    assert_eq!(deltas[6], "20", "7 × 3 − 1");
+    assert_eq!(deltas[99], i64::MAX.to_string());
+    assert_eq!(deltas[2499], "7500");
 }

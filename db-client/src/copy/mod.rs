@@ -16,6 +16,10 @@ use sqlx::PgConnection;
 
 use crate::changes;
 
+mod binary;
+
+pub use binary::{encode, encode_period_events, encode_periods, encode_staged};
+
 /// Creates the session's staging table (once per connection; harmless when it exists).
 pub const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS tally_staging \
      (consumer_id BIGINT NOT NULL, total NUMERIC NOT NULL) ON COMMIT DELETE ROWS";
@@ -62,9 +66,25 @@ pub async fn upsert_period_totals(
         tx,
         "SELECT consumer_id, period_start, total FROM tally_period_staging
          ORDER BY consumer_id, period_start",
-        log,
+        false,
     )
     .await?;
+    if log {
+        // The deltas are `rows` themselves: their events are built here and copied in,
+        // instead of aggregated from the staging table by the server (which is what binds).
+        let mut copy = tx
+            .copy_in_raw(
+                "COPY tally_changes (consumer_ids, period_starts, deltas) FROM STDIN (FORMAT binary)",
+            )
+            .await
+            .context("start COPY of period deltas")?;
+        copy.send(encode_period_events(rows, changes::PER_EVENT as usize))
+            .await
+            .context("COPY period deltas")?;
+        copy.finish()
+            .await
+            .context("finish COPY of period deltas")?;
+    }
     let mut usage: BTreeMap<i64, i128> = BTreeMap::new();
     for &((_, start), total) in rows {
         *usage.entry(start).or_default() += total;
@@ -234,118 +254,4 @@ pub async fn upsert_totals(
         "upsert statement"
     );
     Ok(())
-}
-
-/// PostgreSQL's binary COPY stream of `(BIGINT, NUMERIC)` rows.
-pub fn encode(rows: &[(i64, i128)]) -> Vec<u8> {
-    let mut out = header(rows.len() * 34);
-    let mut digits = Vec::with_capacity(10);
-    for &(id, total) in rows {
-        out.extend_from_slice(&2i16.to_be_bytes());
-        put_bigint(&mut out, id);
-        put_numeric(&mut out, total, &mut digits);
-    }
-    out.extend_from_slice(&(-1i16).to_be_bytes());
-    out
-}
-
-/// PostgreSQL's binary COPY stream of `(BIGINT, TIMESTAMPTZ, NUMERIC)` rows (times in Unix
-/// seconds).
-pub fn encode_periods(rows: &[((i64, i64), i128)]) -> Vec<u8> {
-    let mut out = header(rows.len() * 46);
-    let mut digits = Vec::with_capacity(10);
-    for &((id, start), total) in rows {
-        out.extend_from_slice(&3i16.to_be_bytes());
-        put_bigint(&mut out, id);
-        put_bigint(&mut out, pg_time(start));
-        put_numeric(&mut out, total, &mut digits);
-    }
-    out.extend_from_slice(&(-1i16).to_be_bytes());
-    out
-}
-
-/// PostgreSQL's binary COPY stream of `(BIGINT, TIMESTAMPTZ or NULL, NUMERIC)` rows: `sums`
-/// all of `period`.
-pub fn encode_staged(period: Option<i64>, sums: &[(i64, i64)]) -> Vec<u8> {
-    let mut out = header(sums.len() * 46);
-    let mut digits = Vec::with_capacity(10);
-    for &(id, total) in sums {
-        out.extend_from_slice(&3i16.to_be_bytes());
-        put_bigint(&mut out, id);
-        match period {
-            Some(start) => put_bigint(&mut out, pg_time(start)),
-            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
-        }
-        put_numeric(&mut out, i128::from(total), &mut digits);
-    }
-    out.extend_from_slice(&(-1i16).to_be_bytes());
-    out
-}
-
-/// A Unix time in seconds as PostgreSQL's binary timestamp: microseconds since 2000-01-01 UTC.
-fn pg_time(unix_seconds: i64) -> i64 {
-    const PG_EPOCH: i64 = 946_684_800;
-    unix_seconds
-        .saturating_sub(PG_EPOCH)
-        .saturating_mul(1_000_000)
-}
-
-fn header(room: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(19 + room + 2);
-    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-    out.extend_from_slice(&0i32.to_be_bytes()); // flags
-    out.extend_from_slice(&0i32.to_be_bytes()); // header extension
-    out
-}
-
-fn put_bigint(out: &mut Vec<u8>, v: i64) {
-    out.extend_from_slice(&8i32.to_be_bytes());
-    out.extend_from_slice(&v.to_be_bytes());
-}
-
-fn put_numeric(out: &mut Vec<u8>, v: i128, digits: &mut Vec<i16>) {
-    numeric(v, digits);
-    // ndigits, weight, sign, dscale, then the base-10000 digits.
-    let len = 8 + 2 * digits.len();
-    out.extend_from_slice(&(len as i32).to_be_bytes());
-    out.extend_from_slice(&(digits.len() as i16).to_be_bytes());
-    let weight = digits.len() as i16 - 1;
-    out.extend_from_slice(&weight.max(0).to_be_bytes());
-    let sign: u16 = if v < 0 { 0x4000 } else { 0 };
-    out.extend_from_slice(&sign.to_be_bytes());
-    out.extend_from_slice(&0i16.to_be_bytes());
-    for d in digits.iter() {
-        out.extend_from_slice(&d.to_be_bytes());
-    }
-}
-
-/// The base-10000 digits of |v|, most significant first (none for zero). Trailing zero
-/// groups are kept: the weight is the number of groups minus one.
-fn numeric(v: i128, digits: &mut Vec<i16>) {
-    digits.clear();
-    let mut n = v.unsigned_abs();
-    while n > 0 {
-        digits.push((n % 10_000) as i16);
-        n /= 10_000;
-    }
-    digits.reverse();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numerics_are_base_10000_groups() {
-        let mut d = Vec::new();
-        numeric(0, &mut d);
-        assert!(d.is_empty());
-        numeric(123_456_789, &mut d);
-        assert_eq!(d, vec![1, 2345, 6789]);
-        numeric(-10_000, &mut d);
-        assert_eq!(d, vec![1, 0]);
-        let bytes = encode(&[(5, -10_000)]);
-        // header 19, field count 2, id 4+8, numeric 4+8+4, trailer 2
-        assert_eq!(bytes.len(), 19 + 2 + 12 + 16 + 2);
-    }
 }
