@@ -16,8 +16,18 @@ use tally_model::messages::SumsRecord;
 const TOPIC: &str = "t.sums";
 
 fn record(partition: i32, offset: i64, sums: Vec<(i64, i64)>) -> OwnedMessage {
+    period_record(partition, offset, None, sums)
+}
+
+/// A sums record of `period` (its start, Unix seconds; `None`: running totals only).
+fn period_record(
+    partition: i32,
+    offset: i64,
+    period: Option<i64>,
+    sums: Vec<(i64, i64)>,
+) -> OwnedMessage {
     OwnedMessage::new(
-        Some(serde_json::to_vec(&SumsRecord::Sums { period: None, sums }).unwrap()),
+        Some(serde_json::to_vec(&SumsRecord::Sums { period, sums }).unwrap()),
         None,
         TOPIC.to_owned(),
         Timestamp::NotAvailable,
@@ -25,6 +35,20 @@ fn record(partition: i32, offset: i64, sums: Vec<(i64, i64)>) -> OwnedMessage {
         offset,
         Some(OwnedHeaders::new()),
     )
+}
+
+/// No gap anywhere: every partition's log starts at 0.
+fn no_gap(_partition: i32) -> anyhow::Result<i64> {
+    Ok(0)
+}
+
+/// The checks of a batch with no gap and none accepted, the change log on.
+fn plain_checks(accepted: &HashSet<(i32, i64)>) -> Checks<'_> {
+    Checks {
+        log_start: &no_gap,
+        accepted,
+        log_changes: true,
+    }
 }
 
 async fn database(what: &str) -> PgPool {
@@ -50,12 +74,7 @@ async fn total(pool: &PgPool, id: i64) -> String {
 async fn a_record_delivered_twice_in_one_batch_counts_once() {
     let pool = database("batch_dedupe").await;
     let accepted = HashSet::new();
-    let log_start = |_| Ok(0);
-    let checks = Checks {
-        log_start: &log_start,
-        accepted: &accepted,
-        log_changes: true,
-    };
+    let checks = plain_checks(&accepted);
     let first = [record(0, 0, vec![(1, 10)]), record(0, 1, vec![(1, 5)])];
     batch::apply(&pool, TOPIC, &first, &checks).await.unwrap();
     // Offsets 2 and 3 are new; the consumer then replays from 1 (below the stored offset)
@@ -141,12 +160,7 @@ async fn a_gap_writes_nothing_unless_that_gap_is_accepted() {
 async fn totals_of_any_size_and_sign_go_through_copy_exactly() {
     let pool = database("batch_copy").await;
     let accepted = HashSet::new();
-    let log_start = |_| Ok(0);
-    let checks = Checks {
-        log_start: &log_start,
-        accepted: &accepted,
-        log_changes: true,
-    };
+    let checks = plain_checks(&accepted);
     let values: Vec<i64> = vec![
         0,
         1,
@@ -245,32 +259,13 @@ fn a_batch_split_over_writers_is_applied_once_after_a_partial_failure() {
 async fn a_batch_logs_its_period_deltas_in_events_of_at_most_a_thousand() {
     let pool = database("batch_period_events").await;
     let accepted = HashSet::new();
-    let log_start = |_| Ok(0);
-    let checks = Checks {
-        log_start: &log_start,
-        accepted: &accepted,
-        log_changes: true,
-    };
+    let checks = plain_checks(&accepted);
     // 2,500 consumers in 2027-01-01 00:00 UTC, one of them twice and one at i64's edge.
     let start = 1_798_761_600;
     let mut sums: Vec<(i64, i64)> = (1..=2500).map(|id| (id, id * 3)).collect();
     sums.push((7, -1));
     sums[99].1 = i64::MAX;
-    let batch = [OwnedMessage::new(
-        Some(
-            serde_json::to_vec(&SumsRecord::Sums {
-                period: Some(start),
-                sums,
-            })
-            .unwrap(),
-        ),
-        None,
-        TOPIC.to_owned(),
-        Timestamp::NotAvailable,
-        0,
-        0,
-        Some(OwnedHeaders::new()),
-    )];
+    let batch = [period_record(0, 0, Some(start), sums)];
     batch::apply(&pool, TOPIC, &batch, &checks).await.unwrap();
     // (size, consumer ids, period starts, deltas)
     type Event = (i32, Vec<i64>, Vec<String>, Vec<String>);

@@ -118,15 +118,7 @@ impl Parser<'_> {
         {
             self.flush_held(txn).map_err(Failure::Kafka)?;
         }
-        let sink = KafkaSink::new(
-            txn.producer,
-            &self.topics,
-            self.sums_partitions,
-            &txn.merger,
-            unit,
-            period,
-            self.args.dead_letter_lines,
-        );
+        let sink = self.sink(txn, unit, period);
         let started = Instant::now();
         let mut stats = Stats::default();
         for &(start, end) in ranges {
@@ -211,19 +203,29 @@ impl Parser<'_> {
         let Some((unit, period)) = txn.held_as.take() else {
             return Ok(());
         };
-        let sink = KafkaSink::new(
-            txn.producer,
-            &self.topics,
-            self.sums_partitions,
-            &txn.merger,
-            &unit,
-            period,
-            self.args.dead_letter_lines,
-        );
+        let sink = self.sink(txn, &unit, period);
         match txn.held.flush(&self.pool, &sink) {
             Ok(()) => Ok(()),
             Err(_) => Err(sink.into_error().unwrap_or(KafkaError::Canceled)),
         }
+    }
+
+    /// The output of `unit`'s sums (of `period`) and bad lines into the open transaction.
+    fn sink<'s>(
+        &'s self,
+        txn: &'s Txn<'_>,
+        unit: &'s WorkUnit,
+        period: Option<i64>,
+    ) -> KafkaSink<'s> {
+        KafkaSink::new(
+            txn.producer,
+            &self.topics,
+            self.sums_partitions,
+            &txn.merger,
+            unit,
+            period,
+            self.args.dead_letter_lines,
+        )
     }
 
     /// Rejects `unit`: a dead letter with the reason, and the rejected range in the stream's
