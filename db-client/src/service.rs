@@ -20,9 +20,10 @@ use tally_core::liveness::Liveness;
 use tally_core::shutdown::CancellationToken;
 use tally_core::{kafka, DatabaseArgs, KafkaArgs, LivenessArgs, Topics};
 
+use crate::batch;
 use crate::changes::{self, ChangeLogArgs};
 use crate::input;
-use crate::writer::{Writer, BATCH_TIMEOUT};
+use crate::writer::{batch_timeout, Writer};
 use tally_core::schema;
 
 /// Arguments of `tally db-client`.
@@ -54,12 +55,21 @@ pub struct DbClientArgs {
     /// or sums are counted twice or missed. Without it such a start stops with an error.
     #[arg(long)]
     pub switch_input: bool,
-    /// Most Kafka records per database transaction.
-    #[arg(long, env = "TALLY_BATCH_RECORDS_MAX", default_value_t = 500, value_parser = tally_core::args::positive_usize)]
+    /// Memory for one batch and what comes in meanwhile, in bytes (`4GiB`, `1536MiB`, …):
+    /// less 32 MiB for the process itself, half for the batch in hand (its records and their
+    /// decoded pairs, [`crate::batch::PAIR_BYTES`] each: 4 GiB hold 13M consumers, so 10M
+    /// are written once, in one batch), the rest for Kafka's buffers and the records read
+    /// while a batch is written. Default: 4 GiB, or three quarters of the container's memory
+    /// limit when lower.
+    #[arg(long, env = "TALLY_DB_CLIENT_MEMORY_MAX", value_parser = tally_core::args::bytes)]
+    pub memory_max: Option<u64>,
+    /// Most Kafka records per database transaction (a sums record holds up to 20,000 pairs).
+    #[arg(long, env = "TALLY_BATCH_RECORDS_MAX", default_value_t = 10_000, value_parser = tally_core::args::positive_usize)]
     pub batch_records_max: usize,
-    /// Most payload bytes per database transaction (a sums record holds up to 20,000 pairs).
-    #[arg(long, env = "TALLY_BATCH_BYTES_MAX", default_value_t = 16 << 20, value_parser = tally_core::args::positive_usize)]
-    pub batch_bytes_max: usize,
+    /// Most bytes of memory per database transaction: its records and their decoded pairs (at
+    /// most half of `--memory-max`). Default: that half.
+    #[arg(long, env = "TALLY_BATCH_BYTES_MAX", value_parser = tally_core::args::bytes)]
+    pub batch_bytes_max: Option<u64>,
     /// How often the applied offsets are also committed to Kafka, for lag tools. The database
     /// is the checkpoint: after a crash, records up to this old are read again and skipped.
     #[arg(long, env = "TALLY_KAFKA_COMMIT_INTERVAL_MS", default_value_t = 5_000)]
@@ -77,14 +87,29 @@ pub struct DbClientArgs {
     pub change_log: ChangeLogArgs,
 }
 
+impl DbClientArgs {
+    /// The memory budget in bytes (`--memory-max`, or its default).
+    pub fn memory_max(&self) -> u64 {
+        tally_core::args::memory_budget(self.memory_max, 4 << 30)
+    }
+
+    /// Most bytes of memory one batch takes ([`crate::batch::weight`] of its records).
+    pub fn batch_bytes_max(&self) -> u64 {
+        let share = (tally_core::args::usable_memory(self.memory_max()) / 2).max(1);
+        self.batch_bytes_max.map_or(share, |b| b.min(share))
+    }
+}
+
 /// Runs a db-client instance until `shutdown` is cancelled.
 pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    // A batch transaction may take up to its 120 s timeout: the limit is never below that.
+    let batch_bytes_max = args.batch_bytes_max();
+    let timeout = batch_timeout(batch_bytes_max / batch::PAIR_BYTES);
+    // A batch transaction may take up to its timeout: the limit is never below that.
     let liveness = Liveness::start(
         "db-client",
         &args.kafka,
         &args.liveness,
-        BATCH_TIMEOUT + Duration::from_secs(30),
+        timeout + Duration::from_secs(30),
     )?;
     let pool = connect(
         &args.database,
@@ -117,7 +142,7 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
         instance_id: args.instance.instance_id.clone(),
         limits: BatchLimits {
             records: args.batch_records_max,
-            weight: args.batch_bytes_max as u64,
+            weight: batch_bytes_max,
             idle: wait,
             max_wait: wait,
             wait_for_open: true,
@@ -126,7 +151,13 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
     };
     let group = Group::open(&args.kafka, &settings, liveness.clone(), shutdown.clone())?;
     group.subscribe()?;
-    tracing::info!(topic, database = %args.database.redacted_url(), "db-client started");
+    tracing::info!(
+        topic,
+        database = %args.database.redacted_url(),
+        batch_bytes_max,
+        timeout_s = timeout.as_secs(),
+        "db-client started"
+    );
     let writer = Writer::new(
         tokio::runtime::Handle::current(),
         pool,
@@ -134,6 +165,7 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
         kafka::BrokerProbe::new(&args.kafka),
         args.accept_gaps.iter().copied().collect(),
         usize::from(args.writers),
+        timeout,
         args.change_log.enabled,
         Duration::from_millis(args.kafka_commit_interval_ms),
         liveness.clone(),

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{Message, OwnedMessage};
 use sqlx::PgPool;
 use tally_core::consume::{Commit, Failure, Group, Loaded, PartitionState, Recovery, Stop};
 use tally_core::kafka::BrokerProbe;
@@ -25,8 +25,14 @@ use tally_core::liveness::{Liveness, Waiting};
 use crate::batch::{self, Applied, Checks, Gaps};
 use crate::resume::{self, TopicReset};
 
-/// Longest a batch transaction may take before it counts as failed (and is rolled back).
-pub const BATCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a batch transaction may take before it counts as failed (and is rolled back), for
+/// batches of at most `pairs` consumers: 120 s, plus 25 µs a pair (this project's 2-core
+/// machine writes a pair in 8 to 16 µs; docs/benchmarks.md), so the largest batch the memory
+/// budget allows is not cut on a slow day and written again for ever.
+pub fn batch_timeout(pairs: u64) -> Duration {
+    let pairs = u32::try_from(pairs).unwrap_or(u32::MAX);
+    Duration::from_secs(120) + Duration::from_micros(25).saturating_mul(pairs)
+}
 
 /// The db-client's commit: its database, input topic, operator decisions and counts.
 pub struct Writer {
@@ -43,6 +49,8 @@ pub struct Writer {
     pub accepted: HashSet<(i32, i64)>,
     /// Database transactions per batch.
     pub writers: usize,
+    /// Longest a batch transaction may take ([`batch_timeout`]).
+    pub timeout: Duration,
     /// Whether batches write the change log.
     pub log_changes: bool,
     /// How often applied offsets go to Kafka too.
@@ -68,6 +76,7 @@ impl Writer {
         probe: BrokerProbe,
         accepted: HashSet<(i32, i64)>,
         writers: usize,
+        timeout: Duration,
         log_changes: bool,
         commit_every: Duration,
         liveness: Liveness,
@@ -79,6 +88,7 @@ impl Writer {
             probe,
             accepted,
             writers,
+            timeout,
             log_changes,
             commit_every,
             liveness,
@@ -144,6 +154,11 @@ impl PartitionState for Writer {
         }
         self.database_down = None;
     }
+
+    /// A record weighs what it takes in memory while its batch is written.
+    fn weight(&self, message: &OwnedMessage) -> u64 {
+        message.payload().map_or(0, batch::weight)
+    }
 }
 
 impl Commit<Group> for Writer {
@@ -168,7 +183,7 @@ impl Commit<Group> for Writer {
         // as a failure; dropping the transaction rolls it back.
         let attempt = batch::apply_parallel(
             &self.handle,
-            BATCH_TIMEOUT,
+            self.timeout,
             &self.pool,
             topic,
             batch,
@@ -217,5 +232,18 @@ impl Commit<Group> for Writer {
         if self.last_commit.elapsed() >= self.commit_every {
             self.commit_to_kafka(group);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn a_larger_batch_gets_longer() {
+        assert_eq!(batch_timeout(0), Duration::from_secs(120));
+        assert_eq!(batch_timeout(4_000_000), Duration::from_secs(220));
+        assert!(batch_timeout(u64::MAX) > batch_timeout(13_000_000));
     }
 }

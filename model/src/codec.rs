@@ -99,6 +99,26 @@ pub fn period_of(bytes: &[u8]) -> Option<i64> {
     }
 }
 
+/// At most how many pairs decoding `bytes` yields, from its first bytes (without decoding the
+/// pairs): what a consumer of many records can budget memory by before it decodes them. A
+/// binary record's count, never more than its bytes can hold (two bytes a pair); a JSON record
+/// (a unit-end marker, sums of an older parser) at most one pair per six bytes (`[1,2],`).
+pub fn pairs_at_most(bytes: &[u8]) -> u64 {
+    let len = bytes.len() as u64;
+    let mut rest = match bytes.first() {
+        Some(&SUMS_V1) => &bytes[1..],
+        Some(&SUMS_V2) => {
+            let mut rest = &bytes[1..];
+            if take_varint(&mut rest).is_err() {
+                return 0;
+            }
+            rest
+        }
+        _ => return len / 6,
+    };
+    take_varint(&mut rest).map_or(0, |count| count.min(rest.len() as u64 / 2))
+}
+
 fn decode_sums(mut bytes: &[u8]) -> Result<Vec<(i64, i64)>, DecodeError> {
     let count = take_varint(&mut bytes)?;
     // Each pair takes at least two bytes: a count beyond that is a lie, not an allocation.
@@ -177,6 +197,7 @@ mod tests {
             period in prop::option::of(any::<i64>()),
         ) {
             let bytes = encode_sums(period, &sums);
+            prop_assert_eq!(pairs_at_most(&bytes), sums.len() as u64);
             match decode(&bytes).unwrap() {
                 SumsRecord::Sums { period: back_period, sums: back } => {
                     prop_assert_eq!(back_period, period);
@@ -206,7 +227,10 @@ mod tests {
 
         #[test]
         fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
-            let _ = decode(&bytes);
+            // Whatever decodes holds no more pairs than its first bytes promised.
+            if let Ok(SumsRecord::Sums { sums, .. }) = decode(&bytes) {
+                prop_assert!(sums.len() as u64 <= pairs_at_most(&bytes));
+            }
         }
     }
 
@@ -245,6 +269,14 @@ mod tests {
             period_of(br#"{"type":"sums","period":3600,"sums":[]}"#),
             Some(3600)
         );
+        // The pairs a record holds, read from its first bytes; never more than it can hold.
+        assert_eq!(pairs_at_most(&encode_sums(None, &dense)), 20_000);
+        assert_eq!(pairs_at_most(&encode_sums(Some(-7), &dense)), 20_000);
+        assert_eq!(pairs_at_most(&encode_sums(Some(7), &[])), 0);
+        assert_eq!(pairs_at_most(&[SUMS_V1, 0xff, 0x7f, 1, 2, 3, 4]), 2);
+        assert_eq!(pairs_at_most(&[SUMS_V2, 0x80]), 0);
+        assert_eq!(pairs_at_most(&[]), 0);
+        assert!(pairs_at_most(json) >= 1);
         assert_eq!(decode(&[]), Err(DecodeError::Empty));
         assert_eq!(decode(&[0x07]), Err(DecodeError::UnknownFormat(0x07)));
         assert_eq!(decode(&[SUMS_V1, 5, 1]), Err(DecodeError::Truncated));

@@ -29,7 +29,8 @@ pub struct BatchLimits {
     /// Most records.
     pub records: usize,
     /// Most weight ([`PartitionState::weight`]: unit bytes for the parser, payload bytes for
-    /// the aggregator).
+    /// the aggregator, bytes of memory for the db-client); a record heavier than that alone
+    /// is a batch of its own.
     pub weight: u64,
     /// Once the batch has a record, a poll that waits this long for the next one ends it.
     pub idle: Duration,
@@ -232,10 +233,16 @@ impl Group {
                         continue;
                     }
                     self.at_end.remove(&message.partition());
+                    let heavy = state.weight(&message);
+                    if !batch.is_empty() && weight.saturating_add(heavy) > limits.weight {
+                        // A batch stays within its weight (a record heavier alone goes alone).
+                        self.intake.put_back(message);
+                        break;
+                    }
                     if batch.is_empty() {
                         started = Instant::now();
                     }
-                    weight += state.weight(&message);
+                    weight += heavy;
                     batch.push(message);
                 }
             }

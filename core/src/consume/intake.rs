@@ -118,6 +118,14 @@ impl Intake {
         Some(message)
     }
 
+    /// Puts `message`, just popped or polled, back as the oldest stashed record: it opens the
+    /// next batch instead of overfilling this one.
+    pub(super) fn put_back(&mut self, message: OwnedMessage) {
+        self.bytes += weight(&message);
+        self.peak = self.peak.max(self.bytes);
+        self.stash.push_front(message);
+    }
+
     /// Stashes `message` (its partition was heard of).
     pub(super) fn push(&mut self, message: OwnedMessage) {
         self.heard(message.partition());
