@@ -179,3 +179,46 @@ fn partitions_paused_for_the_bound_fetch_again_after_a_rebalance() {
     }
     group.leave();
 }
+
+/// A batch stops before the record that would take it past its weight (that record opens the
+/// next batch); a batch read again from the committed offsets (a transaction aborted) starts
+/// there, not with that record: each record comes once more, in order.
+#[test]
+fn a_batch_within_its_weight_then_rewound_reads_every_record_again_in_order() {
+    let (args, topic) = filled("rewind");
+    let mut group = group(&args, &topic);
+    let mut state = Slow {
+        load_for: Duration::ZERO,
+        during: None,
+    };
+    let limits = BatchLimits {
+        weight: 10 * SIZE as u64 + SIZE as u64 / 2,
+        ..LIMITS
+    };
+    let mut first = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while first.is_empty() {
+        assert!(Instant::now() < deadline, "no record came");
+        first = group.collect(limits, &mut state).unwrap();
+    }
+    let weight: usize = first
+        .iter()
+        .map(|m| m.payload().map_or(0, <[u8]>::len))
+        .sum();
+    assert!(
+        weight as u64 <= limits.weight,
+        "a batch of {} records weighs {weight}, past its {}",
+        first.len(),
+        limits.weight
+    );
+    // Nothing was committed: the rewind goes back to each partition's start.
+    group
+        .rewind(&first.iter().map(|m| m.partition()).collect())
+        .unwrap();
+    let read = read_all(&mut group, &mut state);
+    let every: Vec<i64> = (0..RECORDS as i64).collect();
+    for partition in first.iter().map(|m| m.partition()) {
+        assert_eq!(read[&partition], every, "partition {partition}");
+    }
+    group.leave();
+}

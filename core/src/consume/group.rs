@@ -364,6 +364,9 @@ impl Group {
                 continue;
             }
             self.at_end.remove(&partition);
+            // Polled past the committed offset and kept for the next batch (the record a full
+            // batch put back, or one served during a load): read again from Kafka, not first.
+            self.intake.retain(|m| m.partition() != partition);
             let offset = match element.offset() {
                 Offset::Offset(o) => Offset::Offset(o),
                 _ => Offset::Beginning,
