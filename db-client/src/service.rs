@@ -103,13 +103,15 @@ impl DbClientArgs {
 /// Runs a db-client instance until `shutdown` is cancelled.
 pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let batch_bytes_max = args.batch_bytes_max();
+    // A batch's timeout grows with its pairs, up to this for the largest batch of the budget;
+    // its write is a liveness step allowed that long (`Writer::allowance`), while the limit
+    // for everything else stays at the stall timeout, never below a small batch's timeout.
     let timeout = batch_timeout(batch_bytes_max / batch::PAIR_BYTES);
-    // A batch transaction may take up to its timeout: the limit is never below that.
     let liveness = Liveness::start(
         "db-client",
         &args.kafka,
         &args.liveness,
-        timeout + Duration::from_secs(30),
+        batch_timeout(0) + Duration::from_secs(30),
     )?;
     let pool = connect(
         &args.database,
@@ -155,7 +157,7 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
         topic,
         database = %args.database.redacted_url(),
         batch_bytes_max,
-        timeout_s = timeout.as_secs(),
+        timeout_max_s = timeout.as_secs(),
         "db-client started"
     );
     let writer = Writer::new(
@@ -165,7 +167,6 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
         kafka::BrokerProbe::new(&args.kafka),
         args.accept_gaps.iter().copied().collect(),
         usize::from(args.writers),
-        timeout,
         args.change_log.enabled,
         Duration::from_millis(args.kafka_commit_interval_ms),
         liveness.clone(),

@@ -26,9 +26,10 @@ use crate::batch::{self, Applied, Checks, Gaps};
 use crate::resume::{self, TopicReset};
 
 /// Longest a batch transaction may take before it counts as failed (and is rolled back), for
-/// batches of at most `pairs` consumers: 120 s, plus 25 µs a pair (this project's 2-core
+/// a batch of at most `pairs` consumers: 120 s, plus 25 µs a pair (this project's 2-core
 /// machine writes a pair in 8 to 16 µs; docs/benchmarks.md), so the largest batch the memory
-/// budget allows is not cut on a slow day and written again for ever.
+/// budget allows is not cut on a slow day and written again for ever, while a small batch on a
+/// hung connection is given up after two minutes.
 pub fn batch_timeout(pairs: u64) -> Duration {
     let pairs = u32::try_from(pairs).unwrap_or(u32::MAX);
     Duration::from_secs(120) + Duration::from_micros(25).saturating_mul(pairs)
@@ -49,8 +50,6 @@ pub struct Writer {
     pub accepted: HashSet<(i32, i64)>,
     /// Database transactions per batch.
     pub writers: usize,
-    /// Longest a batch transaction may take ([`batch_timeout`]).
-    pub timeout: Duration,
     /// Whether batches write the change log.
     pub log_changes: bool,
     /// How often applied offsets go to Kafka too.
@@ -76,7 +75,6 @@ impl Writer {
         probe: BrokerProbe,
         accepted: HashSet<(i32, i64)>,
         writers: usize,
-        timeout: Duration,
         log_changes: bool,
         commit_every: Duration,
         liveness: Liveness,
@@ -88,7 +86,6 @@ impl Writer {
             probe,
             accepted,
             writers,
-            timeout,
             log_changes,
             commit_every,
             liveness,
@@ -169,6 +166,11 @@ impl Commit<Group> for Writer {
         "a database transaction"
     }
 
+    /// The batch's timeout and half a minute (the shares' connections, the Kafka commit).
+    fn allowance(&self, batch: &[OwnedMessage]) -> Duration {
+        batch_timeout(batch::pairs_at_most(batch)) + Duration::from_secs(30)
+    }
+
     fn write(&mut self, _group: &Group, batch: &[OwnedMessage]) -> Result<Self::Output, Failure> {
         let probe = &self.probe;
         let topic = &self.topic;
@@ -183,7 +185,7 @@ impl Commit<Group> for Writer {
         // as a failure; dropping the transaction rolls it back.
         let attempt = batch::apply_parallel(
             &self.handle,
-            self.timeout,
+            batch_timeout(batch::pairs_at_most(batch)),
             &self.pool,
             topic,
             batch,

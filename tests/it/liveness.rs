@@ -75,11 +75,10 @@ fn no_stall_is_acted_on_while_the_broker_does_not_answer() {
     assert_eq!(first_stall(&stalls, Duration::from_secs(8)), None);
 }
 
-#[test]
-fn waiting_records_and_no_progress_is_a_stall_idle_is_not() {
-    let args = kafka_args(&tally_testkit::services().kafka_bootstrap);
-    let topic = input_topic(&args);
-    let producer: BaseProducer = kafka::base_config(&args).create().unwrap();
+/// The input topic with five records in partition 1.
+fn topic_with_records_in_partition_1(args: &KafkaArgs) -> String {
+    let topic = input_topic(args);
+    let producer: BaseProducer = kafka::base_config(args).create().unwrap();
     for i in 0..5 {
         producer
             .send(
@@ -90,6 +89,13 @@ fn waiting_records_and_no_progress_is_a_stall_idle_is_not() {
             .unwrap();
     }
     producer.flush(Duration::from_secs(30)).unwrap();
+    topic
+}
+
+#[test]
+fn waiting_records_and_no_progress_is_a_stall_idle_is_not() {
+    let args = kafka_args(&tally_testkit::services().kafka_bootstrap);
+    let topic = topic_with_records_in_partition_1(&args);
 
     // Caught up on both partitions: idle, however long nothing is completed.
     let (idle, idle_stalls) = watched(&args);
@@ -183,4 +189,24 @@ fn a_member_without_partitions_is_stalled_only_while_work_is_unheld() {
     commit(5);
     let (_idle, idle_stalls) = member_of("tally-test-idle");
     assert_eq!(first_stall(&idle_stalls, Duration::from_secs(10)), None);
+}
+
+/// A step allowed longer than the limit (the db-client's write of a large batch) is busy, not
+/// stalled, until its allowance has passed, though records wait and nothing is completed
+/// meanwhile; past it, it is a stall like any step.
+#[test]
+fn a_step_is_busy_within_its_allowance_and_stalled_past_it() {
+    let args = kafka_args(&tally_testkit::services().kafka_bootstrap);
+    let topic = topic_with_records_in_partition_1(&args);
+    let (liveness, stalls) = watched(&args);
+    liveness.set_input(&topic, vec![(0, 0), (1, 0)]);
+    let began = Instant::now();
+    let _write = liveness.step_within("a database transaction", Duration::from_secs(8));
+    let reason = first_stall(&stalls, Duration::from_secs(20)).expect("a stall");
+    assert!(
+        began.elapsed() >= Duration::from_secs(8),
+        "stalled within the allowance, after {:?}: {reason}",
+        began.elapsed()
+    );
+    assert!(reason.contains("a database transaction"), "{reason}");
 }

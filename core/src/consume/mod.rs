@@ -92,6 +92,14 @@ pub trait Commit<I: Input>: PartitionState {
     /// The liveness step a commit is (what the watchdog names when one hangs).
     fn what(&self) -> &'static str;
 
+    /// How long writing `batch` may legitimately take, when that can be longer than the
+    /// stage's stall limit (the db-client's transactions, whose timeout grows with the batch);
+    /// the liveness step of the write gets that allowance ([`Liveness::step_within`]).
+    fn allowance(&self, batch: &[OwnedMessage]) -> Duration {
+        let _ = batch;
+        Duration::ZERO
+    }
+
     /// Writes `batch`'s output and its next offsets, all or nothing.
     fn write(&mut self, input: &I, batch: &[OwnedMessage]) -> Result<Self::Output, Failure>;
 
@@ -220,7 +228,8 @@ impl<I: Input, C: Commit<I>> ConsumeLoop<I, C> {
         loop {
             let started = Instant::now();
             let written = {
-                let _step = self.liveness.step(self.commit.what());
+                let allowance = self.commit.allowance(batch);
+                let _step = self.liveness.step_within(self.commit.what(), allowance);
                 self.commit.write(&self.input, batch)
             };
             let failure = match written {

@@ -58,8 +58,8 @@ struct Input {
 #[derive(Debug, Default)]
 struct Shared {
     last_progress_ms: AtomicU64,
-    /// Open steps as (id, what, since ms); several: steps nest (a retry loop around a load).
-    steps: Mutex<Vec<(u64, &'static str, u64)>>,
+    /// Open steps; several: steps nest (a retry loop around a load).
+    steps: Mutex<Vec<OpenStep>>,
     next_step: AtomicU64,
     input: Mutex<Input>,
     /// Something other than Kafka the stage waits for, if any.
@@ -68,6 +68,23 @@ struct Shared {
     not_ready: Mutex<std::collections::BTreeMap<&'static str, String>>,
     /// The stage's consumer group membership, if it has one.
     member: Mutex<Option<group::Member>>,
+}
+
+/// A step in progress.
+#[derive(Debug, Clone, Copy)]
+struct OpenStep {
+    id: u64,
+    what: &'static str,
+    since_ms: u64,
+    /// How long this step may take, when longer than the stage's limit (a large batch).
+    allowance_ms: u64,
+}
+
+impl OpenStep {
+    /// Whether the step has been open past `limit` and past its own allowance.
+    fn overdue(&self, now: u64, limit: Duration) -> bool {
+        now.saturating_sub(self.since_ms) > (limit.as_millis() as u64).max(self.allowance_ms)
+    }
 }
 
 /// A stage's liveness handle; cheap to clone, shared with the watchdog thread.
@@ -91,7 +108,7 @@ impl Drop for Step {
             .steps
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|s| s.0 != self.id);
+            .retain(|s| s.id != self.id);
     }
 }
 
@@ -178,12 +195,25 @@ impl Liveness {
 
     /// A call that may block on the broker begins; it ends when the guard is dropped.
     pub fn step(&self, what: &'static str) -> Step {
+        self.step_within(what, Duration::ZERO)
+    }
+
+    /// A step that may legitimately take up to `allowance`, longer than the stage's limit (a
+    /// database transaction whose timeout grows with its batch): it is stalled only past both,
+    /// and the stage does not count as quiet while it is within its allowance. The limit for
+    /// everything else stays as it is.
+    pub fn step_within(&self, what: &'static str, allowance: Duration) -> Step {
         let id = self.shared.next_step.fetch_add(1, Ordering::Relaxed);
         self.shared
             .steps
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((id, what, now_ms()));
+            .push(OpenStep {
+                id,
+                what,
+                since_ms: now_ms(),
+                allowance_ms: u64::try_from(allowance.as_millis()).unwrap_or(u64::MAX),
+            });
         Step {
             shared: self.shared.clone(),
             id,
@@ -297,21 +327,37 @@ impl Liveness {
         let steps = self.shared.steps.lock().unwrap_or_else(|p| p.into_inner());
         let oldest = steps
             .iter()
-            .min_by_key(|s| s.2)
-            .filter(|s| now.saturating_sub(s.2) > limit.as_millis() as u64)?;
+            .filter(|s| s.overdue(now, limit))
+            .min_by_key(|s| s.since_ms)?;
         let mut reason = format!(
             "`{}` has not finished for {} s",
-            oldest.1,
-            now.saturating_sub(oldest.2) / 1000
+            oldest.what,
+            now.saturating_sub(oldest.since_ms) / 1000
         );
-        if let Some(newest) = steps.iter().max_by_key(|s| s.2).filter(|s| s.0 != oldest.0) {
+        if let Some(newest) = steps
+            .iter()
+            .max_by_key(|s| s.since_ms)
+            .filter(|s| s.id != oldest.id)
+        {
             reason.push_str(&format!(
                 " (in `{}` for {} s)",
-                newest.1,
-                now.saturating_sub(newest.2) / 1000
+                newest.what,
+                now.saturating_sub(newest.since_ms) / 1000
             ));
         }
         Some(reason)
+    }
+
+    /// Whether a step with an allowance beyond `limit` is open and within it: the stage is
+    /// busy, not quiet.
+    fn in_long_step(&self, limit: Duration) -> bool {
+        let now = now_ms();
+        self.shared
+            .steps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|s| s.allowance_ms > limit.as_millis() as u64 && !s.overdue(now, limit))
     }
 
     pub(crate) fn has_open_step(&self) -> bool {
@@ -355,10 +401,32 @@ mod tests {
         assert_eq!(l.shared.steps.lock().unwrap().len(), 1);
         assert!(l.stalled_step(Duration::from_secs(60)).is_none());
         // Backdate the outer step: it is now past the limit.
-        l.shared.steps.lock().unwrap()[0].2 -= 61_000;
+        l.shared.steps.lock().unwrap()[0].since_ms -= 61_000;
         let reason = l.stalled_step(Duration::from_secs(60)).unwrap();
         assert!(reason.contains("outer"), "{reason}");
         drop(outer);
         assert!(l.stalled_step(Duration::from_secs(60)).is_none());
+    }
+
+    #[test]
+    fn a_step_with_an_allowance_is_stalled_past_it_and_busy_within_it() {
+        let limit = Duration::from_secs(60);
+        let l = Liveness::unwatched("test");
+        let _long = l.step_within("write a large batch", Duration::from_secs(300));
+        assert!(l.in_long_step(limit));
+        l.shared.steps.lock().unwrap()[0].since_ms -= 200_000;
+        // Past the limit, within its allowance: neither stalled nor quiet.
+        assert!(l.stalled_step(limit).is_none());
+        assert!(l.in_long_step(limit));
+        l.shared.steps.lock().unwrap()[0].since_ms -= 101_000;
+        let reason = l.stalled_step(limit).unwrap();
+        assert!(reason.contains("large batch"), "{reason}");
+        assert!(!l.in_long_step(limit));
+        // A plain step beside it is held to the limit alone.
+        let short = Liveness::unwatched("test");
+        let _step = short.step_within("a small batch", Duration::from_secs(30));
+        short.shared.steps.lock().unwrap()[0].since_ms -= 61_000;
+        assert!(short.stalled_step(limit).is_some());
+        assert!(!short.in_long_step(limit));
     }
 }

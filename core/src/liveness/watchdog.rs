@@ -45,7 +45,7 @@ pub(super) fn watch(
         }
         let reason = match liveness.stalled_step(limit) {
             Some(reason) => Some(reason),
-            None if liveness.quiet_for() > limit => {
+            None if liveness.quiet_for() > limit && !liveness.in_long_step(limit) => {
                 if lag
                     .as_ref()
                     .is_none_or(|(at, _)| at.elapsed() >= PROBE_EVERY)

@@ -64,6 +64,14 @@ pub fn weight(payload: &[u8]) -> u64 {
     2 * payload.len() as u64 + codec::pairs_at_most(payload) * PAIR_BYTES
 }
 
+/// The most pairs `batch` decodes into, from its records' first bytes.
+pub fn pairs_at_most(batch: &[OwnedMessage]) -> u64 {
+    batch
+        .iter()
+        .map(|m| m.payload().map_or(0, codec::pairs_at_most))
+        .sum()
+}
+
 /// The next offset per partition after `batch`.
 pub fn next_offsets(batch: &[OwnedMessage]) -> BTreeMap<i32, i64> {
     let mut next = BTreeMap::new();
