@@ -149,7 +149,12 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
             max_wait: wait,
             wait_for_open: true,
         },
-        consumer_options: Vec::new(),
+        // The loop does not poll while a batch is written: a member must not leave its group
+        // while the largest batch of the budget is within its timeout.
+        consumer_options: vec![(
+            "max.poll.interval.ms",
+            (timeout + Duration::from_secs(60)).as_millis().to_string(),
+        )],
     };
     let group = Group::open(&args.kafka, &settings, liveness.clone(), shutdown.clone())?;
     group.subscribe()?;

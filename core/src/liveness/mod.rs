@@ -325,9 +325,17 @@ impl Liveness {
     fn stalled_step(&self, limit: Duration) -> Option<String> {
         let now = now_ms();
         let steps = self.shared.steps.lock().unwrap_or_else(|p| p.into_inner());
+        // A long step within its allowance shelters the steps opened before it: they cannot
+        // end while it runs (a wait for a partition's first record needs a poll, and the loop
+        // polls between its writes), and they are judged again once it ends.
+        let sheltered_below = steps
+            .iter()
+            .filter(|s| s.allowance_ms > limit.as_millis() as u64 && !s.overdue(now, limit))
+            .map(|s| s.id)
+            .max();
         let oldest = steps
             .iter()
-            .filter(|s| s.overdue(now, limit))
+            .filter(|s| s.overdue(now, limit) && sheltered_below.is_none_or(|id| s.id >= id))
             .min_by_key(|s| s.since_ms)?;
         let mut reason = format!(
             "`{}` has not finished for {} s",
@@ -422,6 +430,21 @@ mod tests {
         let reason = l.stalled_step(limit).unwrap();
         assert!(reason.contains("large batch"), "{reason}");
         assert!(!l.in_long_step(limit));
+        // A step opened before a long one waits for it; one opened inside it does not.
+        let nested = Liveness::unwatched("test");
+        let _before = nested.step("a first record of every assigned partition");
+        let long = nested.step_within("write a large batch", Duration::from_secs(300));
+        let inner = nested.step("read the log start");
+        for s in nested.shared.steps.lock().unwrap().iter_mut() {
+            s.since_ms -= 100_000;
+        }
+        let reason = nested.stalled_step(limit).unwrap();
+        assert!(reason.starts_with("`read the log start`"), "{reason}");
+        drop(inner);
+        assert!(nested.stalled_step(limit).is_none());
+        drop(long);
+        let reason = nested.stalled_step(limit).unwrap();
+        assert!(reason.starts_with("`a first record"), "{reason}");
         // A plain step beside it is held to the limit alone.
         let short = Liveness::unwatched("test");
         let _step = short.step_within("a small batch", Duration::from_secs(30));
