@@ -80,12 +80,18 @@ async fn pushes_cut_at_random_offsets_resume_over_tls_and_count_once() {
     }
     let (ca, cert, key) = tls_files();
     let data = p.data.clone();
-    let (_server, port) = serve(
-        &mut p,
+    let port = free_port();
+    let mut args = serve_args(
+        &p,
+        port,
         &data,
         &["--tls-cert-file", &cert, "--tls-key-file", &key],
-    )
-    .await;
+    );
+    // Fixed dates in the past (2026-10-31 on): no window, or the test expires 35 days on (a
+    // producer option, before `serve`).
+    args.splice(1..1, ["--file-time-max-age".to_owned(), "off".to_owned()]);
+    let server = p.spawn("serve", &args);
+    wait_listening(port, &server).await;
     let cuts = Arc::new(AtomicUsize::new(0));
     let proxy = cutting_proxy(port, cuts.clone()).await;
     let _counting = start_counting(&mut p);
