@@ -85,6 +85,12 @@ impl OpenStep {
     fn overdue(&self, now: u64, limit: Duration) -> bool {
         now.saturating_sub(self.since_ms) > (limit.as_millis() as u64).max(self.allowance_ms)
     }
+
+    /// Whether the step is allowed longer than `limit` and still within that: the stage is
+    /// busy, and the steps opened before it wait for it.
+    fn sheltering(&self, now: u64, limit: Duration) -> bool {
+        self.allowance_ms > limit.as_millis() as u64 && !self.overdue(now, limit)
+    }
 }
 
 /// A stage's liveness handle; cheap to clone, shared with the watchdog thread.
@@ -330,7 +336,7 @@ impl Liveness {
         // polls between its writes), and they are judged again once it ends.
         let sheltered_below = steps
             .iter()
-            .filter(|s| s.allowance_ms > limit.as_millis() as u64 && !s.overdue(now, limit))
+            .filter(|s| s.sheltering(now, limit))
             .map(|s| s.id)
             .max();
         let oldest = steps
@@ -365,7 +371,7 @@ impl Liveness {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|s| s.allowance_ms > limit.as_millis() as u64 && !s.overdue(now, limit))
+            .any(|s| s.sheltering(now, limit))
     }
 
     pub(crate) fn has_open_step(&self) -> bool {
