@@ -7,8 +7,9 @@
 //! COMMIT (reading the file is not counted).
 //!
 //! With a third argument, a period start in Unix seconds, every row is also added to that
-//! period in `consumer_period_totals`, in the same transaction (what a pipeline with periods
-//! on writes); its monthly partition is created first, outside the time measured.
+//! period, in the same transaction, as a pipeline with periods on writes it (the consumer's
+//! current period on its `consumer_totals` row, and that period's sum in
+//! `usage_period_totals`); its monthly partition is created first, outside the time measured.
 //!
 //! With `CHANGE_LOG=on` in the environment the same statements also write the change log, as
 //! the db-client does by default: run both to see what the log costs.
@@ -52,13 +53,15 @@ async fn main() -> anyhow::Result<()> {
             if log {
                 changes::writing(&mut tx).await?;
             }
-            copy::upsert_totals(&mut tx, rows, log).await?;
-            if let Some(start) = period {
-                let rows: Vec<((i64, i64), i128)> = rows
-                    .iter()
-                    .map(|&(id, total)| ((id, start), total))
-                    .collect();
-                copy::upsert_period_totals(&mut tx, &rows, log).await?;
+            match period {
+                None => copy::upsert_totals(&mut tx, rows, log).await?,
+                Some(start) => {
+                    let periods: Vec<((i64, i64), i128)> = rows
+                        .iter()
+                        .map(|&(id, total)| ((id, start), total))
+                        .collect();
+                    copy::upsert_sums(&mut tx, rows.to_vec(), &periods, log).await?;
+                }
             }
             tx.commit().await?;
             anyhow::Ok(())

@@ -2,8 +2,8 @@
 //! what a writer of the totals changed, added in the same transaction as its upserts, so a
 //! reader (`tally api`'s `GET /v1/changes`) sees exactly the committed changes.
 //!
-//! - [`log_totals`] wraps a totals upsert: the rows it returns (each consumer's new running
-//!   total) become events of at most [`PER_EVENT`] consumers;
+//! - [`log_totals`] reads what a totals upsert returns (each consumer's new running total)
+//!   into events of at most [`PER_EVENT`] consumers;
 //! - [`log_periods`] turns the `(consumer_id, period_start, total)` rows a period upsert adds
 //!   into events of deltas, in the server (for sums staged in pieces, `tally standalone`); the
 //!   db-client, which holds its batch's deltas, builds the same events itself and copies them
@@ -87,15 +87,14 @@ fn on_off(s: &str) -> Result<bool, String> {
     }
 }
 
-/// `upsert` (an `INSERT INTO consumer_totals … ON CONFLICT … DO UPDATE` without `RETURNING`)
-/// as one statement that also logs each changed consumer's new total.
-pub fn log_totals(upsert: &str) -> String {
+/// A statement that logs, as totals events, the `(consumer_id, total)` rows of the common
+/// table expression `up` (each changed consumer's new running total), to follow a `WITH`.
+pub fn log_totals(up: &str) -> String {
     format!(
-        "WITH up AS ({upsert} RETURNING consumer_id, total)
-         INSERT INTO tally_changes (consumer_ids, totals)
+        "INSERT INTO tally_changes (consumer_ids, totals)
          SELECT array_agg(consumer_id), array_agg(total)
          FROM (SELECT consumer_id, total, (row_number() OVER () - 1) / {PER_EVENT} AS part
-               FROM up) n
+               FROM {up}) n
          GROUP BY part ORDER BY part"
     )
 }

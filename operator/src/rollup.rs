@@ -1,7 +1,9 @@
 //! `tally rollup --older-than 30d --to 1d`: folds the fine rows of old periods in
 //! `consumer_period_totals` into coarse ones, in one transaction, so that the table stays
 //! bounded while every sum is kept exactly; all consumers' usage per period
-//! (`usage_period_totals`) moves with them.
+//! (`usage_period_totals`) moves with them. Current periods older than the cutoff (a
+//! consumer's newest period, kept on its `consumer_totals` row until a newer one comes) move
+//! to the period rows first, in the same transaction, and are folded with them.
 //!
 //! Only whole coarse periods are folded: those that end before the cutoff (now minus
 //! `--older-than`, floored to `--to`). Rows already aligned to `--to` stay and receive the
@@ -57,10 +59,14 @@ pub async fn rollup(
 ) -> anyhow::Result<Rolled> {
     let cutoff = (now - older_than).div_euclid(to) * to;
     // The coarse rows' partitions first (a coarse period may start in an earlier month).
+    // And those of current periods to move (their month may have been dropped since).
     sqlx::query(
         "SELECT tally_ensure_period_partitions(ARRAY(
            SELECT DISTINCT to_timestamp(floor(extract(epoch FROM period_start)::bigint / $2::float8) * $2)
-           FROM consumer_period_totals WHERE period_start < to_timestamp($1)))",
+           FROM consumer_usage WHERE period_start < to_timestamp($1)
+           UNION
+           SELECT DISTINCT date_trunc('month', period_start) FROM consumer_totals
+           WHERE period_start < to_timestamp($1)))",
     )
     .bind(cutoff)
     .bind(to)
@@ -95,6 +101,26 @@ async fn fold(pool: &sqlx::PgPool, cutoff: i64, to: i64) -> Result<(u64, u64), s
     sqlx::query("SELECT tally_change_log_writing()")
         .execute(&mut *tx)
         .await?;
+    // Current periods before the cutoff (a consumer's newest, on its totals row) move to the
+    // period rows first, to be folded with them: the usage stays, only where it is kept
+    // changes, so nothing is logged. FOR UPDATE reads each row's latest version (a batch that
+    // committed meanwhile and brought a newer period keeps it).
+    sqlx::query(
+        "WITH cur AS (
+           SELECT consumer_id, period_start, period_total FROM consumer_totals
+           WHERE period_start < to_timestamp($1) ORDER BY consumer_id FOR UPDATE
+         ), cleared AS (
+           UPDATE consumer_totals t SET period_start = NULL, period_total = NULL
+           FROM cur WHERE t.consumer_id = cur.consumer_id
+         )
+         INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+         SELECT consumer_id, period_start, period_total FROM cur ORDER BY 1, 2
+         ON CONFLICT (consumer_id, period_start) DO UPDATE
+           SET total = consumer_period_totals.total + EXCLUDED.total, updated_at = now()",
+    )
+    .bind(cutoff)
+    .execute(&mut *tx)
+    .await?;
     // One statement, so one snapshot: the usage of all consumers per period moves by exactly
     // the rows it deletes (in a statement of its own it would see batches that committed in
     // between, and move usage whose rows stayed). With the change log on, the fold is logged as

@@ -6,8 +6,8 @@
 //! unit is still to sum, parse those bytes with the engine on its rayon pool into one
 //! [`Merger`] for the whole group (per period, under the key cap: what does not fit is copied
 //! into the session's staging table at once), then stage the merged sums, upsert them into
-//! `consumer_totals` and `consumer_period_totals`, record the units in the ledger
-//! (`ingested_units`, `ingested_files`), store the streams' new states, and commit. Merging a
+//! `consumer_totals` (and the usage per period, as the db-client does), record the units in
+//! the ledger (`ingested_units`, `ingested_files`), store the streams' new states, and commit. Merging a
 //! group's units first is what the parser's transactions and the aggregator do for the
 //! pipeline: PostgreSQL updates a consumer once per group, not once per unit.
 //!

@@ -10,6 +10,7 @@ mod broker;
 mod config;
 mod consume;
 mod crash;
+mod current_period;
 mod db_batches;
 mod files;
 mod hostile;

@@ -33,7 +33,7 @@ async fn a_batch_meeting_a_concurrent_writer_of_its_keys_adds_everything_or_fail
     };
     let period_total = |id: i64| {
         sum_of(
-            "SELECT sum(total)::bigint FROM consumer_period_totals WHERE consumer_id = $1",
+            "SELECT sum(total)::bigint FROM consumer_usage WHERE consumer_id = $1",
             id,
         )
     };

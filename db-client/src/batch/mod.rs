@@ -52,9 +52,10 @@ pub struct Applied {
 
 /// Bytes of memory a batch takes per pair of its records while it is written, beyond the
 /// records themselves: the pairs as read (16 bytes, 24 with a period), summed per key (32
-/// and 32), and the binary COPY rows and change-log events built from them (about 34 and 42).
-/// Measured: a batch of 9.8M consumers with periods peaked at 1.3 GiB of resident memory
-/// (docs/benchmarks.md).
+/// and 32), the consumers' rows with their newest period (48, in place of the 32 per key),
+/// and the binary COPY rows and change-log events built from them (about 58 and 42; sent in
+/// pieces of 1 MiB, so the connection's buffer stays small). Measured: a batch of 9.8M
+/// consumers with periods peaked at 1.3 GiB of resident memory (docs/benchmarks.md).
 pub const PAIR_BYTES: u64 = 160;
 
 /// What a record weighs against the batch's share of the memory budget (`--batch-bytes-max`):
@@ -302,12 +303,7 @@ pub async fn apply(
     applied.consumers = sums.len();
     let decoded = started.elapsed();
 
-    if !sums.is_empty() {
-        copy::upsert_totals(&mut tx, &sums, checks.log_changes).await?;
-    }
-    if !period_sums.is_empty() {
-        copy::upsert_period_totals(&mut tx, &period_sums, checks.log_changes).await?;
-    }
+    copy::upsert_sums(&mut tx, sums, &period_sums, checks.log_changes).await?;
     let upserted = started.elapsed();
     if !units.is_empty() {
         record_units(&mut tx, &units).await?;

@@ -15,6 +15,30 @@ pub fn encode(rows: &[(i64, i128)]) -> Vec<u8> {
     out
 }
 
+/// PostgreSQL's binary COPY stream of `(BIGINT, NUMERIC, TIMESTAMPTZ, NUMERIC)` rows: a
+/// consumer's total and its newest period with the amount there (both NULL without one).
+pub fn encode_heads(rows: &[super::current::Head]) -> Vec<u8> {
+    let mut out = header(rows.len() * 58);
+    let mut digits = Vec::with_capacity(10);
+    for head in rows {
+        out.extend_from_slice(&4i16.to_be_bytes());
+        put_bigint(&mut out, head.id);
+        put_numeric(&mut out, head.total, &mut digits);
+        match head.period() {
+            Some((start, amount)) => {
+                put_bigint(&mut out, pg_time(start));
+                put_numeric(&mut out, amount, &mut digits);
+            }
+            None => {
+                out.extend_from_slice(&(-1i32).to_be_bytes());
+                out.extend_from_slice(&(-1i32).to_be_bytes());
+            }
+        }
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+    out
+}
+
 /// PostgreSQL's binary COPY stream of `(BIGINT, TIMESTAMPTZ, NUMERIC)` rows (times in Unix
 /// seconds).
 pub fn encode_periods(rows: &[((i64, i64), i128)]) -> Vec<u8> {

@@ -1,12 +1,14 @@
-//! The totals of one batch into PostgreSQL at COPY speed: the pre-aggregated `(consumer_id,
-//! total)` rows go into a session-local staging table with binary COPY, then one
-//! `INSERT … SELECT … ORDER BY consumer_id ON CONFLICT DO UPDATE` adds them to
-//! `consumer_totals`, inside the batch's transaction (with its offsets and ledger); the
-//! `(consumer_id, period_start, total)` rows go the same way into `consumer_period_totals`, and
-//! their sums per period into `usage_period_totals`. Rows are
+//! The totals of one batch into PostgreSQL at COPY speed: the pre-aggregated rows go into a
+//! session-local staging table with binary COPY, then one `INSERT … SELECT … ORDER BY
+//! consumer_id ON CONFLICT DO UPDATE` adds them to `consumer_totals`, inside the batch's
+//! transaction (with its offsets and ledger). A consumer's row carries its newest usage
+//! period too ([`current`]): the same row write adds to it, and a period replaced by a newer
+//! one, or a late batch's amount, moves to `consumer_period_totals`; a consumer's older
+//! periods of the same batch go there directly, and every period's sum of the batch goes to
+//! `usage_period_totals`. Readers see both through the view `consumer_usage`. Rows are
 //! upserted in key order, so concurrent instances lock rows in the same order and never
-//! deadlock. The staging table is `ON COMMIT DELETE ROWS`: a rolled-back or committed batch
-//! leaves it empty. With the change log on, the same statements log what they changed
+//! deadlock. The staging tables are `ON COMMIT DELETE ROWS`: a rolled-back or committed batch
+//! leaves them empty. With the change log on, the same statements log what they changed
 //! ([`crate::changes`]).
 
 use std::collections::BTreeMap;
@@ -17,12 +19,20 @@ use sqlx::PgConnection;
 use crate::changes;
 
 mod binary;
+pub mod current;
 
-pub use binary::{encode, encode_period_events, encode_periods, encode_staged};
+pub use binary::{encode, encode_heads, encode_period_events, encode_periods, encode_staged};
 
-/// Creates the session's staging table (once per connection; harmless when it exists).
+/// Creates the session's staging table (once per connection; harmless when it exists): a
+/// consumer's total, and its newest period with the amount there (NULL without one).
 pub const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS tally_staging \
-     (consumer_id BIGINT NOT NULL, total NUMERIC NOT NULL) ON COMMIT DELETE ROWS";
+     (consumer_id BIGINT NOT NULL, total NUMERIC NOT NULL, period_start TIMESTAMPTZ, \
+      period_total NUMERIC) ON COMMIT DELETE ROWS";
+
+/// Creates the session's table of the periods an upsert moved off the consumers' rows.
+const CREATE_MOVED_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS tally_moved_staging \
+     (consumer_id BIGINT NOT NULL, period_start TIMESTAMPTZ NOT NULL, total NUMERIC NOT NULL) \
+     ON COMMIT DELETE ROWS";
 
 /// Creates the session's staging table for period totals.
 pub const CREATE_PERIOD_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS tally_period_staging \
@@ -42,19 +52,91 @@ async fn stage(
         .await
         .context("staging table")?;
     let mut copy = tx.copy_in_raw(copy_into).await.context("start COPY")?;
-    copy.send(data).await.context("COPY data")?;
+    send(&mut copy, &data).await.context("COPY data")?;
     copy.finish().await.context("finish COPY")?;
     Ok(())
 }
 
+/// Sends `data` in pieces of [`SEND_CHUNK`]: the connection copies what it sends into its
+/// write buffer, which keeps its size, so one piece of a 600 MB stream would hold 600 MB more
+/// for as long as the connection lives.
+async fn send(
+    copy: &mut sqlx::postgres::PgCopyIn<&mut PgConnection>,
+    data: &[u8],
+) -> anyhow::Result<()> {
+    for piece in data.chunks(SEND_CHUNK) {
+        copy.send(piece).await?;
+    }
+    Ok(())
+}
+
+/// Bytes of a COPY stream sent at once.
+const SEND_CHUNK: usize = 1 << 20;
+
 /// Adds `rows` (sorted by (id, period start), each pair once; starts in Unix seconds) to
-/// `consumer_period_totals` in the open transaction. Their monthly partitions must exist
-/// ([`ensure_partitions`]). With `log`, the deltas go to the change log too.
+/// `consumer_period_totals` in the open transaction, and their sums per period to
+/// `usage_period_totals`. Their monthly partitions must exist ([`ensure_partitions`]). With
+/// `log`, the deltas go to the change log too.
 pub async fn upsert_period_totals(
     tx: &mut PgConnection,
     rows: &[((i64, i64), i128)],
     log: bool,
 ) -> anyhow::Result<()> {
+    put_period_rows(tx, rows).await?;
+    count_periods(tx, rows, log).await
+}
+
+/// Adds a batch to `consumer_totals` in the open transaction: `sums` (sorted by id, each id
+/// once) to the running totals, and `period_sums` (sorted by (id, period start), each pair
+/// once; every id also in `sums`) to the consumers' usage per period: a consumer's newest
+/// period of the batch on its row ([`current`]), its older ones as period rows; their sums per
+/// period to `usage_period_totals`. The monthly partitions of the batch's periods must exist
+/// ([`ensure_partitions`]); those of periods moved off the rows are made here if missing. With
+/// `log`, the new totals and the period deltas go to the change log too.
+pub async fn upsert_sums(
+    tx: &mut PgConnection,
+    sums: Vec<(i64, i128)>,
+    period_sums: &[((i64, i64), i128)],
+    log: bool,
+) -> anyhow::Result<()> {
+    let (heads, older) = current::split(sums, period_sums);
+    if !heads.is_empty() {
+        let rows = heads.len();
+        let data = encode_heads(&heads);
+        drop(heads);
+        stage(
+            tx,
+            CREATE_STAGING,
+            "COPY tally_staging (consumer_id, total, period_start, period_total) \
+             FROM STDIN (FORMAT binary)",
+            data,
+        )
+        .await?;
+        let copied = std::time::Instant::now();
+        add_totals(
+            tx,
+            "SELECT consumer_id, total, period_start, period_total FROM tally_staging
+             ORDER BY consumer_id",
+            log,
+        )
+        .await?;
+        tracing::debug!(
+            rows,
+            statement_ms = copied.elapsed().as_millis() as u64,
+            "upsert statement"
+        );
+    }
+    if !older.is_empty() {
+        put_period_rows(tx, &older).await?;
+    }
+    if !period_sums.is_empty() {
+        count_periods(tx, period_sums, log).await?;
+    }
+    Ok(())
+}
+
+/// Adds `rows` to `consumer_period_totals` (nothing else) through the period staging table.
+async fn put_period_rows(tx: &mut PgConnection, rows: &[((i64, i64), i128)]) -> anyhow::Result<()> {
     stage(
         tx,
         CREATE_PERIOD_STAGING,
@@ -66,9 +148,17 @@ pub async fn upsert_period_totals(
         tx,
         "SELECT consumer_id, period_start, total FROM tally_period_staging
          ORDER BY consumer_id, period_start",
-        false,
     )
-    .await?;
+    .await
+}
+
+/// What a batch added per (consumer, period), `rows`: with `log`, into the change log as period
+/// deltas; summed per period, into `usage_period_totals`.
+async fn count_periods(
+    tx: &mut PgConnection,
+    rows: &[((i64, i64), i128)],
+    log: bool,
+) -> anyhow::Result<()> {
     if log {
         // The deltas are `rows` themselves: their events are built here and copied in,
         // instead of aggregated from the staging table by the server (which is what binds).
@@ -78,9 +168,12 @@ pub async fn upsert_period_totals(
             )
             .await
             .context("start COPY of period deltas")?;
-        copy.send(encode_period_events(rows, changes::PER_EVENT as usize))
-            .await
-            .context("COPY period deltas")?;
+        send(
+            &mut copy,
+            &encode_period_events(rows, changes::PER_EVENT as usize),
+        )
+        .await
+        .context("COPY period deltas")?;
         copy.finish()
             .await
             .context("finish COPY of period deltas")?;
@@ -116,29 +209,50 @@ pub fn add_period_usage(select: &str) -> String {
     )
 }
 
-/// Adds the `(consumer_id, total)` rows `select` yields (each id once, in id order) to
-/// `consumer_totals`; with `log`, their new totals go to the change log in the same statement.
+/// Adds the `(consumer_id, total, period_start, period_total)` rows `select` yields (each id
+/// once, in id order) to `consumer_totals` ([`current::upsert`]), and the periods it moved
+/// off the rows to `consumer_period_totals`, making their monthly partitions if missing (a
+/// consumer's current period can be older than any batch's: a month dropped since is made
+/// again rather than the batch refused for good). With `log`, the new totals go to the change
+/// log in the same statement (a move changes no usage: it is not logged).
 async fn add_totals(tx: &mut PgConnection, select: &str, log: bool) -> anyhow::Result<()> {
-    let upsert = format!(
-        "INSERT INTO consumer_totals (consumer_id, total) {select}
-         ON CONFLICT (consumer_id) DO UPDATE
-           SET total = consumer_totals.total + EXCLUDED.total, updated_at = now()"
-    );
+    sqlx::query(CREATE_MOVED_STAGING)
+        .execute(&mut *tx)
+        .await
+        .context("staging table")?;
+    let upsert = current::upsert(select);
+    let moved = "INSERT INTO tally_moved_staging (consumer_id, period_start, total)
+         SELECT consumer_id, moved_start, moved_total FROM up WHERE moved_start IS NOT NULL";
     let statement = if log {
-        changes::log_totals(&upsert)
+        format!(
+            "WITH up AS ({upsert}), moved AS ({moved}) {}",
+            changes::log_totals("up")
+        )
     } else {
-        upsert
+        format!("WITH up AS ({upsert}) {moved}")
     };
     sqlx::query(&statement)
         .execute(&mut *tx)
         .await
         .context("upsert totals")?;
-    Ok(())
+    sqlx::query(
+        "SELECT tally_ensure_period_partitions(ARRAY(
+           SELECT DISTINCT date_trunc('month', period_start) FROM tally_moved_staging))",
+    )
+    .execute(&mut *tx)
+    .await
+    .context("create the partitions of moved periods")?;
+    add_period_totals(
+        tx,
+        "SELECT consumer_id, period_start, total FROM tally_moved_staging
+         ORDER BY consumer_id, period_start",
+    )
+    .await
 }
 
 /// Adds the `(consumer_id, period_start, total)` rows `select` yields (each pair once, in key
-/// order) to `consumer_period_totals`; with `log`, to the change log too.
-async fn add_period_totals(tx: &mut PgConnection, select: &str, log: bool) -> anyhow::Result<()> {
+/// order) to `consumer_period_totals`.
+async fn add_period_totals(tx: &mut PgConnection, select: &str) -> anyhow::Result<()> {
     sqlx::query(&format!(
         "INSERT INTO consumer_period_totals (consumer_id, period_start, total) {select}
          ON CONFLICT (consumer_id, period_start) DO UPDATE
@@ -147,12 +261,6 @@ async fn add_period_totals(tx: &mut PgConnection, select: &str, log: bool) -> an
     .execute(&mut *tx)
     .await
     .context("upsert period totals")?;
-    if log {
-        sqlx::query(&changes::log_periods(select))
-            .execute(&mut *tx)
-            .await
-            .context("log period deltas")?;
-    }
     Ok(())
 }
 
@@ -193,30 +301,51 @@ pub async fn stage_sums(
     .await
 }
 
-/// Adds what [`stage_sums`] staged, summed per consumer, to `consumer_totals`, and what has
-/// a period, summed per consumer and period, to `consumer_period_totals` (their partitions
-/// must exist, [`ensure_partitions`]), in key order, in the open transaction; with `log`, to
-/// the change log too.
+/// Adds what [`stage_sums`] staged as [`upsert_sums`] adds a batch, in the server: summed per
+/// consumer to `consumer_totals`, with each consumer's newest period on its row, its older
+/// periods (summed per consumer and period) to `consumer_period_totals`, and every period's
+/// sum to `usage_period_totals`, in key order, in the open transaction. The partitions of the
+/// staged periods must exist ([`ensure_partitions`]). With `log`, to the change log too.
 pub async fn upsert_staged(tx: &mut PgConnection, log: bool) -> anyhow::Result<()> {
     sqlx::query(CREATE_SUMS_STAGING)
         .execute(&mut *tx)
         .await
         .context("staging table")?;
+    // Per (consumer, period), numbered from the newest period down.
+    const PERIODS: &str = "SELECT consumer_id, period_start, sum(total) AS total,
+             row_number() OVER (PARTITION BY consumer_id ORDER BY period_start DESC) AS age
+           FROM tally_sums_staging WHERE period_start IS NOT NULL
+           GROUP BY consumer_id, period_start";
     add_totals(
         tx,
-        "SELECT consumer_id, sum(total) FROM tally_sums_staging
-         GROUP BY consumer_id ORDER BY consumer_id",
+        &format!(
+            "SELECT a.consumer_id, a.total, h.period_start, h.total
+             FROM (SELECT consumer_id, sum(total) AS total FROM tally_sums_staging
+                   GROUP BY consumer_id) a
+             LEFT JOIN ({PERIODS}) h ON h.consumer_id = a.consumer_id AND h.age = 1
+             ORDER BY a.consumer_id"
+        ),
         log,
     )
     .await?;
     add_period_totals(
         tx,
-        "SELECT consumer_id, period_start, sum(total) FROM tally_sums_staging
-         WHERE period_start IS NOT NULL
-         GROUP BY consumer_id, period_start ORDER BY consumer_id, period_start",
-        log,
+        &format!(
+            "SELECT consumer_id, period_start, total FROM ({PERIODS}) p WHERE age > 1
+             ORDER BY consumer_id, period_start"
+        ),
     )
     .await?;
+    if log {
+        sqlx::query(&changes::log_periods(
+            "SELECT consumer_id, period_start, sum(total) FROM tally_sums_staging
+             WHERE period_start IS NOT NULL
+             GROUP BY consumer_id, period_start ORDER BY consumer_id, period_start",
+        ))
+        .execute(&mut *tx)
+        .await
+        .context("log period deltas")?;
+    }
     sqlx::query(&add_period_usage(
         "SELECT period_start, sum(total) FROM tally_sums_staging
          WHERE period_start IS NOT NULL GROUP BY period_start",
@@ -227,8 +356,9 @@ pub async fn upsert_staged(tx: &mut PgConnection, log: bool) -> anyhow::Result<(
     Ok(())
 }
 
-/// Adds `rows` (sorted by id, each id once) to `consumer_totals` in the open transaction;
-/// with `log`, their new totals go to the change log too.
+/// Adds `rows` (sorted by id, each id once) to the running totals of `consumer_totals` in the
+/// open transaction (their periods untouched); with `log`, their new totals go to the change
+/// log too.
 pub async fn upsert_totals(
     tx: &mut PgConnection,
     rows: &[(i64, i128)],
@@ -244,7 +374,8 @@ pub async fn upsert_totals(
     let copied = std::time::Instant::now();
     add_totals(
         tx,
-        "SELECT consumer_id, total FROM tally_staging ORDER BY consumer_id",
+        "SELECT consumer_id, total, period_start, period_total FROM tally_staging
+         ORDER BY consumer_id",
         log,
     )
     .await?;

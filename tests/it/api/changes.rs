@@ -420,8 +420,8 @@ async fn a_pipeline_s_changes_add_up_to_its_totals() {
     let stored: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT consumer_id,
                 to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                total::text
-         FROM consumer_period_totals",
+                sum(total)::text
+         FROM consumer_usage GROUP BY 1, 2",
     )
     .fetch_all(&p.pool)
     .await

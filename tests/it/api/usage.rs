@@ -120,12 +120,11 @@ async fn usage_per_window_pages_csv_and_files_are_what_postgres_holds() {
         Some(TOKEN),
     )
     .await;
-    let stored: String = sqlx::query_scalar(
-        "SELECT sum(total)::text FROM consumer_period_totals WHERE consumer_id = 1",
-    )
-    .fetch_one(&p.pool)
-    .await
-    .unwrap();
+    let stored: String =
+        sqlx::query_scalar("SELECT sum(total)::text FROM consumer_usage WHERE consumer_id = 1")
+            .fetch_one(&p.pool)
+            .await
+            .unwrap();
     let months = windows(&body);
     assert_eq!(
         months.iter().map(|(_, u)| u).sum::<i64>().to_string(),
@@ -361,4 +360,81 @@ async fn exports_are_bounded_and_a_reader_that_stops_is_let_go() {
         rest.len()
     );
     assert!(!rest.ends_with(b"\r\n0\r\n\r\n"), "a complete-looking body");
+}
+
+/// Usage kept in both places (period rows, and consumers' current periods on their totals
+/// rows, migration `20261206000001_current_period.sql`), interleaved by consumer: every page
+/// of `GET /v1/usage` and the CSV export give each consumer's usage once, summed where a
+/// (consumer, period) is in both, however the pages fall; an old range, which no current
+/// period is in, pages through the period rows alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_in_period_rows_and_current_periods_pages_once_each() {
+    let mut p = Pipeline::new("api-usage-both").await;
+    let hour = 1_793_491_200; // 2026-11-01T00:00Z
+    tally_db_client::copy::ensure_partitions(&p.pool, &[hour])
+        .await
+        .unwrap();
+    // Ids 1..=60: multiples of 3 in period rows only, others ≡ 1 on their row only, others
+    // ≡ 2 in both (2 on the row, 1 in a period row); ids from 40 on have their current period
+    // an hour later (out of the first hour's range).
+    sqlx::query(
+        "INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+         SELECT g, to_timestamp($1), 1 FROM generate_series(1, 60) g WHERE g % 3 <> 1",
+    )
+    .bind(hour as f64)
+    .execute(&p.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO consumer_totals (consumer_id, total, period_start, period_total)
+         SELECT g, 3, CASE WHEN g < 40 THEN to_timestamp($1) ELSE to_timestamp($1 + 3600) END, 2
+         FROM generate_series(1, 60) g WHERE g % 3 <> 0",
+    )
+    .bind(hour as f64)
+    .execute(&p.pool)
+    .await
+    .unwrap();
+    let (_api, port) = start_api(&mut p).await;
+    let (_, doc) = get(port, "/v1/openapi.json", Some(TOKEN)).await;
+    let expected = |range_hour: i64| -> Vec<(i64, i64)> {
+        (1..=60)
+            .filter_map(|g: i64| {
+                let row = if g % 3 == 1 { 0 } else { 1 };
+                let current_hour = if g < 40 { hour } else { hour + 3600 };
+                let current = if g % 3 != 0 && current_hour == range_hour {
+                    2
+                } else {
+                    0
+                };
+                let here = if range_hour == hour { row } else { 0 } + current;
+                (here > 0).then_some((g, here))
+            })
+            .collect()
+    };
+    let stamp = |at: i64| format!("2026-11-01T{:02}:00:00Z", (at - hour) / 3600);
+    for (at, limit) in [(hour, 4), (hour, 7), (hour + 3600, 5), (hour, 1000)] {
+        let (from, to) = (stamp(at), stamp(at + 3600));
+        let query = format!("from={from}&to={to}&window=hour&limit={limit}");
+        let (rows, pages) = all_pages(port, &doc, "/v1/usage", &query, "rows").await;
+        let got: Vec<(i64, i64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["consumer_id"].as_i64().unwrap(),
+                    r["usage"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got, expected(at), "{query} ({pages} pages)");
+        let csv = export(port, &query).await.unwrap().1;
+        let lines: Vec<(i64, i64)> = csv
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f[0].parse().unwrap(), f[2].parse().unwrap())
+            })
+            .collect();
+        assert_eq!(lines, expected(at), "CSV of {query}");
+    }
 }
