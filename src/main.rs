@@ -47,7 +47,7 @@ enum Command {
     /// The pipeline at a glance: files by state, lag per stage and partition, dead letters,
     /// halted partitions. Exit status 1 when something needs an operator.
     Status(tally_operator::status::StatusArgs),
-    /// Usage per consumer and period (`consumer_usage`), as text or CSV.
+    /// Usage per consumer and period (`consumer_period_totals`), as text or CSV.
     Report(tally_operator::report::ReportArgs),
     /// Fold the fine periods of old usage into coarse ones (sums kept exactly), so that
     /// `consumer_period_totals` stays bounded.

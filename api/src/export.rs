@@ -55,7 +55,7 @@ const CHUNK_BYTES: usize = 64 * 1024;
 /// cursor on (a page per table scan).
 const PAGE: &str = "
     WITH rows AS (
-        SELECT DISTINCT consumer_id FROM consumer_period_totals
+        SELECT DISTINCT consumer_id FROM consumer_period_history
         WHERE consumer_id >= $5
           AND period_start >= to_timestamp($1) AND period_start < to_timestamp($2)
         ORDER BY consumer_id LIMIT $7 + 1
@@ -76,7 +76,7 @@ const PAGE: &str = "
                extract(epoch FROM date_trunc($4, period_start, $3) AT TIME ZONE $3)::bigint
                  - extract(epoch FROM date_trunc($4, period_start, $3))::bigint AS o,
                sum(total)::text AS u
-        FROM consumer_usage t
+        FROM consumer_period_totals t
         WHERE t.consumer_id = c.consumer_id
           AND period_start >= to_timestamp($1) AND period_start < to_timestamp($2)
         GROUP BY 1, 2) g
@@ -172,7 +172,7 @@ fn bind<'q, O>(
 /// twice (a period row and the consumer's current period): adjacent, summed by [`Fold`].
 const PERIODS: &str = "
     SELECT consumer_id, extract(epoch FROM period_start)::bigint, total::text
-    FROM consumer_usage
+    FROM consumer_period_totals
     WHERE period_start >= to_timestamp($1) AND period_start < to_timestamp($2)
       AND consumer_id >= $3
     ORDER BY consumer_id, period_start";

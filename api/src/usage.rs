@@ -182,7 +182,7 @@ pub async fn consumer_usage(
         &api,
         &usage,
         "",
-        "SELECT coalesce(sum(c.total), 0) FROM consumer_usage c
+        "SELECT coalesce(sum(c.total), 0) FROM consumer_period_totals c
          WHERE c.consumer_id = $6
            AND c.period_start >= greatest(w.start, to_timestamp($1))
            AND c.period_start < least(w.stop, to_timestamp($2))",

@@ -1,7 +1,7 @@
 //! Usage windows (pure): what a `?from=&to=&window=&tz=` request asks, checked against the
 //! stored period before any query runs.
 //!
-//! Usage per window is computed from `consumer_usage` (the period rows and each consumer's
+//! Usage per window is computed from `consumer_period_totals` (the period rows and each consumer's
 //! current period), periods of `--period` (epoch-aligned in UTC). A window is answerable only when its boundaries fall on
 //! period boundaries: an `hour` window needs periods of at most an hour and a time zone whose
 //! offset is a whole number of periods (Asia/Kolkata, +05:30, is not with `1h` periods); a

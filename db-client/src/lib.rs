@@ -1,6 +1,6 @@
 //! tally-db-client: the last stage. Reads per-consumer sums from Kafka (`tally.totals`, or
 //! `tally.sums` when no aggregator runs) and adds them to `consumer_totals` (and per usage
-//! period to `consumer_period_totals`) in PostgreSQL,
+//! period to `consumer_period_history`) in PostgreSQL,
 //! exactly once: each batch's upserts and the consumed offsets commit in one database
 //! transaction.
 //!

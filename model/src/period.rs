@@ -4,7 +4,7 @@
 //! modification time at announcement, or a time parsed from its name, [`FileTimeFrom`]) floored
 //! to the configured [`Period`] (`--period`, epoch-aligned in UTC: `1h` periods start on the
 //! hour, `1d` at midnight UTC). The period start travels with the sums (docs/messages.md) into
-//! the usage per period (`consumer_usage`).
+//! the usage per period (`consumer_period_totals`).
 
 use std::fmt;
 use std::os::unix::fs::MetadataExt;

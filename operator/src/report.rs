@@ -1,5 +1,5 @@
 //! `tally report --from T1 --to T2 [--consumer ID] [--by hour|day|month] [--csv]`: usage per
-//! consumer and period from `consumer_usage`, in UTC, streamed (millions of rows do
+//! consumer and period from `consumer_period_totals`, in UTC, streamed (millions of rows do
 //! not sit in memory). A period that has not ended yet is marked `open`: files still arriving
 //! add to it (and late files can add to a closed one, which the next report shows).
 //!
@@ -106,7 +106,7 @@ async fn write_report(
                 to_char(date_trunc($3, period_start), 'YYYY-MM-DD\"T\"HH24:MI\"Z\"') AS period,
                 sum(total)::text AS total,
                 date_trunc($3, period_start) + ('1 ' || $3)::interval > now() AS open
-         FROM consumer_usage
+         FROM consumer_period_totals
          WHERE period_start >= $1::timestamptz AND period_start < $2::timestamptz
            AND ($4::bigint IS NULL OR consumer_id = $4)
          GROUP BY consumer_id, date_trunc($3, period_start)

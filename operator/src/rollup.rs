@@ -1,5 +1,5 @@
 //! `tally rollup --older-than 30d --to 1d`: folds the fine rows of old periods in
-//! `consumer_period_totals` into coarse ones, in one transaction, so that the table stays
+//! `consumer_period_history` into coarse ones, in one transaction, so that the table stays
 //! bounded while every sum is kept exactly; all consumers' usage per period
 //! (`usage_period_totals`) moves with them. Current periods older than the cutoff (a
 //! consumer's newest period, kept on its `consumer_totals` row until a newer one comes) move
@@ -63,7 +63,7 @@ pub async fn rollup(
     sqlx::query(
         "SELECT tally_ensure_period_partitions(ARRAY(
            SELECT DISTINCT to_timestamp(floor(extract(epoch FROM period_start)::bigint / $2::float8) * $2)
-           FROM consumer_usage WHERE period_start < to_timestamp($1)
+           FROM consumer_period_totals WHERE period_start < to_timestamp($1)
            UNION
            SELECT DISTINCT date_trunc('month', period_start) FROM consumer_totals
            WHERE period_start < to_timestamp($1)))",
@@ -113,10 +113,10 @@ async fn fold(pool: &sqlx::PgPool, cutoff: i64, to: i64) -> Result<(u64, u64), s
            UPDATE consumer_totals t SET period_start = NULL, period_total = NULL
            FROM cur WHERE t.consumer_id = cur.consumer_id
          )
-         INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+         INSERT INTO consumer_period_history (consumer_id, period_start, total)
          SELECT consumer_id, period_start, period_total FROM cur ORDER BY 1, 2
          ON CONFLICT (consumer_id, period_start) DO UPDATE
-           SET total = consumer_period_totals.total + EXCLUDED.total, updated_at = now()",
+           SET total = consumer_period_history.total + EXCLUDED.total, updated_at = now()",
     )
     .bind(cutoff)
     .execute(&mut *tx)
@@ -128,7 +128,7 @@ async fn fold(pool: &sqlx::PgPool, cutoff: i64, to: i64) -> Result<(u64, u64), s
     // periods stay the table's; totals do not move.
     let (folded, into): (i64, i64) = sqlx::query_as(
         "WITH gone AS (
-           DELETE FROM consumer_period_totals
+           DELETE FROM consumer_period_history
            WHERE period_start < to_timestamp($1)
              AND extract(epoch FROM period_start)::bigint % $2 <> 0
            RETURNING consumer_id, period_start, total
@@ -139,10 +139,10 @@ async fn fold(pool: &sqlx::PgPool, cutoff: i64, to: i64) -> Result<(u64, u64), s
                   sum(total) AS total
            FROM gone GROUP BY 1, 2
          ), coarse AS (
-           INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+           INSERT INTO consumer_period_history (consumer_id, period_start, total)
            SELECT consumer_id, period_start, total FROM folded ORDER BY 1, 2
            ON CONFLICT (consumer_id, period_start) DO UPDATE
-             SET total = consumer_period_totals.total + EXCLUDED.total, updated_at = now()
+             SET total = consumer_period_history.total + EXCLUDED.total, updated_at = now()
            RETURNING 1
          ), deltas AS (
            SELECT consumer_id, period_start, -total AS delta FROM gone

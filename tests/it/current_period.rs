@@ -1,9 +1,9 @@
 //! A consumer's current period on its totals row (migration
 //! `20261206000001_current_period.sql`): batches of the same period add to it, a newer period
-//! moves the old one to `consumer_period_totals`, a late batch goes there directly, a
+//! moves the old one to `consumer_period_history`, a late batch goes there directly, a
 //! consumer's older periods of one batch too, `tally standalone`'s staged sums the same way,
 //! and `tally rollup` moves current periods past its cutoff before it folds; through it all,
-//! `consumer_usage` holds every (consumer, period) sum, each consumer's periods add up to its
+//! `consumer_period_totals` holds every (consumer, period) sum, each consumer's periods add up to its
 //! total, and `usage_period_totals` to its periods.
 
 use std::collections::BTreeMap;
@@ -57,7 +57,7 @@ async fn batch(pool: &PgPool, rows: &[(i64, i64, i128)], expected: &mut Usage) {
 async fn check(pool: &PgPool, expected: &Usage, after: &str) {
     let rows: Vec<(i64, i64, String)> = sqlx::query_as(
         "SELECT consumer_id, extract(epoch FROM period_start)::bigint, sum(total)::text
-         FROM consumer_usage GROUP BY 1, 2 ORDER BY 1, 2",
+         FROM consumer_period_totals GROUP BY 1, 2 ORDER BY 1, 2",
     )
     .fetch_all(pool)
     .await
@@ -103,11 +103,11 @@ async fn check(pool: &PgPool, expected: &Usage, after: &str) {
     );
 }
 
-/// How many (consumer, period) rows sit in `consumer_period_totals`, and how many consumers
+/// How many (consumer, period) rows sit in `consumer_period_history`, and how many consumers
 /// carry a current period.
 async fn places(pool: &PgPool) -> (i64, i64) {
     sqlx::query_as(
-        "SELECT (SELECT count(*) FROM consumer_period_totals),
+        "SELECT (SELECT count(*) FROM consumer_period_history),
                 (SELECT count(*) FROM consumer_totals WHERE period_start IS NOT NULL)",
     )
     .fetch_one(pool)
@@ -159,7 +159,7 @@ async fn periods_ride_on_the_totals_row_until_a_newer_one_moves_them() {
     tx.commit().await.unwrap();
     let none = 1000;
     let got: String = sqlx::query_scalar(
-        "SELECT (total - (SELECT sum(total) FROM consumer_usage WHERE consumer_id = 2))::text
+        "SELECT (total - (SELECT sum(total) FROM consumer_period_totals WHERE consumer_id = 2))::text
          FROM consumer_totals WHERE consumer_id = 2",
     )
     .fetch_one(&pool)
@@ -228,6 +228,46 @@ async fn periods_ride_on_the_totals_row_until_a_newer_one_moves_them() {
     )
     .await;
     check(&pool, &folded, "batches after the rollup").await;
+
+    // The view takes rows and deletions by hand (a correction), wherever a period is kept;
+    // usage_period_totals is the correction's own business (here: kept in step by hand).
+    let (start, fix) = (T0 + 27 * H, 5);
+    sqlx::query(
+        "INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+         VALUES (5, to_timestamp($1), $2)",
+    )
+    .bind(start as f64)
+    .bind(fix)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE consumer_totals SET total = total + $1 WHERE consumer_id = 5")
+        .bind(fix)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO usage_period_totals (period_start, slot, total)
+         VALUES (to_timestamp($1), 63, $2)",
+    )
+    .bind(start as f64)
+    .bind(fix)
+    .execute(&pool)
+    .await
+    .unwrap();
+    *folded.entry((5, start)).or_default() += i128::from(fix);
+    check(&pool, &folded, "a row inserted into the view").await;
+    let (rows, current) = places(&pool).await;
+    let deleted = sqlx::query(
+        "DELETE FROM consumer_period_totals WHERE consumer_id = 5 AND period_start = to_timestamp($1)",
+    )
+    .bind(start as f64)
+    .execute(&pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(deleted, 2, "the period row and the current period");
+    assert_eq!(places(&pool).await, (rows - 1, current - 1));
 }
 
 /// A month dropped (retention) while a consumer's current period is in it: that consumer's

@@ -77,7 +77,7 @@ async fn through(name: &str, aggregator: bool, period: &str, period_secs: i64, b
     // The months got their partitions (and the next month's, ahead).
     let partitions: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-         WHERE i.inhparent = 'consumer_period_totals'::regclass ORDER BY 1",
+         WHERE i.inhparent = 'consumer_period_history'::regclass ORDER BY 1",
     )
     .fetch_all(&p.pool)
     .await
@@ -309,7 +309,7 @@ async fn file_times_outside_the_window_are_refused_never_booked() {
     );
     let partitions: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-         WHERE i.inhparent = 'consumer_period_totals'::regclass",
+         WHERE i.inhparent = 'consumer_period_history'::regclass",
     )
     .fetch_all(&p.pool)
     .await

@@ -33,7 +33,7 @@ async fn a_batch_meeting_a_concurrent_writer_of_its_keys_adds_everything_or_fail
     };
     let period_total = |id: i64| {
         sum_of(
-            "SELECT sum(total)::bigint FROM consumer_usage WHERE consumer_id = $1",
+            "SELECT sum(total)::bigint FROM consumer_period_totals WHERE consumer_id = $1",
             id,
         )
     };
@@ -81,7 +81,7 @@ async fn a_batch_meeting_a_concurrent_writer_of_its_keys_adds_everything_or_fail
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+        "INSERT INTO consumer_period_history (consumer_id, period_start, total)
          VALUES (1, to_timestamp($1), 5)",
     )
     .bind(start as f64)
@@ -103,7 +103,7 @@ async fn a_batch_meeting_a_concurrent_writer_of_its_keys_adds_everything_or_fail
     // 2. Another writer deletes the row the batch adds to, moving its 3 to another key (as a
     //    rollup folds a fine row into a coarse one), and commits while the batch waits.
     sqlx::query(
-        "INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+        "INSERT INTO consumer_period_history (consumer_id, period_start, total)
          VALUES (2, to_timestamp($1), 3)",
     )
     .bind(start as f64)
@@ -112,8 +112,8 @@ async fn a_batch_meeting_a_concurrent_writer_of_its_keys_adds_everything_or_fail
     .unwrap();
     let mut other = p.pool.begin().await.unwrap();
     sqlx::query(
-        "WITH gone AS (DELETE FROM consumer_period_totals WHERE consumer_id = 2 RETURNING total)
-         INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+        "WITH gone AS (DELETE FROM consumer_period_history WHERE consumer_id = 2 RETURNING total)
+         INSERT INTO consumer_period_history (consumer_id, period_start, total)
          SELECT 2, to_timestamp($1) + interval '1 day', total FROM gone",
     )
     .bind(start as f64)

@@ -208,7 +208,7 @@ async fn evaluate(pool: &PgPool, rule: &Rule, back: i32) -> anyhow::Result<()> {
                     AT TIME ZONE $3 AS we
          ), u AS (
            SELECT c.consumer_id, sum(c.total) AS usage
-           FROM consumer_usage c, w
+           FROM consumer_period_totals c, w
            WHERE c.period_start >= w.ws AND c.period_start < w.we
              AND c.consumer_id BETWEEN $5 AND $6
            GROUP BY c.consumer_id

@@ -51,7 +51,7 @@ pub struct UnitBatchArgs {
 /// The usage period sums are kept apart by.
 #[derive(Debug, Clone, Args)]
 pub struct PeriodArgs {
-    /// Usage period the sums are kept apart by (`consumer_usage`): a file's lines
+    /// Usage period the sums are kept apart by (`consumer_period_totals`): a file's lines
     /// count in the period holding its time (`--file-time-from`), epoch-aligned in UTC. A whole
     /// number of m, h or d, or `off` for running totals only.
     #[arg(long, env = "TALLY_PERIOD", default_value = "1h", value_parser = tally_model::period::parse_period)]

@@ -1,7 +1,7 @@
 //! The current period on a consumer's totals row (migration
 //! `20261206000001_current_period.sql`): the upsert that adds a batch to the running totals
 //! and to each consumer's newest period in one row write, and moves a period out to
-//! `consumer_period_totals` only when a newer one replaces it or a batch is for an older one.
+//! `consumer_period_history` only when a newer one replaces it or a batch is for an older one.
 //!
 //! Pure: statement text and the split of a batch's sums; the I/O is in [`super`].
 
@@ -16,7 +16,7 @@
 /// - a newer current period (`e` is late): the current one stays, `e`'s amount is moved.
 ///
 /// Moved means returned in `moved_start`/`moved_total` for the caller to add to
-/// `consumer_period_totals` in the same transaction; SET expressions read the row before the
+/// `consumer_period_history` in the same transaction; SET expressions read the row before the
 /// update, so the values are exact whatever ran before.
 pub fn upsert(select: &str) -> String {
     format!(
@@ -70,14 +70,11 @@ pub type PeriodSum = ((i64, i64), i128);
 
 /// Splits a batch into its rows for `consumer_totals` ([`Head`]s, one per id of `sums`, each
 /// with its newest period of `period_sums`) and the period sums that go straight to
-/// `consumer_period_totals` (a consumer's older periods in the same batch). Both inputs are
+/// `consumer_period_history` (a consumer's older periods in the same batch). Both inputs are
 /// sorted by key with each key once, and every id of `period_sums` is in `sums` (its total
 /// includes them); a period sum whose id is not goes straight to the period rows. `sums` is
 /// consumed: its memory is freed as the heads are made.
-pub fn split(
-    sums: Vec<(i64, i128)>,
-    period_sums: &[PeriodSum],
-) -> (Vec<Head>, Vec<PeriodSum>) {
+pub fn split(sums: Vec<(i64, i128)>, period_sums: &[PeriodSum]) -> (Vec<Head>, Vec<PeriodSum>) {
     let mut heads = Vec::with_capacity(sums.len());
     let mut older = Vec::new();
     let mut rest = period_sums;

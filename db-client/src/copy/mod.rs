@@ -3,9 +3,9 @@
 //! consumer_id ON CONFLICT DO UPDATE` adds them to `consumer_totals`, inside the batch's
 //! transaction (with its offsets and ledger). A consumer's row carries its newest usage
 //! period too ([`current`]): the same row write adds to it, and a period replaced by a newer
-//! one, or a late batch's amount, moves to `consumer_period_totals`; a consumer's older
+//! one, or a late batch's amount, moves to `consumer_period_history`; a consumer's older
 //! periods of the same batch go there directly, and every period's sum of the batch goes to
-//! `usage_period_totals`. Readers see both through the view `consumer_usage`. Rows are
+//! `usage_period_totals`. Readers see both through the view `consumer_period_totals`. Rows are
 //! upserted in key order, so concurrent instances lock rows in the same order and never
 //! deadlock. The staging tables are `ON COMMIT DELETE ROWS`: a rolled-back or committed batch
 //! leaves them empty. With the change log on, the same statements log what they changed
@@ -74,7 +74,7 @@ async fn send(
 const SEND_CHUNK: usize = 1 << 20;
 
 /// Adds `rows` (sorted by (id, period start), each pair once; starts in Unix seconds) to
-/// `consumer_period_totals` in the open transaction, and their sums per period to
+/// `consumer_period_history` in the open transaction, and their sums per period to
 /// `usage_period_totals`. Their monthly partitions must exist ([`ensure_partitions`]). With
 /// `log`, the deltas go to the change log too.
 pub async fn upsert_period_totals(
@@ -135,7 +135,7 @@ pub async fn upsert_sums(
     Ok(())
 }
 
-/// Adds `rows` to `consumer_period_totals` (nothing else) through the period staging table.
+/// Adds `rows` to `consumer_period_history` (nothing else) through the period staging table.
 async fn put_period_rows(tx: &mut PgConnection, rows: &[((i64, i64), i128)]) -> anyhow::Result<()> {
     stage(
         tx,
@@ -211,7 +211,7 @@ pub fn add_period_usage(select: &str) -> String {
 
 /// Adds the `(consumer_id, total, period_start, period_total)` rows `select` yields (each id
 /// once, in id order) to `consumer_totals` ([`current::upsert`]), and the periods it moved
-/// off the rows to `consumer_period_totals`, making their monthly partitions if missing (a
+/// off the rows to `consumer_period_history`, making their monthly partitions if missing (a
 /// consumer's current period can be older than any batch's: a month dropped since is made
 /// again rather than the batch refused for good). With `log`, the new totals go to the change
 /// log in the same statement (a move changes no usage: it is not logged).
@@ -251,12 +251,12 @@ async fn add_totals(tx: &mut PgConnection, select: &str, log: bool) -> anyhow::R
 }
 
 /// Adds the `(consumer_id, period_start, total)` rows `select` yields (each pair once, in key
-/// order) to `consumer_period_totals`.
+/// order) to `consumer_period_history`.
 async fn add_period_totals(tx: &mut PgConnection, select: &str) -> anyhow::Result<()> {
     sqlx::query(&format!(
-        "INSERT INTO consumer_period_totals (consumer_id, period_start, total) {select}
+        "INSERT INTO consumer_period_history (consumer_id, period_start, total) {select}
          ON CONFLICT (consumer_id, period_start) DO UPDATE
-           SET total = consumer_period_totals.total + EXCLUDED.total, updated_at = now()"
+           SET total = consumer_period_history.total + EXCLUDED.total, updated_at = now()"
     ))
     .execute(&mut *tx)
     .await
@@ -264,7 +264,7 @@ async fn add_period_totals(tx: &mut PgConnection, select: &str) -> anyhow::Resul
     Ok(())
 }
 
-/// Creates the monthly partitions of `consumer_period_totals` for periods starting at `starts`
+/// Creates the monthly partitions of `consumer_period_history` for periods starting at `starts`
 /// (Unix seconds), and the month after each, where missing. Run outside a batch's transaction:
 /// creating a partition locks the whole table for a moment.
 pub async fn ensure_partitions(pool: &sqlx::PgPool, starts: &[i64]) -> anyhow::Result<()> {
@@ -303,7 +303,7 @@ pub async fn stage_sums(
 
 /// Adds what [`stage_sums`] staged as [`upsert_sums`] adds a batch, in the server: summed per
 /// consumer to `consumer_totals`, with each consumer's newest period on its row, its older
-/// periods (summed per consumer and period) to `consumer_period_totals`, and every period's
+/// periods (summed per consumer and period) to `consumer_period_history`, and every period's
 /// sum to `usage_period_totals`, in key order, in the open transaction. The partitions of the
 /// staged periods must exist ([`ensure_partitions`]). With `log`, to the change log too.
 pub async fn upsert_staged(tx: &mut PgConnection, log: bool) -> anyhow::Result<()> {

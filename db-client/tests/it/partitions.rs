@@ -1,4 +1,4 @@
-//! The monthly partitions of `consumer_period_totals`: created on demand (and the next month
+//! The monthly partitions of `consumer_period_history`: created on demand (and the next month
 //! ahead) by concurrent callers, recreated after a month is dropped, and refused with a clear
 //! error while a month is detached.
 
@@ -13,7 +13,7 @@ const DEC_15: i64 = 1_797_292_800;
 async fn months(pool: &sqlx::PgPool) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-         WHERE i.inhparent = 'consumer_period_totals'::regclass ORDER BY 1",
+         WHERE i.inhparent = 'consumer_period_history'::regclass ORDER BY 1",
     )
     .fetch_all(pool)
     .await
@@ -56,7 +56,7 @@ async fn months_are_created_on_demand_and_a_detached_one_is_refused() {
 
     // Detached (to archive it): refused, naming the table.
     sqlx::query(
-        "ALTER TABLE consumer_period_totals DETACH PARTITION consumer_period_totals_2026_10",
+        "ALTER TABLE consumer_period_history DETACH PARTITION consumer_period_totals_2026_10",
     )
     .execute(&pool)
     .await

@@ -1,5 +1,5 @@
 //! Usage per period in tests: file times set on purpose, the period totals computed from the
-//! files' bytes, and compared with the usage per period (`consumer_usage`).
+//! files' bytes, and compared with the usage per period (`consumer_period_totals`).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -45,11 +45,11 @@ pub fn expected_periods(files: &[(String, i64)], period: i64) -> HashMap<(i64, i
 }
 
 /// The usage per (consumer, period start in Unix seconds): the period rows and the consumers'
-/// current periods (the view `consumer_usage`).
+/// current periods (the view `consumer_period_totals`).
 pub async fn period_totals(p: &Pipeline) -> HashMap<(i64, i64), i128> {
     let rows: Vec<(i64, i64, String)> = sqlx::query_as(
         "SELECT consumer_id, extract(epoch FROM period_start)::bigint, sum(total)::text
-         FROM consumer_usage GROUP BY 1, 2",
+         FROM consumer_period_totals GROUP BY 1, 2",
     )
     .fetch_all(&p.pool)
     .await
@@ -79,7 +79,7 @@ pub async fn assert_periods(p: &Pipeline, expected: &HashMap<(i64, i64), i128>, 
     );
     let mismatched: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM consumer_totals t FULL JOIN
-           (SELECT consumer_id, sum(total) AS total FROM consumer_usage GROUP BY 1) s
+           (SELECT consumer_id, sum(total) AS total FROM consumer_period_totals GROUP BY 1) s
            USING (consumer_id)
          WHERE coalesce(t.total, 0) <> coalesce(s.total, 0)",
     )
@@ -94,7 +94,7 @@ pub async fn assert_periods(p: &Pipeline, expected: &HashMap<(i64, i64), i128>, 
         "SELECT period_start::text, coalesce(u.total, 0)::text, coalesce(c.total, 0)::text
          FROM (SELECT period_start, sum(total) AS total FROM usage_period_totals GROUP BY 1) u
          FULL JOIN
-           (SELECT period_start, sum(total) AS total FROM consumer_usage GROUP BY 1) c
+           (SELECT period_start, sum(total) AS total FROM consumer_period_totals GROUP BY 1) c
          USING (period_start)
          WHERE coalesce(u.total, 0) <> coalesce(c.total, 0)",
     )

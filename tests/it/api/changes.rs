@@ -421,7 +421,7 @@ async fn a_pipeline_s_changes_add_up_to_its_totals() {
         "SELECT consumer_id,
                 to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                 sum(total)::text
-         FROM consumer_usage GROUP BY 1, 2",
+         FROM consumer_period_totals GROUP BY 1, 2",
     )
     .fetch_all(&p.pool)
     .await

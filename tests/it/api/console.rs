@@ -113,7 +113,7 @@ async fn the_console_shows_what_postgres_holds_in_a_real_browser() {
         "SELECT to_char(date_trunc('day', period_start, 'UTC') AT TIME ZONE 'UTC',
                         'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                 sum(total)::text
-         FROM consumer_usage GROUP BY 1 ORDER BY 1",
+         FROM consumer_period_totals GROUP BY 1 ORDER BY 1",
     )
     .fetch_all(&p.pool)
     .await

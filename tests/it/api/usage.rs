@@ -120,11 +120,12 @@ async fn usage_per_window_pages_csv_and_files_are_what_postgres_holds() {
         Some(TOKEN),
     )
     .await;
-    let stored: String =
-        sqlx::query_scalar("SELECT sum(total)::text FROM consumer_usage WHERE consumer_id = 1")
-            .fetch_one(&p.pool)
-            .await
-            .unwrap();
+    let stored: String = sqlx::query_scalar(
+        "SELECT sum(total)::text FROM consumer_period_totals WHERE consumer_id = 1",
+    )
+    .fetch_one(&p.pool)
+    .await
+    .unwrap();
     let months = windows(&body);
     assert_eq!(
         months.iter().map(|(_, u)| u).sum::<i64>().to_string(),
@@ -285,7 +286,7 @@ async fn exports_are_bounded_and_a_reader_that_stops_is_let_go() {
     // About 14 MB of CSV: more than the socket buffers between the api and a client hold.
     let rows = 400_000;
     sqlx::query(
-        "INSERT INTO consumer_period_totals (consumer_id, period_start, total)
+        "INSERT INTO consumer_period_history (consumer_id, period_start, total)
          SELECT g, to_timestamp($1), g FROM generate_series(1, $2) g",
     )
     .bind(hour as f64)
