@@ -88,3 +88,32 @@ BEGIN
         END;
     END LOOP;
 END $$;
+
+-- Moves the current periods that start before `before` off the consumers' rows to the period
+-- rows (making their months' partitions if missing), in the caller's transaction; returns how
+-- many moved. For `tally rollup`, and before a month is dropped or detached: its current
+-- periods (consumers idle since) are then in its table (docs/operations.md, retention).
+-- FOR UPDATE reads each row's latest version: a batch that committed meanwhile and brought a
+-- newer period keeps it.
+CREATE FUNCTION tally_settle_periods(before TIMESTAMPTZ) RETURNS BIGINT
+LANGUAGE plpgsql AS $$
+DECLARE
+    moved BIGINT;
+BEGIN
+    PERFORM tally_ensure_period_partitions(ARRAY(
+        SELECT DISTINCT period_start FROM consumer_totals WHERE period_start < before));
+    WITH cur AS (
+        SELECT consumer_id, period_start, period_total FROM consumer_totals
+        WHERE period_start < before ORDER BY consumer_id FOR UPDATE
+    ), cleared AS (
+        UPDATE consumer_totals t SET period_start = NULL, period_total = NULL
+        FROM cur WHERE t.consumer_id = cur.consumer_id
+    ), history AS (
+        INSERT INTO consumer_period_history (consumer_id, period_start, total)
+        SELECT consumer_id, period_start, period_total FROM cur ORDER BY 1, 2
+        ON CONFLICT (consumer_id, period_start) DO UPDATE
+          SET total = consumer_period_history.total + EXCLUDED.total, updated_at = now()
+    )
+    SELECT count(*) INTO moved FROM cur;
+    RETURN moved;
+END $$;

@@ -102,25 +102,12 @@ async fn fold(pool: &sqlx::PgPool, cutoff: i64, to: i64) -> Result<(u64, u64), s
         .execute(&mut *tx)
         .await?;
     // Current periods before the cutoff (a consumer's newest, on its totals row) move to the
-    // period rows first, to be folded with them: the usage stays, only where it is kept
-    // changes, so nothing is logged. FOR UPDATE reads each row's latest version (a batch that
-    // committed meanwhile and brought a newer period keeps it).
-    sqlx::query(
-        "WITH cur AS (
-           SELECT consumer_id, period_start, period_total FROM consumer_totals
-           WHERE period_start < to_timestamp($1) ORDER BY consumer_id FOR UPDATE
-         ), cleared AS (
-           UPDATE consumer_totals t SET period_start = NULL, period_total = NULL
-           FROM cur WHERE t.consumer_id = cur.consumer_id
-         )
-         INSERT INTO consumer_period_history (consumer_id, period_start, total)
-         SELECT consumer_id, period_start, period_total FROM cur ORDER BY 1, 2
-         ON CONFLICT (consumer_id, period_start) DO UPDATE
-           SET total = consumer_period_history.total + EXCLUDED.total, updated_at = now()",
-    )
-    .bind(cutoff)
-    .execute(&mut *tx)
-    .await?;
+    // period rows first, to be folded with them (migration `20261206000001`): the usage stays,
+    // only where it is kept changes, so nothing is logged.
+    sqlx::query("SELECT tally_settle_periods(to_timestamp($1))")
+        .bind(cutoff)
+        .execute(&mut *tx)
+        .await?;
     // One statement, so one snapshot: the usage of all consumers per period moves by exactly
     // the rows it deletes (in a statement of its own it would see batches that committed in
     // between, and move usage whose rows stayed). With the change log on, the fold is logged as

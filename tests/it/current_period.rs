@@ -53,8 +53,8 @@ async fn batch(pool: &PgPool, rows: &[(i64, i64, i128)], expected: &mut Usage) {
     tx.commit().await.unwrap();
 }
 
-/// Checks the usage per (consumer, period) and the invariants between the tables.
-async fn check(pool: &PgPool, expected: &Usage, after: &str) {
+/// The usage per (consumer, period) that readers see (the view `consumer_period_totals`).
+async fn usage(pool: &PgPool) -> Usage {
     let rows: Vec<(i64, i64, String)> = sqlx::query_as(
         "SELECT consumer_id, extract(epoch FROM period_start)::bigint, sum(total)::text
          FROM consumer_period_totals GROUP BY 1, 2 ORDER BY 1, 2",
@@ -62,10 +62,14 @@ async fn check(pool: &PgPool, expected: &Usage, after: &str) {
     .fetch_all(pool)
     .await
     .unwrap();
-    let got: Usage = rows
-        .into_iter()
+    rows.into_iter()
         .map(|(id, start, total)| ((id, start), total.parse().unwrap()))
-        .collect();
+        .collect()
+}
+
+/// Checks the usage per (consumer, period) and the invariants between the tables.
+async fn check(pool: &PgPool, expected: &Usage, after: &str) {
+    let got = usage(pool).await;
     assert_eq!(&got, expected, "usage per (consumer, period) after {after}");
     let totals: Vec<(i64, String)> =
         sqlx::query_as("SELECT consumer_id, total::text FROM consumer_totals ORDER BY 1")
@@ -283,4 +287,76 @@ async fn a_current_period_in_a_dropped_month_moves_into_the_month_made_again() {
         .unwrap();
     batch(&pool, &[(1, T0 + 3 * H, 2)], &mut expected).await;
     check(&pool, &expected, "a move into a dropped month").await;
+}
+
+/// The retention recipe of docs/operations.md: an idle consumer's current period in the month
+/// archived is settled into it first, so the archive holds it and the consumer's next batch
+/// moves nothing into the detached month (which would stop the batches).
+#[tokio::test]
+async fn a_month_archived_after_settling_keeps_its_current_periods() {
+    let pool = pool("current-period-archived").await;
+    let mut expected = Usage::new();
+    batch(&pool, &[(1, T0, 5), (2, T0, 3)], &mut expected).await;
+    batch(&pool, &[(2, T0 + 3 * H, 4)], &mut expected).await;
+    let mut tx = pool.begin().await.unwrap();
+    let settled: i64 = sqlx::query_scalar("SELECT tally_settle_periods('2026-12-01T00:00:00Z')")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(settled, 1, "consumer 1's November hour (2's moved already)");
+    sqlx::query(
+        "ALTER TABLE consumer_period_history DETACH PARTITION consumer_period_totals_2026_11",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM usage_period_totals WHERE period_start < '2026-12-01T00:00:00Z'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let archived: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT consumer_id, total::text FROM consumer_period_totals_2026_11 ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(archived, [(1, "5".to_owned()), (2, "3".to_owned())]);
+    // Consumer 1 comes back: nothing of it is left in November to move.
+    batch(&pool, &[(1, T0 + 4 * H, 2)], &mut expected).await;
+    expected.retain(|&(_, start), _| start >= T0 + 2 * H);
+    assert_eq!(
+        usage(&pool).await,
+        expected,
+        "December's usage, November archived"
+    );
+}
+
+/// Two writes in one transaction (the staging tables live as long as it): each adds its own
+/// rows once, not the first's again.
+#[tokio::test]
+async fn two_writes_in_one_transaction_add_each_once() {
+    let pool = pool("current-period-twice").await;
+    let mut tx = pool.begin().await.unwrap();
+    copy::upsert_sums(&mut tx, vec![(1, 5)], &[((1, T0), 5)], false)
+        .await
+        .unwrap();
+    copy::upsert_sums(&mut tx, vec![(1, 2)], &[((1, T0 + H), 2)], false)
+        .await
+        .unwrap();
+    copy::upsert_totals(&mut tx, &[(2, 7)], false)
+        .await
+        .unwrap();
+    copy::upsert_totals(&mut tx, &[(3, 1)], false)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let totals: Vec<(i64, String)> =
+        sqlx::query_as("SELECT consumer_id, total::text FROM consumer_totals ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let want = [(1, "7"), (2, "7"), (3, "1")].map(|(id, t)| (id, t.to_owned()));
+    assert_eq!(totals, want);
+    assert_eq!(places(&pool).await, (1, 1), "one hour moved, one current");
 }

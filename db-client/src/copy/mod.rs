@@ -39,11 +39,13 @@ pub const CREATE_PERIOD_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS tally_p
      (consumer_id BIGINT NOT NULL, period_start TIMESTAMPTZ NOT NULL, total NUMERIC NOT NULL) \
      ON COMMIT DELETE ROWS";
 
-/// Copies `data` (a binary COPY stream) into the staging table `table`, created first by
-/// `create`.
+/// Copies `data` (a binary COPY stream) into a staging table, created first by `create`;
+/// with `clear` (a `DELETE`), emptied first of what an earlier statement of the same
+/// transaction staged, so that each call adds only its own rows.
 async fn stage(
     tx: &mut PgConnection,
     create: &str,
+    clear: Option<&str>,
     copy_into: &str,
     data: Vec<u8>,
 ) -> anyhow::Result<()> {
@@ -51,6 +53,12 @@ async fn stage(
         .execute(&mut *tx)
         .await
         .context("staging table")?;
+    if let Some(clear) = clear {
+        sqlx::query(clear)
+            .execute(&mut *tx)
+            .await
+            .context("empty the staging table")?;
+    }
     let mut copy = tx.copy_in_raw(copy_into).await.context("start COPY")?;
     send(&mut copy, &data).await.context("COPY data")?;
     copy.finish().await.context("finish COPY")?;
@@ -107,6 +115,7 @@ pub async fn upsert_sums(
         stage(
             tx,
             CREATE_STAGING,
+            Some("DELETE FROM tally_staging"),
             "COPY tally_staging (consumer_id, total, period_start, period_total) \
              FROM STDIN (FORMAT binary)",
             data,
@@ -140,6 +149,7 @@ async fn put_period_rows(tx: &mut PgConnection, rows: &[((i64, i64), i128)]) -> 
     stage(
         tx,
         CREATE_PERIOD_STAGING,
+        Some("DELETE FROM tally_period_staging"),
         "COPY tally_period_staging (consumer_id, period_start, total) FROM STDIN (FORMAT binary)",
         encode_periods(rows),
     )
@@ -220,6 +230,10 @@ async fn add_totals(tx: &mut PgConnection, select: &str, log: bool) -> anyhow::R
         .execute(&mut *tx)
         .await
         .context("staging table")?;
+    sqlx::query("DELETE FROM tally_moved_staging")
+        .execute(&mut *tx)
+        .await
+        .context("empty the staging table")?;
     let upsert = current::upsert(select);
     let moved = "INSERT INTO tally_moved_staging (consumer_id, period_start, total)
          SELECT consumer_id, moved_start, moved_total FROM up WHERE moved_start IS NOT NULL";
@@ -295,6 +309,7 @@ pub async fn stage_sums(
     stage(
         tx,
         CREATE_SUMS_STAGING,
+        None,
         "COPY tally_sums_staging (consumer_id, period_start, total) FROM STDIN (FORMAT binary)",
         encode_staged(period, sums),
     )
@@ -367,6 +382,7 @@ pub async fn upsert_totals(
     stage(
         tx,
         CREATE_STAGING,
+        Some("DELETE FROM tally_staging"),
         "COPY tally_staging (consumer_id, total) FROM STDIN (FORMAT binary)",
         encode(rows),
     )
