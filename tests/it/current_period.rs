@@ -252,7 +252,9 @@ async fn periods_ride_on_the_totals_row_until_a_newer_one_moves_them() {
         .unwrap();
     sqlx::query(
         "INSERT INTO usage_period_totals (period_start, slot, total)
-         VALUES (to_timestamp($1), 63, $2)",
+         VALUES (to_timestamp($1), 63, $2)
+         ON CONFLICT (period_start, slot) DO UPDATE
+           SET total = usage_period_totals.total + EXCLUDED.total",
     )
     .bind(start as f64)
     .bind(fix)
