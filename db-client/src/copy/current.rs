@@ -1,15 +1,29 @@
 //! The current period on a consumer's totals row (migration
-//! `20261206000001_current_period.sql`): the upsert that adds a batch to the running totals
-//! and to each consumer's newest period in one row write, and moves a period out to
+//! `20261206000001_current_period.sql`): the statements that add a batch to the running totals
+//! and to each consumer's newest period in one row write, and move a period out to
 //! `consumer_period_history` only when a newer one replaces it or a batch is for an older one.
+//!
+//! A batch is added in one of three forms, the same rows either way:
+//! - [`insert`]: a plain `INSERT`, when no row of the batch's key range exists (a first load,
+//!   new consumers): no index probe before each row, about half the server time of `ON
+//!   CONFLICT` (docs/benchmarks.md);
+//! - [`update_then_insert`]: an `UPDATE … FROM` of the rows present, then a plain `INSERT` of
+//!   the others, both in key order and pinned to index probes;
+//! - [`upsert`]: `INSERT … ON CONFLICT DO UPDATE`, the fallback.
+//!
+//! The first two decide "present" by a snapshot, so a writer of the same keys at the same
+//! moment (an insert, a delete) makes them fail or miss rows: their caller checks, rolls the
+//! attempt back and uses [`upsert`], which waits such races out.
 //!
 //! Pure: statement text and the split of a batch's sums; the I/O is in [`super`].
 
-/// A statement adding the rows `select` yields, `(consumer_id, total, period_start,
-/// period_total)` in id order (each id once; the period `NULL` for sums without one), to
-/// `consumer_totals`, returning `(consumer_id, total, moved_start, moved_total)` per row.
+/// The batch's rows as staged, in id order.
+const STAGED: &str = "SELECT consumer_id, total, period_start, period_total FROM tally_staging
+         ORDER BY consumer_id";
+
+/// The SET list shared by both forms: a row `t` (as it was) plus the batch's row `e`.
 ///
-/// Per row, under its lock (`t` the row before, `e` the batch's):
+/// Per row, under its lock:
 /// - no period in `e`: the current period stays;
 /// - no current period, or an older one: `e`'s becomes current, the old one is moved;
 /// - the same period: `e`'s amount is added to it;
@@ -18,26 +32,77 @@
 /// Moved means returned in `moved_start`/`moved_total` for the caller to add to
 /// `consumer_period_history` in the same transaction; SET expressions read the row before the
 /// update, so the values are exact whatever ran before.
-pub fn upsert(select: &str) -> String {
+fn set_list(e: &str) -> String {
     format!(
-        "INSERT INTO consumer_totals AS t (consumer_id, total, period_start, period_total)
-         {select}
-         ON CONFLICT (consumer_id) DO UPDATE SET
-           total = t.total + EXCLUDED.total,
-           period_start = greatest(t.period_start, EXCLUDED.period_start),
+        "total = t.total + {e}.total,
+           period_start = greatest(t.period_start, {e}.period_start),
            period_total = CASE
-             WHEN EXCLUDED.period_start IS NULL OR t.period_start > EXCLUDED.period_start
+             WHEN {e}.period_start IS NULL OR t.period_start > {e}.period_start
                THEN t.period_total
-             WHEN t.period_start = EXCLUDED.period_start
-               THEN t.period_total + EXCLUDED.period_total
-             ELSE EXCLUDED.period_total END,
-           moved_start = CASE WHEN t.period_start <> EXCLUDED.period_start
-             THEN least(t.period_start, EXCLUDED.period_start) END,
+             WHEN t.period_start = {e}.period_start
+               THEN t.period_total + {e}.period_total
+             ELSE {e}.period_total END,
+           moved_start = CASE WHEN t.period_start <> {e}.period_start
+             THEN least(t.period_start, {e}.period_start) END,
            moved_total = CASE
-             WHEN t.period_start < EXCLUDED.period_start THEN t.period_total
-             WHEN t.period_start > EXCLUDED.period_start THEN EXCLUDED.period_total END,
-           updated_at = now()
-         RETURNING consumer_id, total, moved_start, moved_total"
+             WHEN t.period_start < {e}.period_start THEN t.period_total
+             WHEN t.period_start > {e}.period_start THEN {e}.period_total END,
+           updated_at = now()"
+    )
+}
+
+/// Common table expressions that add the rows of `tally_staging` (each id once) to
+/// `consumer_totals` with `ON CONFLICT`, ending in `up`: `(consumer_id, total, moved_start,
+/// moved_total)` per row, its new total and the period it moved off, if any.
+pub fn upsert() -> String {
+    format!(
+        "up AS (
+         INSERT INTO consumer_totals AS t (consumer_id, total, period_start, period_total)
+         {STAGED}
+         ON CONFLICT (consumer_id) DO UPDATE SET {}
+         RETURNING consumer_id, total, moved_start, moved_total)",
+        set_list("EXCLUDED")
+    )
+}
+
+/// Common table expressions that insert the rows of `tally_staging` into `consumer_totals`,
+/// ending in the same `up` as [`upsert`]. For a batch none of whose ids is present: a row
+/// inserted by another transaction meanwhile makes it fail (unique violation).
+pub fn insert() -> String {
+    format!(
+        "up AS (
+         INSERT INTO consumer_totals (consumer_id, total, period_start, period_total)
+         {STAGED}
+         RETURNING consumer_id, total, NULL::timestamptz AS moved_start,
+                   NULL::numeric AS moved_total)"
+    )
+}
+
+/// Common table expressions that add the rows of `tally_staging` as [`upsert`] does, ending
+/// in the same `up`, by an `UPDATE` of the rows the statement's snapshot holds and an `INSERT`
+/// of the others. Run it with hash and merge joins off: the `UPDATE` then probes the index
+/// row by row in key order (a hash join would read the whole table). A row inserted by
+/// another transaction after the snapshot makes the `INSERT` fail (unique violation); a row
+/// deleted by one while the `UPDATE` waited for it is in neither: `up` then has fewer rows
+/// than staged. Either way the caller rolls the attempt back and uses [`upsert`].
+pub fn update_then_insert() -> String {
+    format!(
+        "present AS (
+         UPDATE consumer_totals AS t SET {}
+         FROM ({STAGED}) AS s
+         WHERE t.consumer_id = s.consumer_id
+         RETURNING t.consumer_id, t.total, t.moved_start, t.moved_total),
+       absent AS (
+         INSERT INTO consumer_totals (consumer_id, total, period_start, period_total)
+         SELECT consumer_id, total, period_start, period_total FROM tally_staging AS s
+         WHERE NOT EXISTS (SELECT FROM consumer_totals AS t WHERE t.consumer_id = s.consumer_id)
+         ORDER BY consumer_id
+         RETURNING consumer_id, total),
+       up AS (
+         SELECT consumer_id, total, moved_start, moved_total FROM present
+         UNION ALL
+         SELECT consumer_id, total, NULL::timestamptz, NULL::numeric FROM absent)",
+        set_list("s")
     )
 }
 

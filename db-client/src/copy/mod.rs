@@ -1,7 +1,8 @@
 //! The totals of one batch into PostgreSQL at COPY speed: the pre-aggregated rows go into a
-//! session-local staging table with binary COPY, then one `INSERT … SELECT … ORDER BY
-//! consumer_id ON CONFLICT DO UPDATE` adds them to `consumer_totals`, inside the batch's
-//! transaction (with its offsets and ledger). A consumer's row carries its newest usage
+//! session-local staging table with binary COPY, then one statement adds them to
+//! `consumer_totals` (a plain `INSERT` where no row of their range exists, else `UPDATE`
+//! then `INSERT`, with `INSERT … ON CONFLICT DO UPDATE` as the fallback when another writer
+//! races them: [`current`]), inside the batch's transaction (with its offsets and ledger). A consumer's row carries its newest usage
 //! period too ([`current`]): the same row write adds to it, and a period replaced by a newer
 //! one, or a late batch's amount, moves to `consumer_period_history`; a consumer's older
 //! periods of the same batch go there directly, and every period's sum of the batch goes to
@@ -20,6 +21,9 @@ use crate::changes;
 
 mod binary;
 pub mod current;
+mod totals;
+
+use totals::{add_totals, run, Staged};
 
 pub use binary::{encode, encode_heads, encode_period_events, encode_periods, encode_staged};
 
@@ -109,7 +113,7 @@ pub async fn upsert_sums(
 ) -> anyhow::Result<()> {
     let (heads, older) = current::split(sums, period_sums);
     if !heads.is_empty() {
-        let rows = heads.len();
+        let staged = Staged::of(heads.iter().map(|head| head.id));
         let data = encode_heads(&heads);
         drop(heads);
         stage(
@@ -121,19 +125,7 @@ pub async fn upsert_sums(
             data,
         )
         .await?;
-        let copied = std::time::Instant::now();
-        add_totals(
-            tx,
-            "SELECT consumer_id, total, period_start, period_total FROM tally_staging
-             ORDER BY consumer_id",
-            log,
-        )
-        .await?;
-        tracing::debug!(
-            rows,
-            statement_ms = copied.elapsed().as_millis() as u64,
-            "upsert statement"
-        );
+        add_totals(tx, staged, log).await?;
     }
     if !older.is_empty() {
         put_period_rows(tx, &older).await?;
@@ -219,51 +211,6 @@ pub fn add_period_usage(select: &str) -> String {
     )
 }
 
-/// Adds the `(consumer_id, total, period_start, period_total)` rows `select` yields (each id
-/// once, in id order) to `consumer_totals` ([`current::upsert`]), and the periods it moved
-/// off the rows to `consumer_period_history`, making their monthly partitions if missing (a
-/// consumer's current period can be older than any batch's: a month dropped since is made
-/// again rather than the batch refused for good). With `log`, the new totals go to the change
-/// log in the same statement (a move changes no usage: it is not logged).
-async fn add_totals(tx: &mut PgConnection, select: &str, log: bool) -> anyhow::Result<()> {
-    sqlx::query(CREATE_MOVED_STAGING)
-        .execute(&mut *tx)
-        .await
-        .context("staging table")?;
-    sqlx::query("DELETE FROM tally_moved_staging")
-        .execute(&mut *tx)
-        .await
-        .context("empty the staging table")?;
-    let upsert = current::upsert(select);
-    let moved = "INSERT INTO tally_moved_staging (consumer_id, period_start, total)
-         SELECT consumer_id, moved_start, moved_total FROM up WHERE moved_start IS NOT NULL";
-    let statement = if log {
-        format!(
-            "WITH up AS ({upsert}), moved AS ({moved}) {}",
-            changes::log_totals("up")
-        )
-    } else {
-        format!("WITH up AS ({upsert}) {moved}")
-    };
-    sqlx::query(&statement)
-        .execute(&mut *tx)
-        .await
-        .context("upsert totals")?;
-    sqlx::query(
-        "SELECT tally_ensure_period_partitions(ARRAY(
-           SELECT DISTINCT date_trunc('month', period_start) FROM tally_moved_staging))",
-    )
-    .execute(&mut *tx)
-    .await
-    .context("create the partitions of moved periods")?;
-    add_period_totals(
-        tx,
-        "SELECT consumer_id, period_start, total FROM tally_moved_staging
-         ORDER BY consumer_id, period_start",
-    )
-    .await
-}
-
 /// Adds the `(consumer_id, period_start, total)` rows `select` yields (each pair once, in key
 /// order) to `consumer_period_history`.
 async fn add_period_totals(tx: &mut PgConnection, select: &str) -> anyhow::Result<()> {
@@ -331,18 +278,30 @@ pub async fn upsert_staged(tx: &mut PgConnection, log: bool) -> anyhow::Result<(
              row_number() OVER (PARTITION BY consumer_id ORDER BY period_start DESC) AS age
            FROM tally_sums_staging WHERE period_start IS NOT NULL
            GROUP BY consumer_id, period_start";
-    add_totals(
-        tx,
-        &format!(
-            "SELECT a.consumer_id, a.total, h.period_start, h.total
-             FROM (SELECT consumer_id, sum(total) AS total FROM tally_sums_staging
-                   GROUP BY consumer_id) a
-             LEFT JOIN ({PERIODS}) h ON h.consumer_id = a.consumer_id AND h.age = 1
-             ORDER BY a.consumer_id"
-        ),
-        log,
-    )
-    .await?;
+    // Each consumer once, with its newest period, staged as a batch's rows are.
+    run(tx, &[CREATE_STAGING, "DELETE FROM tally_staging"]).await?;
+    let rows = sqlx::query(&format!(
+        "INSERT INTO tally_staging (consumer_id, total, period_start, period_total)
+         SELECT a.consumer_id, a.total, h.period_start, h.total
+         FROM (SELECT consumer_id, sum(total) AS total FROM tally_sums_staging
+               GROUP BY consumer_id) a
+         LEFT JOIN ({PERIODS}) h ON h.consumer_id = a.consumer_id AND h.age = 1
+         ORDER BY a.consumer_id"
+    ))
+    .execute(&mut *tx)
+    .await
+    .context("sum the staged sums per consumer")?
+    .rows_affected();
+    let (low, high): (Option<i64>, Option<i64>) =
+        sqlx::query_as("SELECT min(consumer_id), max(consumer_id) FROM tally_staging")
+            .fetch_one(&mut *tx)
+            .await
+            .context("the staged consumers' range")?;
+    let staged = Staged {
+        rows,
+        ids: (low.unwrap_or(0), high.unwrap_or(0)),
+    };
+    add_totals(tx, staged, log).await?;
     add_period_totals(
         tx,
         &format!(
@@ -387,18 +346,6 @@ pub async fn upsert_totals(
         encode(rows),
     )
     .await?;
-    let copied = std::time::Instant::now();
-    add_totals(
-        tx,
-        "SELECT consumer_id, total, period_start, period_total FROM tally_staging
-         ORDER BY consumer_id",
-        log,
-    )
-    .await?;
-    tracing::debug!(
-        rows = rows.len(),
-        statement_ms = copied.elapsed().as_millis() as u64,
-        "upsert statement"
-    );
+    add_totals(tx, Staged::of(rows.iter().map(|&(id, _)| id)), log).await?;
     Ok(())
 }

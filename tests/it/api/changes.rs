@@ -270,7 +270,9 @@ async fn readers_resuming_across_api_restarts_get_every_committed_change_once() 
         "events out of order or twice"
     );
     let logged: Vec<(String, i64)> =
-        sqlx::query_as("SELECT tx::text, seq FROM tally_changes ORDER BY tx, seq")
+        // `c.tx`, not `tx`: that would name the text output column, and sort "10001" before
+        // "9886".
+        sqlx::query_as("SELECT c.tx::text, c.seq FROM tally_changes c ORDER BY c.tx, c.seq")
             .fetch_all(&p.pool)
             .await
             .unwrap();

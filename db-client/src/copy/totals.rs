@@ -1,0 +1,200 @@
+//! Adding a staged batch to `consumer_totals` ([`add_totals`]): the cheapest of the forms of
+//! [`super::current`] in a savepoint, with `ON CONFLICT` as the fallback when another writer of
+//! the same consumers races it, and the periods it moved off the rows after it.
+
+use anyhow::Context;
+use sqlx::PgConnection;
+
+use super::{add_period_totals, current, CREATE_MOVED_STAGING};
+use crate::changes;
+
+/// The rows of `tally_staging`: how many (each id once), and their lowest and highest id.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Staged {
+    pub(super) rows: u64,
+    pub(super) ids: (i64, i64),
+}
+
+impl Staged {
+    /// `ids` sorted.
+    pub(super) fn of(
+        ids: impl ExactSizeIterator<Item = i64> + DoubleEndedIterator + Clone,
+    ) -> Self {
+        let rows = ids.len() as u64;
+        let low = ids.clone().next().unwrap_or(0);
+        let high = ids.last().unwrap_or(0);
+        Self {
+            rows,
+            ids: (low, high),
+        }
+    }
+}
+
+/// Adds the rows of `tally_staging` to `consumer_totals`, and the periods that moves off the
+/// rows to `consumer_period_history`, making their monthly partitions if missing (a
+/// consumer's current period can be older than any batch's: a month dropped since is made
+/// again rather than the batch refused for good). With `log`, the new totals go to the change
+/// log in the same statement (a move changes no usage: it is not logged).
+///
+/// In a savepoint, [`current::insert`] if no row of the staged ids' range exists, else
+/// [`current::update_then_insert`]; if a concurrent writer of the same keys spoils it (a
+/// unique violation, a deadlock, or rows missing from what it wrote), the savepoint is rolled
+/// back and [`current::upsert`] adds them instead.
+pub(super) async fn add_totals(
+    tx: &mut PgConnection,
+    staged: Staged,
+    log: bool,
+) -> anyhow::Result<()> {
+    if staged.rows == 0 {
+        return Ok(());
+    }
+    run(
+        tx,
+        &[CREATE_MOVED_STAGING, "DELETE FROM tally_moved_staging"],
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    let present: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM consumer_totals WHERE consumer_id BETWEEN $1 AND $2)",
+    )
+    .bind(staged.ids.0)
+    .bind(staged.ids.1)
+    .fetch_one(&mut *tx)
+    .await
+    .context("look for present consumers")?;
+    // Memory for the sorts of a large batch's rows (already in key order: a quicksort finds
+    // them sorted at once; on disk they are written out in runs) and for the change log's
+    // events; no JIT (its compilation took longer than it saved, 0.3 s a statement).
+    run(
+        tx,
+        &[
+            "SET LOCAL work_mem = '512MB'",
+            "SET LOCAL jit = off",
+            "SAVEPOINT tally_totals",
+            "SET LOCAL enable_hashjoin = off",
+            "SET LOCAL enable_mergejoin = off",
+        ],
+    )
+    .await?;
+    let (form, writes) = if present {
+        ("update then insert", current::update_then_insert())
+    } else {
+        ("insert", current::insert())
+    };
+    let form = match write_totals(tx, &writes, staged.rows, log).await {
+        Ok(()) => {
+            run(
+                tx,
+                &[
+                    "RELEASE SAVEPOINT tally_totals",
+                    "RESET enable_hashjoin",
+                    "RESET enable_mergejoin",
+                ],
+            )
+            .await?;
+            form
+        }
+        Err(error) if raced(&error) => {
+            tracing::info!(
+                error = format!("{error:#}"),
+                "a concurrent writer of the same consumers: adding them with ON CONFLICT"
+            );
+            run(tx, &["ROLLBACK TO SAVEPOINT tally_totals"]).await?;
+            write_totals(tx, &current::upsert(), staged.rows, log).await?;
+            "on conflict"
+        }
+        Err(error) => return Err(error),
+    };
+    run(tx, &["RESET work_mem", "RESET jit"]).await?;
+    tracing::debug!(
+        rows = staged.rows,
+        form,
+        statement_ms = started.elapsed().as_millis() as u64,
+        "upsert statement"
+    );
+    sqlx::query(
+        "SELECT tally_ensure_period_partitions(ARRAY(
+           SELECT DISTINCT date_trunc('month', period_start) FROM tally_moved_staging))",
+    )
+    .execute(&mut *tx)
+    .await
+    .context("create the partitions of moved periods")?;
+    add_period_totals(
+        tx,
+        "SELECT consumer_id, period_start, total FROM tally_moved_staging
+         ORDER BY consumer_id, period_start",
+    )
+    .await
+}
+
+/// Runs `statements` (without parameters) one after the other.
+pub(super) async fn run(tx: &mut PgConnection, statements: &[&'static str]) -> anyhow::Result<()> {
+    for &statement in statements {
+        sqlx::query(statement)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("`{statement}`"))?;
+    }
+    Ok(())
+}
+
+/// Rows a totals statement wrote fewer than staged: a row deleted under it.
+#[derive(Debug, thiserror::Error)]
+#[error("{written} rows of {staged} written: a row changed under the statement")]
+struct RowsMissing {
+    written: u64,
+    staged: u64,
+}
+
+/// Whether `error` of [`current::update_then_insert`] is a concurrent writer's doing: a unique
+/// violation (`23505`), a deadlock (`40P01`) or [`RowsMissing`].
+fn raced(error: &anyhow::Error) -> bool {
+    error.is::<RowsMissing>()
+        || error
+            .downcast_ref::<sqlx::Error>()
+            .and_then(sqlx::Error::as_database_error)
+            .and_then(|e| e.code())
+            .is_some_and(|code| code == "23505" || code == "40P01")
+}
+
+/// Runs `writes` (common table expressions ending in `up`, [`current`]) with the moves and,
+/// with `log`, the change log, and checks that it wrote every staged row.
+async fn write_totals(
+    tx: &mut PgConnection,
+    writes: &str,
+    staged: u64,
+    log: bool,
+) -> anyhow::Result<()> {
+    let moved = "moved AS (INSERT INTO tally_moved_staging (consumer_id, period_start, total)
+         SELECT consumer_id, moved_start, moved_total FROM up WHERE moved_start IS NOT NULL)";
+    let logged = if log {
+        format!(", logged AS ({})", changes::log_totals("up"))
+    } else {
+        String::new()
+    };
+    let written: i64 = sqlx::query_scalar(&format!(
+        "WITH {writes}, {moved}{logged} SELECT count(*) FROM up"
+    ))
+    .fetch_one(&mut *tx)
+    .await
+    .context("add the batch to the totals")?;
+    let written = written as u64;
+    if written != staged {
+        return Err(RowsMissing { written, staged }.into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Staged;
+
+    #[test]
+    fn staged_rows_know_their_count_and_id_range() {
+        let staged = Staged::of([3i64, 8, 40].into_iter());
+        assert_eq!((staged.rows, staged.ids), (3, (3, 40)));
+        let staged = Staged::of([7i64].into_iter());
+        assert_eq!((staged.rows, staged.ids), (1, (7, 7)));
+        assert_eq!(Staged::of(std::iter::empty::<i64>()).rows, 0);
+    }
+}
