@@ -297,7 +297,8 @@ pub async fn apply(
         }
         applied.records += 1;
     }
-    // Sorted keys, each once: concurrent instances lock rows in the same order.
+    // Sorted keys, each once: rows are written in key order, and the staged id range is the
+    // first key to the last.
     let sums = sum_by_key(sums);
     let period_sums = sum_by_key(period_sums);
     applied.consumers = sums.len();

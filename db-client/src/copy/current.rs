@@ -3,17 +3,19 @@
 //! and to each consumer's newest period in one row write, and move a period out to
 //! `consumer_period_history` only when a newer one replaces it or a batch is for an older one.
 //!
-//! A batch is added in one of three forms, the same rows either way:
+//! A batch is added in one of two forms, the same rows either way:
 //! - [`insert`]: a plain `INSERT`, when no row of the batch's key range exists (a first load,
-//!   new consumers): no index probe before each row, about half the server time of `ON
-//!   CONFLICT` (docs/benchmarks.md);
+//!   new consumers): no index probe and speculative insert before each row as with `ON
+//!   CONFLICT`, about half the server time (docs/benchmarks.md);
 //! - [`update_then_insert`]: an `UPDATE … FROM` of the rows present, then a plain `INSERT` of
-//!   the others, both in key order and pinned to index probes;
-//! - [`upsert`]: `INSERT … ON CONFLICT DO UPDATE`, the fallback.
+//!   the others, each in key order and pinned to index probes.
 //!
-//! The first two decide "present" by a snapshot, so a writer of the same keys at the same
-//! moment (an insert, a delete) makes them fail or miss rows: their caller checks, rolls the
-//! attempt back and uses [`upsert`], which waits such races out.
+//! Both decide "present" by a snapshot, so a writer of the same keys at the same moment (an
+//! insert, a delete) makes them fail or miss rows: their caller checks, and fails the
+//! transaction so that it is written again (`super::totals`). Writers of one deployment never
+//! meet so: a db-client batch holds its partitions' locks, `tally standalone` its writer lock.
+//! Rows are locked present ones first, then new ones, each in key order; writers that do meet
+//! (another topic's db-client, a hand correction) may deadlock, and PostgreSQL then fails one.
 //!
 //! Pure: statement text and the split of a batch's sums; the I/O is in [`super`].
 
@@ -51,22 +53,9 @@ fn set_list(e: &str) -> String {
     )
 }
 
-/// Common table expressions that add the rows of `tally_staging` (each id once) to
-/// `consumer_totals` with `ON CONFLICT`, ending in `up`: `(consumer_id, total, moved_start,
-/// moved_total)` per row, its new total and the period it moved off, if any.
-pub fn upsert() -> String {
-    format!(
-        "up AS (
-         INSERT INTO consumer_totals AS t (consumer_id, total, period_start, period_total)
-         {STAGED}
-         ON CONFLICT (consumer_id) DO UPDATE SET {}
-         RETURNING consumer_id, total, moved_start, moved_total)",
-        set_list("EXCLUDED")
-    )
-}
-
 /// Common table expressions that insert the rows of `tally_staging` into `consumer_totals`,
-/// ending in the same `up` as [`upsert`]. For a batch none of whose ids is present: a row
+/// ending in `up`: `(consumer_id, total, moved_start, moved_total)` per row, its new total and
+/// the period it moved off (none here). For a batch none of whose ids is present: a row
 /// inserted by another transaction meanwhile makes it fail (unique violation).
 pub fn insert() -> String {
     format!(
@@ -78,13 +67,13 @@ pub fn insert() -> String {
     )
 }
 
-/// Common table expressions that add the rows of `tally_staging` as [`upsert`] does, ending
-/// in the same `up`, by an `UPDATE` of the rows the statement's snapshot holds and an `INSERT`
-/// of the others. Run it with hash and merge joins off: the `UPDATE` then probes the index
-/// row by row in key order (a hash join would read the whole table). A row inserted by
+/// Common table expressions that add the rows of `tally_staging` (each id once) to
+/// `consumer_totals`, ending in the same `up` as [`insert`], by an `UPDATE` of the rows the
+/// statement's snapshot holds and an `INSERT` of the others. Run it with hash and merge joins
+/// off: the `UPDATE` then probes the index row by row in key order (a hash join would read the whole table). A row inserted by
 /// another transaction after the snapshot makes the `INSERT` fail (unique violation); a row
 /// deleted by one while the `UPDATE` waited for it is in neither: `up` then has fewer rows
-/// than staged. Either way the caller rolls the attempt back and uses [`upsert`].
+/// than staged. Either way the caller fails the transaction.
 pub fn update_then_insert() -> String {
     format!(
         "present AS (

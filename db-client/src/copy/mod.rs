@@ -1,14 +1,14 @@
 //! The totals of one batch into PostgreSQL at COPY speed: the pre-aggregated rows go into a
 //! session-local staging table with binary COPY, then one statement adds them to
 //! `consumer_totals` (a plain `INSERT` where no row of their range exists, else `UPDATE`
-//! then `INSERT`, with `INSERT … ON CONFLICT DO UPDATE` as the fallback when another writer
-//! races them: [`current`]), inside the batch's transaction (with its offsets and ledger). A consumer's row carries its newest usage
+//! then `INSERT`; a transaction that another writer of the same consumers races fails and is
+//! written again: [`current`]), inside the batch's transaction (with its offsets and ledger). A consumer's row carries its newest usage
 //! period too ([`current`]): the same row write adds to it, and a period replaced by a newer
 //! one, or a late batch's amount, moves to `consumer_period_history`; a consumer's older
 //! periods of the same batch go there directly, and every period's sum of the batch goes to
 //! `usage_period_totals`. Readers see both through the view `consumer_period_totals`. Rows are
-//! upserted in key order, so concurrent instances lock rows in the same order and never
-//! deadlock. The staging tables are `ON COMMIT DELETE ROWS`: a rolled-back or committed batch
+//! written in key order (present ones, then new ones); instances of one deployment never
+//! write the same consumers at once (a batch holds its partitions' locks). The staging tables are `ON COMMIT DELETE ROWS`: a rolled-back or committed batch
 //! leaves them empty. With the change log on, the same statements log what they changed
 //! ([`crate::changes`]).
 

@@ -16,16 +16,14 @@ pub(super) struct Staged {
 }
 
 impl Staged {
-    /// `ids` sorted.
-    pub(super) fn of(
-        ids: impl ExactSizeIterator<Item = i64> + DoubleEndedIterator + Clone,
-    ) -> Self {
-        let rows = ids.len() as u64;
-        let low = ids.clone().next().unwrap_or(0);
-        let high = ids.last().unwrap_or(0);
+    /// Of the staged rows' `ids` (in any order: the range is their least and greatest).
+    pub(super) fn of(ids: impl Iterator<Item = i64>) -> Self {
+        let (rows, low, high) = ids.fold((0u64, i64::MAX, i64::MIN), |(n, low, high), id| {
+            (n + 1, low.min(id), high.max(id))
+        });
         Self {
             rows,
-            ids: (low, high),
+            ids: if rows == 0 { (0, 0) } else { (low, high) },
         }
     }
 }
@@ -36,10 +34,14 @@ impl Staged {
 /// again rather than the batch refused for good). With `log`, the new totals go to the change
 /// log in the same statement (a move changes no usage: it is not logged).
 ///
-/// In a savepoint, [`current::insert`] if no row of the staged ids' range exists, else
-/// [`current::update_then_insert`]; if a concurrent writer of the same keys spoils it (a
-/// unique violation, a deadlock, or rows missing from what it wrote), the savepoint is rolled
-/// back and [`current::upsert`] adds them instead.
+/// [`current::insert`] if no row of the staged ids' range exists, else
+/// [`current::update_then_insert`]. If a concurrent writer of the same keys spoils it (a
+/// unique violation, a deadlock, or rows missing from what it wrote: [`raced`]), the error
+/// fails the transaction, which its caller writes again as a new one. Not a savepoint and a
+/// second form in the same transaction: rolling back to a savepoint releases the row locks
+/// the attempt took, so the other writer could change a row between this transaction's two
+/// changes of it while this one keeps its lower transaction id, and the change log's readers,
+/// who apply transactions in id order, would end on a total without this one's sum.
 pub(super) async fn add_totals(
     tx: &mut PgConnection,
     staged: Staged,
@@ -62,50 +64,25 @@ pub(super) async fn add_totals(
     .fetch_one(&mut *tx)
     .await
     .context("look for present consumers")?;
-    // Memory for the sorts of a large batch's rows (already in key order: a quicksort finds
-    // them sorted at once; on disk they are written out in runs) and for the change log's
-    // events; no JIT (its compilation took longer than it saved, 0.3 s a statement).
-    run(
-        tx,
-        &[
-            "SET LOCAL work_mem = '512MB'",
-            "SET LOCAL jit = off",
-            "SAVEPOINT tally_totals",
-            "SET LOCAL enable_hashjoin = off",
-            "SET LOCAL enable_mergejoin = off",
-        ],
-    )
-    .await?;
     let (form, writes) = if present {
         ("update then insert", current::update_then_insert())
     } else {
         ("insert", current::insert())
     };
-    let form = match write_totals(tx, &writes, staged.rows, log).await {
-        Ok(()) => {
-            run(
-                tx,
-                &[
-                    "RELEASE SAVEPOINT tally_totals",
-                    "RESET enable_hashjoin",
-                    "RESET enable_mergejoin",
-                ],
-            )
-            .await?;
-            form
-        }
-        Err(error) if raced(&error) => {
-            tracing::info!(
-                error = format!("{error:#}"),
-                "a concurrent writer of the same consumers: adding them with ON CONFLICT"
-            );
-            run(tx, &["ROLLBACK TO SAVEPOINT tally_totals"]).await?;
-            write_totals(tx, &current::upsert(), staged.rows, log).await?;
-            "on conflict"
-        }
-        Err(error) => return Err(error),
-    };
-    run(tx, &["RESET work_mem", "RESET jit"]).await?;
+    let settings = StatementSettings::apply(tx).await?;
+    write_totals(tx, &writes, staged.rows, log)
+        .await
+        .map_err(|error| {
+            if raced(&error) {
+                error.context(
+                    "another writer changed the same consumers meanwhile: the batch is \
+                     written again",
+                )
+            } else {
+                error
+            }
+        })?;
+    settings.restore(tx).await?;
     tracing::debug!(
         rows = staged.rows,
         form,
@@ -138,6 +115,54 @@ pub(super) async fn run(tx: &mut PgConnection, statements: &[&'static str]) -> a
     Ok(())
 }
 
+/// The settings of a batch's totals statement, for the rest of the transaction back to what
+/// they were before.
+///
+/// - `work_mem = 512MB`: the sorts of a large batch's rows (already in key order: a quicksort
+///   finds them sorted at once; on disk they are written out in runs) and the change log's
+///   grouping in memory. A cap, not an allocation: a small batch uses little.
+/// - `jit = off`: compiling the statement took 0.3 s and saved less.
+/// - hash and merge joins off: the `UPDATE` probes the index row by row in key order (a hash
+///   join would read the whole table).
+struct StatementSettings {
+    before: (String, String, String, String),
+}
+
+impl StatementSettings {
+    async fn apply(tx: &mut PgConnection) -> anyhow::Result<Self> {
+        let before = sqlx::query_as(
+            "SELECT current_setting('work_mem'), current_setting('jit'),
+                    current_setting('enable_hashjoin'), current_setting('enable_mergejoin')",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .context("the session's settings")?;
+        Self::set(tx, ("512MB", "off", "off", "off")).await?;
+        Ok(Self { before })
+    }
+
+    async fn restore(self, tx: &mut PgConnection) -> anyhow::Result<()> {
+        let (work_mem, jit, hash, merge) = &self.before;
+        Self::set(tx, (work_mem, jit, hash, merge)).await
+    }
+
+    /// `SET LOCAL`: for the rest of the transaction, unless set again.
+    async fn set(tx: &mut PgConnection, values: (&str, &str, &str, &str)) -> anyhow::Result<()> {
+        sqlx::query(
+            "SELECT set_config('work_mem', $1, true), set_config('jit', $2, true),
+                    set_config('enable_hashjoin', $3, true), set_config('enable_mergejoin', $4, true)",
+        )
+        .bind(values.0)
+        .bind(values.1)
+        .bind(values.2)
+        .bind(values.3)
+        .execute(&mut *tx)
+        .await
+        .context("set the totals statement's settings")?;
+        Ok(())
+    }
+}
+
 /// Rows a totals statement wrote fewer than staged: a row deleted under it.
 #[derive(Debug, thiserror::Error)]
 #[error("{written} rows of {staged} written: a row changed under the statement")]
@@ -146,8 +171,8 @@ struct RowsMissing {
     staged: u64,
 }
 
-/// Whether `error` of [`current::update_then_insert`] is a concurrent writer's doing: a unique
-/// violation (`23505`), a deadlock (`40P01`) or [`RowsMissing`].
+/// Whether `error` of [`current::insert`] or [`current::update_then_insert`] is a concurrent
+/// writer's doing: a unique violation (`23505`), a deadlock (`40P01`) or [`RowsMissing`].
 fn raced(error: &anyhow::Error) -> bool {
     error.is::<RowsMissing>()
         || error
@@ -193,6 +218,8 @@ mod tests {
     fn staged_rows_know_their_count_and_id_range() {
         let staged = Staged::of([3i64, 8, 40].into_iter());
         assert_eq!((staged.rows, staged.ids), (3, (3, 40)));
+        let staged = Staged::of([8i64, -2, 40, 3].into_iter());
+        assert_eq!((staged.rows, staged.ids), (4, (-2, 40)));
         let staged = Staged::of([7i64].into_iter());
         assert_eq!((staged.rows, staged.ids), (1, (7, 7)));
         assert_eq!(Staged::of(std::iter::empty::<i64>()).rows, 0);
