@@ -362,3 +362,56 @@ async fn two_writes_in_one_transaction_add_each_once() {
     assert_eq!(totals, want);
     assert_eq!(places(&pool).await, (1, 1), "one hour moved, one current");
 }
+
+/// A batch whose id range holds rows already is added by the statement, one whose range holds
+/// none is copied straight in (`tally_db_client::copy`, `add_rows`): wherever a batch's new ids
+/// lie among its present ones, and with new ids between present ones, every sum is added once,
+/// on the first attempt. Deciding on part of the range (the lowest id, say) sends a mixed batch
+/// to the copy, which then fails on the present rows for good.
+#[tokio::test]
+async fn batches_of_new_present_and_mixed_consumers_add_every_sum_once() {
+    let pool = pool("current-period-forms").await;
+    let batches: [&[(i64, i128)]; 6] = [
+        &[(5, 1), (10, 1)],                  // all new: copied
+        &[(1, 2), (5, 2), (10, 2), (20, 2)], // new at both ends, present inside
+        &[(5, 3), (7, 3)],                   // present first, new last
+        &[(3, 4), (10, 4)],                  // new first, present last
+        &[(11, 5), (15, 5)],                 // new, between present rows: copied
+        &[(1, 6), (3, 6), (11, 6), (20, 6)], // all present
+    ];
+    let mut want: std::collections::BTreeMap<i64, i128> = Default::default();
+    for (n, rows) in batches.iter().enumerate() {
+        let mut tx = pool.begin().await.unwrap();
+        let sums: Vec<(i64, i128)> = rows.to_vec();
+        let periods: Vec<((i64, i64), i128)> = rows.iter().map(|&(id, t)| ((id, T0), t)).collect();
+        copy::upsert_sums(&mut tx, sums, &periods, true)
+            .await
+            .unwrap_or_else(|e| panic!("batch {n}: {e:#}"));
+        tx.commit().await.unwrap();
+        for &(id, t) in rows.iter() {
+            *want.entry(id).or_default() += t;
+        }
+    }
+    let totals: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT consumer_id, total::text, period_total::text FROM consumer_totals ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let want: Vec<(i64, String, String)> = want
+        .into_iter()
+        .map(|(id, t)| (id, t.to_string(), t.to_string()))
+        .collect();
+    assert_eq!(totals, want, "running totals and the current period's");
+    // The change log's last totals event of each consumer is its total.
+    let logged: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT DISTINCT ON (id) id, total::text
+         FROM tally_changes, UNNEST(consumer_ids, totals) AS u (id, total)
+         WHERE totals IS NOT NULL ORDER BY id, tx DESC, seq DESC",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let totals: Vec<(i64, String)> = totals.into_iter().map(|(id, t, _)| (id, t)).collect();
+    assert_eq!(logged, totals, "the change log's totals");
+}

@@ -135,7 +135,7 @@ async fn a_batch_meeting_a_concurrent_writer_of_its_keys_adds_everything_or_fail
 
     // 3. Another writer deletes the totals row the batch adds to, and commits while the batch
     //    waits for its lock: the batch's UPDATE then passes the row by, and the batch must
-    //    insert it anew (its statements see the row gone, or fall back to ON CONFLICT).
+    //    insert it anew (its statements see the row gone and fail; the batch is written again).
     sqlx::query("INSERT INTO consumer_totals (consumer_id, total) VALUES (3, 4)")
         .execute(&p.pool)
         .await

@@ -75,6 +75,29 @@ pub fn encode_period_events(rows: &[((i64, i64), i128)], per_event: usize) -> Ve
     out
 }
 
+/// PostgreSQL's binary COPY stream of change log events of running totals: rows of
+/// `(BIGINT[], NUMERIC[])`, `per_event` of `rows` each, in order, `row` giving each one's
+/// consumer and new running total.
+pub fn encode_total_events<T>(
+    rows: &[T],
+    per_event: usize,
+    row: impl Fn(&T) -> (i64, i128),
+) -> Vec<u8> {
+    let mut out = header(rows.len() * 34);
+    let mut digits = Vec::with_capacity(10);
+    for event in rows.chunks(per_event.max(1)) {
+        out.extend_from_slice(&2i16.to_be_bytes());
+        put_array(&mut out, INT8_OID, event, |out, r| {
+            put_bigint(out, row(r).0)
+        });
+        put_array(&mut out, NUMERIC_OID, event, |out, r| {
+            put_numeric(out, row(r).1, &mut digits)
+        });
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+    out
+}
+
 const INT8_OID: u32 = 20;
 const TIMESTAMPTZ_OID: u32 = 1184;
 const NUMERIC_OID: u32 = 1700;

@@ -1,16 +1,17 @@
-//! The totals of one batch into PostgreSQL at COPY speed: the pre-aggregated rows go into a
-//! session-local staging table with binary COPY, then one statement adds them to
-//! `consumer_totals` (a plain `INSERT` where no row of their range exists, else `UPDATE`
-//! then `INSERT`; a transaction that another writer of the same consumers races fails and is
-//! written again: [`current`]), inside the batch's transaction (with its offsets and ledger). A consumer's row carries its newest usage
+//! The totals of one batch into PostgreSQL at COPY speed, inside the batch's transaction
+//! (with its offsets and ledger): the pre-aggregated rows go with binary COPY straight into
+//! `consumer_totals` where no row of their id range exists, else into a session-local staging
+//! table, from which one statement adds them (`UPDATE` then `INSERT`); a transaction that
+//! another writer of the same consumers races fails and is written again ([`totals`],
+//! [`current`]). A consumer's row carries its newest usage
 //! period too ([`current`]): the same row write adds to it, and a period replaced by a newer
 //! one, or a late batch's amount, moves to `consumer_period_history`; a consumer's older
 //! periods of the same batch go there directly, and every period's sum of the batch goes to
 //! `usage_period_totals`. Readers see both through the view `consumer_period_totals`. Rows are
 //! written in key order (present ones, then new ones); instances of one deployment never
-//! write the same consumers at once (a batch holds its partitions' locks). The staging tables are `ON COMMIT DELETE ROWS`: a rolled-back or committed batch
-//! leaves them empty. With the change log on, the same statements log what they changed
-//! ([`crate::changes`]).
+//! write the same consumers at once (a batch holds its partitions' locks). The staging tables
+//! are `ON COMMIT DELETE ROWS`: a rolled-back or committed batch leaves them empty. With the
+//! change log on, what a batch changed is logged in the same transaction ([`crate::changes`]).
 
 use std::collections::BTreeMap;
 
@@ -23,9 +24,11 @@ mod binary;
 pub mod current;
 mod totals;
 
-use totals::{add_totals, run, Staged};
+use totals::{add_rows, add_totals, run, Staged};
 
-pub use binary::{encode, encode_heads, encode_period_events, encode_periods, encode_staged};
+pub use binary::{
+    encode, encode_heads, encode_period_events, encode_periods, encode_staged, encode_total_events,
+};
 
 /// Creates the session's staging table (once per connection; harmless when it exists): a
 /// consumer's total, and its newest period with the amount there (NULL without one).
@@ -85,6 +88,9 @@ async fn send(
 /// Bytes of a COPY stream sent at once.
 const SEND_CHUNK: usize = 1 << 20;
 
+/// Consumers in one change log event ([`changes::PER_EVENT`]).
+const PER_EVENT: usize = changes::PER_EVENT as usize;
+
 /// Adds `rows` (sorted by (id, period start), each pair once; starts in Unix seconds) to
 /// `consumer_period_history` in the open transaction, and their sums per period to
 /// `usage_period_totals`. Their monthly partitions must exist ([`ensure_partitions`]). With
@@ -111,28 +117,40 @@ pub async fn upsert_sums(
     period_sums: &[((i64, i64), i128)],
     log: bool,
 ) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let (heads, older) = current::split(sums, period_sums);
+    let split = started.elapsed();
+    let mut encoded = split;
     if !heads.is_empty() {
         let staged = Staged::of(heads.iter().map(|head| head.id));
         let data = encode_heads(&heads);
-        drop(heads);
-        stage(
+        encoded = started.elapsed();
+        add_rows(
             tx,
-            CREATE_STAGING,
-            Some("DELETE FROM tally_staging"),
-            "COPY tally_staging (consumer_id, total, period_start, period_total) \
-             FROM STDIN (FORMAT binary)",
+            staged,
+            "consumer_id, total, period_start, period_total",
             data,
+            || encode_total_events(&heads, PER_EVENT, |head| (head.id, head.total)),
+            log,
         )
         .await?;
-        add_totals(tx, staged, log).await?;
     }
+    let totals = started.elapsed();
     if !older.is_empty() {
         put_period_rows(tx, &older).await?;
     }
+    let older_at = started.elapsed();
     if !period_sums.is_empty() {
         count_periods(tx, period_sums, log).await?;
     }
+    tracing::debug!(
+        split_ms = split.as_millis() as u64,
+        encoded_ms = encoded.as_millis() as u64,
+        totals_ms = totals.as_millis() as u64,
+        older_ms = older_at.as_millis() as u64,
+        periods_ms = started.elapsed().as_millis() as u64,
+        "batch sums written"
+    );
     Ok(())
 }
 
@@ -156,7 +174,7 @@ async fn put_period_rows(tx: &mut PgConnection, rows: &[((i64, i64), i128)]) -> 
 
 /// What a batch added per (consumer, period), `rows`: with `log`, into the change log as period
 /// deltas; summed per period, into `usage_period_totals`.
-async fn count_periods(
+pub async fn count_periods(
     tx: &mut PgConnection,
     rows: &[((i64, i64), i128)],
     log: bool,
@@ -170,12 +188,9 @@ async fn count_periods(
             )
             .await
             .context("start COPY of period deltas")?;
-        send(
-            &mut copy,
-            &encode_period_events(rows, changes::PER_EVENT as usize),
-        )
-        .await
-        .context("COPY period deltas")?;
+        send(&mut copy, &encode_period_events(rows, PER_EVENT))
+            .await
+            .context("COPY period deltas")?;
         copy.finish()
             .await
             .context("finish COPY of period deltas")?;
@@ -338,14 +353,13 @@ pub async fn upsert_totals(
     rows: &[(i64, i128)],
     log: bool,
 ) -> anyhow::Result<()> {
-    stage(
+    add_rows(
         tx,
-        CREATE_STAGING,
-        Some("DELETE FROM tally_staging"),
-        "COPY tally_staging (consumer_id, total) FROM STDIN (FORMAT binary)",
+        Staged::of(rows.iter().map(|&(id, _)| id)),
+        "consumer_id, total",
         encode(rows),
+        || encode_total_events(rows, PER_EVENT, |&row| row),
+        log,
     )
-    .await?;
-    add_totals(tx, Staged::of(rows.iter().map(|&(id, _)| id)), log).await?;
-    Ok(())
+    .await
 }

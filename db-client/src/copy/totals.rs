@@ -1,11 +1,19 @@
-//! Adding a staged batch to `consumer_totals` ([`add_totals`]): the cheapest of the forms of
-//! [`super::current`] in a savepoint, with `ON CONFLICT` as the fallback when another writer of
-//! the same consumers races it, and the periods it moved off the rows after it.
+//! Adding a batch to `consumer_totals`, in the cheapest form that gives the same rows:
+//!
+//! - [`add_rows`], rows the client holds: copied straight into `consumer_totals` when none of
+//!   their id range exists (a first load, new consumers: no staging table, no statement), with
+//!   their change log events built by the client; else staged and added by [`add_totals`];
+//! - [`add_totals`], rows staged in `tally_staging`: one statement of [`super::current`]
+//!   (`INSERT` where none of the range exists, else `UPDATE` then `INSERT`), with the change
+//!   log and the periods it moved off the rows.
+//!
+//! Every form decides "present" by a snapshot: another writer of the same consumers racing it
+//! makes it fail ([`raced`]), and the caller writes the transaction again as a new one.
 
 use anyhow::Context;
 use sqlx::PgConnection;
 
-use super::{add_period_totals, current, CREATE_MOVED_STAGING};
+use super::{add_period_totals, current, send, stage, CREATE_MOVED_STAGING, CREATE_STAGING};
 use crate::changes;
 
 /// The rows of `tally_staging`: how many (each id once), and their lowest and highest id.
@@ -28,9 +36,93 @@ impl Staged {
     }
 }
 
-/// Adds the rows of `tally_staging` to `consumer_totals`, and the periods that moves off the
-/// rows to `consumer_period_history`, making their monthly partitions if missing (a
-/// consumer's current period can be older than any batch's: a month dropped since is made
+/// Whether the transaction's snapshot holds any row of `consumer_totals` in `ids` (inclusive):
+/// one index probe.
+async fn present(tx: &mut PgConnection, ids: (i64, i64)) -> anyhow::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM consumer_totals WHERE consumer_id BETWEEN $1 AND $2)",
+    )
+    .bind(ids.0)
+    .bind(ids.1)
+    .fetch_one(&mut *tx)
+    .await
+    .context("look for present consumers")
+}
+
+/// Adds rows the client holds to `consumer_totals`: `data`, their binary COPY stream of
+/// `columns` (`consumer_id, total` first, each id once, in id order), `staged` their count and
+/// id range. Where no row of that range exists, `data` is copied straight into
+/// `consumer_totals` (a `COPY` writes rows in batches and needs no staging table nor
+/// statement: about half the server time of staging and `INSERT … SELECT`, docs/benchmarks.md),
+/// and with `log` the change log gets `events()` (the rows' totals events: for new rows, what
+/// the batch adds is the running total). Otherwise they are staged and added by
+/// [`add_totals`], whose statement logs them. A row another writer inserted meanwhile fails
+/// the `COPY` (a unique violation: [`raced`]).
+pub(super) async fn add_rows(
+    tx: &mut PgConnection,
+    staged: Staged,
+    columns: &str,
+    data: Vec<u8>,
+    events: impl FnOnce() -> Vec<u8>,
+    log: bool,
+) -> anyhow::Result<()> {
+    if staged.rows == 0 {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    if present(tx, staged.ids).await? {
+        stage(
+            tx,
+            CREATE_STAGING,
+            Some("DELETE FROM tally_staging"),
+            &format!("COPY tally_staging ({columns}) FROM STDIN (FORMAT binary)"),
+            data,
+        )
+        .await?;
+        return add_staged(tx, staged, true, log).await;
+    }
+    let mut copy = tx
+        .copy_in_raw(&format!(
+            "COPY consumer_totals ({columns}) FROM STDIN (FORMAT binary)"
+        ))
+        .await
+        .context("start COPY into the totals")?;
+    send(&mut copy, &data).await.map_err(with_race)?;
+    drop(data);
+    let written = copy.finish().await.map_err(|e| with_race(e.into()))?;
+    if written != staged.rows {
+        return Err(with_race(
+            RowsMissing {
+                written,
+                staged: staged.rows,
+            }
+            .into(),
+        ));
+    }
+    if log {
+        let mut copy = tx
+            .copy_in_raw("COPY tally_changes (consumer_ids, totals) FROM STDIN (FORMAT binary)")
+            .await
+            .context("start COPY of totals events")?;
+        send(&mut copy, &events())
+            .await
+            .context("COPY totals events")?;
+        copy.finish()
+            .await
+            .context("finish COPY of totals events")?;
+    }
+    tracing::debug!(
+        rows = staged.rows,
+        form = "copy",
+        statement_ms = started.elapsed().as_millis() as u64,
+        "upsert statement"
+    );
+    Ok(())
+}
+
+/// Adds the rows of `tally_staging` (`staged`) to `consumer_totals`, and the periods that
+/// moves off the rows to `consumer_period_history`, making their monthly partitions if missing
+/// (a consumer's current period can be older than any batch's: a month dropped since is made
 /// again rather than the batch refused for good). With `log`, the new totals go to the change
 /// log in the same statement (a move changes no usage: it is not logged).
 ///
@@ -50,20 +142,23 @@ pub(super) async fn add_totals(
     if staged.rows == 0 {
         return Ok(());
     }
+    let found = present(tx, staged.ids).await?;
+    add_staged(tx, staged, found, log).await
+}
+
+/// [`add_totals`] once it is known whether any row of the range is `present`.
+async fn add_staged(
+    tx: &mut PgConnection,
+    staged: Staged,
+    present: bool,
+    log: bool,
+) -> anyhow::Result<()> {
     run(
         tx,
         &[CREATE_MOVED_STAGING, "DELETE FROM tally_moved_staging"],
     )
     .await?;
     let started = std::time::Instant::now();
-    let present: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT FROM consumer_totals WHERE consumer_id BETWEEN $1 AND $2)",
-    )
-    .bind(staged.ids.0)
-    .bind(staged.ids.1)
-    .fetch_one(&mut *tx)
-    .await
-    .context("look for present consumers")?;
     let (form, writes) = if present {
         ("update then insert", current::update_then_insert())
     } else {
@@ -72,16 +167,7 @@ pub(super) async fn add_totals(
     let settings = StatementSettings::apply(tx).await?;
     write_totals(tx, &writes, staged.rows, log)
         .await
-        .map_err(|error| {
-            if raced(&error) {
-                error.context(
-                    "another writer changed the same consumers meanwhile: the batch is \
-                     written again",
-                )
-            } else {
-                error
-            }
-        })?;
+        .map_err(with_race)?;
     settings.restore(tx).await?;
     tracing::debug!(
         rows = staged.rows,
@@ -102,6 +188,17 @@ pub(super) async fn add_totals(
          ORDER BY consumer_id, period_start",
     )
     .await
+}
+
+/// `error`, told as a race with another writer if it is one ([`raced`]).
+fn with_race(error: anyhow::Error) -> anyhow::Error {
+    if raced(&error) {
+        error.context(
+            "another writer changed the same consumers meanwhile: the batch is written again",
+        )
+    } else {
+        error
+    }
 }
 
 /// Runs `statements` (without parameters) one after the other.
