@@ -2,7 +2,7 @@
 //! (with its offsets and ledger): the pre-aggregated rows go with binary COPY straight into
 //! `consumer_totals` where no row of their id range exists, else into a session-local staging
 //! table, from which one statement adds them (`UPDATE` then `INSERT`); a transaction that
-//! another writer of the same consumers races fails and is written again ([`totals`],
+//! another writer of the same consumers races fails and is written again (`totals.rs`,
 //! [`current`]). A consumer's row carries its newest usage
 //! period too ([`current`]): the same row write adds to it, and a period replaced by a newer
 //! one, or a late batch's amount, moves to `consumer_period_history`; a consumer's older
