@@ -16,7 +16,7 @@
 //! `consumer_totals` row, and that period's sum in `usage_period_totals`); its monthly partition
 //! is created first, outside the time measured. The `on-conflict` form assumes the rows present
 //! (if any) are of the same period, as in the benchmark's second run: it moves no period off
-//! the rows.
+//! the rows (a newer period replaces the row's, without a period the row's stays).
 //!
 //! With `CHANGE_LOG=on` in the environment the same statements also write the change log, as
 //! the db-client does by default: run both to see what the log costs.
@@ -142,9 +142,11 @@ async fn on_conflict(
            ORDER BY consumer_id
            ON CONFLICT (consumer_id) DO UPDATE SET
              total = consumer_totals.total + EXCLUDED.total,
-             period_start = EXCLUDED.period_start,
-             period_total = CASE WHEN consumer_totals.period_start = EXCLUDED.period_start
-               THEN consumer_totals.period_total + EXCLUDED.period_total
+             period_start = coalesce(EXCLUDED.period_start, consumer_totals.period_start),
+             period_total = CASE
+               WHEN EXCLUDED.period_start IS NULL THEN consumer_totals.period_total
+               WHEN consumer_totals.period_start = EXCLUDED.period_start
+                 THEN consumer_totals.period_total + EXCLUDED.period_total
                ELSE EXCLUDED.period_total END,
              updated_at = now()
            RETURNING consumer_id, total){logged}"

@@ -3,7 +3,9 @@
 //! reader (`tally api`'s `GET /v1/changes`) sees exactly the committed changes.
 //!
 //! - [`log_totals`] reads what a totals upsert returns (each consumer's new running total)
-//!   into events of at most [`PER_EVENT`] consumers;
+//!   into events of at most [`PER_EVENT`] consumers; rows of new consumers copied straight into
+//!   the totals get the same events built by the writer
+//!   ([`crate::copy::encode_total_events`]);
 //! - [`log_periods`] turns the `(consumer_id, period_start, total)` rows a period upsert adds
 //!   into events of deltas, in the server (for sums staged in pieces, `tally standalone`); the
 //!   db-client, which holds its batch's deltas, builds the same events itself and copies them

@@ -7,7 +7,8 @@
 //! - [`service`]: the stage's start and its loop (tally-core's consume loop). Start reading
 //!   here; [`writer`]: its commit, PostgreSQL transactions that carry the offsets.
 //! - [`batch`]: one batch → one database transaction (offsets, gaps, upserts, ledger).
-//! - [`copy`]: a batch's totals upserted through binary COPY into a staging table.
+//! - [`copy`]: a batch's totals written with binary COPY, straight into the totals where its
+//!   consumers are new, else through a staging table and one statement.
 //! - [`changes`]: the change log, what each transaction changed, for `tally api`'s readers.
 //! - [`input`]: the totals follow one input topic; switching is on purpose only.
 //! - [`resume`]: where an assigned partition resumes: the offset stored with the totals.

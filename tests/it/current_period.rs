@@ -366,8 +366,9 @@ async fn two_writes_in_one_transaction_add_each_once() {
 /// A batch whose id range holds rows already is added by the statement, one whose range holds
 /// none is copied straight in (`tally_db_client::copy`, `add_rows`): wherever a batch's new ids
 /// lie among its present ones, and with new ids between present ones, every sum is added once,
-/// on the first attempt. Deciding on part of the range (the lowest id, say) sends a mixed batch
-/// to the copy, which then fails on the present rows for good.
+/// on the first attempt, and the batches with no row in their range are the ones copied.
+/// Deciding on part of the range (the lowest id, say) sends a mixed batch to the copy, which
+/// then fails on the present rows for good.
 #[tokio::test]
 async fn batches_of_new_present_and_mixed_consumers_add_every_sum_once() {
     let pool = pool("current-period-forms").await;
@@ -387,6 +388,26 @@ async fn batches_of_new_present_and_mixed_consumers_add_every_sum_once() {
         copy::upsert_sums(&mut tx, sums, &periods, true)
             .await
             .unwrap_or_else(|e| panic!("batch {n}: {e:#}"));
+        // Copied straight in: nothing staged in this transaction (its staging table, if the
+        // session has one, is emptied at every commit).
+        let staging: Option<String> =
+            sqlx::query_scalar("SELECT to_regclass('pg_temp.tally_staging')::text")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        let staged: i64 = match staging {
+            None => 0,
+            Some(_) => sqlx::query_scalar("SELECT count(*) FROM pg_temp.tally_staging")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap(),
+        };
+        let copied = n == 0 || n == 4;
+        let want_staged = if copied { 0 } else { rows.len() as i64 };
+        assert_eq!(
+            staged, want_staged,
+            "batch {n}: rows staged (copied: {copied})"
+        );
         tx.commit().await.unwrap();
         for &(id, t) in rows.iter() {
             *want.entry(id).or_default() += t;

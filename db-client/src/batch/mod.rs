@@ -55,7 +55,7 @@ pub struct Applied {
 /// and 32), the consumers' rows with their newest period (48, in place of the 32 per key),
 /// and the binary COPY rows and change-log events built from them (about 58 and 42; sent in
 /// pieces of 1 MiB, so the connection's buffer stays small). Measured: a batch of 9.8M
-/// consumers with periods peaked at 1.3 GiB of resident memory (docs/benchmarks.md).
+/// consumers with periods peaked at 1.0–1.4 GiB of resident memory (docs/benchmarks.md).
 pub const PAIR_BYTES: u64 = 160;
 
 /// What a record weighs against the batch's share of the memory budget (`--batch-bytes-max`):

@@ -3,10 +3,11 @@
 //! and to each consumer's newest period in one row write, and move a period out to
 //! `consumer_period_history` only when a newer one replaces it or a batch is for an older one.
 //!
-//! A batch is added in one of two forms, the same rows either way:
-//! - [`insert`]: a plain `INSERT`, when no row of the batch's key range exists (a first load,
-//!   new consumers): no index probe and speculative insert before each row as with `ON
-//!   CONFLICT`, about half the server time (docs/benchmarks.md);
+//! Staged rows are added in one of two forms, the same rows either way (rows the db-client
+//! holds whose key range has no row are copied straight in instead: `super::totals`):
+//! - [`insert`]: a plain `INSERT`, when no row of the batch's key range exists (`tally
+//!   standalone`, whose sums are summed in the server): no index probe and speculative insert
+//!   before each row as with `ON CONFLICT`, about half the server time (docs/benchmarks.md);
 //! - [`update_then_insert`]: an `UPDATE … FROM` of the rows present, then a plain `INSERT` of
 //!   the others, each in key order and pinned to index probes.
 //!

@@ -134,6 +134,7 @@ pub async fn upsert_sums(
             log,
         )
         .await?;
+        drop(heads);
     }
     let totals = started.elapsed();
     if !older.is_empty() {

@@ -260,7 +260,7 @@ impl StatementSettings {
     }
 }
 
-/// Rows a totals statement wrote fewer than staged: a row deleted under it.
+/// Rows a totals statement or COPY wrote fewer than it was given: a row deleted under it.
 #[derive(Debug, thiserror::Error)]
 #[error("{written} rows of {staged} written: a row changed under the statement")]
 struct RowsMissing {
@@ -268,8 +268,9 @@ struct RowsMissing {
     staged: u64,
 }
 
-/// Whether `error` of [`current::insert`] or [`current::update_then_insert`] is a concurrent
-/// writer's doing: a unique violation (`23505`), a deadlock (`40P01`) or [`RowsMissing`].
+/// Whether `error` of a COPY into the totals, [`current::insert`] or
+/// [`current::update_then_insert`] is a concurrent writer's doing: a unique violation
+/// (`23505`), a deadlock (`40P01`) or [`RowsMissing`].
 fn raced(error: &anyhow::Error) -> bool {
     error.is::<RowsMissing>()
         || error
