@@ -66,23 +66,28 @@ async fn stage(
             .await
             .context("empty the staging table")?;
     }
-    let mut copy = tx.copy_in_raw(copy_into).await.context("start COPY")?;
-    send(&mut copy, &data).await.context("COPY data")?;
-    copy.finish().await.context("finish COPY")?;
+    copy_in(tx, copy_into, data).await?;
     Ok(())
 }
 
-/// Sends `data` in pieces of [`SEND_CHUNK`]: the connection copies what it sends into its
+/// Runs `copy_into` (a `COPY … FROM STDIN`) with `data`, freed once sent; returns the rows
+/// copied. Sent in pieces of [`SEND_CHUNK`]: the connection copies what it sends into its
 /// write buffer, which keeps its size, so one piece of a 600 MB stream would hold 600 MB more
 /// for as long as the connection lives.
-async fn send(
-    copy: &mut sqlx::postgres::PgCopyIn<&mut PgConnection>,
-    data: &[u8],
-) -> anyhow::Result<()> {
+async fn copy_in(tx: &mut PgConnection, copy_into: &str, data: Vec<u8>) -> anyhow::Result<u64> {
+    let mut copy = tx
+        .copy_in_raw(copy_into)
+        .await
+        .with_context(|| format!("start `{copy_into}`"))?;
     for piece in data.chunks(SEND_CHUNK) {
-        copy.send(piece).await?;
+        copy.send(piece)
+            .await
+            .with_context(|| format!("send `{copy_into}`"))?;
     }
-    Ok(())
+    drop(data);
+    copy.finish()
+        .await
+        .with_context(|| format!("finish `{copy_into}`"))
 }
 
 /// Bytes of a COPY stream sent at once.
@@ -183,18 +188,12 @@ pub async fn count_periods(
     if log {
         // The deltas are `rows` themselves: their events are built here and copied in,
         // instead of aggregated from the staging table by the server (which is what binds).
-        let mut copy = tx
-            .copy_in_raw(
-                "COPY tally_changes (consumer_ids, period_starts, deltas) FROM STDIN (FORMAT binary)",
-            )
-            .await
-            .context("start COPY of period deltas")?;
-        send(&mut copy, &encode_period_events(rows, PER_EVENT))
-            .await
-            .context("COPY period deltas")?;
-        copy.finish()
-            .await
-            .context("finish COPY of period deltas")?;
+        copy_in(
+            tx,
+            "COPY tally_changes (consumer_ids, period_starts, deltas) FROM STDIN (FORMAT binary)",
+            encode_period_events(rows, PER_EVENT),
+        )
+        .await?;
     }
     let mut usage: BTreeMap<i64, i128> = BTreeMap::new();
     for &((_, start), total) in rows {

@@ -13,7 +13,7 @@
 use anyhow::Context;
 use sqlx::PgConnection;
 
-use super::{add_period_totals, current, send, stage, CREATE_MOVED_STAGING, CREATE_STAGING};
+use super::{add_period_totals, copy_in, current, stage, CREATE_MOVED_STAGING, CREATE_STAGING};
 use crate::changes;
 
 /// The rows of `tally_staging`: how many (each id once), and their lowest and highest id.
@@ -81,15 +81,13 @@ pub(super) async fn add_rows(
         .await?;
         return add_staged(tx, staged, true, log).await;
     }
-    let mut copy = tx
-        .copy_in_raw(&format!(
-            "COPY consumer_totals ({columns}) FROM STDIN (FORMAT binary)"
-        ))
-        .await
-        .context("start COPY into the totals")?;
-    send(&mut copy, &data).await.map_err(with_race)?;
-    drop(data);
-    let written = copy.finish().await.map_err(|e| with_race(e.into()))?;
+    let written = copy_in(
+        tx,
+        &format!("COPY consumer_totals ({columns}) FROM STDIN (FORMAT binary)"),
+        data,
+    )
+    .await
+    .map_err(with_race)?;
     if written != staged.rows {
         return Err(with_race(
             RowsMissing {
@@ -100,16 +98,12 @@ pub(super) async fn add_rows(
         ));
     }
     if log {
-        let mut copy = tx
-            .copy_in_raw("COPY tally_changes (consumer_ids, totals) FROM STDIN (FORMAT binary)")
-            .await
-            .context("start COPY of totals events")?;
-        send(&mut copy, &events())
-            .await
-            .context("COPY totals events")?;
-        copy.finish()
-            .await
-            .context("finish COPY of totals events")?;
+        copy_in(
+            tx,
+            "COPY tally_changes (consumer_ids, totals) FROM STDIN (FORMAT binary)",
+            events(),
+        )
+        .await?;
     }
     tracing::debug!(
         rows = staged.rows,
