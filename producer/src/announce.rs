@@ -156,11 +156,7 @@ impl Announcer {
     /// Connects and initialises transactions (fencing an earlier producer with the same id).
     pub fn new(kafka: &KafkaArgs, transactional_id: &str) -> anyhow::Result<Self> {
         let topic = Topics::new(&kafka.topic_prefix).files;
-        let probe = kafka::reader(kafka, &format!("{topic}.probe"), kafka::Ends::Silent)?;
-        if kafka::partition_count(&probe, &topic).context("cannot reach Kafka")? == 0 {
-            bail!("topic {topic} does not exist: run `tally init` first");
-        }
-        let producer = Self::create(kafka, transactional_id)?;
+        let producer = Self::create(kafka, transactional_id, &topic)?;
         Ok(Self {
             producer,
             kafka: kafka.clone(),
@@ -172,12 +168,40 @@ impl Announcer {
     fn create(
         kafka: &KafkaArgs,
         transactional_id: &str,
+        topic: &str,
     ) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
-        let producer: ThreadedProducer<DefaultProducerContext> =
-            kafka::transactional_producer_config(kafka, transactional_id, Duration::from_secs(60))
-                .create()
-                .map_err(kafka::quiet)
-                .context("cannot create the Kafka producer")?;
+        let mut config =
+            kafka::transactional_producer_config(kafka, transactional_id, Duration::from_secs(60));
+        // The metadata request below names the topic: a broker that creates topics on request
+        // must not create it with its own defaults instead of `tally init`'s.
+        config.set("allow.auto.create.topics", "false");
+        let producer: ThreadedProducer<DefaultProducerContext> = config
+            .create()
+            .map_err(kafka::quiet)
+            .context("cannot create the Kafka producer")?;
+        // The topic's metadata first, on the producer's own client, twice: the first answer
+        // (from a bootstrap server) names the brokers, and librdkafka then replaces its
+        // bootstrap connection by theirs; the second waits until one of them is up. A producer
+        // id asked for while no broker is up is asked again only 500 ms later. The first
+        // announcement then also finds its partition in the cache (a leader query costs 100 ms).
+        let mut metadata = None;
+        for _ in 0..2 {
+            metadata = Some(
+                producer
+                    .client()
+                    .fetch_metadata(Some(topic), TIMEOUT)
+                    .map_err(kafka::quiet)
+                    .context("cannot reach Kafka")?,
+            );
+        }
+        let metadata = metadata.expect("fetched twice");
+        if !metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && !t.partitions().is_empty())
+        {
+            bail!("topic {topic} does not exist: run `tally init` first");
+        }
         producer
             .init_transactions(TIMEOUT)
             .context("cannot initialise Kafka transactions")?;
@@ -204,7 +228,8 @@ impl Announcer {
                     tracing::warn!(%error, ?kind, attempts, "announcement failed, retrying");
                     match kind {
                         TxnErrorKind::Fatal => {
-                            self.producer = Self::create(&self.kafka, &self.transactional_id)?;
+                            self.producer =
+                                Self::create(&self.kafka, &self.transactional_id, &self.topic)?;
                         }
                         _ => {
                             let _ = self

@@ -177,6 +177,10 @@ async fn what_will_not_heal_fails_at_start_with_one_line() {
     let no_db = p.database_url.rsplit_once('/').unwrap().0.to_owned() + "/no_such_database";
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap().to_string();
+    let no_topics = format!("{}-never-made", p.prefix);
+    let announced = p.data.join("announced.txt");
+    std::fs::write(&announced, "a 1\n").unwrap();
+    let announced = announced.to_str().unwrap().to_owned();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["parser", "--data-root", "/no/such/dir"],
@@ -199,6 +203,18 @@ async fn what_will_not_heal_fails_at_start_with_one_line() {
             "at least 1",
         ),
         (vec!["sum", "--chunk-bytes", "0", "x"], "at least 1"),
+        // A pipeline whose topics were never made: the announcer must neither wait nor make
+        // the topic with the broker's defaults (its metadata request names it).
+        (
+            vec![
+                "producer",
+                "--topic-prefix",
+                &no_topics,
+                "publish",
+                &announced,
+            ],
+            "run `tally init` first",
+        ),
         (
             vec!["producer", "--unit-bytes", "0", "publish", "x"],
             "at least 1",
