@@ -175,6 +175,7 @@ impl Announcer {
         // The metadata request below names the topic: a broker that creates topics on request
         // must not create it with its own defaults instead of `tally init`'s.
         config.set("allow.auto.create.topics", "false");
+        kafka::apply_overrides(&mut config, kafka);
         let producer: ThreadedProducer<DefaultProducerContext> = config
             .create()
             .map_err(kafka::quiet)
@@ -184,21 +185,9 @@ impl Announcer {
         // bootstrap connection by theirs; the second waits until one of them is up. A producer
         // id asked for while no broker is up is asked again only 500 ms later. The first
         // announcement then also finds its partition in the cache (a leader query costs 100 ms).
-        let mut metadata = None;
-        for _ in 0..2 {
-            metadata = Some(
-                producer
-                    .client()
-                    .fetch_metadata(Some(topic), TIMEOUT)
-                    .map_err(kafka::quiet)
-                    .context("cannot reach Kafka")?,
-            );
-        }
-        let metadata = metadata.expect("fetched twice");
-        if !metadata
-            .topics()
-            .iter()
-            .any(|t| t.name() == topic && !t.partitions().is_empty())
+        kafka::client_partition_count(producer.client(), topic).context("cannot reach Kafka")?;
+        if kafka::client_partition_count(producer.client(), topic).context("cannot reach Kafka")?
+            == 0
         {
             bail!("topic {topic} does not exist: run `tally init` first");
         }

@@ -241,7 +241,15 @@ pub fn partition_count<C: rdkafka::consumer::ConsumerContext>(
     topic: &str,
 ) -> Result<i32, KafkaError> {
     use rdkafka::consumer::Consumer;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+    client_partition_count(consumer.client(), topic)
+}
+
+/// [`partition_count`] on any client (a producer's: the answer also fills its metadata cache).
+pub fn client_partition_count<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+) -> Result<i32, KafkaError> {
+    let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(30))?;
     Ok(metadata
         .topics()
         .iter()
