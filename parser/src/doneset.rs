@@ -4,9 +4,11 @@
 //! units and announcements it had.
 //!
 //! On assignment, a partition's done records are read with `read_committed` up to the high
-//! watermark captured at that moment, before any unit of that partition is processed. Reading
-//! only to the last stable offset would not do: an open transaction of a dead instance holds it
-//! back until aborted, and units it completed would look undone.
+//! watermark captured at that moment ([`tally_core::kafka::log_ends`]), before any unit of that
+//! partition is processed. Reading only to the last stable offset would not do: the previous
+//! owner's last transaction may have committed with its markers not yet written (the last
+//! stable offset still stops before it), or be open still, from an instance that died; the
+//! units it counted would look undone, and be counted again when announced again.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -33,6 +35,8 @@ pub struct Entry {
 /// Done-state per stream, per partition.
 pub struct DoneSet {
     reader: BaseConsumer,
+    /// Asks for the high watermark (the reader would answer the last stable offset).
+    ends: BaseConsumer,
     topic: String,
     streams: HashMap<i32, HashMap<String, Entry>>,
 }
@@ -45,8 +49,10 @@ impl DoneSet {
     /// A done-set reading `topic`.
     pub fn new(kafka: &KafkaArgs, topic: &str, group: &str) -> anyhow::Result<Self> {
         let reader = tally_core::kafka::reader(kafka, group, tally_core::kafka::Ends::Silent)?;
+        let ends = tally_core::kafka::log_ends(kafka, group)?;
         Ok(Self {
             reader,
+            ends,
             topic: topic.to_owned(),
             streams: HashMap::new(),
         })
@@ -122,7 +128,7 @@ impl DoneSet {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         let high = loop {
             match self
-                .reader
+                .ends
                 .fetch_watermarks(&self.topic, partition, Duration::from_secs(5))
             {
                 Ok((_, high)) => break high,

@@ -12,6 +12,7 @@ mod consume;
 mod crash;
 mod current_period;
 mod db_batches;
+mod doneset;
 mod files;
 mod hostile;
 mod ingest;

@@ -120,6 +120,22 @@ pub fn reader(
         .with_context(|| format!("cannot create a Kafka client ({group})"))
 }
 
+/// A client that only asks for log ends: the high watermark, past every record written,
+/// committed or not. `fetch_watermarks` on a [`reader`] answers the last stable offset instead
+/// (librdkafka asks with the client's `isolation.level`, `read_committed`), which stops short of
+/// a transaction whose commit has returned but whose markers the broker has not written yet
+/// (they follow the commit's answer): a reader that stops there misses what that transaction
+/// wrote. A reader that must see everything committed before it started reads (with
+/// `read_committed`) until its position reaches this client's answer.
+pub fn log_ends(args: &KafkaArgs, group: &str) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+    let mut config = consumer_config(args, group);
+    config.set("isolation.level", "read_uncommitted");
+    config
+        .create()
+        .map_err(quiet)
+        .with_context(|| format!("cannot create a Kafka client ({group})"))
+}
+
 /// Static group membership (KIP-345) for an instance with a stable name: a restarted instance
 /// rejoins as the same member and gets its partitions back at once, instead of a rebalance
 /// that first waits out the dead member's session (`session.timeout.ms`, 45 s). The price: an

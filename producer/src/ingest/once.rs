@@ -102,8 +102,9 @@ impl Ingested {
         self.len() == 0
     }
 
-    /// Reads the topic of `kafka`'s pipeline to its end (its last stable offsets: an open
-    /// announcement is waited for), then tails it on a thread of its own until `shutdown`.
+    /// Reads the topic of `kafka`'s pipeline to its end (its high watermarks, with
+    /// `read_committed`: an announcement whose commit has returned, or that is still open, is
+    /// waited for), then tails it on a thread of its own until `shutdown`.
     pub fn load(kafka_args: &KafkaArgs, shutdown: &CancellationToken) -> anyhow::Result<Arc<Self>> {
         let topic = tally_core::Topics::new(&kafka_args.topic_prefix).ingested;
         let mut config = kafka::consumer_config(kafka_args, &format!("{topic}.reader"));
@@ -122,12 +123,13 @@ impl Ingested {
         if partitions == 0 {
             bail!("topic {topic} does not exist: run `tally init` (it adds missing topics)");
         }
+        let log_ends = kafka::log_ends(kafka_args, &format!("{topic}.reader"))?;
         let mut tpl = TopicPartitionList::new();
         let mut ends = Vec::new();
         for p in 0..partitions {
             let what = "read the ingested topic's ends";
             let (_, high) = liveness::retry_transient(shutdown, patience, what, || {
-                consumer.fetch_watermarks(&topic, p, Duration::from_secs(30))
+                log_ends.fetch_watermarks(&topic, p, Duration::from_secs(30))
             })?;
             tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
             ends.push((p, high));

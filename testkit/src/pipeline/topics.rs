@@ -139,13 +139,7 @@ pub fn read_records(kafka: &KafkaArgs, topic: &str) -> Vec<Record> {
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)
             .unwrap();
-        high.insert(
-            p,
-            consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .unwrap()
-                .1,
-        );
+        high.insert(p, high_watermark(&consumer, topic, p));
     }
     consumer.assign(&tpl).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -157,13 +151,29 @@ pub fn read_records(kafka: &KafkaArgs, topic: &str) -> Vec<Record> {
             return records;
         }
         assert!(Instant::now() < deadline, "timed out reading {topic}");
-        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-            let m = m.unwrap();
+        // An error (a broker that was just restarted) is retried by the next poll.
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
             records.push((
                 m.partition(),
                 m.key().map(<[u8]>::to_vec),
                 m.payload().map(<[u8]>::to_vec),
             ));
+        }
+    }
+}
+
+/// The high watermark of `topic`/`partition`, asked again for up to a minute while the broker
+/// cannot answer yet (a test that has just restarted it).
+fn high_watermark(consumer: &BaseConsumer, topic: &str, partition: i32) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok((_, high)) => return high,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("watermarks of {topic}/{partition}: {error}; asking again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(error) => panic!("no watermarks of {topic}/{partition}: {error}"),
         }
     }
 }

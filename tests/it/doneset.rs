@@ -1,0 +1,128 @@
+//! The parser's done-set (`tally_parser::doneset`) against the real broker: a partition's done
+//! records are read up to its high watermark, so a transaction that wrote done-states (the
+//! previous owner's last one, committed with its markers still on the way, or a dead
+//! instance's, still open) is waited for until it ends. What it committed is never missed: a
+//! missed state makes its units look undone, and counts them again when announced again.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rdkafka::producer::Producer;
+use tally_core::kafka::{self, TopicSpec};
+use tally_core::txn::producer;
+use tally_core::KafkaArgs;
+use tally_model::messages::StreamDone;
+use tally_model::ranges::Ranges;
+use tally_parser::doneset::DoneSet;
+
+/// A done-state of `stream` with its first `summed` bytes counted.
+fn state(stream: &str, summed: u64) -> Vec<u8> {
+    let mut ranges = Ranges::new();
+    ranges.insert(0, summed);
+    serde_json::to_vec(&StreamDone {
+        stream: stream.to_owned(),
+        file_id: format!("{stream}-v1"),
+        path: format!("/data/{stream}"),
+        file_bytes: 1000,
+        fingerprint: 7,
+        summed: ranges,
+        rejected: Ranges::new(),
+    })
+    .unwrap()
+}
+
+/// Loads partition 0 of `topic` on a thread; the done-set comes back once the load ends.
+fn load_in_background(
+    args: &KafkaArgs,
+    topic: &str,
+) -> mpsc::Receiver<anyhow::Result<(bool, DoneSet)>> {
+    let (tx, rx) = mpsc::channel();
+    let (args, topic) = (args.clone(), topic.to_owned());
+    std::thread::spawn(move || {
+        let loaded = DoneSet::new(&args, &topic, &tally_testkit::unique("done-reader"))
+            .and_then(|mut set| Ok((set.load(0, &mut || true)?, set)));
+        let _ = tx.send(loaded);
+    });
+    rx
+}
+
+#[test]
+fn a_load_waits_for_a_transaction_that_wrote_done_states() {
+    let args = KafkaArgs::plaintext(
+        &tally_testkit::services().kafka_bootstrap,
+        &tally_testkit::unique("doneset"),
+    );
+    let topic = format!("{}.done", args.topic_prefix);
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(kafka::ensure_topics(
+            &args,
+            &[TopicSpec {
+                name: topic.clone(),
+                partitions: 1,
+                compacted: true,
+                retention: None,
+            }],
+        ))
+        .unwrap();
+    let writer = producer::create(
+        &args,
+        &format!("{}.parser.test", args.topic_prefix),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let send = |stream: &str, summed: u64| {
+        producer::send(
+            &writer,
+            &topic,
+            Some(0),
+            Some(stream),
+            &state(stream, summed),
+        )
+        .unwrap();
+    };
+
+    // A committed state, then a transaction left open with two more.
+    writer.begin_transaction().unwrap();
+    send("a", 1000);
+    writer.commit_transaction(Duration::from_secs(30)).unwrap();
+    writer.begin_transaction().unwrap();
+    send("b", 400);
+    send("a", 1000);
+    writer.flush(Duration::from_secs(30)).unwrap();
+
+    let pending = load_in_background(&args, &topic);
+    assert!(
+        pending.recv_timeout(Duration::from_secs(4)).is_err(),
+        "the load ended while a transaction that wrote done-states was open"
+    );
+    writer.commit_transaction(Duration::from_secs(30)).unwrap();
+    let (loaded, set) = pending
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the load did not end once the transaction committed")
+        .unwrap();
+    assert!(loaded);
+    assert_eq!(set.get(0, "a").map(|s| s.summed.clone()), {
+        let mut r = Ranges::new();
+        r.insert(0, 1000);
+        Some(r)
+    });
+    assert!(
+        set.get(0, "b").is_some(),
+        "the committed state of b was missed"
+    );
+
+    // An aborted transaction is waited for too, and none of its states count.
+    writer.begin_transaction().unwrap();
+    send("c", 10);
+    writer.flush(Duration::from_secs(30)).unwrap();
+    let pending = load_in_background(&args, &topic);
+    assert!(pending.recv_timeout(Duration::from_secs(2)).is_err());
+    writer.abort_transaction(Duration::from_secs(30)).unwrap();
+    let (_, set) = pending
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the load did not end once the transaction aborted")
+        .unwrap();
+    assert!(set.get(0, "c").is_none(), "an aborted state was loaded");
+    assert!(set.get(0, "a").is_some() && set.get(0, "b").is_some());
+}
