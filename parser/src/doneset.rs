@@ -37,22 +37,32 @@ pub struct DoneSet {
     reader: BaseConsumer,
     /// Asks for the high watermark (the reader would answer the last stable offset).
     ends: BaseConsumer,
+    /// How long one partition's load may wait.
+    load_timeout: Duration,
     topic: String,
     streams: HashMap<i32, HashMap<String, Entry>>,
 }
 
-/// How long to wait for one partition's done records (an open transaction of a dead instance
-/// delays them by up to its transaction timeout).
+/// How long to wait for one partition's done records at least (an open transaction of a dead
+/// instance delays them by up to its transaction timeout: see [`DoneSet::new`]).
 const LOAD_TIMEOUT: Duration = Duration::from_secs(180);
 
 impl DoneSet {
-    /// A done-set reading `topic`.
-    pub fn new(kafka: &KafkaArgs, topic: &str, group: &str) -> anyhow::Result<Self> {
+    /// A done-set reading `topic`, written in transactions of `transaction_timeout`: a load
+    /// waits that long and a minute more for a transaction left open, at least
+    /// [`LOAD_TIMEOUT`].
+    pub fn new(
+        kafka: &KafkaArgs,
+        topic: &str,
+        group: &str,
+        transaction_timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let reader = tally_core::kafka::reader(kafka, group, tally_core::kafka::Ends::Silent)?;
         let ends = tally_core::kafka::log_ends(kafka, group)?;
         Ok(Self {
             reader,
             ends,
+            load_timeout: LOAD_TIMEOUT.max(transaction_timeout + Duration::from_secs(60)),
             topic: topic.to_owned(),
             streams: HashMap::new(),
         })
@@ -109,7 +119,7 @@ impl DoneSet {
         partition: i32,
         keep_alive: &mut dyn FnMut() -> bool,
     ) -> anyhow::Result<bool> {
-        let deadline = Instant::now() + LOAD_TIMEOUT;
+        let (deadline, timeout) = (Instant::now() + self.load_timeout, self.load_timeout);
         let mut outage = Throttle::new(Duration::from_secs(10));
         let mut transient = |error: &KafkaError| -> anyhow::Result<()> {
             if !liveness::is_transient(error) {
@@ -117,7 +127,7 @@ impl DoneSet {
             }
             if Instant::now() >= deadline {
                 return Err(anyhow::anyhow!("{error}")).with_context(|| {
-                    format!("done partition {partition} unreadable for {LOAD_TIMEOUT:?}")
+                    format!("done partition {partition} unreadable for {timeout:?}")
                 });
             }
             if let Some(skipped) = outage.allow() {

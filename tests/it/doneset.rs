@@ -39,11 +39,35 @@ fn load_in_background(
     let (tx, rx) = mpsc::channel();
     let (args, topic) = (args.clone(), topic.to_owned());
     std::thread::spawn(move || {
-        let loaded = DoneSet::new(&args, &topic, &tally_testkit::unique("done-reader"))
+        let reader = tally_testkit::unique("done-reader");
+        let loaded = DoneSet::new(&args, &topic, &reader, Duration::from_secs(60))
             .and_then(|mut set| Ok((set.load(0, &mut || true)?, set)));
         let _ = tx.send(loaded);
     });
     rx
+}
+
+/// Whether the load is still going after `wait`.
+fn still_loading(
+    pending: &mpsc::Receiver<anyhow::Result<(bool, DoneSet)>>,
+    wait: Duration,
+) -> bool {
+    matches!(
+        pending.recv_timeout(wait),
+        Err(mpsc::RecvTimeoutError::Timeout)
+    )
+}
+
+/// The bytes of `stream` the loaded set has as summed.
+fn summed(set: &DoneSet, stream: &str) -> Option<Ranges> {
+    set.get(0, stream).map(|s| s.summed.clone())
+}
+
+/// The range of the first `end` bytes.
+fn first(end: u64) -> Option<Ranges> {
+    let mut r = Ranges::new();
+    r.insert(0, end);
+    Some(r)
 }
 
 #[test]
@@ -88,12 +112,12 @@ fn a_load_waits_for_a_transaction_that_wrote_done_states() {
     writer.commit_transaction(Duration::from_secs(30)).unwrap();
     writer.begin_transaction().unwrap();
     send("b", 400);
-    send("a", 1000);
+    send("a", 600);
     writer.flush(Duration::from_secs(30)).unwrap();
 
     let pending = load_in_background(&args, &topic);
     assert!(
-        pending.recv_timeout(Duration::from_secs(4)).is_err(),
+        still_loading(&pending, Duration::from_secs(4)),
         "the load ended while a transaction that wrote done-states was open"
     );
     writer.commit_transaction(Duration::from_secs(30)).unwrap();
@@ -102,27 +126,22 @@ fn a_load_waits_for_a_transaction_that_wrote_done_states() {
         .expect("the load did not end once the transaction committed")
         .unwrap();
     assert!(loaded);
-    assert_eq!(set.get(0, "a").map(|s| s.summed.clone()), {
-        let mut r = Ranges::new();
-        r.insert(0, 1000);
-        Some(r)
-    });
-    assert!(
-        set.get(0, "b").is_some(),
-        "the committed state of b was missed"
-    );
+    assert_eq!(summed(&set, "a"), first(600), "a's later state was missed");
+    assert_eq!(summed(&set, "b"), first(400), "b's state was missed");
 
     // An aborted transaction is waited for too, and none of its states count.
     writer.begin_transaction().unwrap();
     send("c", 10);
+    send("a", 20);
     writer.flush(Duration::from_secs(30)).unwrap();
     let pending = load_in_background(&args, &topic);
-    assert!(pending.recv_timeout(Duration::from_secs(2)).is_err());
+    assert!(still_loading(&pending, Duration::from_secs(2)));
     writer.abort_transaction(Duration::from_secs(30)).unwrap();
     let (_, set) = pending
         .recv_timeout(Duration::from_secs(30))
         .expect("the load did not end once the transaction aborted")
         .unwrap();
-    assert!(set.get(0, "c").is_none(), "an aborted state was loaded");
-    assert!(set.get(0, "a").is_some() && set.get(0, "b").is_some());
+    assert_eq!(summed(&set, "c"), None, "an aborted state was loaded");
+    assert_eq!(summed(&set, "a"), first(600), "an aborted state was loaded");
+    assert_eq!(summed(&set, "b"), first(400));
 }

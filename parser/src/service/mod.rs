@@ -226,6 +226,7 @@ fn start_loop<'a>(
                 &args.kafka,
                 &topics.done,
                 &format!("{}.done-reader", topics.parser_group),
+                args.transactions.timeout(),
             )?;
             tracing::info!(data_root = %data_root.display(), "parser started");
             Ok(Parser {
