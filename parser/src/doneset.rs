@@ -49,8 +49,7 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(180);
 
 impl DoneSet {
     /// A done-set reading `topic`, written in transactions of `transaction_timeout`: a load
-    /// waits that long and a minute more for a transaction left open, at least
-    /// [`LOAD_TIMEOUT`].
+    /// waits that long and a minute more for a transaction left open, at least three minutes.
     pub fn new(
         kafka: &KafkaArgs,
         topic: &str,
