@@ -103,7 +103,7 @@ pub enum Ends {
 /// A reader of topics that is no consume loop (done-set loads, watch's done tracker, the
 /// ingest throttle, `status`, `inspect`, probes): it assigns partitions itself and never joins
 /// or commits for `group` (which names it to the broker, and whose committed offsets it may
-/// read). The one place such a client is built; consume loops get theirs from
+/// read). Such clients are built here (this and [`log_ends`]); consume loops get theirs from
 /// [`crate::consume::Group::open`].
 pub fn reader(
     args: &KafkaArgs,
@@ -114,10 +114,7 @@ pub fn reader(
     if ends == Ends::Reported {
         config.set("enable.partition.eof", "true");
     }
-    config
-        .create()
-        .map_err(quiet)
-        .with_context(|| format!("cannot create a Kafka client ({group})"))
+    create_reader(&config, group)
 }
 
 /// A client that only asks for log ends: the high watermark, past every record written,
@@ -130,6 +127,13 @@ pub fn reader(
 pub fn log_ends(args: &KafkaArgs, group: &str) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
     let mut config = consumer_config(args, group);
     config.set("isolation.level", "read_uncommitted");
+    create_reader(&config, group)
+}
+
+fn create_reader(
+    config: &ClientConfig,
+    group: &str,
+) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
     config
         .create()
         .map_err(quiet)

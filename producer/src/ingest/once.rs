@@ -107,7 +107,8 @@ impl Ingested {
     /// waited for), then tails it on a thread of its own until `shutdown`.
     pub fn load(kafka_args: &KafkaArgs, shutdown: &CancellationToken) -> anyhow::Result<Arc<Self>> {
         let topic = tally_core::Topics::new(&kafka_args.topic_prefix).ingested;
-        let mut config = kafka::consumer_config(kafka_args, &format!("{topic}.reader"));
+        let group = format!("{topic}.reader");
+        let mut config = kafka::consumer_config(kafka_args, &group);
         // Another replica's mark is seen within about this long.
         config.set("fetch.wait.max.ms", "100");
         let consumer: BaseConsumer = config
@@ -123,7 +124,7 @@ impl Ingested {
         if partitions == 0 {
             bail!("topic {topic} does not exist: run `tally init` (it adds missing topics)");
         }
-        let log_ends = kafka::log_ends(kafka_args, &format!("{topic}.reader"))?;
+        let log_ends = kafka::log_ends(kafka_args, &group)?;
         let mut tpl = TopicPartitionList::new();
         let mut ends = Vec::new();
         for p in 0..partitions {
