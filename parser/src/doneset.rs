@@ -4,7 +4,7 @@
 //! units and announcements it had.
 //!
 //! On assignment, a partition's done records are read with `read_committed` up to the high
-//! watermark captured at that moment ([`tally_core::kafka::log_ends`]), before any unit of that
+//! watermark captured at that moment ([`tally_core::kafka::BrokerProbe::log_ends`]), before any unit of that
 //! partition is processed. Reading only to the last stable offset would not do: the previous
 //! owner's last transaction may have committed with its markers not yet written (the last
 //! stable offset still stops before it), or be open still, from an instance that died; the
@@ -19,6 +19,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_core::backoff::Backoff;
+use tally_core::kafka::BrokerProbe;
 use tally_core::liveness::{self, Throttle};
 use tally_core::KafkaArgs;
 use tally_model::messages::StreamDone;
@@ -36,7 +37,7 @@ pub struct Entry {
 pub struct DoneSet {
     reader: BaseConsumer,
     /// Asks for the high watermark (the reader would answer the last stable offset).
-    ends: BaseConsumer,
+    ends: BrokerProbe,
     /// How long one partition's load may wait.
     load_timeout: Duration,
     topic: String,
@@ -57,7 +58,7 @@ impl DoneSet {
         transaction_timeout: Duration,
     ) -> anyhow::Result<Self> {
         let reader = tally_core::kafka::reader(kafka, group, tally_core::kafka::Ends::Silent)?;
-        let ends = tally_core::kafka::log_ends(kafka, group)?;
+        let ends = BrokerProbe::log_ends(kafka);
         Ok(Self {
             reader,
             ends,
@@ -136,10 +137,7 @@ impl DoneSet {
         };
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         let high = loop {
-            match self
-                .ends
-                .fetch_watermarks(&self.topic, partition, Duration::from_secs(5))
-            {
+            match self.ends.watermarks(&self.topic, partition) {
                 Ok((_, high)) => break high,
                 Err(error) => transient(&error)?,
             }

@@ -103,7 +103,7 @@ pub enum Ends {
 /// A reader of topics that is no consume loop (done-set loads, watch's done tracker, the
 /// ingest throttle, `status`, `inspect`, probes): it assigns partitions itself and never joins
 /// or commits for `group` (which names it to the broker, and whose committed offsets it may
-/// read). Such clients are built here (this and [`log_ends`]); consume loops get theirs from
+/// read). The one place such a client is built; consume loops get theirs from
 /// [`crate::consume::Group::open`].
 pub fn reader(
     args: &KafkaArgs,
@@ -114,26 +114,6 @@ pub fn reader(
     if ends == Ends::Reported {
         config.set("enable.partition.eof", "true");
     }
-    create_reader(&config, group)
-}
-
-/// A client that only asks for log ends: the high watermark, past every record written,
-/// committed or not. `fetch_watermarks` on a [`reader`] answers the last stable offset instead
-/// (librdkafka asks with the client's `isolation.level`, `read_committed`), which stops short of
-/// a transaction whose commit has returned but whose markers the broker has not written yet
-/// (they follow the commit's answer): a reader that stops there misses what that transaction
-/// wrote. A reader that must see everything committed before it started reads (with
-/// `read_committed`) until its position reaches this client's answer.
-pub fn log_ends(args: &KafkaArgs, group: &str) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
-    let mut config = consumer_config(args, group);
-    config.set("isolation.level", "read_uncommitted");
-    create_reader(&config, group)
-}
-
-fn create_reader(
-    config: &ClientConfig,
-    group: &str,
-) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
     config
         .create()
         .map_err(quiet)

@@ -137,6 +137,20 @@ impl BrokerProbe {
         }
     }
 
+    /// A probe that asks for log ends only: its [`BrokerProbe::watermarks`] answer the high
+    /// watermark, past every record written, committed or not. A `read_committed` client (a
+    /// [`super::reader`]; librdkafka's default) is answered the last stable offset instead,
+    /// which stops short of a transaction whose commit has returned but whose markers the
+    /// broker has not written yet: a reader that stops there misses what that transaction
+    /// wrote. A reader that must see everything committed before it started reads (with
+    /// `read_committed`) until its position reaches this probe's answer. Like every probe, a
+    /// failed call replaces its client (one stuck on a broker that died stays stuck).
+    pub fn log_ends(args: &KafkaArgs) -> Self {
+        let mut probe = Self::new(args);
+        probe.config.set("isolation.level", "read_uncommitted");
+        probe
+    }
+
     /// Tries to reach a broker for up to `within`: answered, no answer, or refused (returned
     /// as soon as a refusal is seen).
     pub fn reach(&self, within: Duration) -> Reached {

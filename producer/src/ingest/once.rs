@@ -124,13 +124,13 @@ impl Ingested {
         if partitions == 0 {
             bail!("topic {topic} does not exist: run `tally init` (it adds missing topics)");
         }
-        let log_ends = kafka::log_ends(kafka_args, &group)?;
+        let log_ends = kafka::BrokerProbe::log_ends(kafka_args);
         let mut tpl = TopicPartitionList::new();
         let mut ends = Vec::new();
         for p in 0..partitions {
             let what = "read the ingested topic's ends";
             let (_, high) = liveness::retry_transient(shutdown, patience, what, || {
-                log_ends.fetch_watermarks(&topic, p, Duration::from_secs(30))
+                log_ends.watermarks(&topic, p)
             })?;
             tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
             ends.push((p, high));
