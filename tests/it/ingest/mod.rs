@@ -8,6 +8,7 @@
 //! - [`connections`]: 2,000 silent connections beside a push, phase timeouts, no HTTP/2;
 //! - [`once`]: bytes counted once are never counted again under their name: after the
 //!   records expire, with another checksum kind or token, without an upload id, after a restart;
+//!   a server's load of what was announced waits for another replica's open announcement;
 //! - [`tokens`]: a tokens file gone bad fails closed, upload ids per token, per-token quotas;
 //! - [`flow`]: with the parsers stopped the server throttles and the pushers finish by
 //!   themselves once they return; `push --watch`; `producer watch` beside the server.

@@ -119,3 +119,104 @@ async fn bytes_counted_once_are_never_counted_again_under_their_name() {
     );
     server.kill9();
 }
+
+/// A server's once-set load (`Ingested::load`) reads the ingested topic to its high watermark:
+/// a mark in an announcement still open (another replica's, its commit not yet returned or its
+/// markers on the way) is waited for, and is known once committed; an aborted one never is.
+/// Read only to the last stable offset, the load would end first, and the file's bytes pushed
+/// again to this server would be counted twice.
+#[test]
+fn a_load_waits_for_an_open_announcement_of_another_replica() {
+    use rdkafka::producer::Producer;
+    use tally_core::kafka::{self, TopicSpec};
+    use tally_core::shutdown::CancellationToken;
+    use tally_core::txn::producer;
+    use tally_core::KafkaArgs;
+    use tally_producer::ingest::once::{key, Ingested, Mark};
+
+    let args = KafkaArgs::plaintext(
+        &tally_testkit::services().kafka_bootstrap,
+        &tally_testkit::unique("once-load"),
+    );
+    let topic = tally_core::Topics::new(&args.topic_prefix).ingested;
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(kafka::ensure_topics(
+            &args,
+            &[TopicSpec {
+                name: topic.clone(),
+                partitions: 1,
+                compacted: true,
+                retention: None,
+            }],
+        ))
+        .unwrap();
+    let writer = producer::create(
+        &args,
+        &format!("{}.ingest.test", args.topic_prefix),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let digest = |name: &str| format!("xxh3:{:032x}", name.len());
+    let mark = |name: &str| {
+        let value = serde_json::to_vec(&Mark {
+            name: name.to_owned(),
+            digest: digest(name),
+            bytes: 10,
+            token: "test".to_owned(),
+            announced_at: 0,
+        })
+        .unwrap();
+        let record_key = key(name, &digest(name));
+        producer::send(&writer, &topic, Some(0), Some(&record_key), &value).unwrap();
+    };
+    let shutdown = CancellationToken::new();
+    let load = || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (args, shutdown) = (args.clone(), shutdown.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(Ingested::load(&args, &shutdown));
+        });
+        rx
+    };
+    let knows = |ingested: &Ingested, name: &str| ingested.knows(name, &digest(name));
+
+    writer.begin_transaction().unwrap();
+    mark("first.txt");
+    writer.commit_transaction(Duration::from_secs(30)).unwrap();
+    writer.begin_transaction().unwrap();
+    mark("open.txt");
+    writer.flush(Duration::from_secs(30)).unwrap();
+    let pending = load();
+    assert!(
+        pending.recv_timeout(Duration::from_secs(4)).is_err(),
+        "the load ended while an announcement was open"
+    );
+    writer.commit_transaction(Duration::from_secs(30)).unwrap();
+    let ingested = pending
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the load did not end once the announcement committed")
+        .unwrap();
+    assert!(knows(&ingested, "first.txt"));
+    assert!(
+        knows(&ingested, "open.txt"),
+        "a committed announcement was missed"
+    );
+
+    writer.begin_transaction().unwrap();
+    mark("aborted.txt");
+    writer.flush(Duration::from_secs(30)).unwrap();
+    let pending = load();
+    assert!(pending.recv_timeout(Duration::from_secs(2)).is_err());
+    writer.abort_transaction(Duration::from_secs(30)).unwrap();
+    let ingested = pending
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the load did not end once the announcement aborted")
+        .unwrap();
+    assert!(
+        !knows(&ingested, "aborted.txt"),
+        "an aborted mark was loaded"
+    );
+    assert!(knows(&ingested, "open.txt"));
+    shutdown.cancel();
+}
