@@ -8,7 +8,6 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use rdkafka::producer::Producer;
-use tally_core::kafka::{self, TopicSpec};
 use tally_core::txn::producer;
 use tally_core::KafkaArgs;
 use tally_model::messages::StreamDone;
@@ -72,29 +71,8 @@ fn first(end: u64) -> Option<Ranges> {
 
 #[test]
 fn a_load_waits_for_a_transaction_that_wrote_done_states() {
-    let args = KafkaArgs::plaintext(
-        &tally_testkit::services().kafka_bootstrap,
-        &tally_testkit::unique("doneset"),
-    );
-    let topic = format!("{}.done", args.topic_prefix);
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(kafka::ensure_topics(
-            &args,
-            &[TopicSpec {
-                name: topic.clone(),
-                partitions: 1,
-                compacted: true,
-                retention: None,
-            }],
-        ))
-        .unwrap();
-    let writer = producer::create(
-        &args,
-        &format!("{}.parser.test", args.topic_prefix),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let (args, topic, writer) =
+        crate::compacted_topic_with_writer("doneset", |prefix| format!("{prefix}.done"));
     let send = |stream: &str, summed: u64| {
         producer::send(
             &writer,

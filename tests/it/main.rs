@@ -32,3 +32,32 @@ mod write_races;
 
 /// The pipeline harness (tally-testkit).
 use tally_testkit::pipeline as support;
+
+/// A compacted topic of one partition, named `topic(prefix)` under a new prefix labelled
+/// `label`, and a transactional producer for it (transaction timeout 60 s): what the tests of
+/// a reader that must wait for open transactions write with. Returns `(args, topic, writer)`.
+fn compacted_topic_with_writer(
+    label: &str,
+    topic: impl Fn(&str) -> String,
+) -> (tally_core::KafkaArgs, String, tally_core::txn::TxnProducer) {
+    use tally_core::kafka::{self, TopicSpec};
+    let args = tally_core::KafkaArgs::plaintext(
+        &tally_testkit::services().kafka_bootstrap,
+        &tally_testkit::unique(label),
+    );
+    let topic = topic(&args.topic_prefix);
+    let spec = TopicSpec {
+        name: topic.clone(),
+        partitions: 1,
+        compacted: true,
+        retention: None,
+    };
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(kafka::ensure_topics(&args, &[spec]))
+        .unwrap();
+    let id = format!("{}.{label}.writer", args.topic_prefix);
+    let writer =
+        tally_core::txn::producer::create(&args, &id, std::time::Duration::from_secs(60)).unwrap();
+    (args, topic, writer)
+}

@@ -128,35 +128,13 @@ async fn bytes_counted_once_are_never_counted_again_under_their_name() {
 #[test]
 fn a_load_waits_for_an_open_announcement_of_another_replica() {
     use rdkafka::producer::Producer;
-    use tally_core::kafka::{self, TopicSpec};
     use tally_core::shutdown::CancellationToken;
     use tally_core::txn::producer;
-    use tally_core::KafkaArgs;
     use tally_producer::ingest::once::{key, Ingested, Mark};
 
-    let args = KafkaArgs::plaintext(
-        &tally_testkit::services().kafka_bootstrap,
-        &tally_testkit::unique("once-load"),
-    );
-    let topic = tally_core::Topics::new(&args.topic_prefix).ingested;
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(kafka::ensure_topics(
-            &args,
-            &[TopicSpec {
-                name: topic.clone(),
-                partitions: 1,
-                compacted: true,
-                retention: None,
-            }],
-        ))
-        .unwrap();
-    let writer = producer::create(
-        &args,
-        &format!("{}.ingest.test", args.topic_prefix),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let (args, topic, writer) = crate::compacted_topic_with_writer("once-load", |prefix| {
+        tally_core::Topics::new(prefix).ingested
+    });
     let digest = |name: &str| format!("xxh3:{:032x}", name.len());
     let mark = |name: &str| {
         let value = serde_json::to_vec(&Mark {
