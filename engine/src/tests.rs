@@ -336,6 +336,60 @@ fn fail_policy_stops_at_a_bad_line() {
     }
 }
 
+/// A sink that keeps the offsets of the bad lines in the order they came.
+#[derive(Default)]
+struct BadOrder(Mutex<Vec<u64>>);
+
+impl Sink for BadOrder {
+    fn sums(&self, _: Vec<(i64, i64)>) -> Result<(), Stopped> {
+        Ok(())
+    }
+    fn bad_line(&self, bad: BadLine) -> Result<(), Stopped> {
+        self.0.lock().unwrap().push(bad.offset);
+        Ok(())
+    }
+}
+
+#[test]
+fn one_worker_meets_bad_lines_in_file_order() {
+    // A worker parses the two halves of a chunk side by side; bad lines in either half must
+    // still reach the sink (and stop a Fail run) in file order.
+    let mut data = Vec::new();
+    let mut bad = Vec::new();
+    for i in 0..4000 {
+        if [5, 1900, 2100, 2101, 3999].contains(&i) || i % 700 == 650 {
+            bad.push(data.len() as u64);
+            data.extend_from_slice(b"x y\n");
+        } else {
+            data.extend_from_slice(format!("{i} {i}\n").as_bytes());
+        }
+    }
+    for chunk_bytes in [1 << 20, 4096, 1000] {
+        let config = EngineConfig {
+            chunk_bytes,
+            ..EngineConfig::default()
+        };
+        let sink = BadOrder::default();
+        sum_range(&data[..], 0..data.len() as u64, &config, &pool(1), &sink).unwrap();
+        assert_eq!(
+            *sink.0.lock().unwrap(),
+            bad,
+            "chunks of {chunk_bytes} bytes"
+        );
+        let config = EngineConfig {
+            bad_lines: BadLinePolicy::Fail,
+            ..config
+        };
+        // From the middle of the file: the first bad line at or after it.
+        let from = data.len() as u64 / 2;
+        let first = *bad.iter().find(|&&b| b >= from).unwrap();
+        match sum_range(&data[..], from..data.len() as u64, &config, &pool(1), &sink) {
+            Err(EngineError::BadLine(bad)) => assert_eq!(bad.offset, first),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn skip_policy_counts_without_reporting() {
     let config = EngineConfig {
@@ -372,26 +426,28 @@ fn memory_is_bounded_by_keys_max() {
 
 #[test]
 fn partitioned_aggregation_matches_the_reference() {
-    // 300k distinct consumers, each on several lines, well past the direct table's 32k keys:
-    // the workers switch to partitions; with keys_max 200k partitions also flush on their own.
+    // 400k distinct consumers, each on several lines, past the direct table's 256k keys in
+    // each worker: the workers switch to partitions; with keys_max 350k partitions also flush
+    // on their own, and with 100k the direct table does.
     let mut data = String::new();
     let mut x: u64 = 1;
-    for _ in 0..1_200_000 {
+    for _ in 0..1_600_000 {
         x = x
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let id = (x >> 33) % 300_000;
+        let id = (x >> 33) % 400_000;
         data.push_str(&format!("{id} {}\n", x % 1000));
     }
     let expected = reference(data.as_bytes(), 4096);
-    for (keys_max, threads) in [(200_000, 1), (50_000_000, 2), (100_000, 2)] {
+    const { assert!(agg::DIRECT_KEYS_MAX < 340_000) };
+    for (keys_max, threads) in [(350_000, 1), (50_000_000, 2), (100_000, 2)] {
         let config = EngineConfig {
             keys_max,
             chunk_bytes: 1 << 20,
             ..EngineConfig::default()
         };
         for held in [false, true] {
-            let got = engine_outcome(data.as_bytes(), &[5_000_000], &config, threads, held);
+            let got = engine_outcome(data.as_bytes(), &[8_000_000], &config, threads, held);
             assert_eq!(
                 got, expected,
                 "keys_max {keys_max}, {threads} threads, held {held}"

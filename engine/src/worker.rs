@@ -6,7 +6,7 @@ use std::ops::Range;
 use tally_model::sums::agg;
 
 use crate::held::{drain, EMIT_MAX};
-use crate::line::{parse_fast, parse_line, Reason, FAST_LOOKAHEAD};
+use crate::line::{parse_fast, parse_line, Reason};
 use crate::{BadLine, BadLinePolicy, EngineConfig, EngineError, Sink, Stats};
 
 /// How many lines after its parse a line's pair is added to the sums. Its table slot is
@@ -52,6 +52,13 @@ impl<'s> Worker<'s> {
 
     /// Processes the lines starting in `own` of `data`. `data[0]` is at `base` in the source;
     /// `at_eof` says whether `data` ends where the source ends.
+    ///
+    /// Finding where a line ends needs the line's digits, so one line's parse waits on the
+    /// previous one's: a loop over one run of lines is bound by that chain, not by the work per
+    /// line. The chunk is therefore cut at a line start near its middle, and both halves are
+    /// parsed side by side, one line of each per turn, two independent chains the CPU overlaps.
+    /// The second half leaves that loop at its first line the fast path declines and goes on
+    /// after the first half is done, so bad lines are still met (and reported) in file order.
     pub(crate) fn chunk(
         &mut self,
         data: &[u8],
@@ -67,40 +74,83 @@ impl<'s> Worker<'s> {
                 None => return Ok(()),
             };
         }
-        let fast_end = data.len().saturating_sub(FAST_LOOKAHEAD);
+        let mut ring = Ring::default();
+        // The second half starts at the first line start at or after the middle.
+        let middle = p + own.end.saturating_sub(p) / 2;
+        let mut q = match middle {
+            m if m <= p || m >= own.end => own.end,
+            m if data[m - 1] == b'\n' => m,
+            m => memchr::memchr(b'\n', &data[m..own.end]).map_or(own.end, |i| m + i + 1),
+        };
+        let half = q;
         let mut lines = 0u64;
-        // The last PREFETCH_LINES pairs parsed, not yet added; all are added before returning.
-        let mut pending = [(0i64, 0i64); PREFETCH_LINES];
-        let mut parsed = 0usize;
-        while p < own.end {
-            lines += 1;
-            if p < fast_end {
-                if let Some((id, amount, next)) = parse_fast(data, p) {
-                    self.agg.prefetch(id);
-                    let (due_id, due_amount) =
-                        std::mem::replace(&mut pending[parsed % PREFETCH_LINES], (id, amount));
-                    parsed += 1;
-                    if parsed > PREFETCH_LINES {
-                        self.add(due_id, due_amount)?;
-                    }
+        while p < half && q < own.end {
+            lines += 2;
+            match parse_fast(data, p) {
+                Some((id, amount, next)) => {
+                    self.ring_add(&mut ring, id, amount)?;
                     p = next;
-                    continue;
+                }
+                None => p = self.slow_line(&mut ring, data, base, p, at_eof)?,
+            }
+            match parse_fast(data, q) {
+                Some((id, amount, next)) => {
+                    self.ring_add(&mut ring, id, amount)?;
+                    q = next;
+                }
+                None => {
+                    // Not counted here: the run of the second half below takes it up.
+                    lines -= 1;
+                    break;
                 }
             }
-            p = self.slow_line(data, base, p, at_eof)?;
         }
-        for k in parsed.saturating_sub(PREFETCH_LINES)..parsed {
-            let (id, amount) = pending[k % PREFETCH_LINES];
-            self.add(id, amount)?;
-        }
+        lines += self.run(&mut ring, data, base, p..half, at_eof)?;
+        lines += self.run(&mut ring, data, base, q..own.end, at_eof)?;
+        ring.drain(|id, amount| self.add(id, amount))?;
         self.stats.lines += lines;
         Ok(())
+    }
+
+    /// The lines starting in `[from, end)` (`from` a line start), one after another; returns
+    /// how many.
+    fn run(
+        &mut self,
+        ring: &mut Ring,
+        data: &[u8],
+        base: u64,
+        Range { start: mut p, end }: Range<usize>,
+        at_eof: bool,
+    ) -> Result<u64, EngineError> {
+        let mut lines = 0u64;
+        while p < end {
+            lines += 1;
+            match parse_fast(data, p) {
+                Some((id, amount, next)) => {
+                    self.ring_add(ring, id, amount)?;
+                    p = next;
+                }
+                None => p = self.slow_line(ring, data, base, p, at_eof)?,
+            }
+        }
+        Ok(lines)
+    }
+
+    /// Prefetches `id`'s slot and adds the pair parsed [`PREFETCH_LINES`] lines ago.
+    #[inline(always)]
+    fn ring_add(&mut self, ring: &mut Ring, id: i64, amount: i64) -> Result<(), EngineError> {
+        self.agg.prefetch(id);
+        match ring.push(id, amount) {
+            Some((id, amount)) => self.add(id, amount),
+            None => Ok(()),
+        }
     }
 
     /// The careful path for the line at `p`; returns the next line's start.
     #[cold]
     fn slow_line(
         &mut self,
+        ring: &mut Ring,
         data: &[u8],
         base: u64,
         p: usize,
@@ -118,7 +168,7 @@ impl<'s> Worker<'s> {
             }
         };
         match parse_line(line, self.line_bytes_max) {
-            Ok((id, amount)) => self.add(id, amount)?,
+            Ok((id, amount)) => self.ring_add(ring, id, amount)?,
             Err(reason) => self.bad(base + p as u64, reason, line)?,
         }
         Ok(next)
@@ -170,5 +220,39 @@ impl<'s> Worker<'s> {
             return Ok(());
         }
         self.emit()
+    }
+}
+
+/// The last [`PREFETCH_LINES`] pairs parsed, not yet added: a pair is added that many lines
+/// after its slot was prefetched.
+#[derive(Default)]
+struct Ring {
+    pending: [(i64, i64); PREFETCH_LINES],
+    parsed: usize,
+}
+
+impl Ring {
+    /// Holds `(id, amount)`; hands back the pair it replaces, once the ring is full.
+    #[inline(always)]
+    fn push(&mut self, id: i64, amount: i64) -> Option<(i64, i64)> {
+        let due = std::mem::replace(
+            &mut self.pending[self.parsed % PREFETCH_LINES],
+            (id, amount),
+        );
+        self.parsed += 1;
+        (self.parsed > PREFETCH_LINES).then_some(due)
+    }
+
+    /// Hands every pair still held to `add`, oldest first, and empties the ring.
+    fn drain(
+        &mut self,
+        mut add: impl FnMut(i64, i64) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        for k in self.parsed.saturating_sub(PREFETCH_LINES)..self.parsed {
+            let (id, amount) = self.pending[k % PREFETCH_LINES];
+            add(id, amount)?;
+        }
+        self.parsed = 0;
+        Ok(())
     }
 }

@@ -1,15 +1,18 @@
-//! A worker's aggregation: one [`SumMap`] while the keys fit in cache, then radix-partitioned.
+//! A worker's aggregation: one [`SumMap`] while its table fits in the last-level cache, then
+//! radix-partitioned.
 //!
-//! With millions of distinct consumers one big table is cache-bound: almost every line costs a
-//! cache miss and a TLB miss. Past [`DIRECT_KEYS_MAX`] keys the worker switches to
-//! [`PARTITIONS`] small tables chosen by a hash of the id, and buffers pairs per partition; a
-//! full buffer is applied to its table in one burst, while that table is hot in cache. The key
-//! cap is split across the partitions, and a full partition is flushed on its own.
+//! A worker prefetches a line's slot when it parses the line and adds the pair a few lines
+//! later, so a table in the last-level cache costs little more than one in L2. Past that, with
+//! millions of distinct consumers, almost every line would cost a cache miss and a TLB miss:
+//! past [`DIRECT_KEYS_MAX`] keys the worker switches to [`PARTITIONS`] small tables chosen by
+//! a hash of the id, and buffers pairs per partition; a full buffer is applied to its table in
+//! one burst, while that table is hot in cache. The key cap is split across the partitions,
+//! and a full partition is flushed on its own.
 
 use super::map::{Added, SumMap};
 
 /// Keys held in the single table before switching to partitions (~1 MiB of slots).
-pub const DIRECT_KEYS_MAX: usize = 32 * 1024;
+pub const DIRECT_KEYS_MAX: usize = 256 * 1024;
 /// Number of partitions once partitioned.
 pub const PARTITIONS: usize = 1024;
 /// Pairs buffered per partition before they are applied.
@@ -91,40 +94,41 @@ impl Aggregator {
 
     fn partition(&mut self, keys_max: usize, out: &mut Vec<(i64, i64)>) {
         let per_partition = (keys_max / PARTITIONS).max(1);
-        let mut parts = Box::new(Partitioned {
+        let parts = Box::new(Partitioned {
             maps: (0..PARTITIONS)
                 .map(|_| SumMap::new(per_partition))
                 .collect(),
             buffer: vec![(0, 0); PARTITIONS * BUFFER_PAIRS],
             lens: vec![0; PARTITIONS],
         });
-        if let Aggregator::Direct(map) = self {
-            let mut moved = Vec::with_capacity(map.len());
-            map.drain_into(&mut moved);
-            for (id, sum) in moved {
-                let p = partition_of(id);
-                if parts.maps[p].add(id, sum) != Added::Ok {
+        if let Aggregator::Direct(mut map) = std::mem::replace(self, Aggregator::Partitioned(parts))
+        {
+            let Aggregator::Partitioned(parts) = self else {
+                unreachable!("just replaced")
+            };
+            map.drain_each(|id, sum| {
+                if parts.maps[partition_of(id)].add(id, sum) != Added::Ok {
                     // The partition's share of the cap is smaller than what landed in it.
                     out.push((id, sum));
                 }
-            }
+            });
         }
-        *self = Aggregator::Partitioned(parts);
     }
 
     /// Number of pieces [`Aggregator::drain_piece`] drains, one at a time.
     pub fn pieces(&self) -> usize {
         match self {
-            Aggregator::Direct(_) => 1,
+            Aggregator::Direct(map) => map.pieces(),
             Aggregator::Partitioned(_) => PARTITIONS,
         }
     }
 
-    /// Moves the sums of one piece (the table, or one partition with its buffer) out, so that
-    /// a caller can send them on in bounded batches.
+    /// Moves the sums of one piece (a stretch of the table's slots, or one partition with its
+    /// buffer) out, so that a caller can send them on in bounded batches. Drain every piece
+    /// before the next [`Aggregator::add`] (see [`SumMap::drain_piece`]).
     pub fn drain_piece(&mut self, piece: usize, out: &mut Vec<(i64, i64)>) {
         match self {
-            Aggregator::Direct(map) => map.drain_into(out),
+            Aggregator::Direct(map) => map.drain_piece(piece, out),
             Aggregator::Partitioned(parts) => {
                 let len = parts.lens[piece] as usize;
                 parts.apply(piece, len, out);
@@ -156,7 +160,13 @@ impl Partitioned {
     /// Applies the first `len` buffered pairs of partition `p` to its table.
     fn apply(&mut self, p: usize, len: usize, out: &mut Vec<(i64, i64)>) {
         let map = &mut self.maps[p];
-        for &(id, amount) in &self.buffer[p * BUFFER_PAIRS..p * BUFFER_PAIRS + len] {
+        let pairs = &self.buffer[p * BUFFER_PAIRS..p * BUFFER_PAIRS + len];
+        // The table was last touched ~PARTITIONS bursts ago and is mostly out of cache: ask for
+        // all the burst's slots at once, so their misses overlap instead of coming one by one.
+        for &(id, _) in pairs {
+            map.prefetch(id);
+        }
+        for &(id, amount) in pairs {
             match map.add(id, amount) {
                 Added::Ok => {}
                 Added::Overflow(old) => out.push((id, old)),

@@ -11,6 +11,10 @@ const EMPTY: u64 = u64::MAX;
 /// Slots a new table starts with (4 KiB), unless its cap needs fewer.
 const INITIAL_SLOTS: usize = 256;
 
+/// Slots of one piece of [`SumMap::drain_piece`] (512 KiB): a piece holds at most this many
+/// keys, so a drain in pieces hands out bounded batches.
+pub const PIECE_SLOTS: usize = 32 * 1024;
+
 /// Most bytes a table takes per key of its cap: 16-byte slots, at most four per key (twice the
 /// cap, rounded up to a power of two). A memory budget of `B` bytes holds `B / BYTES_PER_KEY`
 /// keys ([`keys_within`]).
@@ -169,17 +173,43 @@ impl SumMap {
 
     /// Moves every `(key, sum)` out, leaving the map empty.
     pub fn drain_into(&mut self, out: &mut Vec<(i64, i64)>) {
+        out.reserve(self.len);
+        self.drain_each(|key, sum| out.push((key, sum)));
+    }
+
+    /// Hands every `(key, sum)` to `f`, leaving the map empty.
+    pub fn drain_each(&mut self, mut f: impl FnMut(i64, i64)) {
         if self.len == 0 {
             return;
         }
-        out.reserve(self.len);
         for slot in &mut self.slots {
             if slot.0 != EMPTY {
-                out.push((slot.0 as i64, slot.1));
+                f(slot.0 as i64, slot.1);
                 *slot = (EMPTY, 0);
             }
         }
         self.len = 0;
+    }
+
+    /// Number of pieces [`SumMap::drain_piece`] drains (each at most [`PIECE_SLOTS`] slots).
+    pub fn pieces(&self) -> usize {
+        self.slots.len().div_ceil(PIECE_SLOTS)
+    }
+
+    /// Moves the `(key, sum)` of one piece of the slots out. Drain all pieces before adding
+    /// again: a key whose probe crosses a drained piece would be found no more. Even then sums
+    /// stay right (the key gets a second slot, and both partial sums leave in time), which is
+    /// what happens when a drain stops half way.
+    pub fn drain_piece(&mut self, piece: usize, out: &mut Vec<(i64, i64)>) {
+        let start = (piece * PIECE_SLOTS).min(self.slots.len());
+        let end = (start + PIECE_SLOTS).min(self.slots.len());
+        for slot in &mut self.slots[start..end] {
+            if slot.0 != EMPTY {
+                out.push((slot.0 as i64, slot.1));
+                *slot = (EMPTY, 0);
+                self.len -= 1;
+            }
+        }
     }
 }
 
@@ -231,6 +261,44 @@ mod tests {
         map.drain_into(&mut out);
         assert_eq!(out.len(), keys_max);
         assert!(out.iter().all(|&(_, sum)| sum == 1));
+    }
+
+    #[test]
+    fn a_drain_in_pieces_hands_out_every_key_once_in_bounded_pieces() {
+        let mut map = SumMap::new(100_000);
+        for k in 0..100_000 {
+            assert_eq!(map.add(k * 7, k), Added::Ok);
+        }
+        assert!(map.pieces() > 1);
+        let mut out = Vec::new();
+        for piece in 0..map.pieces() {
+            let before = out.len();
+            map.drain_piece(piece, &mut out);
+            assert!(out.len() - before <= PIECE_SLOTS);
+        }
+        assert!(map.is_empty());
+        out.sort_unstable();
+        assert_eq!(out, (0..100_000).map(|k| (k * 7, k)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn adds_after_a_drain_stopped_half_way_keep_every_sum() {
+        let mut map = SumMap::new(100_000);
+        for k in 0..100_000 {
+            map.add(k, 1);
+        }
+        let mut out = Vec::new();
+        map.drain_piece(0, &mut out);
+        for k in 0..100_000 {
+            map.add(k, 1);
+        }
+        map.drain_into(&mut out);
+        let mut totals = std::collections::HashMap::new();
+        for (k, sum) in out {
+            *totals.entry(k).or_insert(0) += sum;
+        }
+        assert_eq!(totals.len(), 100_000);
+        assert!(totals.values().all(|&t| t == 2));
     }
 
     #[test]
