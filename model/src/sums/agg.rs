@@ -83,6 +83,19 @@ impl Aggregator {
         }
     }
 
+    /// Adds every pair of `pairs` ([`Aggregator::add`]), each slot prefetched a few pairs
+    /// ahead: a batch from elsewhere (another process's sums) meets a table that is mostly
+    /// out of cache, and its misses overlap instead of coming one by one.
+    pub fn add_all(&mut self, pairs: &[(i64, i64)], keys_max: usize, out: &mut Vec<(i64, i64)>) {
+        const AHEAD: usize = 16;
+        for (i, &(id, amount)) in pairs.iter().enumerate() {
+            if let Some(&(ahead, _)) = pairs.get(i + AHEAD) {
+                self.prefetch(ahead);
+            }
+            self.add(id, amount, keys_max, out);
+        }
+    }
+
     /// Prefetches where [`Aggregator::add`] of `id` will look first (one table only: the
     /// partitioned state buffers its pairs instead).
     #[inline(always)]

@@ -97,9 +97,7 @@ impl Merger {
         };
         let budget = self.keys_each.saturating_sub(others).max(1);
         let lane = &mut lanes[at];
-        for &(id, sum) in pairs {
-            lane.agg.add(id, sum, budget, &mut lane.out);
-        }
+        lane.agg.add_all(pairs, budget, &mut lane.out);
         if lane.out.len() >= EMIT_AT {
             leave.push((period, std::mem::take(&mut lane.out)));
         }
