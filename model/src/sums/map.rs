@@ -224,7 +224,7 @@ impl SumMap {
         self.len = 0;
     }
 
-    /// Number of pieces [`SumMap::drain_piece`] drains (each at most [`PIECE_SLOTS`] slots).
+    /// Number of pieces [`SumMap::drain_piece`] drains (each at most `PIECE_SLOTS` slots).
     pub fn pieces(&self) -> usize {
         self.slots.len().div_ceil(PIECE_SLOTS)
     }
