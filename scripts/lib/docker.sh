@@ -31,11 +31,35 @@ docker_bin_dir() {
 }
 
 # Runs the docker CLI with BuildKit on (for commands other than builds, any docker CLI does).
+# With DKR_TIMEOUT_S set (a plain shell variable of the test scripts, not exported: builds in
+# the scripts they run stay unbounded), a call that takes longer is stopped and fails, so that
+# an engine that stops answering fails a check instead of hanging the whole run.
 dkr() {
   local cli
   cli=$(docker_cli) || cli=$(command -v docker) \
     || { echo "no docker CLI (scripts/docker up installs Debian's docker.io)" >&2; return 1; }
-  DOCKER_BUILDKIT=1 "$cli" "$@"
+  if [[ -n ${DKR_TIMEOUT_S:-} ]]; then
+    DOCKER_BUILDKIT=1 timeout --kill-after=10 "$DKR_TIMEOUT_S" "$cli" "$@"
+  else
+    DOCKER_BUILDKIT=1 "$cli" "$@"
+  fi
+}
+
+# What a failed container test prints about the machine and the engine: an engine that stops
+# answering is most often out of disk, memory or I/O, and CI's log is all that is left of it.
+engine_report() {
+  echo "--- the machine: disk, memory, load"
+  df -h "$ROOT" /var/lib/docker 2>/dev/null | awk '!seen[$1]++'
+  free -m | sed -n 1,2p
+  cat /proc/loadavg
+  echo "--- the engine"
+  timeout 20 "$(command -v docker || echo /usr/bin/docker)" info \
+    --format 'server {{.ServerVersion}}, storage {{.Driver}}, containers {{.Containers}} ({{.ContainersRunning}} running), images {{.Images}}' \
+    2>&1 || echo "docker info: no answer within 20 s"
+  if [[ -f $DOCKER_STATE/dockerd.log ]]; then
+    echo "--- last lines of dockerd's log"
+    tail -n 20 "$DOCKER_STATE/dockerd.log"
+  fi
 }
 
 # True when an engine answers.
