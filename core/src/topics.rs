@@ -43,6 +43,18 @@ impl Topics {
             db_client_group: format!("{prefix}.db-client"),
         }
     }
+
+    /// Every topic of the pipeline (the ones `tally init` creates).
+    pub fn all(&self) -> [&String; 6] {
+        [
+            &self.files,
+            &self.done,
+            &self.sums,
+            &self.totals,
+            &self.dead_letter,
+            &self.ingested,
+        ]
+    }
 }
 
 #[cfg(test)]

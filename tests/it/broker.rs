@@ -167,54 +167,66 @@ fn transactions_commit_and_abort_atomically_with_group_offsets() {
     assert_eq!(offset, Offset::Offset(5));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tally_init_keeps_records_longer_than_the_broker_default() {
+/// Each topic's value of config `key`, as the broker describes it ("" when unset).
+async fn topic_config(
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[&String],
+    key: &str,
+) -> Vec<String> {
     use rdkafka::admin::ResourceSpecifier;
-    let p = Pipeline::new("retention").await;
-    let admin: AdminClient<DefaultClientContext> =
-        tally_core::kafka::base_config(&p.kafka).create().unwrap();
-    let topics = [
-        &p.topics.files,
-        &p.topics.sums,
-        &p.topics.totals,
-        &p.topics.dead_letter,
-    ];
     let specifiers: Vec<ResourceSpecifier<'_>> = topics
         .iter()
         .map(|t| ResourceSpecifier::Topic(t.as_str()))
         .collect();
-    let described = admin
+    let values: Vec<String> = admin
         .describe_configs(&specifiers, &AdminOptions::new())
         .await
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|resource| {
+            resource
+                .unwrap()
+                .get(key)
+                .and_then(|e| e.value.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(values.len(), topics.len(), "one answer per topic");
+    values
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tally_init_sets_retention_compaction_and_index_size() {
+    let p = Pipeline::new("retention").await;
+    let admin: AdminClient<DefaultClientContext> =
+        tally_core::kafka::base_config(&p.kafka).create().unwrap();
+    let t = &p.topics;
+    let deleting = [&t.files, &t.sums, &t.totals, &t.dead_letter];
     let thirty_days = (30u64 * 24 * 3600 * 1000).to_string();
-    for (topic, resource) in topics.iter().zip(described) {
-        let resource = resource.unwrap();
-        let retention = resource
-            .get("retention.ms")
-            .and_then(|e| e.value.clone())
-            .unwrap_or_default();
+    for (topic, retention) in deleting
+        .iter()
+        .zip(topic_config(&admin, &deleting, "retention.ms").await)
+    {
         assert_eq!(retention, thirty_days, "{topic}");
     }
     // The done and ingested topics: compacted (never deleted), with segments that roll
     // hourly so compaction can run.
-    for topic in [&p.topics.done, &p.topics.ingested] {
-        let config = admin
-            .describe_configs(
-                &[ResourceSpecifier::Topic(topic.as_str())],
-                &AdminOptions::new(),
-            )
-            .await
-            .unwrap()
-            .remove(0)
-            .unwrap();
-        let value = |key: &str| {
-            config
-                .get(key)
-                .and_then(|e| e.value.clone())
-                .unwrap_or_default()
-        };
-        assert_eq!(value("cleanup.policy"), "compact", "{topic}");
-        assert_eq!(value("segment.ms"), "3600000", "{topic}");
+    let compacted = [&t.done, &t.ingested];
+    for (key, want) in [("cleanup.policy", "compact"), ("segment.ms", "3600000")] {
+        for (topic, value) in compacted
+            .iter()
+            .zip(topic_config(&admin, &compacted, key).await)
+        {
+            assert_eq!(value, want, "{topic}: {key}");
+        }
+    }
+    // Every topic: 1 MiB segment indexes, whose first write costs little where the block
+    // device reads ahead far (tally_core::kafka::SEGMENT_INDEX_BYTES).
+    let all = t.all();
+    for (topic, value) in all
+        .iter()
+        .zip(topic_config(&admin, &all, "segment.index.bytes").await)
+    {
+        assert_eq!(value, tally_core::kafka::SEGMENT_INDEX_BYTES, "{topic}");
     }
 }

@@ -60,7 +60,8 @@ pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec]) -> Result<(),
         .iter()
         .zip(&retention)
         .map(|(t, retention)| {
-            let mut topic = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(-1));
+            let mut topic = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(-1))
+                .set("segment.index.bytes", SEGMENT_INDEX_BYTES);
             if t.compacted {
                 // Segments roll hourly (the broker's default is a week): only closed segments
                 // are compacted, so a done topic holds about one record per file within hours.
@@ -117,6 +118,18 @@ fn usable(partitions: &[rdkafka::metadata::MetadataPartition]) -> bool {
             .iter()
             .all(|p| p.error().is_none() && p.leader() >= 0)
 }
+
+/// `segment.index.bytes` of every topic tally creates (the broker's default is 10 MiB). A
+/// segment's offset and time indexes are files of this size, sparse until written, that the
+/// broker maps into memory. The first write to such a map reads ahead from the file as far as
+/// the block device allows, and where that is far (8 MiB on the machines docs/benchmarks.md
+/// was measured on) the kernel fills megabytes of zeroes first: 2.4 ms for a 10 MiB index
+/// file, 0.3 ms for 1 MiB, on an idle machine. A partition's first index entry is written by
+/// whatever appends to it next, often a transaction marker; on a busy machine the
+/// aggregator's commit markers took 40 to 300 ms. A 1 MiB index still holds 131,072 offset
+/// entries or 87,381 time entries, one per 4 KiB of log at most (`index.interval.bytes`), so
+/// a segment holds at least about 340 MiB before a full index rolls it.
+pub const SEGMENT_INDEX_BYTES: &str = "1048576";
 
 /// How long a created topic may take to show in the brokers' metadata.
 const VISIBLE_WITHIN: Duration = Duration::from_secs(30);

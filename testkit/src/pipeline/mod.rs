@@ -325,16 +325,7 @@ impl Drop for Pipeline {
             print_log_ends(&self.dir);
         } else if std::env::var_os("TALLY_TEST_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
-            let t = &self.topics;
-            let topics = [
-                &t.files,
-                &t.done,
-                &t.sums,
-                &t.totals,
-                &t.dead_letter,
-                &t.ingested,
-            ]
-            .map(|s| s.clone());
+            let topics = self.topics.all().map(|s| s.clone());
             self.services.forget(&self.database_url, &topics);
         }
     }
