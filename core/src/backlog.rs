@@ -65,14 +65,16 @@ pub fn records_between<C: ConsumerContext>(
 /// Hands each committed record of `[from, end)` to `each`; `false` when it did not read them
 /// all (more than [`READ_UP_TO`] offsets, or the end not reached within 5 s without a record).
 /// A consumer with `enable.partition.eof` knows the end at once even when a transaction
-/// marker is the last offset; without it, that case waits the 5 s.
+/// marker is the last offset; without it, that case waits the 5 s. The consumer is left
+/// without an assignment: a long-lived one (the ingest server's throttle) fetches nothing
+/// between its looks.
 pub fn read_between<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     partition: i32,
     from: i64,
     end: i64,
-    mut each: impl FnMut(&BorrowedMessage<'_>),
+    each: impl FnMut(&BorrowedMessage<'_>),
 ) -> anyhow::Result<bool> {
     if from >= end {
         return Ok(true);
@@ -83,6 +85,22 @@ pub fn read_between<C: ConsumerContext>(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
     consumer.assign(&tpl)?;
+    let read = read_assigned(consumer, topic, partition, end, each);
+    // Taken back only after a poll: one taken back before its fetch started can leave
+    // librdkafka fetching the partition for good (parser/src/doneset.rs). Failing, it leaves
+    // the reader fetching, which costs the broker polls but no answer.
+    let _ = consumer.unassign();
+    read
+}
+
+/// [`read_between`] once the partition is assigned at `from`.
+fn read_assigned<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+    end: i64,
+    mut each: impl FnMut(&BorrowedMessage<'_>),
+) -> anyhow::Result<bool> {
     let mut idle = Instant::now();
     while idle.elapsed() < Duration::from_secs(5) {
         match consumer.poll(Duration::from_millis(100)) {

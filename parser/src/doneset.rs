@@ -100,6 +100,13 @@ impl DoneSet {
             .flat_map(|s| s.values())
     }
 
+    /// The log start and high watermark of `partition` as the reader last saw them from its
+    /// own fetches (`None`: it never fetched the partition). Once a load has ended the reader
+    /// fetches nothing, so these stay as the load left them, whatever is written after.
+    pub fn reader_watermarks(&self, partition: i32) -> Option<(i64, i64)> {
+        tally_core::kafka::cached_watermarks(self.reader.client(), &self.topic, partition)
+    }
+
     /// Forgets revoked partitions.
     pub fn forget(&mut self, partitions: &[i32]) {
         for p in partitions {
@@ -136,9 +143,9 @@ impl DoneSet {
             Ok(())
         };
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
-        let high = loop {
+        let (low, high) = loop {
             match self.ends.watermarks(&self.topic, partition) {
-                Ok((_, high)) => break high,
+                Ok(ends) => break ends,
                 Err(error) => transient(&error)?,
             }
             if !keep_alive() {
@@ -146,11 +153,19 @@ impl DoneSet {
             }
             std::thread::sleep(backoff.next_delay());
         };
+        let set = self.streams.entry(partition).or_default();
+        set.clear();
+        if high <= low {
+            // Nothing to read, and nothing assigned: an assignment taken back before its
+            // fetch started can leave librdkafka fetching the partition for good (an idle
+            // parser was seen fetching its empty done partitions 20 times a second, each
+            // poll of the broker's, and buffering whatever came).
+            tracing::info!(partition, streams = 0, high, "done-set loaded");
+            return Ok(true);
+        }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, partition, Offset::Beginning)?;
         self.reader.assign(&tpl)?;
-        let set = self.streams.entry(partition).or_default();
-        set.clear();
         let loaded = loop {
             match tally_core::kafka::position_of(&self.reader, &self.topic, partition) {
                 Ok(position) if position >= high => break true,

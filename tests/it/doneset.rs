@@ -123,3 +123,88 @@ fn a_load_waits_for_a_transaction_that_wrote_done_states() {
     assert_eq!(summed(&set, "a"), first(600), "an aborted state was loaded");
     assert_eq!(summed(&set, "b"), first(400));
 }
+
+/// A load leaves its reader fetching nothing: written after the loads, a partition's records
+/// reach no reader. Partitions with nothing to read, and partitions read to their end. An
+/// assignment taken back before its fetch started once left librdkafka fetching the
+/// partition for good: each parser polled the broker 20 times a second for its empty done
+/// partitions and buffered whatever came.
+#[test]
+fn a_loaded_partition_is_no_longer_fetched() {
+    use tally_core::kafka::{self, TopicSpec};
+    const PARTITIONS: i32 = 12;
+    let args = KafkaArgs::plaintext(
+        &tally_testkit::services().kafka_bootstrap,
+        &tally_testkit::unique("doneset-idle"),
+    );
+    let topic = format!("{}.done", args.topic_prefix);
+    let spec = TopicSpec {
+        name: topic.clone(),
+        partitions: PARTITIONS,
+        compacted: true,
+        retention: None,
+    };
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(kafka::ensure_topics(&args, &[spec]))
+        .unwrap();
+    let id = format!("{}.writer", args.topic_prefix);
+    let writer = producer::create(&args, &id, Duration::from_secs(60)).unwrap();
+    let write = |partitions: std::ops::Range<i32>, summed: u64| {
+        writer.begin_transaction().unwrap();
+        for p in partitions {
+            let stream = format!("s{p}");
+            producer::send(
+                &writer,
+                &topic,
+                Some(p),
+                Some(&stream),
+                &state(&stream, summed),
+            )
+            .unwrap();
+        }
+        writer.commit_transaction(Duration::from_secs(30)).unwrap();
+    };
+    // A third of the partitions hold a state (and the commit's marker), the rest nothing.
+    write(PARTITIONS * 2 / 3..PARTITIONS, 100);
+
+    // Three readers, each loading every partition once: each load is a chance for the race.
+    let mut sets = Vec::new();
+    for _ in 0..3 {
+        let mut set = DoneSet::new(
+            &args,
+            &topic,
+            &tally_testkit::unique("done-reader"),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        for p in 0..PARTITIONS {
+            assert!(set.load(p, &mut || true).unwrap());
+        }
+        for p in PARTITIONS * 2 / 3..PARTITIONS {
+            assert_eq!(
+                set.get(p, &format!("s{p}")).map(|s| s.summed.clone()),
+                first(100)
+            );
+        }
+        sets.push(set);
+    }
+
+    // A fetch sent before a load ended may still answer: its answer is let in first.
+    std::thread::sleep(Duration::from_secs(1));
+    let seen: Vec<Vec<_>> = sets
+        .iter()
+        .map(|set| (0..PARTITIONS).map(|p| set.reader_watermarks(p)).collect())
+        .collect();
+    write(0..PARTITIONS, 200);
+    std::thread::sleep(Duration::from_secs(2));
+    for (set, seen) in sets.iter().zip(&seen) {
+        for p in 0..PARTITIONS {
+            assert_eq!(
+                set.reader_watermarks(p),
+                seen[p as usize],
+                "a reader still fetches done partition {p} after its load"
+            );
+        }
+    }
+}

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod backlog;
 mod broker;
 mod config;
 mod consume;
