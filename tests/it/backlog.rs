@@ -8,34 +8,18 @@ use std::time::Duration;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::Producer;
 use tally_core::backlog;
-use tally_core::kafka::{self, TopicSpec};
+use tally_core::kafka;
 use tally_core::txn::producer;
-use tally_core::KafkaArgs;
 
 #[test]
 fn a_backlog_reader_fetches_nothing_between_looks() {
     const PARTITIONS: i32 = 3;
-    let args = KafkaArgs::plaintext(
-        &tally_testkit::services().kafka_bootstrap,
-        &tally_testkit::unique("backlog-idle"),
+    let (args, topic, writer) = crate::topic_with_writer(
+        "backlog-idle",
+        |prefix| format!("{prefix}.files"),
+        PARTITIONS,
+        false,
     );
-    let topic = format!("{}.files", args.topic_prefix);
-    let spec = TopicSpec {
-        name: topic.clone(),
-        partitions: PARTITIONS,
-        compacted: false,
-        retention: None,
-    };
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(kafka::ensure_topics(&args, &[spec]))
-        .unwrap();
-    let writer = producer::create(
-        &args,
-        &format!("{}.writer", args.topic_prefix),
-        Duration::from_secs(60),
-    )
-    .unwrap();
     let write = |records: usize| {
         writer.begin_transaction().unwrap();
         for i in 0..records {

@@ -131,25 +131,13 @@ fn a_load_waits_for_a_transaction_that_wrote_done_states() {
 /// partitions and buffered whatever came.
 #[test]
 fn a_loaded_partition_is_no_longer_fetched() {
-    use tally_core::kafka::{self, TopicSpec};
     const PARTITIONS: i32 = 12;
-    let args = KafkaArgs::plaintext(
-        &tally_testkit::services().kafka_bootstrap,
-        &tally_testkit::unique("doneset-idle"),
+    let (args, topic, writer) = crate::topic_with_writer(
+        "doneset-idle",
+        |prefix| format!("{prefix}.done"),
+        PARTITIONS,
+        true,
     );
-    let topic = format!("{}.done", args.topic_prefix);
-    let spec = TopicSpec {
-        name: topic.clone(),
-        partitions: PARTITIONS,
-        compacted: true,
-        retention: None,
-    };
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(kafka::ensure_topics(&args, &[spec]))
-        .unwrap();
-    let id = format!("{}.writer", args.topic_prefix);
-    let writer = producer::create(&args, &id, Duration::from_secs(60)).unwrap();
     let write = |partitions: std::ops::Range<i32>, summed: u64| {
         writer.begin_transaction().unwrap();
         for p in partitions {

@@ -41,6 +41,16 @@ fn compacted_topic_with_writer(
     label: &str,
     topic: impl Fn(&str) -> String,
 ) -> (tally_core::KafkaArgs, String, tally_core::txn::TxnProducer) {
+    topic_with_writer(label, topic, 1, true)
+}
+
+/// [`compacted_topic_with_writer`] with `partitions` partitions, compacted or deleting.
+fn topic_with_writer(
+    label: &str,
+    topic: impl Fn(&str) -> String,
+    partitions: i32,
+    compacted: bool,
+) -> (tally_core::KafkaArgs, String, tally_core::txn::TxnProducer) {
     use tally_core::kafka::{self, TopicSpec};
     let args = tally_core::KafkaArgs::plaintext(
         &tally_testkit::services().kafka_bootstrap,
@@ -49,8 +59,8 @@ fn compacted_topic_with_writer(
     let topic = topic(&args.topic_prefix);
     let spec = TopicSpec {
         name: topic.clone(),
-        partitions: 1,
-        compacted: true,
+        partitions,
+        compacted,
         retention: None,
     };
     tokio::runtime::Runtime::new()
