@@ -22,6 +22,7 @@ use tally_core::{kafka, DatabaseArgs, KafkaArgs, LivenessArgs, Topics};
 
 use crate::batch;
 use crate::changes::{self, ChangeLogArgs};
+use crate::copy;
 use crate::input;
 use crate::writer::{batch_timeout, Writer};
 use tally_core::schema;
@@ -211,6 +212,16 @@ async fn connect(
         match PgPoolOptions::new()
             // The writers, and one for resuming and start-up checks.
             .max_connections(writers as u32 + 1)
+            // Every session open and ready from the start: the first batch after a start
+            // waited for the writers' connections, their backends, and each session's first
+            // staging tables and partition check (reopened sessions get the same).
+            .min_connections(writers as u32 + 1)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    copy::prepare_session(conn).await;
+                    Ok(())
+                })
+            })
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(database.connect_options()?)
             .await

@@ -1,12 +1,14 @@
 //! How the db-client cuts its input into batches: by the memory a batch takes once decoded
 //! (`--memory-max`, `--batch-bytes-max`), counted from each record's first bytes before it is
-//! decoded, never past the share (a record heavier alone is a batch of its own).
+//! decoded, never past the share (a record heavier alone is a batch of its own). And the
+//! sessions a batch is written with: open and ready before the first batch.
 
 use std::time::Duration;
 
 use tally_db_client::batch::PAIR_BYTES;
 
 use crate::support::Pipeline;
+use tally_testkit::{eventually, holds};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -55,4 +57,42 @@ async fn a_db_client_batch_holds_no_more_consumers_than_its_memory_share() {
         largest * PAIR_BYTES <= share,
         "a batch of {largest} consumers outgrew its share of {share} bytes: {batches:?}"
     );
+}
+
+/// The db-client opens every session it writes with at its start, each with its staging
+/// tables and with this month's and the next month's period partitions made: its first batch
+/// after a start waits for none of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_db_client_readies_its_sessions_before_its_first_batch() {
+    let mut p = Pipeline::new("dbready").await;
+    let _db = p.spawn("db-client", &["db-client", "--writers", "3"]);
+    let pool = p.pool.clone();
+    eventually(
+        TIMEOUT,
+        "3 writers' sessions and one more, each with its staging tables, and the partitions",
+        || async {
+            // Each session's temporary tables live in a schema of its own.
+            let sessions: i64 = sqlx::query_scalar(
+                "SELECT count(DISTINCT relnamespace) FROM pg_class
+                 WHERE relname = 'tally_staging' AND relpersistence = 't'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            let months: Vec<Option<String>> = sqlx::query_scalar(
+                "SELECT to_regclass('consumer_period_totals_'
+                     || to_char(date_trunc('month', now() AT TIME ZONE 'UTC') + m, 'YYYY_MM'))::text
+                 FROM (VALUES (interval '0'), (interval '1 month')) AS v(m)",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            holds(sessions == 4 && months.iter().all(Option::is_some), || {
+                format!("{sessions} sessions ready, partitions {months:?}")
+            })
+        },
+    )
+    .await;
+    let batches = consumers_per_transaction(&p).await;
+    assert!(batches.is_empty(), "nothing written yet: {batches:?}");
 }

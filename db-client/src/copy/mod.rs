@@ -240,6 +240,25 @@ async fn add_period_totals(tx: &mut PgConnection, select: &str) -> anyhow::Resul
     Ok(())
 }
 
+/// Readies a new database session for batches: its staging tables, and this month's and the
+/// next month's period partitions (compiling the function that makes them, in this session).
+/// A batch does each of these itself where needed; done when the session opens, the first
+/// batches after a start do not wait for them. Where the schema is not there yet (before
+/// `tally init`), it stops at the first refusal, quietly: the batches then do it.
+pub async fn prepare_session(conn: &mut PgConnection) {
+    for statement in [
+        CREATE_STAGING,
+        CREATE_MOVED_STAGING,
+        CREATE_PERIOD_STAGING,
+        "SELECT tally_ensure_period_partitions(ARRAY[now()])",
+    ] {
+        if let Err(error) = sqlx::query(statement).execute(&mut *conn).await {
+            tracing::debug!(%error, "session not prepared ahead of its batches");
+            return;
+        }
+    }
+}
+
 /// Creates the monthly partitions of `consumer_period_history` for periods starting at `starts`
 /// (Unix seconds), and the month after each, where missing. Run outside a batch's transaction:
 /// creating a partition locks the whole table for a moment.
