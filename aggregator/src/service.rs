@@ -152,6 +152,7 @@ fn start_loop(
             idle: flush,
             max_wait: flush,
             wait_for_open: true,
+            read_through: false,
         },
         consumer_options: vec![("max.poll.interval.ms", "300000".to_owned())],
     };

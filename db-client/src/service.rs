@@ -80,7 +80,8 @@ pub struct DbClientArgs {
     #[arg(long, env = "TALLY_DB_WRITERS", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub writers: u16,
-    /// How long to wait for more records before writing a partial batch.
+    /// How long to wait for more records before writing a partial batch (records already on
+    /// their way, up to the partitions' end, are read first).
     #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = 100)]
     pub batch_wait_ms: u64,
     /// The change log.
@@ -149,6 +150,7 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
             idle: wait,
             max_wait: wait,
             wait_for_open: true,
+            read_through: true,
         },
         // The loop does not poll while a batch is written: a member must not leave its group
         // while the largest batch of the budget is within its timeout.

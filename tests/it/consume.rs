@@ -92,6 +92,7 @@ const LIMITS: BatchLimits = BatchLimits {
     idle: Duration::from_millis(200),
     max_wait: Duration::from_secs(1),
     wait_for_open: false,
+    read_through: false,
 };
 
 /// Collects until every partition's last record came; the offsets read of each partition.

@@ -59,6 +59,50 @@ async fn a_db_client_batch_holds_no_more_consumers_than_its_memory_share() {
     );
 }
 
+/// The db-client's interval (`--batch-wait-ms`) bounds its wait for more, not its reading of
+/// what is there: a transaction upstream whose records come one small fetch at a time, for
+/// longer than the interval, is written in one database transaction, not cut into several
+/// (each but the first waiting for the one before to be written).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_db_client_batch_reads_past_its_interval_to_the_end_of_its_input() {
+    let mut p = Pipeline::new("dbthrough").await;
+    // Two units of about 90k consumers: six sums records and six end markers each, all of the
+    // same moment (the parser is done before the db-client starts).
+    let (files, expected) = p.generate(2, 3_000_000, 100_000, 73).await;
+    let mut parser = p.spawn("parser", &p.parser_args("a"));
+    p.publish("100000000", &files).await;
+    p.wait_files_consumed(TIMEOUT).await;
+    assert!(parser.terminate(Duration::from_secs(20)), "parser stops");
+
+    // One record batch per fetch, and an interval of 1 ms: the input takes many intervals to
+    // read.
+    let _db = p.spawn(
+        "db-client",
+        &[
+            "db-client",
+            "--writers",
+            "1",
+            "--batch-wait-ms",
+            "1",
+            "-X",
+            "message.max.bytes=1000",
+            "-X",
+            "fetch.max.bytes=1000",
+            "-X",
+            "max.partition.fetch.bytes=1",
+        ],
+    );
+    p.wait_ingested(2, TIMEOUT).await;
+    p.assert_totals(&expected, "batches read to the end").await;
+    let batches = consumers_per_transaction(&p).await;
+    assert_eq!(
+        batches.len(),
+        1,
+        "{} consumers in {batches:?} transactions: the interval cut the batch",
+        expected.len()
+    );
+}
+
 /// The db-client opens every session it writes with at its start, each with its staging
 /// tables and with this month's and the next month's period partitions made: its first batch
 /// after a start waits for none of it.

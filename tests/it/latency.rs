@@ -104,6 +104,7 @@ fn a_batch_waits_for_a_transaction_open_upstream_then_ends_at_once() {
         idle: Duration::from_secs(20),
         max_wait: Duration::from_secs(20),
         wait_for_open: true,
+        read_through: false,
     };
     // The next batch with records in it (an empty poll ends an empty one).
     let mut next_batch = || {

@@ -40,6 +40,14 @@ pub struct BatchLimits {
     /// partition held: for stages that merge what they read (the aggregator, the db-client),
     /// where waiting writes each consumer once instead of twice.
     pub wait_for_open: bool,
+    /// Whether a batch reads on to the end of the partitions that have records on their way
+    /// (no end told since their last record), past `idle` and `max_wait`: for the db-client,
+    /// whose interval bounds waiting for more, not the reading of what is there. A transaction
+    /// upstream whose records take longer than the interval to fetch is then written in one
+    /// batch, not cut in two (the second part waiting for the first one's write). Waiting for
+    /// a transaction open upstream still ends at `max_wait`, and a poll that brings nothing for
+    /// half a second ends the batch.
+    pub read_through: bool,
 }
 
 /// The partitions this instance holds and what it knows of them.
@@ -183,7 +191,10 @@ impl Group {
             let polled = match self.intake.pop() {
                 Some(message) => Some(Ok(message)),
                 None => {
-                    let wait = if batch.is_empty() {
+                    let wait = if batch.is_empty() || (limits.read_through && self.reading(&batch))
+                    {
+                        // Reading on to the partitions' end, the next fetch brings records or
+                        // that end, whatever the interval.
                         Duration::from_millis(500)
                     } else {
                         limits
@@ -247,12 +258,19 @@ impl Group {
                 }
             }
             let age = if batch.is_empty() { called } else { started };
-            if age.elapsed() >= limits.max_wait {
+            if age.elapsed() >= limits.max_wait && !(limits.read_through && self.reading(&batch)) {
                 break;
             }
         }
         self.liveness.positions(&self.consumer, &self.topic);
         Ok(batch)
+    }
+
+    /// Whether `batch` has records and a partition held still has records on their way to
+    /// it: polled and kept, or no end told since its last record ([`BatchLimits::read_through`]).
+    fn reading(&self, batch: &[OwnedMessage]) -> bool {
+        !batch.is_empty()
+            && (!self.intake.is_empty() || self.assigned.iter().any(|p| !self.at_end.contains(p)))
     }
 
     /// Whether every partition held is at its end, none loading, nothing stashed.

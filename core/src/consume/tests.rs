@@ -161,6 +161,7 @@ fn limits(records: usize) -> BatchLimits {
         idle: Duration::ZERO,
         max_wait: Duration::ZERO,
         wait_for_open: false,
+        read_through: false,
     }
 }
 

@@ -194,6 +194,7 @@ fn start_loop<'a>(
             idle: Duration::from_millis(20),
             max_wait: Duration::from_secs(2),
             wait_for_open: false,
+            read_through: false,
         },
         consumer_options: vec![
             ("partition.assignment.strategy", "range".to_owned()),
