@@ -21,16 +21,23 @@ async fn consumers_per_transaction(p: &Pipeline) -> Vec<i64> {
         .unwrap()
 }
 
+/// The sums of `files` files of about 90k consumers each (one unit each), parsed by a parser
+/// that is stopped once they are all in Kafka; their expected totals.
+async fn parsed(p: &mut Pipeline, files: u32, seed: u64) -> std::collections::HashMap<i64, i128> {
+    let (files, expected) = p.generate(files, 3_000_000, 100_000, seed).await;
+    let mut parser = p.spawn("parser", &p.parser_args("a"));
+    p.publish("100000000", &files).await;
+    p.wait_files_consumed(TIMEOUT).await;
+    assert!(parser.terminate(Duration::from_secs(20)), "parser stops");
+    expected
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_db_client_batch_holds_no_more_consumers_than_its_memory_share() {
     let mut p = Pipeline::new("dbbatch").await;
     // One unit of about 90k consumers: the parser sends them as one record of at most 20,000
     // pairs per partition and part (six partitions).
-    let (files, expected) = p.generate(1, 3_000_000, 100_000, 71).await;
-    let mut parser = p.spawn("parser", &p.parser_args("a"));
-    p.publish("100000000", &files).await;
-    p.wait_files_consumed(TIMEOUT).await;
-    assert!(parser.terminate(Duration::from_secs(20)), "parser stops");
+    let expected = parsed(&mut p, 1, 71).await;
 
     // Two records' pairs fit the share, three do not.
     let share = 40_000 * PAIR_BYTES;
@@ -68,11 +75,7 @@ async fn a_db_client_batch_reads_past_its_interval_to_the_end_of_its_input() {
     let mut p = Pipeline::new("dbthrough").await;
     // Two units of about 90k consumers: six sums records and six end markers each, all of the
     // same moment (the parser is done before the db-client starts).
-    let (files, expected) = p.generate(2, 3_000_000, 100_000, 73).await;
-    let mut parser = p.spawn("parser", &p.parser_args("a"));
-    p.publish("100000000", &files).await;
-    p.wait_files_consumed(TIMEOUT).await;
-    assert!(parser.terminate(Duration::from_secs(20)), "parser stops");
+    let expected = parsed(&mut p, 2, 73).await;
 
     // One record batch per fetch, and an interval of 1 ms: the input takes many intervals to
     // read.

@@ -246,29 +246,33 @@ async fn add_period_totals(tx: &mut PgConnection, select: &str) -> anyhow::Resul
 /// batches after a start do not wait for them. Where the schema is not there yet (before
 /// `tally init`), it stops at the first refusal, quietly: the batches then do it.
 pub async fn prepare_session(conn: &mut PgConnection) {
-    for statement in [
-        CREATE_STAGING,
-        CREATE_MOVED_STAGING,
-        CREATE_PERIOD_STAGING,
-        "SELECT tally_ensure_period_partitions(ARRAY[now()])",
-    ] {
-        if let Err(error) = sqlx::query(statement).execute(&mut *conn).await {
-            tracing::debug!(%error, "session not prepared ahead of its batches");
-            return;
+    let prepared = async {
+        for statement in [CREATE_STAGING, CREATE_MOVED_STAGING, CREATE_PERIOD_STAGING] {
+            sqlx::query(statement).execute(&mut *conn).await?;
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        ensure_partitions(&mut *conn, &[now]).await
+    };
+    if let Err(error) = prepared.await {
+        tracing::debug!(error = %format!("{error:#}"), "session not prepared ahead of its batches");
     }
 }
 
 /// Creates the monthly partitions of `consumer_period_history` for periods starting at `starts`
 /// (Unix seconds), and the month after each, where missing. Run outside a batch's transaction:
 /// creating a partition locks the whole table for a moment.
-pub async fn ensure_partitions(pool: &sqlx::PgPool, starts: &[i64]) -> anyhow::Result<()> {
+pub async fn ensure_partitions<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    starts: &[i64],
+) -> anyhow::Result<()> {
     if starts.is_empty() {
         return Ok(());
     }
     sqlx::query("SELECT tally_ensure_period_partitions(ARRAY(SELECT to_timestamp(s) FROM UNNEST($1::bigint[]) AS s))")
         .bind(starts)
-        .execute(pool)
+        .execute(db)
         .await
         .context("create period partitions")?;
     Ok(())
