@@ -94,8 +94,10 @@ pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow:
     ));
     let split = Split::new(&args.units);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |_event| {
-        let _ = tx.send(());
+    let mut watcher = notify::recommended_watcher(move |event| {
+        if watch::may_change_a_scan(&event) {
+            let _ = tx.send(());
+        }
     })
     .context("cannot start inotify")?;
     if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
@@ -129,9 +131,11 @@ pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow:
                 backoff.next_delay()
             }
         };
+        let passed = tokio::time::Instant::now();
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = rx.recv() => {}
+            // A writer appending in the folder raises an event per write: passes stay apart.
+            _ = rx.recv() => tokio::time::sleep_until(passed + watch::SCAN_SPACING).await,
             _ = tokio::time::sleep(next) => {}
         }
         while rx.try_recv().is_ok() {}

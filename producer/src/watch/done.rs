@@ -62,21 +62,19 @@ impl DoneTracker {
         })
     }
 
-    /// Reads done records for up to `wait`; returns pending versions (file id → path and
-    /// stream) that are done: every byte summed or rejected, or superseded by a later version
-    /// of the same stream (a file that grew or was rewritten; its own units all came first).
+    /// Reads the done records already fetched, for at most `budget` (it never waits for
+    /// more); returns pending versions (file id → path and stream) that are done: every byte
+    /// summed or rejected, or superseded by a later version of the same stream (a file that
+    /// grew or was rewritten; its own units all came first).
     pub(super) fn poll(
         &mut self,
-        wait: Duration,
+        budget: Duration,
         pending: &HashMap<String, (PathBuf, Option<String>)>,
         liveness: &Liveness,
     ) -> Vec<FileDone> {
         let mut complete = Vec::new();
-        let deadline = Instant::now() + wait;
-        while let Some(message) = self
-            .consumer
-            .poll(deadline.saturating_duration_since(Instant::now()))
-        {
+        let deadline = Instant::now() + budget;
+        while let Some(message) = self.consumer.poll(Duration::ZERO) {
             let message = match message {
                 Ok(message) => message,
                 Err(error) => {

@@ -22,6 +22,7 @@ mod state;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -35,6 +36,15 @@ use crate::announce::{self, Announcer, Split};
 use done::DoneTracker;
 pub use lifecycle::{apply_after_done, list_rejected, AfterDone, REJECTED_FILE};
 use state::{format_inode, inode_of, stream_of, Inode, State};
+
+/// Least time between two scans that events start: a writer appending to a file in the folder
+/// raises an event per write, and a scan reads the whole folder. A lone event (a rename into
+/// the folder) is scanned at once.
+pub const SCAN_SPACING: Duration = Duration::from_millis(50);
+
+/// Longest sleep between two reads of the done topic (what is done waits that long at most for
+/// its life-cycle action).
+const DONE_LOOK: Duration = Duration::from_millis(50);
 
 /// What happens to a file once every byte of it is done (`producer watch`, `standalone`).
 #[derive(Debug, Clone, clap::Args)]
@@ -71,6 +81,22 @@ pub struct WatchArgs {
     /// Liveness watchdog.
     #[command(flatten)]
     pub liveness: LivenessArgs,
+}
+
+/// Whether a folder event may change what a scan finds (`producer watch`, `standalone`). Reads
+/// are not: a scan opens the folder and reads its files, and each such event starting a scan
+/// would keep the folder scanned for ever while nothing changes. A file closed after writing
+/// is.
+pub fn may_change_a_scan(event: &notify::Result<notify::Event>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match event {
+        Ok(event) => !matches!(
+            event.kind,
+            EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write)
+        ),
+        // Lost events (a full queue): scan.
+        Err(_) => true,
+    }
 }
 
 /// Whether `name` may be a finished data file (not a temp, partial, hidden or lock file).
@@ -220,8 +246,10 @@ pub fn run(
     let mut failing: Option<Step> = None;
 
     let (tx, rx) = std::sync::mpsc::channel();
-    let mut watcher = notify::recommended_watcher(move |_event| {
-        let _ = tx.send(());
+    let mut watcher = notify::recommended_watcher(move |event| {
+        if may_change_a_scan(&event) {
+            let _ = tx.send(());
+        }
     })
     .context("cannot start inotify")?;
     if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
@@ -232,13 +260,33 @@ pub fn run(
     let rescan = Duration::from_millis(args.rescan.rescan_interval_ms.max(10));
     let settle = Duration::from_millis(args.settle.settle_ms);
     let mut next_scan = Instant::now();
+    // An event came since the last scan; when that scan was.
+    let mut triggered = false;
+    let mut last_scan: Option<Instant> = None;
     while !shutdown.is_cancelled() {
-        let mut triggered = false;
+        // Asleep until an event, the next scan or the next look at the done topic: a file
+        // renamed into the folder is scanned at once, not after a wait on the done topic.
+        let spaced_at = last_scan.map_or(next_scan, |at| at + SCAN_SPACING);
+        let due = if triggered {
+            next_scan.min(spaced_at)
+        } else {
+            next_scan
+        };
+        let wait = due.saturating_duration_since(Instant::now()).min(DONE_LOOK);
+        match rx.recv_timeout(wait) {
+            Ok(()) => triggered = true,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
+        }
         while rx.try_recv().is_ok() {
             triggered = true;
         }
-        if triggered || Instant::now() >= next_scan {
-            next_scan = Instant::now() + rescan;
+        let now = Instant::now();
+        let spaced = last_scan.is_none_or(|at| now >= at + SCAN_SPACING);
+        if (triggered && spaced) || now >= next_scan {
+            triggered = false;
+            last_scan = Some(now);
+            next_scan = now + rescan;
             let scanned = scan(&dir, &mut state, split, settle)?;
             if let Some(at) = scanned.next_settled {
                 next_scan = next_scan.min(at);
@@ -290,7 +338,7 @@ pub fn run(
                 break;
             }
         }
-        for file in tracker.poll(Duration::from_millis(200), &state.pending, &liveness) {
+        for file in tracker.poll(DONE_LOOK, &state.pending, &liveness) {
             let id = &file.id;
             if let Some((path, _)) = state.pending.remove(id) {
                 if file.superseded {
