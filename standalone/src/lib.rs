@@ -94,8 +94,9 @@ pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow:
     ));
     let split = Split::new(&args.units);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watched = dir.clone();
     let mut watcher = notify::recommended_watcher(move |event| {
-        if watch::may_change_a_scan(&event) {
+        if watch::may_change_a_scan(&watched, &event) {
             let _ = tx.send(());
         }
     })
@@ -135,7 +136,7 @@ pub async fn run(args: &StandaloneArgs, shutdown: &CancellationToken) -> anyhow:
         tokio::select! {
             _ = shutdown.cancelled() => {}
             // A writer appending in the folder raises an event per write: passes stay apart.
-            _ = rx.recv() => tokio::time::sleep_until(passed + watch::SCAN_SPACING).await,
+            Some(()) = rx.recv() => tokio::time::sleep_until(passed + watch::SCAN_SPACING).await,
             _ = tokio::time::sleep(next) => {}
         }
         while rx.try_recv().is_ok() {}

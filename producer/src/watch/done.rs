@@ -34,6 +34,8 @@ pub(super) struct DoneTracker {
     recent: HashMap<String, (StreamDone, Instant)>,
     /// Read errors (a broker outage), logged at a bounded rate.
     errors: Throttle,
+    /// The last poll ran out of its budget with records still coming (catching up at start).
+    behind: bool,
 }
 
 impl DoneTracker {
@@ -59,7 +61,13 @@ impl DoneTracker {
             dir: dir.to_path_buf(),
             recent: HashMap::new(),
             errors: Throttle::new(Duration::from_secs(10)),
+            behind: false,
         })
+    }
+
+    /// Whether the last [`DoneTracker::poll`] left records unread: poll again at once.
+    pub(super) fn behind(&self) -> bool {
+        self.behind
     }
 
     /// Reads the done records already fetched, for at most `budget` (it never waits for
@@ -74,6 +82,7 @@ impl DoneTracker {
     ) -> Vec<FileDone> {
         let mut complete = Vec::new();
         let deadline = Instant::now() + budget;
+        self.behind = false;
         while let Some(message) = self.consumer.poll(Duration::ZERO) {
             let message = match message {
                 Ok(message) => message,
@@ -106,6 +115,7 @@ impl DoneTracker {
                     .insert(done.stream.clone(), (done, Instant::now()));
             }
             if Instant::now() >= deadline {
+                self.behind = true;
                 break;
             }
         }

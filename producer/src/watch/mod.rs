@@ -37,10 +37,17 @@ use done::DoneTracker;
 pub use lifecycle::{apply_after_done, list_rejected, AfterDone, REJECTED_FILE};
 use state::{format_inode, inode_of, stream_of, Inode, State};
 
-/// Least time between two scans that events start: a writer appending to a file in the folder
-/// raises an event per write, and a scan reads the whole folder. A lone event (a rename into
-/// the folder) is scanned at once.
+/// Least time from the end of a scan to the next one that events start: a writer appending to
+/// a file in the folder raises an event per write, and a scan reads the whole folder. A lone
+/// event (a rename into the folder) is scanned at once. See [`scan_spacing`].
 pub const SCAN_SPACING: Duration = Duration::from_millis(50);
+
+/// How long after a scan that took `took` the next one that events start may come:
+/// [`SCAN_SPACING`], or four times the scan where that is longer, so that scans of a large
+/// folder take at most a fifth of a core however many events come.
+pub fn scan_spacing(took: Duration) -> Duration {
+    SCAN_SPACING.max(took.saturating_mul(4))
+}
 
 /// Longest sleep between two reads of the done topic (what is done waits that long at most for
 /// its life-cycle action).
@@ -83,20 +90,29 @@ pub struct WatchArgs {
     pub liveness: LivenessArgs,
 }
 
-/// Whether a folder event may change what a scan finds (`producer watch`, `standalone`). Reads
-/// are not: a scan opens the folder and reads its files, and each such event starting a scan
-/// would keep the folder scanned for ever while nothing changes. A file closed after writing
-/// is.
-pub fn may_change_a_scan(event: &notify::Result<notify::Event>) -> bool {
+/// Whether an event of the watched folder `dir` may change what a scan finds (`producer
+/// watch`, `standalone`). Reads are not: a scan opens the folder and reads its files, and each
+/// such event starting a scan would keep the folder scanned for ever while nothing changes.
+/// Nor is a change to a file no scan looks at (a temporary, partial or hidden one, the watch's
+/// own state file), until it is renamed to a data file's name; a lock file is looked at.
+pub fn may_change_a_scan(dir: &Path, event: &notify::Result<notify::Event>) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind};
-    match event {
-        Ok(event) => !matches!(
-            event.kind,
-            EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write)
-        ),
-        // Lost events (a full queue): scan.
-        Err(_) => true,
+    let Ok(event) = event else {
+        return true;
+    };
+    if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
+    {
+        return false;
     }
+    // No path: lost events (a full queue, notify's `Rescan` flag) and the like.
+    event.paths.is_empty()
+        || event.paths.iter().any(|path| {
+            path == dir
+                || path
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .is_none_or(|name| is_candidate_name(name) || name.ends_with(".lock"))
+        })
 }
 
 /// Whether `name` may be a finished data file (not a temp, partial, hidden or lock file).
@@ -157,6 +173,7 @@ pub fn candidates(dir: &Path, settle: Duration) -> anyhow::Result<Vec<Candidate>
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(Result::ok)
         .collect();
+    tracing::debug!(entries = entries.len(), "folder listed");
     entries.sort_by_key(|e| e.file_name());
     Ok(entries
         .into_iter()
@@ -246,8 +263,9 @@ pub fn run(
     let mut failing: Option<Step> = None;
 
     let (tx, rx) = std::sync::mpsc::channel();
+    let watched = dir.clone();
     let mut watcher = notify::recommended_watcher(move |event| {
-        if may_change_a_scan(&event) {
+        if may_change_a_scan(&watched, &event) {
             let _ = tx.send(());
         }
     })
@@ -260,19 +278,22 @@ pub fn run(
     let rescan = Duration::from_millis(args.rescan.rescan_interval_ms.max(10));
     let settle = Duration::from_millis(args.settle.settle_ms);
     let mut next_scan = Instant::now();
-    // An event came since the last scan; when that scan was.
+    // An event came since the last scan; when events may start the next one.
     let mut triggered = false;
-    let mut last_scan: Option<Instant> = None;
+    let mut spaced_at = Instant::now();
     while !shutdown.is_cancelled() {
         // Asleep until an event, the next scan or the next look at the done topic: a file
         // renamed into the folder is scanned at once, not after a wait on the done topic.
-        let spaced_at = last_scan.map_or(next_scan, |at| at + SCAN_SPACING);
         let due = if triggered {
             next_scan.min(spaced_at)
         } else {
             next_scan
         };
-        let wait = due.saturating_duration_since(Instant::now()).min(DONE_LOOK);
+        let wait = if tracker.behind() {
+            Duration::ZERO
+        } else {
+            due.saturating_duration_since(Instant::now()).min(DONE_LOOK)
+        };
         match rx.recv_timeout(wait) {
             Ok(()) => triggered = true,
             Err(RecvTimeoutError::Timeout) => {}
@@ -282,12 +303,11 @@ pub fn run(
             triggered = true;
         }
         let now = Instant::now();
-        let spaced = last_scan.is_none_or(|at| now >= at + SCAN_SPACING);
-        if (triggered && spaced) || now >= next_scan {
+        if (triggered && now >= spaced_at) || now >= next_scan {
             triggered = false;
-            last_scan = Some(now);
             next_scan = now + rescan;
             let scanned = scan(&dir, &mut state, split, settle)?;
+            spaced_at = Instant::now() + scan_spacing(now.elapsed());
             if let Some(at) = scanned.next_settled {
                 next_scan = next_scan.min(at);
             }
