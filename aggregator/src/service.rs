@@ -153,6 +153,7 @@ fn start_loop(
             max_wait: flush,
             wait_for_open: true,
             read_through: false,
+            end_at_watermark: false,
         },
         consumer_options: vec![("max.poll.interval.ms", "300000".to_owned())],
     };

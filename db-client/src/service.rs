@@ -151,6 +151,7 @@ pub async fn run(args: &DbClientArgs, shutdown: &CancellationToken) -> anyhow::R
             max_wait: wait,
             wait_for_open: true,
             read_through: true,
+            end_at_watermark: true,
         },
         // The loop does not poll while a batch is written: a member must not leave its group
         // while the largest batch of the budget is within its timeout.

@@ -93,6 +93,7 @@ const LIMITS: BatchLimits = BatchLimits {
     max_wait: Duration::from_secs(1),
     wait_for_open: false,
     read_through: false,
+    end_at_watermark: false,
 };
 
 /// Collects until every partition's last record came; the offsets read of each partition.

@@ -105,6 +105,7 @@ fn a_batch_waits_for_a_transaction_open_upstream_then_ends_at_once() {
         max_wait: Duration::from_secs(20),
         wait_for_open: true,
         read_through: false,
+        end_at_watermark: false,
     };
     // The next batch with records in it (an empty poll ends an empty one).
     let mut next_batch = || {
@@ -174,6 +175,181 @@ fn a_batch_waits_for_a_transaction_open_upstream_then_ends_at_once() {
         "{:?}",
         started.elapsed()
     );
+    group.leave();
+}
+
+/// A batch with `end_at_watermark` (the db-client's) ends once its partitions are read up to
+/// the high watermark the client last heard of, not when their end is told: librdkafka tells
+/// it with the next fetch response, which the broker holds for `fetch.wait.max.ms` (10 s
+/// here), when no record comes.
+#[test]
+fn a_batch_read_to_the_watermark_ends_without_the_next_fetch() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use tally_core::consume::{BatchLimits, Group, PartitionState};
+    use tally_core::kafka;
+
+    struct Nothing;
+    impl PartitionState for Nothing {}
+
+    let args = tally_core::KafkaArgs::plaintext(
+        &tally_testkit::services().kafka_bootstrap,
+        &tally_testkit::unique("watermark"),
+    );
+    let topic = crate::liveness::input_topic(&args);
+    let producer: BaseProducer = kafka::transactional_producer_config(
+        &args,
+        &format!("{}.writer", args.topic_prefix),
+        Duration::from_secs(60),
+    )
+    .create()
+    .unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    // One committed transaction with a record on each partition.
+    let commit = |payload: &str| {
+        producer.begin_transaction().unwrap();
+        for partition in 0..2 {
+            producer
+                .send(
+                    BaseRecord::<(), _>::to(&topic)
+                        .partition(partition)
+                        .payload(payload),
+                )
+                .unwrap();
+        }
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .unwrap();
+    };
+    let liveness =
+        tally_core::liveness::Liveness::start_with("test", &args, Duration::from_secs(600), |_| {});
+    let mut config = kafka::consumer_config(&args, &format!("{}.group", args.topic_prefix));
+    config.set("fetch.wait.max.ms", "10000");
+    let mut group = Group::new(
+        "test",
+        &config,
+        &topic,
+        liveness,
+        tally_core::shutdown::CancellationToken::new(),
+    )
+    .unwrap();
+    group.subscribe().unwrap();
+    let limits = BatchLimits {
+        records: 1000,
+        weight: u64::MAX,
+        idle: Duration::from_secs(60),
+        max_wait: Duration::from_secs(60),
+        wait_for_open: true,
+        read_through: false,
+        end_at_watermark: true,
+    };
+    // Batches until `want` records came; how long that took.
+    let mut collect = |want: usize| {
+        let started = Instant::now();
+        let mut got = 0;
+        while got < want {
+            got += group.collect(limits, &mut Nothing).unwrap().len();
+            assert!(started.elapsed() < Duration::from_secs(120), "no records");
+        }
+        assert_eq!(got, want);
+        started.elapsed()
+    };
+    commit("a");
+    collect(2);
+    for round in 0..3 {
+        commit("b");
+        let took = collect(2);
+        assert!(
+            took < Duration::from_secs(5),
+            "round {round}: the batch took {took:?}: it waited for the end to be told"
+        );
+    }
+    group.leave();
+}
+
+/// A partition whose end was told before this member read anything from it has no known
+/// position: whether a writer's records wait past it, the watermark cannot say, so a batch
+/// with `end_at_watermark` waits for them. Here each fetch brings one partition's record: the
+/// first transaction's two records are one batch, not two.
+#[test]
+fn a_batch_at_the_watermark_waits_for_partitions_of_unknown_position() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use tally_core::consume::{BatchLimits, Group, PartitionState};
+    use tally_core::kafka;
+
+    struct Nothing;
+    impl PartitionState for Nothing {}
+
+    let args = tally_core::KafkaArgs::plaintext(
+        &tally_testkit::services().kafka_bootstrap,
+        &tally_testkit::unique("unknown-position"),
+    );
+    let topic = crate::liveness::input_topic(&args);
+    let liveness =
+        tally_core::liveness::Liveness::start_with("test", &args, Duration::from_secs(600), |_| {});
+    let mut config = kafka::consumer_config(&args, &format!("{}.group", args.topic_prefix));
+    // One record batch per fetch response.
+    config
+        .set("message.max.bytes", "1000")
+        .set("fetch.max.bytes", "1000")
+        .set("max.partition.fetch.bytes", "1");
+    let mut group = Group::new(
+        "test",
+        &config,
+        &topic,
+        liveness,
+        tally_core::shutdown::CancellationToken::new(),
+    )
+    .unwrap();
+    group.subscribe().unwrap();
+    let limits = BatchLimits {
+        records: 1000,
+        weight: u64::MAX,
+        idle: Duration::from_secs(60),
+        max_wait: Duration::from_secs(60),
+        wait_for_open: true,
+        read_through: true,
+        end_at_watermark: true,
+    };
+    // Joined, and the end of both (empty) partitions told.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(group.loaded().len() == 2 && group.all_heard()) {
+        assert!(group.collect(limits, &mut Nothing).unwrap().is_empty());
+        assert!(Instant::now() < deadline, "not joined");
+    }
+    let producer: BaseProducer = kafka::transactional_producer_config(
+        &args,
+        &format!("{}.writer", args.topic_prefix),
+        Duration::from_secs(60),
+    )
+    .create()
+    .unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    producer.begin_transaction().unwrap();
+    let payload = "x".repeat(900);
+    for partition in 0..2 {
+        producer
+            .send(
+                BaseRecord::<(), _>::to(&topic)
+                    .partition(partition)
+                    .payload(&payload),
+            )
+            .unwrap();
+    }
+    producer
+        .commit_transaction(Duration::from_secs(30))
+        .unwrap();
+    let mut batches = Vec::new();
+    while batches.iter().sum::<usize>() < 2 {
+        let batch = group.collect(limits, &mut Nothing).unwrap();
+        if !batch.is_empty() {
+            batches.push(batch.len());
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(60),
+            "no records"
+        );
+    }
+    assert_eq!(batches, [2], "one transaction's records in several batches");
     group.leave();
 }
 

@@ -8,7 +8,7 @@
 //! never costs the membership, and anything polled meanwhile is kept in order, never dropped
 //! (see [`super::intake`], also for why partitions are not paused for the load).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::intake::Intake;
@@ -48,6 +48,13 @@ pub struct BatchLimits {
     /// a transaction open upstream still ends at `max_wait`, and a poll that brings nothing for
     /// half a second ends the batch.
     pub read_through: bool,
+    /// Whether a batch ends as soon as every partition held is read up to the high watermark
+    /// the client last heard of (past its last record, at most that record's transaction
+    /// marker), instead of when the end is told: librdkafka tells it only with the next fetch
+    /// response, which the broker holds for `fetch.wait.max.ms`. For the db-client, whose
+    /// writers commit seldom. The aggregator keeps that wait: in it, it sees a parser's next
+    /// transaction open and merges it into the same batch.
+    pub end_at_watermark: bool,
 }
 
 /// The partitions this instance holds and what it knows of them.
@@ -66,6 +73,8 @@ pub struct Group {
     /// Assigned partitions whose end (the last stable offset) was reached, with nothing read
     /// since: when every one is, a batch ends at once instead of waiting out its idle time.
     pub(super) at_end: HashSet<i32>,
+    /// The offset of the last record read from each partition held, until its end is told.
+    pub(super) last_read: HashMap<i32, i64>,
 }
 
 impl Group {
@@ -112,6 +121,7 @@ impl Group {
             liveness,
             shutdown,
             at_end: HashSet::new(),
+            last_read: HashMap::new(),
         })
     }
 
@@ -221,6 +231,7 @@ impl Group {
                     if self.assigned.contains(&partition) {
                         self.at_end.insert(partition);
                     }
+                    self.last_read.remove(&partition);
                     // Drained: no timer on the critical path.
                     if !batch.is_empty()
                         && self.drained()
@@ -254,7 +265,16 @@ impl Group {
                         started = Instant::now();
                     }
                     weight += heavy;
+                    let (partition, offset) = (message.partition(), message.offset());
+                    self.last_read.insert(partition, offset);
                     batch.push(message);
+                    if limits.end_at_watermark
+                        && self.read_to_watermark(partition, offset)
+                        && self.caught_up()
+                        && !(limits.wait_for_open && self.open_upstream())
+                    {
+                        break;
+                    }
                 }
             }
             let age = if batch.is_empty() { called } else { started };
@@ -273,6 +293,43 @@ impl Group {
             && (!self.intake.is_empty() || self.assigned.iter().any(|p| !self.at_end.contains(p)))
     }
 
+    /// Whether `partition`, whose last record read is at `offset`, has nothing past it but
+    /// that record's transaction marker, by the high watermark of the client's last fetch.
+    fn read_to_watermark(&self, partition: i32, offset: i64) -> bool {
+        crate::kafka::cached_watermarks(self.consumer.client(), &self.topic, partition)
+            .is_some_and(|(_, high)| high <= offset + 2)
+    }
+
+    /// Whether every partition held is read up to the high watermark of the client's last
+    /// fetch: past its last record at most that record's transaction marker, or, with its
+    /// end told since, nothing past its position (a writer that wrote since, committed or
+    /// not, has moved the watermark). None loading, nothing stashed
+    /// ([`BatchLimits::end_at_watermark`]).
+    fn caught_up(&self) -> bool {
+        if !(self.loading.is_empty() && self.intake.is_empty()) {
+            return false;
+        }
+        let Ok(positions) = self.consumer.position() else {
+            return false;
+        };
+        let position = |p: i32| {
+            positions.elements().iter().find_map(|e| match e.offset() {
+                Offset::Offset(at) if e.partition() == p => Some(at),
+                _ => None,
+            })
+        };
+        self.assigned.iter().all(|&p| match self.last_read.get(&p) {
+            Some(&last) => self.read_to_watermark(p, last),
+            None => {
+                self.at_end.contains(&p)
+                    && position(p).is_some_and(|at| {
+                        crate::kafka::cached_watermarks(self.consumer.client(), &self.topic, p)
+                            .is_some_and(|(_, high)| high <= at)
+                    })
+            }
+        })
+    }
+
     /// Whether every partition held is at its end, none loading, nothing stashed.
     fn drained(&self) -> bool {
         self.loading.is_empty()
@@ -287,6 +344,8 @@ impl Group {
     /// most the batch's `max_wait`, writes their consumers once instead of twice. Both figures
     /// are the client's own, from its last fetch: no request. A partition this member has
     /// read nothing from since it was assigned has no known position and counts as not open.
+    /// Right after a record (no end told since), one offset past the position is that
+    /// record's transaction marker, not an open transaction.
     fn open_upstream(&self) -> bool {
         let Ok(positions) = self.consumer.position() else {
             return false;
@@ -295,13 +354,14 @@ impl Group {
             let Offset::Offset(at) = e.offset() else {
                 return false;
             };
+            let marker = i64::from(self.last_read.get(&e.partition()) == Some(&(at - 1)));
             self.assigned.contains(&e.partition())
                 && crate::kafka::cached_watermarks(
                     self.consumer.client(),
                     &self.topic,
                     e.partition(),
                 )
-                .is_some_and(|(_, high)| high > at)
+                .is_some_and(|(_, high)| high > at + marker)
         })
     }
 
@@ -323,6 +383,7 @@ impl Group {
                         self.assigned.remove(p);
                         self.loading.remove(p);
                         self.at_end.remove(p);
+                        self.last_read.remove(p);
                     }
                 }
                 RebalanceEvent::Assigned(parts) => {
@@ -331,6 +392,7 @@ impl Group {
                     for p in parts {
                         self.assigned.remove(&p);
                         self.at_end.remove(&p);
+                        self.last_read.remove(&p);
                         self.loading.insert(p);
                     }
                 }
@@ -382,6 +444,7 @@ impl Group {
                 continue;
             }
             self.at_end.remove(&partition);
+            self.last_read.remove(&partition);
             // Polled past the committed offset and kept for the next batch (the record a full
             // batch put back, or one served during a load): read again from Kafka, not first.
             self.intake.retain(|m| m.partition() != partition);

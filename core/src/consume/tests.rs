@@ -162,6 +162,7 @@ fn limits(records: usize) -> BatchLimits {
         max_wait: Duration::ZERO,
         wait_for_open: false,
         read_through: false,
+        end_at_watermark: false,
     }
 }
 

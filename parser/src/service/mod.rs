@@ -195,6 +195,7 @@ fn start_loop<'a>(
             max_wait: Duration::from_secs(2),
             wait_for_open: false,
             read_through: false,
+            end_at_watermark: false,
         },
         consumer_options: vec![
             ("partition.assignment.strategy", "range".to_owned()),
