@@ -1,0 +1,272 @@
+//! When a drained batch of the consume loop ends, against the broker: at once, unless a
+//! writer's transaction is open upstream; with `end_at_watermark`, without waiting for the
+//! partitions' end to be told.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use tally_core::consume::{BatchLimits, Group, PartitionState};
+use tally_core::{kafka, KafkaArgs};
+
+/// No state to load for a partition.
+struct Nothing;
+impl PartitionState for Nothing {}
+
+/// Kafka settings with a topic prefix of their own, named after `what`, and their input topic.
+fn input(what: &str) -> (KafkaArgs, String) {
+    let args = KafkaArgs::plaintext(
+        &tally_testkit::services().kafka_bootstrap,
+        &tally_testkit::unique(what),
+    );
+    let topic = crate::liveness::input_topic(&args);
+    (args, topic)
+}
+
+/// A transactional producer named `name` under `args`' prefix, its transactions initialised.
+fn writer(args: &KafkaArgs, name: &str) -> BaseProducer {
+    let producer: BaseProducer = kafka::transactional_producer_config(
+        args,
+        &format!("{}.{name}", args.topic_prefix),
+        Duration::from_secs(60),
+    )
+    .create()
+    .unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    producer
+}
+
+/// A member of the prefix's group on `topic`, its consumer set with `options` too, subscribed.
+fn member(args: &KafkaArgs, topic: &str, options: &[(&str, &str)]) -> Group {
+    let liveness =
+        tally_core::liveness::Liveness::start_with("test", args, Duration::from_secs(600), |_| {});
+    let mut config = kafka::consumer_config(args, &format!("{}.group", args.topic_prefix));
+    for (key, value) in options {
+        config.set(*key, *value);
+    }
+    let group = Group::new(
+        "test",
+        &config,
+        topic,
+        liveness,
+        tally_core::shutdown::CancellationToken::new(),
+    )
+    .unwrap();
+    group.subscribe().unwrap();
+    group
+}
+
+/// Drained means nothing more will come: while a writer's transaction is open on a partition
+/// held (the high watermark past the last stable offset), a batch waits for it, up to its
+/// `max_wait`, so the sums of two parsers finishing close together are merged once, not
+/// written twice. Once no transaction is open, a drained batch ends at once.
+#[test]
+fn a_batch_waits_for_a_transaction_open_upstream_then_ends_at_once() {
+    let (args, topic) = input("drain");
+    let send = |producer: &BaseProducer, partition: i32, payload: &str| {
+        producer
+            .send(
+                BaseRecord::<(), _>::to(&topic)
+                    .partition(partition)
+                    .payload(payload),
+            )
+            .unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+    };
+    let (first, second) = (writer(&args, "first"), writer(&args, "second"));
+    let mut group = member(&args, &topic, &[]);
+    let limits = BatchLimits {
+        records: 1000,
+        weight: u64::MAX,
+        idle: Duration::from_secs(20),
+        max_wait: Duration::from_secs(20),
+        wait_for_open: true,
+        read_through: false,
+        end_at_watermark: false,
+    };
+    // The next batch with records in it (an empty poll ends an empty one).
+    let mut next_batch = || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let batch = group.collect(limits, &mut Nothing).unwrap();
+            if !batch.is_empty() {
+                return batch;
+            }
+            assert!(Instant::now() < deadline, "no records");
+        }
+    };
+    // Joined and at the (empty) end: a first committed record on each partition comes back at
+    // once (the member knows its position in both now).
+    first.begin_transaction().unwrap();
+    send(&first, 0, "a");
+    send(&first, 1, "a");
+    first.commit_transaction(Duration::from_secs(30)).unwrap();
+    let mut got = next_batch().len();
+    if got < 2 {
+        got += next_batch().len();
+    }
+    assert_eq!(got, 2);
+
+    // `second` opens a transaction on partition 1 and holds it; `first` commits another record
+    // on partition 0. The batch with it waits for `second`, which commits 3 s later.
+    second.begin_transaction().unwrap();
+    send(&second, 1, "open");
+    first.begin_transaction().unwrap();
+    send(&first, 0, "b");
+    first.commit_transaction(Duration::from_secs(30)).unwrap();
+    let committer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        second.commit_transaction(Duration::from_secs(30)).unwrap();
+        (second, Instant::now())
+    });
+    let started = Instant::now();
+    let batch = next_batch();
+    let took = started.elapsed();
+    let (second, committed) = committer.join().unwrap();
+    // The broker does not end a read_committed fetch's long poll at this commit: the records
+    // come when the fetch wait runs out (librdkafka's default 500 ms; tally's consumers 50).
+    let late = Instant::now().saturating_duration_since(committed);
+    assert_eq!(
+        batch.len(),
+        2,
+        "the batch ended after {took:?} without the open transaction's record"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "{took:?}: waited out max_wait"
+    );
+    assert!(
+        late < Duration::from_millis(300),
+        "the batch ended {late:?} after the open transaction committed: a fetch wait on the \
+         critical path"
+    );
+
+    // Nothing open: a drained batch ends at once.
+    second.begin_transaction().unwrap();
+    send(&second, 1, "c");
+    second.commit_transaction(Duration::from_secs(30)).unwrap();
+    let started = Instant::now();
+    assert_eq!(next_batch().len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    group.leave();
+}
+
+/// A batch with `end_at_watermark` (the db-client's) ends once its partitions are read up to
+/// the high watermark the client last heard of, not when their end is told: librdkafka tells
+/// it with the next fetch response, which the broker holds for `fetch.wait.max.ms` (10 s
+/// here), when no record comes.
+#[test]
+fn a_batch_read_to_the_watermark_ends_without_the_next_fetch() {
+    let (args, topic) = input("watermark");
+    let producer = writer(&args, "writer");
+    // One committed transaction with a record on each partition.
+    let commit = |payload: &str| {
+        producer.begin_transaction().unwrap();
+        for partition in 0..2 {
+            producer
+                .send(
+                    BaseRecord::<(), _>::to(&topic)
+                        .partition(partition)
+                        .payload(payload),
+                )
+                .unwrap();
+        }
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .unwrap();
+    };
+    let mut group = member(&args, &topic, &[("fetch.wait.max.ms", "10000")]);
+    let limits = BatchLimits {
+        records: 1000,
+        weight: u64::MAX,
+        idle: Duration::from_secs(60),
+        max_wait: Duration::from_secs(60),
+        wait_for_open: true,
+        read_through: false,
+        end_at_watermark: true,
+    };
+    // Batches until `want` records came; how long that took.
+    let mut collect = |want: usize| {
+        let started = Instant::now();
+        let mut got = 0;
+        while got < want {
+            got += group.collect(limits, &mut Nothing).unwrap().len();
+            assert!(started.elapsed() < Duration::from_secs(120), "no records");
+        }
+        assert_eq!(got, want);
+        started.elapsed()
+    };
+    commit("a");
+    collect(2);
+    for round in 0..3 {
+        commit("b");
+        let took = collect(2);
+        assert!(
+            took < Duration::from_secs(5),
+            "round {round}: the batch took {took:?}: it waited for the end to be told"
+        );
+    }
+    group.leave();
+}
+
+/// A partition whose end was told before this member read anything from it has no known
+/// position: whether a writer's records wait past it, the watermark cannot say, so a batch
+/// with `end_at_watermark` waits for them. Here each fetch brings one partition's record: the
+/// first transaction's two records are one batch, not two.
+#[test]
+fn a_batch_at_the_watermark_waits_for_partitions_of_unknown_position() {
+    let (args, topic) = input("unknown-position");
+    // One record batch per fetch response.
+    let one_batch_per_fetch = [
+        ("message.max.bytes", "1000"),
+        ("fetch.max.bytes", "1000"),
+        ("max.partition.fetch.bytes", "1"),
+    ];
+    let mut group = member(&args, &topic, &one_batch_per_fetch);
+    let limits = BatchLimits {
+        records: 1000,
+        weight: u64::MAX,
+        idle: Duration::from_secs(60),
+        max_wait: Duration::from_secs(60),
+        wait_for_open: true,
+        read_through: true,
+        end_at_watermark: true,
+    };
+    // Joined, and the end of both (empty) partitions told.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(group.loaded().len() == 2 && group.all_heard()) {
+        assert!(group.collect(limits, &mut Nothing).unwrap().is_empty());
+        assert!(Instant::now() < deadline, "not joined");
+    }
+    let producer = writer(&args, "writer");
+    producer.begin_transaction().unwrap();
+    let payload = "x".repeat(900);
+    for partition in 0..2 {
+        producer
+            .send(
+                BaseRecord::<(), _>::to(&topic)
+                    .partition(partition)
+                    .payload(&payload),
+            )
+            .unwrap();
+    }
+    producer
+        .commit_transaction(Duration::from_secs(30))
+        .unwrap();
+    let mut batches = Vec::new();
+    while batches.iter().sum::<usize>() < 2 {
+        let batch = group.collect(limits, &mut Nothing).unwrap();
+        if !batch.is_empty() {
+            batches.push(batch.len());
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(60),
+            "no records"
+        );
+    }
+    assert_eq!(batches, [2], "one transaction's records in several batches");
+    group.leave();
+}
