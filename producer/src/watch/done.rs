@@ -1,14 +1,10 @@
 //! Reading `tally.done` to learn when every byte of a pending file version is done (summed or
 //! rejected), and how many bytes were rejected.
 //!
-//! A file can be done before the watch sees it pending: another producer (`producer serve`
-//! writing into the watched folder, an operator's `publish`) announced it first, and the
-//! parsers skip the watch's own, later announcement without a new done record. So the tracker
-//! keeps the latest done record of every stream in its folder for [`RECENT_KEEP`], and
-//! matches pending files against what it keeps, not only against records read in this poll.
+//! The records are judged against the pending versions by [`super::kept`], which also keeps
+//! the latest record of every stream in the folder for versions that become pending later.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -17,21 +13,16 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_core::liveness::{Liveness, Throttle};
 use tally_core::{KafkaArgs, Topics};
-use tally_model::identity;
 use tally_model::messages::StreamDone;
 
-/// How long a done record of a file in the folder is kept for a pending version to match: far
-/// longer than a file takes from landing in the folder to being announced by the watch.
-pub const RECENT_KEEP: Duration = Duration::from_secs(3600);
+use super::kept::{self, FileDone, Kept, Pending};
 
 /// Tracks `tally.done` to learn when every byte of a pending file version is done.
 pub(super) struct DoneTracker {
     consumer: BaseConsumer,
     topic: String,
-    /// The watched folder: only done records of files in it are kept.
-    dir: PathBuf,
-    /// The latest done record of each stream in the folder, with when it was read.
-    recent: HashMap<String, (StreamDone, Instant)>,
+    /// The records read, judged against the pending versions and kept for later ones.
+    kept: Kept,
     /// Read errors (a broker outage), logged at a bounded rate.
     errors: Throttle,
     /// The last poll ran out of its budget with records still coming (catching up at start).
@@ -58,8 +49,7 @@ impl DoneTracker {
         Ok(Self {
             consumer,
             topic: topics.done.clone(),
-            dir: dir.to_path_buf(),
-            recent: HashMap::new(),
+            kept: Kept::new(dir, Instant::now()),
             errors: Throttle::new(Duration::from_secs(10)),
             behind: false,
         })
@@ -70,19 +60,25 @@ impl DoneTracker {
         self.behind
     }
 
+    /// A version that became pending: the next [`DoneTracker::poll`] returns it if a record
+    /// read before says it is done already (counted before the watch announced it).
+    pub(super) fn added(&mut self, id: &str) {
+        self.kept.added(id);
+    }
+
     /// Reads the done records already fetched, for at most `budget` (it never waits for
-    /// more); returns pending versions (file id → path and stream) that are done: every byte
-    /// summed or rejected, or superseded by a later version of the same stream (a file that
-    /// grew or was rewritten; its own units all came first).
+    /// more); returns pending versions that are done: every byte summed or rejected, or
+    /// superseded by a later version of the same stream (a file that grew or was rewritten;
+    /// its own units all came first).
     pub(super) fn poll(
         &mut self,
         budget: Duration,
-        pending: &HashMap<String, (PathBuf, Option<String>)>,
+        pending: &Pending,
         liveness: &Liveness,
     ) -> Vec<FileDone> {
-        let mut complete = Vec::new();
         let deadline = Instant::now() + budget;
         self.behind = false;
+        let mut by_stream = None;
         while let Some(message) = self.consumer.poll(Duration::ZERO) {
             let message = match message {
                 Ok(message) => message,
@@ -101,70 +97,15 @@ impl DoneTracker {
             else {
                 continue;
             };
-            // A later version counted instead: judged on records read now, never on kept
-            // ones (a kept record of an older version says nothing about a newer one).
-            complete.extend(pending.iter().filter_map(|(id, (_, stream))| {
-                (*id != done.file_id && stream.as_deref() == Some(&done.stream))
-                    .then(|| superseded_by(id, &done))?
-            }));
-            if pending.contains_key(&done.file_id) {
-                complete.extend(finished(&done));
-            }
-            if Path::new(&done.path).starts_with(&self.dir) {
-                self.recent
-                    .insert(done.stream.clone(), (done, Instant::now()));
-            }
-            if Instant::now() >= deadline {
+            let by_stream = by_stream.get_or_insert_with(|| kept::by_stream(pending));
+            let now = Instant::now();
+            self.kept.record(done, pending, by_stream, now);
+            if now >= deadline {
                 self.behind = true;
                 break;
             }
         }
-        self.recent
-            .retain(|_, (_, seen)| seen.elapsed() < RECENT_KEEP);
-        // Every byte of the version itself done: also judged on the kept records of the folder
-        // (done before the version was pending).
-        complete.extend(self.recent.values().filter_map(|(done, _)| {
-            pending
-                .contains_key(&done.file_id)
-                .then(|| finished(done))?
-        }));
-        complete.sort_by(|a, b| a.id.cmp(&b.id));
-        complete.dedup_by(|a, b| a.id == b.id);
         liveness.positions(&self.consumer, &self.topic);
-        complete
+        self.kept.take(pending, Instant::now())
     }
-}
-
-/// The version `done` describes, when every byte of it is summed or rejected.
-fn finished(done: &StreamDone) -> Option<FileDone> {
-    done.finished(done.file_bytes).then(|| FileDone {
-        id: done.file_id.clone(),
-        file_bytes: done.file_bytes,
-        rejected_bytes: done.rejected.bytes(),
-        superseded: false,
-    })
-}
-
-/// The pending version `id` of `done`'s stream, when `done` (another version) already covers
-/// its size: a later version was counted instead.
-fn superseded_by(id: &str, done: &StreamDone) -> Option<FileDone> {
-    identity::file_id_size(id)
-        .is_some_and(|size| done.file_bytes >= size)
-        .then(|| FileDone {
-            id: id.to_string(),
-            file_bytes: done.file_bytes,
-            rejected_bytes: 0,
-            superseded: true,
-        })
-}
-
-/// A file version whose bytes are all done.
-pub(super) struct FileDone {
-    pub(super) id: String,
-    pub(super) file_bytes: u64,
-    /// Bytes whose units were rejected (dead-lettered, not in the totals).
-    pub(super) rejected_bytes: u64,
-    /// A later version of the file was counted instead: the file at the path is another
-    /// version now, so no life-cycle action applies to this one.
-    pub(super) superseded: bool,
 }

@@ -17,6 +17,7 @@
 //! harmless, the parsers' done-state skips its bytes.
 
 mod done;
+mod kept;
 mod lifecycle;
 mod state;
 
@@ -349,6 +350,7 @@ pub fn run(
                 liveness.progress();
                 state.announced.insert(id.clone());
                 state.inodes.extend(inode);
+                tracker.added(&id);
                 state
                     .pending
                     .insert(id, (PathBuf::from(&path), stream_of(inode)));
