@@ -244,7 +244,6 @@ async fn end_to_end_exact_totals_with_duplicates_and_poison() {
 #[tokio::test(flavor = "multi_thread")]
 async fn files_are_archived_or_deleted_only_once_done() {
     let mut p = Pipeline::new("life").await;
-    let data = p.data.to_str().unwrap().to_owned();
     let archive = p.dir.join("archive");
     std::fs::write(p.data.join("a.txt"), "1 10\n2 20\n").unwrap();
     std::fs::write(p.data.join("b.txt"), "1 1\n").unwrap();
@@ -254,16 +253,7 @@ async fn files_are_archived_or_deleted_only_once_done() {
     let after = format!("done=archive:{}", archive.display());
     let _watch = p.spawn(
         "watch",
-        &[
-            "producer",
-            "watch",
-            "--dir",
-            &data,
-            "--rescan-interval-ms",
-            "200",
-            "--after",
-            &after,
-        ],
+        &p.watch_args(&["--rescan-interval-ms", "200", "--after", &after]),
     );
     // Nothing is done before a parser runs: nothing may move.
     tokio::time::sleep(Duration::from_secs(3)).await;

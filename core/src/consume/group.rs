@@ -296,8 +296,14 @@ impl Group {
     /// Whether `partition`, whose last record read is at `offset`, has nothing past it but
     /// that record's transaction marker, by the high watermark of the client's last fetch.
     fn read_to_watermark(&self, partition: i32, offset: i64) -> bool {
+        self.high_watermark(partition)
+            .is_some_and(|high| high <= offset + 2)
+    }
+
+    /// `partition`'s high watermark as the client's last fetch told it (no request).
+    fn high_watermark(&self, partition: i32) -> Option<i64> {
         crate::kafka::cached_watermarks(self.consumer.client(), &self.topic, partition)
-            .is_some_and(|(_, high)| high <= offset + 2)
+            .map(|(_, high)| high)
     }
 
     /// Whether every partition held is read up to the high watermark of the client's last
@@ -322,10 +328,9 @@ impl Group {
             Some(&last) => self.read_to_watermark(p, last),
             None => {
                 self.at_end.contains(&p)
-                    && position(p).is_some_and(|at| {
-                        crate::kafka::cached_watermarks(self.consumer.client(), &self.topic, p)
-                            .is_some_and(|(_, high)| high <= at)
-                    })
+                    && position(p)
+                        .zip(self.high_watermark(p))
+                        .is_some_and(|(at, high)| high <= at)
             }
         })
     }
@@ -356,12 +361,9 @@ impl Group {
             };
             let marker = i64::from(self.last_read.get(&e.partition()) == Some(&(at - 1)));
             self.assigned.contains(&e.partition())
-                && crate::kafka::cached_watermarks(
-                    self.consumer.client(),
-                    &self.topic,
-                    e.partition(),
-                )
-                .is_some_and(|(_, high)| high > at + marker)
+                && self
+                    .high_watermark(e.partition())
+                    .is_some_and(|high| high > at + marker)
         })
     }
 

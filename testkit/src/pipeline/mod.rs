@@ -277,11 +277,14 @@ impl Pipeline {
         Stage { child, log }
     }
 
-    /// `producer watch` on the data directory, rescanning every 100 ms, with `extra` flags.
+    /// `producer watch` on the data directory with `extra` flags, rescanning every 100 ms
+    /// unless `extra` sets `--rescan-interval-ms`.
     pub fn watch_args(&self, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = ["producer", "watch", "--dir"].map(String::from).to_vec();
         args.push(self.data.to_str().unwrap().to_owned());
-        args.extend(["--rescan-interval-ms".to_owned(), "100".to_owned()]);
+        if !extra.contains(&"--rescan-interval-ms") {
+            args.extend(["--rescan-interval-ms".to_owned(), "100".to_owned()]);
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         args
     }

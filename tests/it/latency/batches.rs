@@ -55,6 +55,28 @@ fn member(args: &KafkaArgs, topic: &str, options: &[(&str, &str)]) -> Group {
     group
 }
 
+/// Sends `payload` to `partition` of `topic` (queued, not flushed).
+fn send_to(producer: &BaseProducer, topic: &str, partition: i32, payload: &str) {
+    producer
+        .send(
+            BaseRecord::<(), _>::to(topic)
+                .partition(partition)
+                .payload(payload),
+        )
+        .unwrap();
+}
+
+/// One committed transaction of `producer` with `payload` on each of `topic`'s two partitions.
+fn commit_to_both(producer: &BaseProducer, topic: &str, payload: &str) {
+    producer.begin_transaction().unwrap();
+    for partition in 0..2 {
+        send_to(producer, topic, partition, payload);
+    }
+    producer
+        .commit_transaction(Duration::from_secs(30))
+        .unwrap();
+}
+
 /// Drained means nothing more will come: while a writer's transaction is open on a partition
 /// held (the high watermark past the last stable offset), a batch waits for it, up to its
 /// `max_wait`, so the sums of two parsers finishing close together are merged once, not
@@ -63,13 +85,7 @@ fn member(args: &KafkaArgs, topic: &str, options: &[(&str, &str)]) -> Group {
 fn a_batch_waits_for_a_transaction_open_upstream_then_ends_at_once() {
     let (args, topic) = input("drain");
     let send = |producer: &BaseProducer, partition: i32, payload: &str| {
-        producer
-            .send(
-                BaseRecord::<(), _>::to(&topic)
-                    .partition(partition)
-                    .payload(payload),
-            )
-            .unwrap();
+        send_to(producer, &topic, partition, payload);
         producer.flush(Duration::from_secs(10)).unwrap();
     };
     let (first, second) = (writer(&args, "first"), writer(&args, "second"));
@@ -163,21 +179,7 @@ fn a_batch_read_to_the_watermark_ends_without_the_next_fetch() {
     let (args, topic) = input("watermark");
     let producer = writer(&args, "writer");
     // One committed transaction with a record on each partition.
-    let commit = |payload: &str| {
-        producer.begin_transaction().unwrap();
-        for partition in 0..2 {
-            producer
-                .send(
-                    BaseRecord::<(), _>::to(&topic)
-                        .partition(partition)
-                        .payload(payload),
-                )
-                .unwrap();
-        }
-        producer
-            .commit_transaction(Duration::from_secs(30))
-            .unwrap();
-    };
+    let commit = |payload: &str| commit_to_both(&producer, &topic, payload);
     let mut group = member(&args, &topic, &[("fetch.wait.max.ms", "10000")]);
     let limits = BatchLimits {
         records: 1000,
@@ -242,20 +244,7 @@ fn a_batch_at_the_watermark_waits_for_partitions_of_unknown_position() {
         assert!(Instant::now() < deadline, "not joined");
     }
     let producer = writer(&args, "writer");
-    producer.begin_transaction().unwrap();
-    let payload = "x".repeat(900);
-    for partition in 0..2 {
-        producer
-            .send(
-                BaseRecord::<(), _>::to(&topic)
-                    .partition(partition)
-                    .payload(&payload),
-            )
-            .unwrap();
-    }
-    producer
-        .commit_transaction(Duration::from_secs(30))
-        .unwrap();
+    commit_to_both(&producer, &topic, &"x".repeat(900));
     let mut batches = Vec::new();
     while batches.iter().sum::<usize>() < 2 {
         let batch = group.collect(limits, &mut Nothing).unwrap();

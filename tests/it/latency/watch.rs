@@ -17,20 +17,10 @@ async fn a_file_renamed_into_a_watched_folder_is_announced_at_once() {
     let outside = p.dir.join("outside");
     std::fs::create_dir_all(&outside).unwrap();
     let (files, _) = p.generate_in(&outside, 10, 2_000, 100, 31).await;
-    let data = p.data.to_str().unwrap().to_owned();
     // Full rescans far apart: only the folder's events find the files in time.
     let _watch = p.spawn(
         "watch",
-        &[
-            "producer",
-            "watch",
-            "--dir",
-            &data,
-            "--rescan-interval-ms",
-            "600000",
-            "--settle-ms",
-            "0",
-        ],
+        &p.watch_args(&["--rescan-interval-ms", "600000", "--settle-ms", "0"]),
     );
     let reader: BaseConsumer =
         tally_core::kafka::consumer_config(&p.kafka, &tally_testkit::unique("announced"))
