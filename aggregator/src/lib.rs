@@ -6,5 +6,8 @@
 //!   (`tally_core::txn`): one Kafka transaction per batch of sums records, merged in a
 //!   key-capped map, written to the same partition of `tally.totals` with the unit-end
 //!   markers after them.
+//! - [`upstream`]: whether the parsers have units left, so that a batch drained at the
+//!   watermark ends at once when nothing is coming.
 
 pub mod service;
+pub mod upstream;

@@ -9,7 +9,9 @@
 //! unit-end markers, unchanged, then the consumed offsets commit with them. So in every totals
 //! partition a unit's end marker follows every sum it covers, as on `tally.sums`, and the
 //! db-client's ingested-files ledger stays right. A crash or a fenced instance redoes the open
-//! batch from the committed offsets; nothing of it was visible (`read_committed`).
+//! batch from the committed offsets; nothing of it was visible (`read_committed`). A batch
+//! whose input is drained ends at once: at the partitions' watermark when no parser has a unit
+//! left (`upstream`), else when their end is told, past any parser transaction open by then.
 
 use std::time::Duration;
 
@@ -26,6 +28,8 @@ use tally_core::{KafkaArgs, LivenessArgs, Topics};
 use tally_model::codec;
 use tally_model::messages::SumsRecord;
 use tally_model::sums::Merger;
+
+use crate::upstream::Parsers;
 
 /// Arguments of `tally aggregator`.
 #[derive(Debug, Clone, clap::Args)]
@@ -107,6 +111,9 @@ struct Aggregator {
     partitions: i32,
     keys_max: usize,
     counters: Counters,
+    /// The parsers' progress; `None` if it could not be asked for at start (then a drained
+    /// batch always waits for its end to be told).
+    parsers: Option<Parsers>,
 }
 
 /// Runs an aggregator instance until `shutdown` is cancelled. Blocking: call it on its own
@@ -153,7 +160,9 @@ fn start_loop(
             max_wait: flush,
             wait_for_open: true,
             read_through: false,
-            end_at_watermark: false,
+            // Drained at the watermark with no parser's transaction open and no unit left to
+            // the parsers (`upstream_drained`): nothing is coming, the batch ends at once.
+            end_at_watermark: true,
         },
         consumer_options: vec![("max.poll.interval.ms", "300000".to_owned())],
     };
@@ -185,17 +194,28 @@ fn start_loop(
                 batch_bytes_max = args.batch_bytes_max(),
                 "aggregator started"
             );
+            let parsers = Parsers::new(&args.kafka, &topics)
+                .inspect_err(
+                    |error| tracing::warn!(%error, "the parsers' progress cannot be asked for"),
+                )
+                .ok();
             Ok(Aggregator {
                 topics: topics.clone(),
                 partitions: sums,
                 keys_max: args.keys_max(),
                 counters: Counters::default(),
+                parsers,
             })
         },
     )
 }
 
-impl PartitionState for Aggregator {}
+impl PartitionState for Aggregator {
+    /// No unit left to the parsers: a batch read up to the watermark holds every sum there is.
+    fn upstream_drained(&mut self) -> bool {
+        self.parsers.as_ref().is_some_and(|p| !p.units_left())
+    }
+}
 
 impl Handler for Aggregator {
     /// (records in, records out) of the batch, counted once it is committed.

@@ -52,8 +52,9 @@ pub struct BatchLimits {
     /// the client last heard of (past its last record, at most that record's transaction
     /// marker), instead of when the end is told: librdkafka tells it only with the next fetch
     /// response, which the broker holds for `fetch.wait.max.ms`. For the db-client, whose
-    /// writers commit seldom. The aggregator keeps that wait: in it, it sees a parser's next
-    /// transaction open and merges it into the same batch.
+    /// writers commit seldom, and for the aggregator once the parsers have no unit left
+    /// ([`PartitionState::upstream_drained`]); until then it keeps that wait, in which it sees
+    /// a parser's next transaction open and merges it into the same batch.
     pub end_at_watermark: bool,
 }
 
@@ -197,6 +198,8 @@ impl Group {
         // A batch's age counts from its first record, not from the wait for it.
         let called = Instant::now();
         let mut started = called;
+        // Why the batch ended, for the debug log.
+        let mut why = "bounds";
         while batch.len() < limits.records && weight < limits.weight {
             let polled = match self.intake.pop() {
                 Some(message) => Some(Ok(message)),
@@ -222,10 +225,14 @@ impl Group {
                 self.intake.release(&self.consumer);
             }
             if self.shutdown.is_cancelled() {
+                why = "shutdown";
                 break;
             }
             match polled {
-                None => break,
+                None => {
+                    why = "nothing polled";
+                    break;
+                }
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
                     self.intake.heard(partition);
                     if self.assigned.contains(&partition) {
@@ -237,11 +244,13 @@ impl Group {
                         && self.drained()
                         && !(limits.wait_for_open && self.open_upstream())
                     {
+                        why = "end told";
                         break;
                     }
                 }
                 Some(Err(error)) => {
                     self.intake.consumer_error(&error);
+                    why = "consumer error";
                     break;
                 }
                 Some(Ok(message)) => {
@@ -259,6 +268,7 @@ impl Group {
                     if !batch.is_empty() && weight.saturating_add(heavy) > limits.weight {
                         // A batch stays within its weight (a record heavier alone goes alone).
                         self.intake.put_back(message);
+                        why = "weight";
                         break;
                     }
                     if batch.is_empty() {
@@ -272,99 +282,24 @@ impl Group {
                         && self.read_to_watermark(partition, offset)
                         && self.caught_up()
                         && !(limits.wait_for_open && self.open_upstream())
+                        && state.upstream_drained()
                     {
+                        why = "watermark";
                         break;
                     }
                 }
             }
             let age = if batch.is_empty() { called } else { started };
             if age.elapsed() >= limits.max_wait && !(limits.read_through && self.reading(&batch)) {
+                why = "max wait";
                 break;
             }
         }
+        if !batch.is_empty() {
+            tracing::debug!(records = batch.len(), why, "batch collected");
+        }
         self.liveness.positions(&self.consumer, &self.topic);
         Ok(batch)
-    }
-
-    /// Whether `batch` has records and a partition held still has records on their way to
-    /// it: polled and kept, or no end told since its last record ([`BatchLimits::read_through`]).
-    fn reading(&self, batch: &[OwnedMessage]) -> bool {
-        !batch.is_empty()
-            && (!self.intake.is_empty() || self.assigned.iter().any(|p| !self.at_end.contains(p)))
-    }
-
-    /// Whether `partition`, whose last record read is at `offset`, has nothing past it but
-    /// that record's transaction marker, by the high watermark of the client's last fetch.
-    fn read_to_watermark(&self, partition: i32, offset: i64) -> bool {
-        self.high_watermark(partition)
-            .is_some_and(|high| high <= offset + 2)
-    }
-
-    /// `partition`'s high watermark as the client's last fetch told it (no request).
-    fn high_watermark(&self, partition: i32) -> Option<i64> {
-        crate::kafka::cached_watermarks(self.consumer.client(), &self.topic, partition)
-            .map(|(_, high)| high)
-    }
-
-    /// Whether every partition held is read up to the high watermark of the client's last
-    /// fetch: past its last record at most that record's transaction marker, or, with its
-    /// end told since, nothing past its position (a writer that wrote since, committed or
-    /// not, has moved the watermark). None loading, nothing stashed
-    /// ([`BatchLimits::end_at_watermark`]).
-    fn caught_up(&self) -> bool {
-        if !(self.loading.is_empty() && self.intake.is_empty()) {
-            return false;
-        }
-        let Ok(positions) = self.consumer.position() else {
-            return false;
-        };
-        let position = |p: i32| {
-            positions.elements().iter().find_map(|e| match e.offset() {
-                Offset::Offset(at) if e.partition() == p => Some(at),
-                _ => None,
-            })
-        };
-        self.assigned.iter().all(|&p| match self.last_read.get(&p) {
-            Some(&last) => self.read_to_watermark(p, last),
-            None => {
-                self.at_end.contains(&p)
-                    && position(p)
-                        .zip(self.high_watermark(p))
-                        .is_some_and(|(at, high)| high <= at)
-            }
-        })
-    }
-
-    /// Whether every partition held is at its end, none loading, nothing stashed.
-    fn drained(&self) -> bool {
-        self.loading.is_empty()
-            && self.intake.is_empty()
-            && self.assigned.iter().all(|p| self.at_end.contains(p))
-    }
-
-    /// Whether a partition held has records past this member's position that are not
-    /// readable yet: a writer's open transaction (read_committed stops at the last stable
-    /// offset, the high watermark is past it). Its records arrive when it commits, typically
-    /// soon (a parser's next sums while this aggregator merges its last); waiting for them, at
-    /// most the batch's `max_wait`, writes their consumers once instead of twice. Both figures
-    /// are the client's own, from its last fetch: no request. A partition this member has
-    /// read nothing from since it was assigned has no known position and counts as not open.
-    /// Right after a record (no end told since), one offset past the position is that
-    /// record's transaction marker, not an open transaction.
-    fn open_upstream(&self) -> bool {
-        let Ok(positions) = self.consumer.position() else {
-            return false;
-        };
-        positions.elements().iter().any(|e| {
-            let Offset::Offset(at) = e.offset() else {
-                return false;
-            };
-            let marker = i64::from(self.last_read.get(&e.partition()) == Some(&(at - 1)));
-            self.assigned.contains(&e.partition())
-                && self
-                    .high_watermark(e.partition())
-                    .is_some_and(|high| high > at + marker)
-        })
     }
 
     /// Applies assignment changes: revoked partitions leave the batch, the stash and the

@@ -65,6 +65,15 @@ pub trait PartitionState {
     fn weight(&self, message: &OwnedMessage) -> u64 {
         message.payload().map_or(0, |p| p.len() as u64)
     }
+
+    /// Whether nothing is on its way to this stage's input: asked when a batch with
+    /// [`super::BatchLimits::end_at_watermark`] is read up to the watermark with no writer's
+    /// transaction open. `false` keeps the batch going until the end is told (one held fetch
+    /// later), in which time a writer's next transaction shows as open. By default the
+    /// watermark is trusted.
+    fn upstream_drained(&mut self) -> bool {
+        true
+    }
 }
 
 /// A load error no retry heals (e.g. a recreated input topic): the stage stops with it.

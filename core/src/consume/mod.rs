@@ -17,6 +17,7 @@
 //! commit in two. A commit may still do its work in parallel (the db-client writes one batch
 //! as several database transactions, one per writer share).
 
+mod ends;
 mod group;
 mod intake;
 mod load;

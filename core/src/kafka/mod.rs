@@ -108,9 +108,9 @@ pub enum Ends {
 }
 
 /// A reader of topics that is no consume loop (done-set loads, watch's done tracker, the
-/// ingest throttle, `status`, `inspect`, probes): it assigns partitions itself and never joins
-/// or commits for `group` (which names it to the broker, and whose committed offsets it may
-/// read). The one place such a client is built; consume loops get theirs from
+/// ingest throttle, the aggregator's view of the parsers' progress, `status`, `inspect`,
+/// probes): it assigns partitions itself and never joins or commits for `group` (which names
+/// it to the broker, and whose committed offsets it may read). The one place such a client is built; consume loops get theirs from
 /// [`crate::consume::Group::open`].
 pub fn reader(
     args: &KafkaArgs,

@@ -103,6 +103,10 @@ impl<H: Handler> PartitionState for KafkaTxn<H> {
     fn weight(&self, message: &OwnedMessage) -> u64 {
         self.handler.weight(message)
     }
+
+    fn upstream_drained(&mut self) -> bool {
+        self.handler.upstream_drained()
+    }
 }
 
 impl<H: Handler> Commit<Group> for KafkaTxn<H> {
@@ -352,4 +356,75 @@ pub fn random_u64() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handler whose partition state differs from every default.
+    struct Unusual;
+
+    impl PartitionState for Unusual {
+        fn load(
+            &mut self,
+            _partition: i32,
+            _keep_alive: &mut dyn FnMut() -> bool,
+        ) -> anyhow::Result<Loaded> {
+            Ok(Loaded::Interrupted)
+        }
+
+        fn weight(&self, _message: &OwnedMessage) -> u64 {
+            7
+        }
+
+        fn upstream_drained(&mut self) -> bool {
+            false
+        }
+    }
+
+    impl Handler for Unusual {
+        type Output = ();
+
+        fn process(&mut self, _: &TxnProducer, _: &[OwnedMessage]) -> Result<(), Failure> {
+            Ok(())
+        }
+    }
+
+    /// The loop asks the transaction wrapper, not the handler: a method of `PartitionState`
+    /// the wrapper does not pass on would silently take its default (the aggregator's view of
+    /// its parsers was lost that way once).
+    #[test]
+    fn the_transaction_wrapper_passes_the_partition_state_on() {
+        let kafka = KafkaArgs::plaintext("127.0.0.1:9", "test");
+        let producer: TxnProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .create()
+            .unwrap();
+        let mut txn = KafkaTxn {
+            kafka,
+            input: "in".to_owned(),
+            producer: Arc::new(producer),
+            transactional_id: "test".to_owned(),
+            timeout: Duration::from_secs(1),
+            handler: Unusual,
+            shutdown: CancellationToken::new(),
+            liveness: Liveness::unwatched("test"),
+        };
+        assert!(matches!(
+            txn.load(0, &mut || true).unwrap(),
+            Loaded::Interrupted
+        ));
+        let message = OwnedMessage::new(
+            None,
+            None,
+            "in".to_owned(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            0,
+            None,
+        );
+        assert_eq!(txn.weight(&message), 7);
+        assert!(!txn.upstream_drained());
+    }
 }

@@ -280,7 +280,7 @@ impl Handler for Parser<'_> {
     type Output = States;
 
     /// The batch's units in one transaction (a unit sees the states written by earlier units
-    /// of its batch), their merged sums, then their end markers.
+    /// of its batch), their merged sums, then their end markers, then the streams' new states.
     fn process(
         &mut self,
         producer: &TxnProducer,
@@ -341,11 +341,12 @@ impl Handler for Parser<'_> {
                 .get(&key)
                 .or_else(|| self.done.get(partition, &unit.stream))
                 .cloned();
-            if let Some(next) = self.count_unit(&mut txn, partition, &unit, state.as_ref())? {
+            if let Some(next) = self.count_unit(&mut txn, &unit, state.as_ref())? {
                 states.insert(key, next);
             }
         }
         self.end_transaction(txn)?;
+        self.send_states(producer, &states)?;
         Ok(states)
     }
 

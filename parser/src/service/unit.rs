@@ -49,13 +49,12 @@ impl<'p> Txn<'p> {
 }
 
 impl Parser<'_> {
-    /// Counts `unit` of files partition `partition` against its stream's done-state `state`.
-    /// Returns the stream's new state when the unit changed it (its records are in the
-    /// transaction).
+    /// Counts `unit` against its stream's done-state `state`. Returns the stream's new state
+    /// when the unit changed it (its sums, end markers and dead letters are in the
+    /// transaction; the state goes out with the transaction's last, [`Parser::send_states`]).
     pub(super) fn count_unit(
         &mut self,
         txn: &mut Txn<'_>,
-        partition: i32,
         unit: &WorkUnit,
         state: Option<&StreamDone>,
     ) -> Result<Option<StreamDone>, Failure> {
@@ -66,16 +65,14 @@ impl Parser<'_> {
         };
         let (file, plan) = match step {
             Step::Skip => return Ok(self.skip(unit)),
-            Step::Reject(reason) => {
-                return self.reject(txn.producer, partition, unit, state, &reason)
-            }
+            Step::Reject(reason) => return self.reject(txn.producer, unit, state, &reason),
             Step::Count { file, plan } => (file, plan),
         };
         let stats = self.sum_ranges(txn, unit, file, &plan.missing)?;
         let (state, done) = streams::counted(plan, unit, &stats);
-        // Its end markers follow the transaction's merged sums (see `end_transaction`).
+        // Its end markers follow the transaction's merged sums (see `end_transaction`), and the
+        // stream's new state goes out once, with the transaction's last ([`Parser::send_states`]).
         txn.ends.push(done);
-        self.send_done(txn.producer, partition, &state)?;
         self.counters.units_summed += 1;
         self.pending.summed += 1;
         self.pending.lines += stats.lines;
@@ -228,12 +225,11 @@ impl Parser<'_> {
         )
     }
 
-    /// Rejects `unit`: a dead letter with the reason, and the rejected range in the stream's
-    /// state when that state is the unit's version ([`streams::rejected`]).
+    /// Rejects `unit`: a dead letter with the reason; returns the stream's state with the
+    /// rejected range when that state is the unit's version ([`streams::rejected`]).
     pub(super) fn reject(
         &mut self,
         producer: &TxnProducer,
-        partition: i32,
         unit: &WorkUnit,
         state: Option<&StreamDone>,
         reason: &str,
@@ -256,28 +252,31 @@ impl Parser<'_> {
         self.counters.units_rejected += 1;
         self.pending.rejected += 1;
         self.pending.unit_dead_letters += 1;
-        let next = streams::rejected(state, unit);
-        if let Some(next) = &next {
-            self.send_done(producer, partition, next)?;
-        }
-        Ok(next)
+        Ok(streams::rejected(state, unit))
     }
 
-    /// The stream's state on `tally.done`, in the unit's partition number, keyed by stream.
-    pub(super) fn send_done(
+    /// The streams' states the transaction changed, on `tally.done`, each in its unit's
+    /// partition number and keyed by stream: one record per stream and transaction, its state
+    /// after the transaction's last unit of it. The states in between would never be read (a
+    /// reader sees the transaction whole, and the latest record per stream counts), and a
+    /// record per unit was a produce request per unit, each the dearest a broker served here
+    /// (docs/benchmarks.md, "The parser's requests per transaction").
+    pub(super) fn send_states(
         &self,
         producer: &TxnProducer,
-        partition: i32,
-        state: &StreamDone,
+        states: &super::States,
     ) -> Result<(), KafkaError> {
-        let payload = serde_json::to_vec(state).expect("serialisable");
-        send(
-            producer,
-            &self.topics.done,
-            Some(partition),
-            Some(&state.stream),
-            &payload,
-        )
+        for ((partition, _), state) in states {
+            let payload = serde_json::to_vec(state).expect("serialisable");
+            send(
+                producer,
+                &self.topics.done,
+                Some(*partition),
+                Some(&state.stream),
+                &payload,
+            )?;
+        }
+        Ok(())
     }
 
     /// A unit that must be rejected after its transaction has some of its output: abort, and

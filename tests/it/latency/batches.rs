@@ -1,6 +1,7 @@
 //! When a drained batch of the consume loop ends, against the broker: at once, unless a
 //! writer's transaction is open upstream; with `end_at_watermark`, without waiting for the
-//! partitions' end to be told.
+//! partitions' end to be told, unless the stage knows of work left upstream (the aggregator:
+//! units its parsers have not committed yet).
 
 use std::time::{Duration, Instant};
 
@@ -258,4 +259,163 @@ fn a_batch_at_the_watermark_waits_for_partitions_of_unknown_position() {
     }
     assert_eq!(batches, [2], "one transaction's records in several batches");
     group.leave();
+}
+
+/// The stage's view upstream ([`PartitionState::upstream_drained`]).
+struct Upstream {
+    drained: bool,
+}
+impl PartitionState for Upstream {
+    fn upstream_drained(&mut self) -> bool {
+        self.drained
+    }
+}
+
+/// With work left upstream (the aggregator's parsers have units not yet in a committed
+/// transaction), a batch read to the watermark does not end there: it waits for the end to be
+/// told, by when the writer's next transaction shows as open, and takes that one too. With
+/// nothing left, the same records end the batch at the watermark.
+#[test]
+fn a_batch_at_the_watermark_waits_while_upstream_has_work_left() {
+    let (args, topic) = input("upstream");
+    let producer = std::sync::Arc::new(writer(&args, "writer"));
+    // The end is told with a fetch response the broker holds up to 5 s.
+    let mut group = member(&args, &topic, &[("fetch.wait.max.ms", "5000")]);
+    let limits = BatchLimits {
+        records: 1000,
+        weight: u64::MAX,
+        idle: Duration::from_secs(60),
+        max_wait: Duration::from_secs(60),
+        wait_for_open: true,
+        read_through: false,
+        end_at_watermark: true,
+    };
+    let mut next_batch = |drained: bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let batch = group.collect(limits, &mut Upstream { drained }).unwrap();
+            if !batch.is_empty() {
+                return batch.len();
+            }
+            assert!(Instant::now() < deadline, "no records");
+        }
+    };
+    commit_to_both(&producer, &topic, "a");
+    let mut got = next_batch(true);
+    if got < 2 {
+        got += next_batch(true);
+    }
+    assert_eq!(got, 2);
+
+    // Nothing left upstream: the batch ends at the watermark, before the next transaction.
+    commit_to_both(&producer, &topic, "b");
+    let started = Instant::now();
+    let opener = next_transaction(&producer, &topic);
+    assert_eq!(
+        next_batch(true),
+        2,
+        "one transaction's records in two batches"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}: the batch waited with nothing left upstream",
+        started.elapsed()
+    );
+    opener.join().unwrap();
+    assert_eq!(next_batch(true), 1);
+
+    // Work left upstream: the batch waits past the watermark and takes the next transaction.
+    commit_to_both(&producer, &topic, "d");
+    let opener = next_transaction(&producer, &topic);
+    assert_eq!(
+        next_batch(false),
+        3,
+        "the batch ended at the watermark with work left upstream"
+    );
+    opener.join().unwrap();
+    group.leave();
+}
+
+/// After 2 s, a transaction of `producer` with one record on partition 0 of `topic`, committed
+/// 1 s after it opened.
+fn next_transaction(
+    producer: &std::sync::Arc<BaseProducer>,
+    topic: &str,
+) -> std::thread::JoinHandle<()> {
+    let (producer, topic) = (producer.clone(), topic.to_owned());
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        producer.begin_transaction().unwrap();
+        send_to(&producer, &topic, 0, "next");
+        producer.flush(Duration::from_secs(10)).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .unwrap();
+    })
+}
+
+/// The aggregator's question upstream: a unit announced on `tally.files` is left to the parsers
+/// until their group commits past it; the transaction marker after it is not a unit.
+#[test]
+fn the_parsers_have_units_left_until_their_group_commits_past_them() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    use tally_aggregator::upstream::Parsers;
+    use tally_core::{kafka::TopicSpec, Topics};
+
+    let (args, _) = input("units-left");
+    let topics = Topics::new(&args.topic_prefix);
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(kafka::ensure_topics(
+            &args,
+            &[TopicSpec {
+                name: topics.files.clone(),
+                partitions: 2,
+                compacted: false,
+                retention: None,
+            }],
+        ))
+        .unwrap();
+    let parsers = Parsers::new(&args, &topics).unwrap();
+    assert!(!parsers.units_left(), "an empty topic");
+    let announcer = writer(&args, "announcer");
+    // The parser group's committed offset on partition 1 (a client that never joins it).
+    let group: BaseConsumer = kafka::consumer_config(&args, &topics.parser_group)
+        .create()
+        .unwrap();
+    let commit = |offset: i64| {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topics.files, 1, Offset::Offset(offset))
+            .unwrap();
+        group.commit(&tpl, CommitMode::Sync).unwrap();
+    };
+    // A transaction of two units: offsets 0 and 1, its marker at 2.
+    announcer.begin_transaction().unwrap();
+    send_to(&announcer, &topics.files, 1, "unit 0");
+    send_to(&announcer, &topics.files, 1, "unit 1");
+    announcer
+        .commit_transaction(Duration::from_secs(30))
+        .unwrap();
+    assert!(
+        parsers.units_left(),
+        "nothing committed, two units announced"
+    );
+    commit(1);
+    assert!(parsers.units_left(), "one unit left");
+    commit(2);
+    assert!(
+        !parsers.units_left(),
+        "only the transaction's marker is past the committed offset"
+    );
+    // One more unit (offset 3, its marker at 4).
+    announcer.begin_transaction().unwrap();
+    send_to(&announcer, &topics.files, 1, "unit 3");
+    announcer
+        .commit_transaction(Duration::from_secs(30))
+        .unwrap();
+    assert!(parsers.units_left(), "a unit announced after the commit");
+    commit(4);
+    assert!(!parsers.units_left());
 }
