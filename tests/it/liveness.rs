@@ -29,19 +29,24 @@ fn watched(args: &KafkaArgs) -> (Liveness, Arc<Mutex<Vec<String>>>) {
 /// Creates the pipeline's input topic `<prefix>.in`, two partitions; its name.
 pub(crate) fn input_topic(args: &KafkaArgs) -> String {
     let topic = format!("{}.in", args.topic_prefix);
+    two_partitions(args, &topic);
+    topic
+}
+
+/// Creates `topic` with two partitions (if it does not exist).
+pub(crate) fn two_partitions(args: &KafkaArgs, topic: &str) {
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(kafka::ensure_topics(
             args,
             &[TopicSpec {
-                name: topic.clone(),
+                name: topic.to_owned(),
                 partitions: 2,
                 compacted: false,
                 retention: None,
             }],
         ))
         .unwrap();
-    topic
 }
 
 /// Waits up to `within` for a stall to be reported; returns the first reason.

@@ -260,7 +260,8 @@ impl Parser<'_> {
     /// after the transaction's last unit of it. The states in between would never be read (a
     /// reader sees the transaction whole, and the latest record per stream counts), and a
     /// record per unit was a produce request per unit, each the dearest a broker served here
-    /// (docs/benchmarks.md, "The parser's requests per transaction").
+    /// (docs/benchmarks.md, "A parser transaction's requests, and the aggregator's end at the
+    /// watermark").
     pub(super) fn send_states(
         &self,
         producer: &TxnProducer,

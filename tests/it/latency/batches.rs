@@ -362,22 +362,11 @@ fn the_parsers_have_units_left_until_their_group_commits_past_them() {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
     use tally_aggregator::upstream::Parsers;
-    use tally_core::{kafka::TopicSpec, Topics};
+    use tally_core::Topics;
 
     let (args, _) = input("units-left");
     let topics = Topics::new(&args.topic_prefix);
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(kafka::ensure_topics(
-            &args,
-            &[TopicSpec {
-                name: topics.files.clone(),
-                partitions: 2,
-                compacted: false,
-                retention: None,
-            }],
-        ))
-        .unwrap();
+    crate::liveness::two_partitions(&args, &topics.files);
     let parsers = Parsers::new(&args, &topics).unwrap();
     assert!(!parsers.units_left(), "an empty topic");
     let announcer = writer(&args, "announcer");
